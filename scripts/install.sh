@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Install soda into ./.venv: Debian tools the tests and demo corpus use, CPU torch, then the package.
+#   bash scripts/install.sh          # runtime
+#   bash scripts/install.sh --test   # runtime + test dependencies
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras=""
+[ "${1:-}" = "--test" ] && extras="[test]"
+
+need=()
+for pkg in espeak-ng sox flite; do command -v "$pkg" >/dev/null 2>&1 || need+=("$pkg"); done
+if [ ${#need[@]} -gt 0 ]; then
+  if command -v apt-get >/dev/null 2>&1; then
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" libsndfile1 >/dev/null
+  else
+    echo "install.sh: please install ${need[*]} with your system's package manager" >&2
+  fi
+fi
+
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+# CPU torch first, pinned, so nothing else pulls a multi-GB CUDA build.
+.venv/bin/python -m pip install -q "torch==2.13.0"
+.venv/bin/python -m pip install -q -e ".${extras}"

@@ -1,0 +1,246 @@
+"""`soda-tokenize`: speech corpora -> interleaved token shards; `soda-tokenize decode`: shards -> WAV + text."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+from .errors import SodaError, cli_errors
+
+EPILOG = """\
+inputs (any mix):
+  DIR                 audio files (.flac .wav .ogg .mp3 ...) with same-stem .txt or LibriSpeech *.trans.txt
+                      transcripts; a recording = the folder holding the files, ordered by file name
+  FILE.jsonl          manifest rows {"audio", "text", "id"?, "recording"?, "start"?, "end"?} (paths relative
+                      to the manifest); a recording defaults to the audio file, segments ordered by start
+  hf:NAME[:CONFIG]:SPLIT   a Hugging Face dataset (hub id or save_to_disk directory) with audio + text columns
+  FILE.txt | FILE.jsonl   text for the text-only share: paragraphs separated by blank lines, or {"text"} rows
+
+codecs:
+  mimi (kyutai/mimi, SODA's codec), encodec (facebook/encodec_24khz), mimi:DIR or encodec:DIR for local
+  weights, and the offline random-weight test codecs mimi:random and encodec:random (labelled as such in
+  the manifest; mimi:random-full has the real codec's size).
+
+text tokenizers:
+  llama3 (SODA's ids exactly), a tokenizer.json file or directory, a hub id, or offline: bytes (256 byte
+  ids + BOS/EOS) or bpe:N (byte-level BPE with N ids trained on the corpus text).
+
+Re-running with the same --out resumes: finished shards are kept. Unusable items (unreadable audio, empty
+transcripts, missing files, ...) are skipped and listed in manifest.json under "skipped".
+
+examples:
+  soda-tokenize demo/corpus/speech demo/corpus/text/kjv_proverbs.txt --out runs/demo-tokens \\
+      --codec mimi:random --text-tokenizer bytes
+  soda-tokenize /data/LibriSpeech/train-clean-100 --out tokens/ls100 --codec mimi --text-tokenizer llama3
+  soda-tokenize decode tokens/ls100 --document 0 --out decoded/
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="soda-tokenize",
+        description="Turn speech corpora (audio + transcripts) and text into interleaved semantic/acoustic/text "
+                    "token shards (webdataset .tar) with a vocabulary and manifest.json. "
+                    "Subcommand: `soda-tokenize decode --help` turns shard documents back into WAV and text.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="directories, JSONL manifests, hf:... datasets, text files")
+    p.add_argument("--out", required=True, type=Path, help="output directory (re-running resumes into it)")
+    p.add_argument("--codec", default="mimi", help="codec (default: mimi = kyutai/mimi); see below")
+    p.add_argument("--codebooks", type=int, default=8, help="codebooks kept per frame (default 8; 1 = semantic only)")
+    p.add_argument("--text-tokenizer", default="llama3", help="text tokenizer (default: llama3); see below")
+    p.add_argument("--formats", default="text-first,audio-first",
+                   help="comma list of text-first, audio-first, audio-only, text-only (default: both like SODA)")
+    p.add_argument("--validation-fraction", type=float, default=0.002,
+                   help="share of recordings held out by hashing their id (default 0.002; at least one)")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="threads decoding audio")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--batch-seconds", type=float, default=120.0,
+                   help="padded audio seconds per encoder batch (default 120; raise on a GPU)")
+    p.add_argument("--recordings-per-shard", type=int, default=64, help="speech recordings per shard (default 64)")
+    p.add_argument("--texts-per-shard", type=int, default=1000, help="text documents per shard (default 1000)")
+    p.add_argument("--text-column", help="hf: inputs: transcript column (default: text, transcript, sentence, ...)")
+    p.add_argument("--audio-column", help="hf: inputs: audio column (default: the Audio feature)")
+    p.add_argument("--recording-column", help="hf: inputs: column grouping rows into recordings")
+    p.add_argument("--overwrite", action="store_true", help="replace shards in --out made with other settings")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def build_decode_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="soda-tokenize decode",
+        description="Turn documents of a tokenized corpus back into WAV files and transcripts "
+                    "(one folder per document: NNN-audio.wav / NNN-text.txt per segment, plus document.json).",
+    )
+    p.add_argument("source", type=Path, help="an --out directory of soda-tokenize, or one of its .tar shards")
+    p.add_argument("--out", required=True, type=Path, help="where to write the decoded documents")
+    p.add_argument("--document", type=int, default=0, help="index of the first document to decode (default 0)")
+    p.add_argument("--count", type=int, default=1, help="how many documents to decode (default 1)")
+    p.add_argument("--recording", help="decode the documents of this recording id instead")
+    p.add_argument("--codec", help="codec to decode with (default: the one in manifest.json)")
+    p.add_argument("--device", default="auto")
+    return p
+
+
+def _formats(text: str) -> tuple[str, ...]:
+    from .documents import FORMATS
+
+    formats = tuple(f.strip() for f in text.split(",") if f.strip())
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        raise SodaError(f"--formats {text!r}: unknown {', '.join(bad) or 'empty list'}; choose from {', '.join(FORMATS)}")
+    return tuple(dict.fromkeys(formats))
+
+
+@cli_errors
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "decode":
+        return decode_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    return tokenize(args)
+
+
+main.prog = "soda-tokenize"
+
+
+def tokenize(args) -> int:
+    from .codecs import load_codec
+    from .pipeline import SETTINGS, Settings, ShardEncoder, check_settings, plan_shards, write_manifest
+    from .shards import atomic_write_json
+    from .sources import read_inputs
+    from .vocab import Vocabulary, load_text_tokenizer
+
+    formats = _formats(args.formats)
+    if not 0 <= args.validation_fraction < 1:
+        raise SodaError(f"--validation-fraction {args.validation_fraction}: must be in [0, 1)")
+    for name in ("codebooks", "recordings_per_shard", "texts_per_shard", "workers"):
+        if getattr(args, name) < 1:
+            raise SodaError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.out.exists() and not args.out.is_dir():
+        raise SodaError(f"--out {args.out} exists and is not a directory")
+
+    corpus = read_inputs(args.inputs, text_column=args.text_column, audio_column=args.audio_column,
+                         recording_column=args.recording_column)
+    codec = load_codec(args.codec, args.codebooks, args.device)
+    if codec.random:
+        print(f"note: {codec.describe()['label']}", file=sys.stderr)
+    settings = Settings(codec.describe(), args.text_tokenizer, formats, args.validation_fraction,
+                        args.recordings_per_shard, args.texts_per_shard)
+    args.out.mkdir(parents=True, exist_ok=True)
+    same = check_settings(args.out, settings, args.overwrite)
+
+    if same and (args.out / "vocab.json").is_file():
+        vocab = Vocabulary.load(args.out)  # resume: keep exactly the ids the finished shards use
+    else:
+        texts = (t for t in [u.text for u in corpus.utterances] + [d.text for d in corpus.texts])
+        text_tok = load_text_tokenizer(args.text_tokenizer, texts)
+        vocab = Vocabulary.build(text_tok, codec.n_codebooks, codec.codebook_size, codec.semantic_codebooks,
+                                 args.text_tokenizer)
+        vocab.save(args.out)
+    atomic_write_json(args.out / SETTINGS, settings.to_dict())
+
+    plans = plan_shards(corpus, settings)
+    encoder = ShardEncoder(codec, vocab, settings, args.out, args.workers, args.batch_seconds, not args.quiet)
+    sidecars, reused = encoder.run(plans)
+    _remove_stale_shards(args.out, {p.name for p in plans})
+    manifest = write_manifest(args.out, codec, vocab, settings, corpus, sidecars)
+    _print_summary(manifest, args.out, reused, len(plans))
+    return 0
+
+
+_SHARD_FILE = re.compile(r"^(train|validation)-(speech|text)-\d{5}\.(tar|json)$")
+
+
+def _remove_stale_shards(out: Path, planned: set[str]) -> None:
+    """Shards left by an earlier plan (other inputs or settings) would make the directory lie."""
+    for path in out.iterdir():
+        if _SHARD_FILE.match(path.name) and path.name.rsplit(".", 1)[0] not in planned:
+            path.unlink()
+
+
+def _print_summary(m: dict, out: Path, reused: int, planned: int) -> None:
+    tok = m["tokens"]
+    lines = [
+        f"wrote {out}: {m['documents']} documents from {m['recordings']} recordings/texts, "
+        f"{m['utterances']} utterances, {m['audio_seconds'] / 3600:.2f} h audio",
+        f"tokens: {tok['total']:,} (text {tok['text']:,}, semantic {tok['semantic']:,}, "
+        f"acoustic {tok['acoustic']:,}, special {tok['special']:,}); vocabulary {m['vocab_size']:,}",
+        f"shards: {len(m['shards']['train'])} train, {len(m['shards']['validation'])} validation"
+        + (f" ({reused} of {planned} kept from an earlier run)" if reused else ""),
+        f"codec: {m['codec']['label']}",
+    ]
+    if m["skipped"]:
+        lines.append(f"skipped {len(m['skipped'])} items (reasons in manifest.json), e.g. "
+                     f"{m['skipped'][0]['path']}: {m['skipped'][0]['reason']}")
+    if not m["documents"]:
+        lines.append("warning: no documents were written")
+    print("\n".join(lines))
+
+
+# --------------------------------------------------------------------------------------------
+# decode
+# --------------------------------------------------------------------------------------------
+def decode_main(argv) -> int:
+    import soundfile as sf
+
+    from .codecs import load_codec
+    from .documents import split_segments
+    from .shards import atomic_write_bytes, atomic_write_json, atomic_write_text, read_shard
+    from .vocab import Vocabulary
+
+    args = build_decode_parser().parse_args(argv)
+    src = args.source
+    if not src.exists():
+        raise SodaError(f"{src} does not exist")
+    root = src if src.is_dir() else src.parent
+    manifest_path = root / "manifest.json"
+    if not manifest_path.is_file():
+        raise SodaError(f"{root}: no manifest.json (not a soda-tokenize output directory)")
+    manifest = json.loads(manifest_path.read_text())
+    vocab = Vocabulary.load(root)
+    shards = [src] if src.is_file() else [root / f for f in manifest["shards"]["train"] + manifest["shards"]["validation"]]
+
+    wanted = []
+    index = 0
+    for shard in shards:
+        if not shard.is_file():
+            raise SodaError(f"shard {shard} is missing")
+        for key, ids, meta in read_shard(shard):
+            take = meta.get("recording") == args.recording if args.recording else \
+                args.document <= index < args.document + args.count
+            if take:
+                wanted.append((index, key, ids, meta))
+            index += 1
+    if not wanted:
+        what = f"recording {args.recording!r}" if args.recording else f"document {args.document} (there are {index})"
+        raise SodaError(f"{src}: no {what}")
+
+    codec = None
+    for index, key, ids, meta in wanted:
+        folder = args.out / f"doc-{index:06d}-{meta.get('format', 'doc')}"
+        folder.mkdir(parents=True, exist_ok=True)
+        texts = []
+        for n, seg in enumerate(split_segments(vocab, ids)):
+            if seg.kind == "text":
+                text = vocab.decode_text(seg.ids)
+                texts.append(text)
+                atomic_write_text(folder / f"{n:03d}-text.txt", text + "\n")
+            elif len(seg.ids):
+                if codec is None:
+                    codec = load_codec(args.codec or manifest["codec"]["spec"], vocab.n_codebooks, args.device)
+                wave = codec.decode(vocab.ids_to_codes(seg.ids))
+                buf = io.BytesIO()
+                sf.write(buf, wave, codec.sample_rate, format="WAV", subtype="PCM_16")
+                atomic_write_bytes(folder / f"{n:03d}-audio.wav", buf.getvalue())
+        atomic_write_json(folder / "document.json", {"key": key, "tokens": int(len(ids)), **meta})
+        atomic_write_text(folder / "transcript.txt", "\n".join(texts) + "\n")
+        print(f"{folder}: {len(split_segments(vocab, ids))} segments ({meta.get('recording')}, {meta.get('format')})")
+    return 0

@@ -1,0 +1,310 @@
+"""The tokenization run: corpus -> planned shards -> encoded documents -> manifest.
+
+Shards are planned before any audio is read (recordings in a stable hashed order, a fixed number
+per shard), so a re-run with the same inputs and settings finds the same plan, keeps every shard
+whose sidecar fingerprint matches, and only encodes the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import defaultdict, deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .codecs import Codec
+from .documents import build_document, holdout_score, text_document, validation_recordings
+from .errors import SkipItem, SodaError
+from .shards import atomic_write_json, write_shard
+from .sources import Corpus, TextDocument, Utterance, load_audio
+from .vocab import TYPE_NAMES, Vocabulary
+
+MANIFEST = "manifest.json"
+SETTINGS = "settings.json"
+
+
+@dataclass
+class Settings:
+    """Everything that changes the tokens: a re-run into the same --out must use the same values."""
+
+    codec: dict
+    text_tokenizer: str
+    formats: tuple[str, ...]
+    validation_fraction: float
+    recordings_per_shard: int = 64
+    texts_per_shard: int = 1000
+
+    def to_dict(self) -> dict:
+        codec = {k: v for k, v in self.codec.items() if k != "label"}
+        return {"codec": codec, "text_tokenizer": self.text_tokenizer, "formats": list(self.formats),
+                "validation_fraction": self.validation_fraction,
+                "recordings_per_shard": self.recordings_per_shard, "texts_per_shard": self.texts_per_shard}
+
+
+@dataclass
+class ShardPlan:
+    name: str  # e.g. "train-speech-00003"
+    split: str  # "train" | "validation"
+    kind: str  # "speech" | "text"
+    recordings: list = field(default_factory=list)  # list[list[Utterance]] or list[TextDocument]
+
+    def fingerprint(self, settings: Settings) -> str:
+        if self.kind == "speech":
+            content = [[(u.id, u.where, u.start, u.end, u.text) for u in rec] for rec in self.recordings]
+        else:
+            content = [(d.id, hashlib.sha1(d.text.encode()).hexdigest()) for d in self.recordings]
+        blob = json.dumps([settings.to_dict(), content], sort_keys=True, default=str)
+        return hashlib.sha1(blob.encode()).hexdigest()
+
+
+def plan_shards(corpus: Corpus, settings: Settings) -> list[ShardPlan]:
+    by_recording: dict[str, list[Utterance]] = defaultdict(list)
+    for utt in corpus.utterances:
+        by_recording[utt.recording].append(utt)
+    for utts in by_recording.values():
+        utts.sort(key=lambda u: u.order)
+    plans: list[ShardPlan] = []
+    speech_val = validation_recordings(by_recording, settings.validation_fraction)
+    text_val = validation_recordings([d.id for d in corpus.texts], settings.validation_fraction)
+    for kind, items, held, per_shard in (
+        ("speech", sorted(by_recording.items()), speech_val, settings.recordings_per_shard),
+        ("text", sorted((d.id, d) for d in corpus.texts), text_val, settings.texts_per_shard),
+    ):
+        for split in ("train", "validation"):
+            chosen = [(rid, item) for rid, item in items if (rid in held) == (split == "validation")]
+            chosen.sort(key=lambda pair: (holdout_score(pair[0]), pair[0]))  # mixes speakers across shards
+            for i in range(0, len(chosen), per_shard):
+                plans.append(ShardPlan(f"{split}-{kind}-{i // per_shard:05d}", split, kind,
+                                       [item for _, item in chosen[i: i + per_shard]]))
+    return plans
+
+
+class ShardEncoder:
+    """Encodes planned shards with a codec and vocabulary and writes them into `out`."""
+
+    def __init__(self, codec: Codec, vocab: Vocabulary, settings: Settings, out: Path,
+                 workers: int = 2, batch_seconds: float = 120.0, progress: bool = True):
+        self.codec, self.vocab, self.settings, self.out = codec, vocab, settings, Path(out)
+        self.workers = max(1, workers)
+        self.batch_seconds = batch_seconds
+        self.progress = progress
+        self.audio_seconds = 0.0
+        self.started = time.perf_counter()
+
+    # --- audio ---------------------------------------------------------------------------------
+    def _load(self, utt: Utterance):
+        try:
+            wave = load_audio(utt.audio, self.codec.sample_rate, utt.start, utt.end)
+            if self.codec.whole_frames(len(wave)) < 1:
+                raise SkipItem(f"shorter than one codec frame ({1000 / self.codec.frame_rate:.0f} ms)")
+            return wave[: self.codec.whole_frames(len(wave)) * self.codec.samples_per_frame]
+        except SkipItem as err:
+            return err
+
+    def _loaded(self, utts: list[Utterance]):
+        """Yield (utterance, wave | SkipItem) in order, decoding ahead on `workers` threads."""
+        with ThreadPoolExecutor(self.workers) as pool:
+            pending: deque = deque()
+            it = iter(utts)
+            for utt in it:
+                pending.append((utt, pool.submit(self._load, utt)))
+                if len(pending) >= self.workers * 4:
+                    utt0, fut = pending.popleft()
+                    yield utt0, fut.result()
+            while pending:
+                utt0, fut = pending.popleft()
+                yield utt0, fut.result()
+
+    def _encode_buffer(self, buffer: list[tuple[Utterance, np.ndarray]], codes: dict, bar) -> None:
+        """Encode buffered waves in duration-sorted batches of at most `batch_seconds` padded audio."""
+        buffer.sort(key=lambda pair: len(pair[1]))
+        limit = max(1, int(self.batch_seconds * self.codec.sample_rate))
+        batch: list[tuple[Utterance, np.ndarray]] = []
+        for item in buffer + [None]:
+            if item is not None and (not batch or len(item[1]) * (len(batch) + 1) <= limit):
+                batch.append(item)
+                continue
+            if batch:
+                for (utt, _), c in zip(batch, self.codec.encode_batch([w for _, w in batch])):
+                    codes[utt.id] = c
+                self.audio_seconds += sum(len(w) for _, w in batch) / self.codec.sample_rate
+                elapsed = max(time.perf_counter() - self.started, 1e-9)
+                bar.set_postfix_str(f"{self.audio_seconds:.0f} s audio, {self.audio_seconds / elapsed:.1f} audio-s/s",
+                                    refresh=False)
+                bar.update(len(batch))
+            batch = [item] if item is not None else []
+        buffer.clear()
+
+    # --- shards --------------------------------------------------------------------------------
+    def run_speech_shard(self, plan: ShardPlan, bar) -> dict:
+        skipped: list[dict] = []
+        codes: dict[str, np.ndarray] = {}
+        utts = [u for rec in plan.recordings for u in rec]
+        buffer: list = []
+        buffered = 0.0
+        for utt, wave in self._loaded(utts):
+            if isinstance(wave, SkipItem):
+                skipped.append({"path": utt.where, "reason": str(wave)})
+                bar.update(1)
+            else:
+                buffer.append((utt, wave))
+                buffered += len(wave) / self.codec.sample_rate
+                if buffered >= self.batch_seconds * 4:  # a larger pool sorts into tighter batches
+                    self._encode_buffer(buffer, codes, bar)
+                    buffered = 0.0
+        self._encode_buffer(buffer, codes, bar)
+
+        samples, stats = [], _Stats()
+        for rec in plan.recordings:
+            kept = [u for u in rec if u.id in codes]
+            if not kept:
+                continue
+            pairs = [(self.vocab.encode_text(u.text), self.vocab.codes_to_ids(codes[u.id])) for u in kept]
+            seconds = [codes[u.id].shape[1] / self.codec.frame_rate for u in kept]
+            utt_meta = [{"id": u.id, "text": u.text, "audio": u.where, "seconds": round(s, 3),
+                         **({"start": u.start, "end": u.end} if u.start is not None or u.end is not None else {})}
+                        for u, s in zip(kept, seconds)]
+            stats.recordings += 1
+            stats.utterances += len(kept)
+            stats.audio_seconds += sum(seconds)
+            for fmt in self.settings.formats:
+                ids = build_document(self.vocab, pairs, fmt)
+                counts = self.vocab.count_types(ids)
+                stats.add_document(counts)
+                meta = {"recording": kept[0].recording, "format": fmt, "kind": "speech",
+                        "audio_seconds": round(sum(seconds), 3), "tokens": counts, "utterances": utt_meta}
+                samples.append((_sample_key(kept[0].recording, fmt), ids, meta))
+        write_shard(self.out / f"{plan.name}.tar", samples)
+        return stats.to_dict() | {"skipped": skipped}
+
+    def run_text_shard(self, plan: ShardPlan, bar) -> dict:
+        samples, stats = [], _Stats()
+        doc: TextDocument
+        for doc in plan.recordings:
+            ids = text_document(self.vocab, self.vocab.encode_text(doc.text))
+            counts = self.vocab.count_types(ids)
+            stats.add_document(counts)
+            stats.recordings += 1
+            samples.append((_sample_key(doc.id, "text"), ids,
+                            {"recording": doc.id, "format": "text", "kind": "text", "tokens": counts}))
+            bar.update(1)
+        write_shard(self.out / f"{plan.name}.tar", samples)
+        return stats.to_dict() | {"skipped": []}
+
+    def run(self, plans: list[ShardPlan]) -> tuple[list[dict], int]:
+        """Encode every planned shard that is not already finished; return (sidecars, shards reused)."""
+        todo, sidecars, reused = [], [], 0
+        for plan in plans:
+            done = _finished_sidecar(self.out, plan, self.settings)
+            if done is not None:
+                sidecars.append(done)
+                reused += 1
+            else:
+                todo.append(plan)
+        total = sum(len(p.recordings) if p.kind == "text" else sum(map(len, p.recordings)) for p in todo)
+        with tqdm(total=total, unit="item", desc="tokenize", disable=not self.progress, dynamic_ncols=True) as bar:
+            for plan in todo:
+                bar.set_description(plan.name)
+                started = time.perf_counter()
+                run = self.run_speech_shard if plan.kind == "speech" else self.run_text_shard
+                stats = run(plan, bar)
+                sidecar = {"name": plan.name, "file": f"{plan.name}.tar", "split": plan.split, "kind": plan.kind,
+                           "fingerprint": plan.fingerprint(self.settings),
+                           "seconds": round(time.perf_counter() - started, 3), **stats}
+                atomic_write_json(self.out / f"{plan.name}.json", sidecar)
+                sidecars.append(sidecar)
+        sidecars.sort(key=lambda s: s["name"])
+        return sidecars, reused
+
+
+class _Stats:
+    def __init__(self):
+        self.documents = self.recordings = self.utterances = 0
+        self.audio_seconds = 0.0
+        self.tokens = dict.fromkeys(TYPE_NAMES.values(), 0)
+
+    def add_document(self, counts: dict) -> None:
+        self.documents += 1
+        for k, v in counts.items():
+            self.tokens[k] += v
+
+    def to_dict(self) -> dict:
+        return {"documents": self.documents, "recordings": self.recordings, "utterances": self.utterances,
+                "audio_seconds": round(self.audio_seconds, 3), "tokens": dict(self.tokens)}
+
+
+def _sample_key(recording: str, fmt: str) -> str:
+    # webdataset keys may not contain dots; a hash keeps them unique and short (the id is in the JSON).
+    return f"{hashlib.sha1(recording.encode('utf-8')).hexdigest()[:16]}_{fmt}"
+
+
+def _finished_sidecar(out: Path, plan: ShardPlan, settings: Settings):
+    side, tar = out / f"{plan.name}.json", out / f"{plan.name}.tar"
+    if not (side.is_file() and tar.is_file()):
+        return None
+    try:
+        sidecar = json.loads(side.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return sidecar if sidecar.get("fingerprint") == plan.fingerprint(settings) else None
+
+
+def check_settings(out: Path, settings: Settings, overwrite: bool) -> bool:
+    """True if `out` already holds a run with these settings; error if it holds a different one."""
+    path = out / SETTINGS
+    if not path.is_file():
+        return False
+    try:
+        previous = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        previous = None
+    if previous == settings.to_dict():
+        return True
+    if overwrite:
+        return False
+    changed = sorted(k for k in settings.to_dict() if (previous or {}).get(k) != settings.to_dict()[k])
+    raise SodaError(f"{out} holds shards made with other settings ({', '.join(changed) or 'unreadable settings.json'}); "
+                    f"use another --out, or --overwrite to replace them")
+
+
+def write_manifest(out: Path, codec: Codec, vocab: Vocabulary, settings: Settings, corpus: Corpus,
+                   sidecars: list[dict]) -> dict:
+    totals = _Stats()
+    for s in sidecars:
+        totals.documents += s["documents"]
+        totals.recordings += s["recordings"]
+        totals.utterances += s["utterances"]
+        totals.audio_seconds += s["audio_seconds"]
+        for k, v in s["tokens"].items():
+            totals.tokens[k] += v
+    shards = {split: [s["file"] for s in sidecars if s["split"] == split] for split in ("train", "validation")}
+    by_kind = {kind: {split: [s["file"] for s in sidecars if s["split"] == split and s["kind"] == kind]
+                      for split in ("train", "validation")} for kind in ("speech", "text")}
+    skipped = list(corpus.skipped) + [item for s in sidecars for item in s.get("skipped", [])]
+    from . import __version__
+
+    manifest = {
+        "codec": codec.describe(),
+        "codebooks": codec.n_codebooks,
+        "formats": list(settings.formats),
+        "text_tokenizer": vocab.text_tokenizer_source,
+        "vocab_size": vocab.size,
+        "validation_fraction": settings.validation_fraction,
+        **totals.to_dict(),
+        "tokens": totals.tokens | {"total": sum(totals.tokens.values())},
+        "skipped": skipped,
+        "shards": shards,
+        "shards_by_kind": by_kind,
+        "shard_stats": [{k: s[k] for k in ("file", "split", "kind", "documents", "utterances", "audio_seconds")}
+                        | {"tokens": sum(s["tokens"].values())} for s in sidecars],
+        "tool": f"soda-tokenize {__version__}",
+    }
+    manifest["audio_seconds"] = round(manifest["audio_seconds"], 3)
+    atomic_write_json(out / MANIFEST, manifest)
+    return manifest
