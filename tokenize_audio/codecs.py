@@ -254,9 +254,11 @@ def randomize_codebooks(codec: Codec, seed: int = RANDOM_SEED) -> None:
             del codebook.quantize
         residual = torch.cat(seen)
         size = codebook.embed_sum.shape[0] if hasattr(codebook, "embed_sum") else codebook.embed.shape[0]
-        rows = torch.randint(len(residual), (size,), generator=gen)
-        jitter = torch.randn(size, residual.shape[1], generator=gen) * residual.std(0, keepdim=True) * 0.5
-        _set_codebook(codebook, (residual[rows] + jitter).to(codec.device))
+        # Gaussian with the residual's per-dimension mean and spread: distinct, well-separated entries
+        # (fewer near-ties than copies of probe frames) that still cover where real inputs fall.
+        noise = torch.randn(size, residual.shape[1], generator=gen)
+        values = residual.mean(0, keepdim=True) + noise * residual.std(0, keepdim=True)
+        _set_codebook(codebook, values.to(codec.device))
 
 
 def _hub_error(family: str, source: str, err: Exception) -> SodaError:

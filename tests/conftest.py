@@ -1,0 +1,77 @@
+"""Shared fixtures: a small copy of the demo corpus and seeded random codecs (no downloads)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "demo" / "corpus"
+# Four recordings: LibriSpeech-style and same-stem transcripts, 22.05 kHz, and a stereo one.
+SMALL_RECORDINGS = [
+    "espeak_en_029/espeak_en_029-dan08v02",
+    "espeak_en_m3/espeak_en_m3-dan03v04",
+    "espeak_en_gb/espeak_en_gb-gen14v01",
+    "flite_kal/" + sorted(p.name for p in (DEMO / "speech" / "flite_kal").iterdir())[0],
+]
+
+
+@pytest.fixture(scope="session")
+def demo_speech() -> Path:
+    assert (DEMO / "speech").is_dir(), "the bundled demo corpus is missing"
+    return DEMO / "speech"
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory) -> Path:
+    """A four-recording copy of the demo corpus (read-only by convention; copy it to modify)."""
+    root = tmp_path_factory.mktemp("corpus") / "speech"
+    for rec in SMALL_RECORDINGS:
+        shutil.copytree(DEMO / "speech" / rec, root / rec)
+    return root
+
+
+@pytest.fixture
+def corpus_copy(small_corpus, tmp_path) -> Path:
+    dst = tmp_path / "speech"
+    shutil.copytree(small_corpus, dst)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def mimi():
+    from tokenize_audio.codecs import load_codec
+
+    return load_codec("mimi:random", 8, "cpu")
+
+
+@pytest.fixture(scope="session")
+def encodec():
+    from tokenize_audio.codecs import load_codec
+
+    return load_codec("encodec:random", 8, "cpu")
+
+
+@pytest.fixture(scope="session")
+def demo_waves(demo_speech, mimi):
+    """Twelve demo utterances of different lengths, at 24 kHz, cut to whole Mimi frames."""
+    from tokenize_audio.sources import load_audio
+
+    files = sorted(demo_speech.rglob("*.flac"))[::20][:12]
+    waves = [load_audio(str(f), mimi.sample_rate) for f in files]
+    return [w[: len(w) // mimi.samples_per_frame * mimi.samples_per_frame] for w in waves]
+
+
+def write_wave(path: Path, wave, sr: int = 16000, subtype: str | None = None) -> Path:
+    import soundfile as sf
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(str(path), np.asarray(wave), sr, subtype=subtype)
+    return path
