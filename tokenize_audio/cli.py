@@ -99,7 +99,7 @@ def _formats(text: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(formats))
 
 
-@cli_errors
+@cli_errors("soda-tokenize")
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "decode":
@@ -107,8 +107,6 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     return tokenize(args)
 
-
-main.prog = "soda-tokenize"
 
 
 def tokenize(args) -> int:
@@ -244,3 +242,7 @@ def decode_main(argv) -> int:
         atomic_write_text(folder / "transcript.txt", "\n".join(texts) + "\n")
         print(f"{folder}: {len(split_segments(vocab, ids))} segments ({meta.get('recording')}, {meta.get('format')})")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -14,19 +14,22 @@ class SkipItem(Exception):
     """One input item (utterance, file, row) cannot be used; it is skipped and listed with this reason."""
 
 
-def cli_errors(main):
-    """Wrap a console-script `main` so SodaError becomes `prog: error: ...` on stderr and exit code 2."""
+def cli_errors(prog: str):
+    """Decorate a console-script `main` so SodaError becomes `prog: error: ...` on stderr, exit code 2."""
 
-    @functools.wraps(main)
-    def wrapper(argv=None):
-        try:
-            return main(argv)
-        except SodaError as err:
-            prog = main.__module__.split(".")[0].replace("_", "-")
-            print(f"{getattr(main, 'prog', prog)}: error: {err}", file=sys.stderr)
-            raise SystemExit(2) from None
-        except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
-            raise SystemExit(130) from None
+    def decorate(main):
+        @functools.wraps(main)
+        def wrapper(argv=None):
+            try:
+                return main(argv)
+            except SodaError as err:
+                print(f"{prog}: error: {err}", file=sys.stderr)
+                raise SystemExit(2) from None
+            except KeyboardInterrupt:
+                print(f"{prog}: interrupted; finished shards are kept, re-run the same command to resume",
+                      file=sys.stderr)
+                raise SystemExit(130) from None
 
-    return wrapper
+        return wrapper
+
+    return decorate

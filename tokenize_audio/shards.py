@@ -66,7 +66,7 @@ def write_shard(path: Path, samples: list[tuple[str, np.ndarray, dict]]) -> None
 
     path = Path(path)
     buf = io.BytesIO()
-    with wds.TarWriter(buf) as sink:
+    with wds.TarWriter(buf, mtime=0) as sink:  # fixed mtime: the same input gives byte-identical shards
         for key, tokens, meta in samples:
             sink.write({"__key__": key, "tokens.npy": np.asarray(tokens, dtype=np.uint32), "json": meta})
     atomic_write_bytes(path, buf.getvalue())
