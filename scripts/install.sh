@@ -7,8 +7,11 @@ cd "$(dirname "$0")/.."
 extras=""
 [ "${1:-}" = "--test" ] && extras="[test]"
 
+# Debian tools that make the demo corpus (demo/make_demo_corpus.py; a test re-runs it): command=package.
 need=()
-for pkg in espeak-ng sox flite; do command -v "$pkg" >/dev/null 2>&1 || need+=("$pkg"); done
+for pair in espeak-ng=espeak-ng sox=sox flite=flite bible=bible-kjv; do
+  command -v "${pair%%=*}" >/dev/null 2>&1 || need+=("${pair#*=}")
+done
 if [ ${#need[@]} -gt 0 ]; then
   if command -v apt-get >/dev/null 2>&1; then
     SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"

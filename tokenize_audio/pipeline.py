@@ -132,7 +132,7 @@ class ShardEncoder:
                 continue
             if batch:
                 for (utt, _), c in zip(batch, self.codec.encode_batch([w for _, w in batch])):
-                    codes[utt.id] = c
+                    codes[id(utt)] = c  # by object: ids need not be unique in a manifest
                 self.audio_seconds += sum(len(w) for _, w in batch) / self.codec.sample_rate
                 elapsed = max(time.perf_counter() - self.started, 1e-9)
                 bar.set_postfix_str(f"{self.audio_seconds:.0f} s audio, {self.audio_seconds / elapsed:.1f} audio-s/s",
@@ -144,7 +144,7 @@ class ShardEncoder:
     # --- shards --------------------------------------------------------------------------------
     def run_speech_shard(self, plan: ShardPlan, bar) -> dict:
         skipped: list[dict] = []
-        codes: dict[str, np.ndarray] = {}
+        codes: dict[int, np.ndarray] = {}
         utts = [u for rec in plan.recordings for u in rec]
         buffer: list = []
         buffered = 0.0
@@ -162,11 +162,11 @@ class ShardEncoder:
 
         samples, stats = [], _Stats()
         for rec in plan.recordings:
-            kept = [u for u in rec if u.id in codes]
+            kept = [u for u in rec if id(u) in codes]
             if not kept:
                 continue
-            pairs = [(self.vocab.encode_text(u.text), self.vocab.codes_to_ids(codes[u.id])) for u in kept]
-            seconds = [codes[u.id].shape[1] / self.codec.frame_rate for u in kept]
+            pairs = [(self.vocab.encode_text(u.text), self.vocab.codes_to_ids(codes[id(u)])) for u in kept]
+            seconds = [codes[id(u)].shape[1] / self.codec.frame_rate for u in kept]
             utt_meta = [{"id": u.id, "text": u.text, "audio": u.where, "seconds": round(s, 3),
                          **({"start": u.start, "end": u.end} if u.start is not None or u.end is not None else {})}
                         for u, s in zip(kept, seconds)]
