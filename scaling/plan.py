@@ -1,0 +1,88 @@
+"""IsoFLOP sweep planning by SODA's rules (DESIGN.md §2, Scaling study).
+
+For each budget C and width d: the sweep shape from d, tokens D = C / (3 x forward FLOPs per token),
+batch B (sequences) = next power of two of D / (2^16 * seq_len), halved while LR = 0.33*sqrt(B)/d
+exceeds 0.01; runs with B < 8 or >= 400k steps are skipped (and reported, not dropped silently).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from .accounting import SODA_VOCAB, ModelShape, forward_flops_per_token, params, training_flops_per_token
+
+PAPER_BUDGETS = (3e18, 9e18, 1.8e19, 3e19, 9e19, 1.8e20, 3e20)
+# SODA's wider "target" runs at the top budgets.
+PAPER_TARGETS = {9e19: (2048,), 1.8e20: (2048, 2304), 3e20: (2048, 2304, 2816, 3072)}
+FINE_GRID_MAX_BUDGET = 1.8e19
+MIN_BATCH, MAX_STEPS, LR_CAP = 8, 400_000, 0.01
+
+
+@dataclass
+class Run:
+    budget: float
+    width: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn: int
+    params: int
+    non_embedding_params: int
+    forward_flops_per_token: int
+    tokens: int
+    batch: int
+    steps: int
+    lr: float
+    beta1: float
+    beta2: float
+    weight_decay: float
+    seq_len: int
+    vocab: int
+    flops: float
+    name: str = ""
+    skipped: str = ""
+
+
+def default_widths(budget: float) -> list[int]:
+    """128..2048 in steps of 128 up to 1.8e19; 128, 384, 640, ... (steps of 256) above."""
+    step = 128 if budget <= FINE_GRID_MAX_BUDGET * (1 + 1e-9) else 256
+    return list(range(128, 2048 + 1, step))
+
+
+def plan_run(budget: float, width: int, vocab: int = SODA_VOCAB, seq_len: int = 4096) -> Run:
+    shape = ModelShape.sweep(width, vocab, seq_len)
+    fwd = forward_flops_per_token(shape)
+    tokens = budget / training_flops_per_token(shape)
+    batch = 2 ** math.ceil(math.log2(max(tokens / (2**16 * seq_len), 1e-12)))
+    while 0.33 * math.sqrt(batch) / width > LR_CAP and batch > 1:
+        batch //= 2
+    lr = min(LR_CAP, 0.33 * math.sqrt(batch) / width)
+    steps = round(tokens / (batch * seq_len))
+    skipped = ""
+    if batch < MIN_BATCH:
+        skipped = f"batch {batch} < {MIN_BATCH}"
+    elif steps >= MAX_STEPS:
+        skipped = f"{steps} steps >= {MAX_STEPS}"
+    trained = steps * batch * seq_len
+    return Run(budget, width, shape.layers, shape.heads, shape.kv_heads, shape.head_dim, shape.ffn,
+               params(shape), params(shape, "non-embedding"), fwd, int(trained), batch, steps, lr, 0.95,
+               0.98 ** (batch / 128), 0.1, seq_len, vocab, 3.0 * fwd * trained,
+               f"C{budget:.1e}-d{width}".replace("+", ""), skipped)
+
+
+def plan_sweep(budgets, widths=None, vocab: int = SODA_VOCAB, seq_len: int = 4096,
+               paper_targets: bool = False) -> list[Run]:
+    """All (budget, width) runs, skipped ones included with their reason."""
+    runs = []
+    for budget in budgets:
+        ws = list(widths) if widths else default_widths(budget)
+        if paper_targets:
+            ws += [w for b, extra in PAPER_TARGETS.items() if math.isclose(b, budget) for w in extra if w not in ws]
+        runs += [plan_run(budget, w, vocab, seq_len) for w in ws]
+    return runs
+
+
+def as_rows(runs: list[Run]) -> list[dict]:
+    return [asdict(r) for r in runs]

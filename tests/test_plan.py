@@ -1,0 +1,62 @@
+"""`soda-scaling plan`: SODA's sweep rules, the worked d768 row, skipped runs reported, bad input."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+
+from scaling.cli import main
+from scaling.plan import PAPER_BUDGETS, default_widths, plan_run, plan_sweep
+
+
+def test_worked_row():
+    r = plan_run(3e18, 768)
+    assert (r.layers, r.heads, r.batch, r.steps) == (8, 6, 8, 64326)
+    assert r.lr == pytest.approx(0.00122, abs=5e-6)
+    assert r.beta2 == pytest.approx(0.9987, abs=1e-4)
+    assert r.tokens == pytest.approx(2.11e9, rel=2e-3)
+    assert r.flops == pytest.approx(3e18, rel=1e-4) and not r.skipped
+
+
+def test_lr_cap_halves_batch():
+    r = plan_run(3e20, 640)
+    assert r.lr <= 0.01 and 0.33 * math.sqrt(2 * r.batch) / 640 > 0.01
+
+
+def test_grids_and_skips():
+    assert default_widths(3e18) == list(range(128, 2049, 128))
+    assert default_widths(9e19)[:3] == [128, 384, 640]
+    runs = plan_sweep(PAPER_BUDGETS, paper_targets=True)
+    kept = [r for r in runs if not r.skipped]
+    assert {r.budget for r in kept} == set(PAPER_BUDGETS)
+    assert all(r.batch >= 8 and r.steps < 400_000 for r in kept)
+    assert {r.skipped.split()[0] for r in runs if r.skipped} <= {"batch"} | {str(r.steps) for r in runs}
+    assert min(r.params for r in kept) == pytest.approx(77e6, rel=0.01)  # d256 / 3 layers, as in SODA
+    widths_3e20 = {r.width for r in kept if r.budget == 3e20}
+    assert {2048, 2304, 2816, 3072} <= widths_3e20
+    assert 55 <= len(kept) <= 70  # SODA reports 64 models; its exact exclusions are not published
+
+
+def test_cli_writes_csv(tmp_path, capsys):
+    out = tmp_path / "plan.csv"
+    assert main(["plan", "--budgets", "3e18,9e18", "--widths", "256,768,2048", "--out", str(out)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 6
+    row = next(r for r in rows if r["width"] == "768" and float(r["budget"]) == 3e18)
+    assert (row["layers"], row["batch"], row["steps"], row["skipped"]) == ("8", "8", "64326", "")
+    assert next(r for r in rows if r["width"] == "2048" and float(r["budget"]) == 3e18)["skipped"] == "batch 1 < 8"
+    assert "2 skipped" in capsys.readouterr().out  # d2048 at both budgets
+
+
+@pytest.mark.parametrize("args, message", [
+    (["plan", "--out", "x.csv"], "give --budgets"),
+    (["plan", "--budgets", "3e18,abc", "--out", "x.csv"], "expected comma-separated numbers"),
+    (["plan", "--budgets", "-1", "--out", "x.csv"], "must be positive"),
+])
+def test_bad_input(args, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
