@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tokenize_audio.codecs import load_codec  # noqa: E402
+from tokenize_audio.errors import SodaError  # noqa: E402
 from tokenize_audio.sources import AUDIO_EXTENSIONS, load_audio  # noqa: E402
 
 DEFAULT_AUDIO = Path(__file__).resolve().parents[1] / "demo" / "corpus" / "speech"
@@ -116,7 +117,10 @@ def main(argv=None):
     files = (files[: args.limit] if args.limit > 0 else files) * max(1, args.repeat)
     rows = []
     for spec in filter(None, (s.strip() for s in args.codecs.split(","))):
-        rows += bench(spec, files, args)
+        try:
+            rows += bench(spec, files, args)
+        except SodaError as err:
+            p.exit(2, f"error: {err}\n")
         print(f"done: {spec}", file=sys.stderr)
     print(markdown(rows))
     if args.json:

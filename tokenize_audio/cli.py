@@ -61,8 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of recordings held out by hashing their id (default 0.002; at least one)")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="threads decoding audio")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
-    p.add_argument("--batch-seconds", type=float, default=120.0,
-                   help="padded audio seconds per encoder batch (default 120; raise on a GPU)")
+    p.add_argument("--batch-seconds", type=float, default=None,
+                   help="padded audio seconds per encoder batch (default: 120 on CUDA, 5 on CPU, where "
+                        "large batches measured slower; see benchmarks/RESULTS.md)")
     p.add_argument("--recordings-per-shard", type=int, default=64, help="speech recordings per shard (default 64)")
     p.add_argument("--texts-per-shard", type=int, default=1000, help="text documents per shard (default 1000)")
     p.add_argument("--text-column", help="hf: inputs: transcript column (default: text, transcript, sentence, ...)")
@@ -146,7 +147,8 @@ def tokenize(args) -> int:
     atomic_write_json(args.out / SETTINGS, settings.to_dict())
 
     plans = plan_shards(corpus, settings)
-    encoder = ShardEncoder(codec, vocab, settings, args.out, args.workers, args.batch_seconds, not args.quiet)
+    batch_seconds = args.batch_seconds or (120.0 if codec.device.type == "cuda" else 5.0)
+    encoder = ShardEncoder(codec, vocab, settings, args.out, args.workers, batch_seconds, not args.quiet)
     sidecars, reused = encoder.run(plans)
     _remove_stale_shards(args.out, {p.name for p in plans})
     manifest = write_manifest(args.out, codec, vocab, settings, corpus, sidecars)
