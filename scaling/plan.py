@@ -22,12 +22,7 @@ MIN_BATCH, MAX_STEPS, LR_CAP = 8, 400_000, 0.01
 @dataclass
 class Run:
     budget: float
-    width: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    ffn: int
+    shape: ModelShape
     params: int
     non_embedding_params: int
     forward_flops_per_token: int
@@ -38,8 +33,6 @@ class Run:
     beta1: float
     beta2: float
     weight_decay: float
-    seq_len: int
-    vocab: int
     flops: float
     name: str = ""
     skipped: str = ""
@@ -66,10 +59,9 @@ def plan_run(budget: float, width: int, vocab: int = SODA_VOCAB, seq_len: int = 
     elif steps >= MAX_STEPS:
         skipped = f"{steps} steps >= {MAX_STEPS}"
     trained = steps * batch * seq_len
-    return Run(budget, width, shape.layers, shape.heads, shape.kv_heads, shape.head_dim, shape.ffn,
-               params(shape), params(shape, "non-embedding"), fwd, int(trained), batch, steps, lr, 0.95,
-               0.98 ** (batch / 128), 0.1, seq_len, vocab, 3.0 * fwd * trained,
-               f"C{budget:.1e}-d{width}".replace("+", ""), skipped)
+    return Run(budget, shape, params(shape), params(shape, "non-embedding"), fwd, int(trained), batch, steps, lr,
+               0.95, 0.98 ** (batch / 128), 0.1, 3.0 * fwd * trained, f"C{budget:.1e}-d{width}".replace("+", ""),
+               skipped)
 
 
 def plan_sweep(budgets, widths=None, vocab: int = SODA_VOCAB, seq_len: int = 4096,
@@ -85,4 +77,11 @@ def plan_sweep(budgets, widths=None, vocab: int = SODA_VOCAB, seq_len: int = 409
 
 
 def as_rows(runs: list[Run]) -> list[dict]:
-    return [asdict(r) for r in runs]
+    """Flat CSV rows: the run's numbers with its shape's fields (width, layers, ...) spliced in."""
+    rows = []
+    for r in runs:
+        row = asdict(r)
+        shape = row.pop("shape")
+        shape.pop("tied")
+        rows.append({"budget": row.pop("budget"), **shape, **row})
+    return rows

@@ -13,7 +13,7 @@ from scaling.plan import PAPER_BUDGETS, default_widths, plan_run, plan_sweep
 
 def test_worked_row():
     r = plan_run(3e18, 768)
-    assert (r.layers, r.heads, r.batch, r.steps) == (8, 6, 8, 64326)
+    assert (r.shape.layers, r.shape.heads, r.batch, r.steps) == (8, 6, 8, 64326)
     assert r.lr == pytest.approx(0.00122, abs=5e-6)
     assert r.beta2 == pytest.approx(0.9987, abs=1e-4)
     assert r.tokens == pytest.approx(2.11e9, rel=2e-3)
@@ -34,7 +34,7 @@ def test_grids_and_skips():
     assert all(r.batch >= 8 and r.steps < 400_000 for r in kept)
     assert {r.skipped.split()[0] for r in runs if r.skipped} <= {"batch"} | {str(r.steps) for r in runs}
     assert min(r.params for r in kept) == pytest.approx(77e6, rel=0.01)  # d256 / 3 layers, as in SODA
-    widths_3e20 = {r.width for r in kept if r.budget == 3e20}
+    widths_3e20 = {r.shape.width for r in kept if r.budget == 3e20}
     assert {2048, 2304, 2816, 3072} <= widths_3e20
     assert 55 <= len(kept) <= 70  # SODA reports 64 models; its exact exclusions are not published
 
