@@ -44,14 +44,19 @@ def default_widths(budget: float) -> list[int]:
     return list(range(128, 2048 + 1, step))
 
 
+def sweep_lr(batch: int, width: int) -> float:
+    """SODA's sweep learning rate before the cap: 0.33 * sqrt(B) / d."""
+    return 0.33 * math.sqrt(batch) / width
+
+
 def plan_run(budget: float, width: int, vocab: int = SODA_VOCAB, seq_len: int = 4096) -> Run:
     shape = ModelShape.sweep(width, vocab, seq_len)
     fwd = forward_flops_per_token(shape)
     tokens = budget / training_flops_per_token(shape)
     batch = 2 ** math.ceil(math.log2(max(tokens / (2**16 * seq_len), 1e-12)))
-    while 0.33 * math.sqrt(batch) / width > LR_CAP and batch > 1:
+    while sweep_lr(batch, width) > LR_CAP and batch > 1:
         batch //= 2
-    lr = min(LR_CAP, 0.33 * math.sqrt(batch) / width)
+    lr = min(LR_CAP, sweep_lr(batch, width))
     steps = round(tokens / (batch * seq_len))
     skipped = ""
     if batch < MIN_BATCH:

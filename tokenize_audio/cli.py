@@ -100,14 +100,13 @@ def _formats(text: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(formats))
 
 
-@cli_errors("soda-tokenize")
+@cli_errors("soda-tokenize", interrupted="finished shards are kept; re-run the same command to resume")
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "decode":
         return decode_main(argv[1:])
     args = build_parser().parse_args(argv)
     return tokenize(args)
-
 
 
 def tokenize(args) -> int:
@@ -228,7 +227,8 @@ def decode_main(argv) -> int:
         folder = args.out / f"doc-{index:06d}-{meta.get('format', 'doc')}"
         folder.mkdir(parents=True, exist_ok=True)
         texts = []
-        for n, seg in enumerate(split_segments(vocab, ids)):
+        segments = split_segments(vocab, ids)
+        for n, seg in enumerate(segments):
             if seg.kind == "text":
                 text = vocab.decode_text(seg.ids)
                 texts.append(text)
@@ -242,7 +242,7 @@ def decode_main(argv) -> int:
                 atomic_write_bytes(folder / f"{n:03d}-audio.wav", buf.getvalue())
         atomic_write_json(folder / "document.json", {"key": key, "tokens": int(len(ids)), **meta})
         atomic_write_text(folder / "transcript.txt", "\n".join(texts) + "\n")
-        print(f"{folder}: {len(split_segments(vocab, ids))} segments ({meta.get('recording')}, {meta.get('format')})")
+        print(f"{folder}: {len(segments)} segments ({meta.get('recording')}, {meta.get('format')})")
     return 0
 
 

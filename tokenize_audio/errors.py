@@ -14,8 +14,11 @@ class SkipItem(Exception):
     """One input item (utterance, file, row) cannot be used; it is skipped and listed with this reason."""
 
 
-def cli_errors(prog: str):
-    """Decorate a console-script `main` so SodaError becomes `prog: error: ...` on stderr, exit code 2."""
+def cli_errors(prog: str, interrupted: str = ""):
+    """Decorate a console-script `main` so SodaError becomes `prog: error: ...` on stderr, exit code 2.
+
+    `interrupted` is what Ctrl-C should tell the user (e.g. how to resume); the exit code is 130.
+    """
 
     def decorate(main):
         @functools.wraps(main)
@@ -26,8 +29,7 @@ def cli_errors(prog: str):
                 print(f"{prog}: error: {err}", file=sys.stderr)
                 raise SystemExit(2) from None
             except KeyboardInterrupt:
-                print(f"{prog}: interrupted; finished shards are kept, re-run the same command to resume",
-                      file=sys.stderr)
+                print(f"{prog}: interrupted" + (f"; {interrupted}" if interrupted else ""), file=sys.stderr)
                 raise SystemExit(130) from None
 
         return wrapper
