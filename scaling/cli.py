@@ -1,4 +1,8 @@
-"""`soda-scaling`: IsoFLOP sweep planning (plan). Running, fitting and plotting are tracked separately."""
+"""`soda-scaling`: plan an IsoFLOP sweep (plan), fit scaling laws to its results (fit), plot a fit (plot).
+
+Running a sweep through the trainer is tracked separately; a new subcommand is a parser in
+`build_parser` plus an entry in COMMANDS.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +13,23 @@ import sys
 from pathlib import Path
 
 from tokenize_audio.errors import SodaError, cli_errors
-from tokenize_audio.shards import atomic_write_text
+from tokenize_audio.shards import atomic_write_json, atomic_write_text
 
 from .accounting import SODA_VOCAB
+from .fit import FIT_FILE, fit_scaling, load_results, summary
 from .plan import PAPER_BUDGETS, as_rows, plan_sweep
+
+FIT_HELP = """Approach 2: per budget, loss is fitted as a parabola in ln N (and in ln D) by Huber-weighted
+least squares; the minima give N* = k C^a and D* = k C^b. Approach 3: L = E + A/N^alpha + B/D^beta,
+with E, A, B >= 0 solved by non-negative least squares over an (alpha, beta) grid, then a Huber fit
+on log L; with C = k N D (k = median FLOPs/(N D) of the runs), a = beta/(alpha+beta), b = alpha/(alpha+beta).
+95%% intervals come from resampling runs within each budget (--bootstrap, --seed).
+
+RESULTS.csv needs columns flops, params, tokens, loss; `budget` (optional) groups runs, otherwise
+runs whose FLOPs agree within 5%% form one budget; other columns are ignored. A run with an empty,
+nan or inf loss (diverged or unfinished) is excluded and listed in fit.json and the summary. Any
+other bad value (a missing column, a non-positive or non-numeric flops/params/tokens/budget, a
+loss <= 0), fewer than 3 budgets or a budget with fewer than 3 usable runs stops with an error."""
 
 
 def _floats(text: str, what: str) -> list[float]:
@@ -29,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="soda-scaling",
         description="Plan IsoFLOP scaling sweeps by SODA's rules (C = 3 x analytic forward FLOPs, "
-                    "N = total parameters including both embedding matrices).",
+                    "N = total parameters including both embedding matrices), fit compute-optimal scaling "
+                    "laws to their results and plot the fits.",
     )
     sub = p.add_subparsers(dest="command", required=True)
     plan = sub.add_parser(
@@ -46,15 +64,25 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--seq-len", type=int, default=4096)
     plan.add_argument("--drop-skipped", action="store_true", help="leave skipped runs out of the CSV")
     plan.add_argument("--out", type=Path, required=True, help="CSV to write")
+
+    fit = sub.add_parser("fit", help="fit compute-optimal scaling laws (Approaches 2 and 3) to a sweep's results",
+                         description=FIT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    fit.add_argument("results", type=Path, help="results CSV (one row per finished run)")
+    fit.add_argument("--out", type=Path, required=True, help="directory for fit.json (and later the plots)")
+    fit.add_argument("--target-flops", help="comma list of budgets to predict N*, D*, loss for "
+                                            "(default: 10x and 100x the largest budget)")
+    fit.add_argument("--bootstrap", type=int, default=1000, help="resamples for the 95%% intervals (0: none)")
+    fit.add_argument("--seed", type=int, default=0, help="bootstrap seed (same seed, same intervals)")
+
+    plot = sub.add_parser("plot", help="draw a fit's PNGs (IsoFLOP curves, optima vs compute, residuals)")
+    plot.add_argument("fit_dir", type=Path, help="directory holding fit.json, written by `soda-scaling fit`")
     return p
 
 
 @cli_errors("soda-scaling")
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "plan":
-        return plan_command(args)
-    return 2
+    return COMMANDS[args.command](args)
 
 
 def plan_command(args) -> int:
@@ -79,6 +107,28 @@ def plan_command(args) -> int:
         else:
             print(f"  C={budget:.2e}: no usable runs")
     return 0
+
+
+def fit_command(args) -> int:
+    if args.out.exists() and not args.out.is_dir():
+        raise SodaError(f"--out {args.out} is a file; give a directory")
+    targets = _floats(args.target_flops, "--target-flops") if args.target_flops else None
+    fit = fit_scaling(load_results(args.results), args.bootstrap, args.seed, targets)
+    atomic_write_json(args.out / FIT_FILE, fit)
+    print(summary(fit))
+    print(f"wrote {args.out / FIT_FILE}; draw it with `soda-scaling plot {args.out}`")
+    return 0
+
+
+def plot_command(args) -> int:
+    from .plots import write_plots  # matplotlib (and its font cache) only when plotting
+
+    for path in write_plots(args.fit_dir):
+        print(f"wrote {path}")
+    return 0
+
+
+COMMANDS = {"plan": plan_command, "fit": fit_command, "plot": plot_command}
 
 
 if __name__ == "__main__":
