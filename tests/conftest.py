@@ -75,3 +75,14 @@ def write_wave(path: Path, wave, sr: int = 16000, subtype: str | None = None) ->
     path.parent.mkdir(parents=True, exist_ok=True)
     sf.write(str(path), np.asarray(wave), sr, subtype=subtype)
     return path
+
+
+@pytest.fixture(scope="session")
+def train_tokens(small_corpus, tmp_path_factory) -> Path:
+    """Shards of the small corpus plus the demo's KJV text (mimi:random, byte-level text): training data."""
+    from tokenize_audio.cli import main as tokenize_main
+
+    out = tmp_path_factory.mktemp("train") / "tokens"
+    assert tokenize_main([str(small_corpus), str(DEMO / "text" / "kjv_proverbs.txt"), "--out", str(out),
+                          "--codec", "mimi:random", "--text-tokenizer", "bytes", "--quiet"]) == 0
+    return out

@@ -14,6 +14,14 @@ class SkipItem(Exception):
     """One input item (utterance, file, row) cannot be used; it is skipped and listed with this reason."""
 
 
+def one_line(err: BaseException) -> str:
+    """The user-facing line of an error; one re-raised from a DataLoader worker carries a traceback."""
+    msg = str(err)
+    if "Original Traceback" in msg:
+        msg = msg.strip().splitlines()[-1].split(": ", 1)[-1]
+    return msg
+
+
 def cli_errors(prog: str, interrupted: str = ""):
     """Decorate a console-script `main` so SodaError becomes `prog: error: ...` on stderr, exit code 2.
 
@@ -26,7 +34,7 @@ def cli_errors(prog: str, interrupted: str = ""):
             try:
                 return main(argv)
             except SodaError as err:
-                print(f"{prog}: error: {err}", file=sys.stderr)
+                print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
                 raise SystemExit(2) from None
             except KeyboardInterrupt:
                 print(f"{prog}: interrupted" + (f"; {interrupted}" if interrupted else ""), file=sys.stderr)

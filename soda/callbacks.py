@@ -1,0 +1,112 @@
+"""Lightning pieces of a run: throughput and MFU, pre-emption checkpoints, atomic checkpoint files."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.throughput import get_available_flops
+
+# Dense bf16 peak FLOP/s per GPU, for --dry-run wall-clock estimates (MFU during training uses
+# Lightning's table for the device it finds, or --peak-flops).
+NAMED_GPUS = {"H100-SXM": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "B200": 2250e12}
+
+
+class Throughput(L.Callback):
+    """Logs tokens/s (all ranks together) and MFU once per optimizer step; tokens/s also in the progress bar."""
+
+    def __init__(self, tokens_per_step: int, flops_per_token: float, peak_flops: float | None, every: int = 1):
+        self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
+        self.peak_flops, self.every = peak_flops, every
+        self._t0 = None
+        self._step0 = 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.peak_flops is None:
+            dtype = torch.bfloat16 if "bf16" in str(trainer.precision) else torch.float32
+            self.peak_flops = get_available_flops(trainer.strategy.root_device, dtype)
+        self._restart(trainer)
+
+    def _restart(self, trainer) -> None:
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize()
+        self._t0, self._step0 = time.perf_counter(), trainer.global_step
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self._restart(trainer)  # validation time is not training throughput
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        steps = trainer.global_step - self._step0
+        if steps < self.every or trainer.global_step % self.every:
+            return
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - self._t0
+        tokens_per_s = steps * self.tokens_per_step / elapsed
+        metrics = {"tokens_per_s": tokens_per_s}
+        if self.peak_flops:
+            metrics["mfu"] = tokens_per_s * self.flops_per_token / (self.peak_flops * trainer.world_size)
+        pl_module.log_dict({k: float(v) for k, v in metrics.items()}, on_step=True, on_epoch=False,
+                           rank_zero_only=True)
+        pl_module.log("tok/s", float(tokens_per_s), prog_bar=True, logger=False, on_step=True, on_epoch=False)
+        self._restart(trainer)
+
+
+class Preemption(L.Callback):
+    """On SIGTERM or SIGUSR1 (schedulers' pre-emption notices): finish the step, checkpoint, stop.
+
+    Lightning's own SIGTERM handling stops mid-accumulation without a checkpoint; this replaces
+    it for the duration of training and restores the previous handlers afterwards.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self, checkpoint_dir: Path):
+        self.dir = Path(checkpoint_dir)
+        self.requested = False
+        self.saved_at: int | None = None
+        self._previous: dict = {}
+
+    def _handler(self, signum, frame) -> None:
+        self.requested = True
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handler)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return  # only between optimizer steps: a checkpoint must not hold half an accumulation
+        if trainer.strategy.reduce_boolean_decision(self.requested, all=False):
+            from .checkpoints import link_last
+
+            path = self.dir / f"step{trainer.global_step:07d}.ckpt"
+            if not path.exists():
+                trainer.save_checkpoint(path, weights_only=False)
+            if trainer.global_rank == 0:
+                link_last(path)
+            self.saved_at = trainer.global_step
+            trainer.should_stop = True
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write each checkpoint to a temporary name, then rename: a kill never leaves half a file."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        try:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)

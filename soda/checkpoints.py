@@ -1,0 +1,68 @@
+"""Checkpoints: where a run keeps them, safe loading, and export to a Hugging Face model directory."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from tokenize_audio.errors import SodaError
+from tokenize_audio.shards import atomic_directory, atomic_write_text
+from tokenize_audio.vocab import Vocabulary
+
+LAST = "last.ckpt"
+
+
+def checkpoint_dir(out: Path) -> Path:
+    return Path(out) / "checkpoints"
+
+
+def last_checkpoint(out: Path) -> Path | None:
+    path = checkpoint_dir(out) / LAST
+    return path if path.exists() else None
+
+
+def link_last(target: Path) -> None:
+    """Point last.ckpt beside `target` at it, atomically (a symlink swapped in by rename)."""
+    target = Path(target)
+    tmp = target.parent / f".{LAST}.tmp{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    os.symlink(target.name, tmp)
+    os.replace(tmp, target.parent / LAST)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Load with `weights_only=True`: tensors and plain data only, no arbitrary pickled code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise SodaError(f"{path}: checkpoint not found") from None
+    except Exception as e:  # a truncated or foreign file
+        raise SodaError(f"{path}: not a loadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+
+
+def export_hf(checkpoint: Path, out_dir: Path, vocab_dir: Path | None = None) -> Path:
+    """Write config, safetensors weights and tokenizer files that `AutoModelForCausalLM` loads."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    ckpt = load_checkpoint(checkpoint)
+    if "soda" not in ckpt:
+        raise SodaError(f"{checkpoint}: not a soda-train checkpoint (no model config inside)")
+    config = Qwen3Config.from_dict(ckpt["soda"]["model_config"])
+    with torch.device("meta"):
+        model = Qwen3ForCausalLM(config)
+    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
+    model.load_state_dict(state, assign=True, strict=True)
+    with atomic_directory(Path(out_dir)) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        if vocab_dir is not None:
+            vocab_dir = Path(vocab_dir)
+            Vocabulary.load(vocab_dir).save(tmp)  # vocab.json, text_tokenizer.json, tokenizer/
+            for f in (tmp / "tokenizer").iterdir():  # tokenizer files beside the weights, as on the hub
+                shutil.move(str(f), tmp / f.name)
+            (tmp / "tokenizer").rmdir()
+        atomic_write_text(tmp / "README.md", f"Exported by soda-train from {Path(checkpoint).name} "
+                                             f"(step {ckpt.get('global_step', '?')}).\n")
+    return Path(out_dir)

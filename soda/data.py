@@ -1,0 +1,410 @@
+"""Training data: webdataset shards streamed, mixed by weight, packed into windows, resumable exactly.
+
+A *source* is a list of shards (a `soda-tokenize` output directory, a local glob or brace
+pattern, or URLs webdataset can open) with a mixture weight. Every rank and dataloader worker
+(a *slot*) reads its own deterministic part of each source: whole shards when there are enough
+of them, otherwise every n-th document of every shard. Documents are drawn from the sources by
+weight (a seeded draw per document), concatenated and cut into `seq_len` windows; each window
+carries document ids, so attention and positions restart at document boundaries.
+
+The position of a slot is a small dict (per source: epoch, shard, document; the draw count;
+where the document cut by the last window continues). torchdata's `StatefulDataLoader` gathers
+it from the workers and Lightning stores it in checkpoints, so a resumed run sees exactly the
+windows it would have seen without the interruption.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import sys
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from tokenize_audio.errors import SodaError
+from tokenize_audio.vocab import Vocabulary
+
+MANIFEST = "manifest.json"
+KINDS = ("speech", "text")
+
+
+@dataclass
+class Source:
+    name: str
+    train: list[str]
+    validation: list[str] = field(default_factory=list)
+    weight: float | None = None
+    train_tokens: int | None = None  # known for soda-tokenize directories; the default weights use it
+    audio_tokens_per_second: float | None = None  # from the manifest (100 for Mimi with 8 codebooks)
+
+
+# --------------------------------------------------------------------------------------------
+# Resolving --data into sources
+# --------------------------------------------------------------------------------------------
+def _is_url(location: str) -> bool:
+    return "://" in location or location.startswith("pipe:")
+
+
+def _expand(location: str) -> list[str]:
+    """A brace pattern, glob or single path/URL -> the shard list; local shards must exist."""
+    import braceexpand
+
+    names = list(braceexpand.braceexpand(location))
+    if _is_url(location):
+        return names
+    found: list[str] = []
+    for name in names:
+        matches = sorted(glob.glob(name)) if any(c in name for c in "*?[") else [name]
+        missing = [m for m in matches if not Path(m).is_file()]
+        if not matches or missing:
+            raise SodaError(f"--data {location}: shard {missing[0] if missing else name} not found")
+        found.extend(matches)
+    return found
+
+
+def _parse_entry(entry) -> dict:
+    if isinstance(entry, dict):
+        if "path" not in entry:
+            raise SodaError(f"data entry {entry}: needs a 'path'")
+        return dict(entry)
+    name, sep, location = str(entry).partition("=")
+    if not sep or _is_url(name) or "/" in name:
+        name, location = "", str(entry)
+    return {"name": name, "path": location}
+
+
+def _from_directory(directory: Path, name: str, kind: str | None) -> tuple[Source, Vocabulary]:
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise SodaError(f"--data {directory}: no {MANIFEST} (expected a soda-tokenize output directory)") from None
+    except json.JSONDecodeError as e:
+        raise SodaError(f"--data {directory}: {MANIFEST} is not valid JSON ({e})") from None
+    lists = manifest["shards_by_kind"][kind] if kind else manifest["shards"]
+    tokens = {s["file"]: s["tokens"] for s in manifest.get("shard_stats", [])}
+    train = [str(directory / f) for f in lists["train"]]
+    for f in train + [str(directory / f) for f in lists["validation"]]:
+        if not Path(f).is_file():
+            raise SodaError(f"--data {directory}: shard {f} listed in {MANIFEST} is missing")
+    if not train:
+        raise SodaError(f"--data {directory}: no {kind + ' ' if kind else ''}training shards")
+    source = Source(name, train, [str(directory / f) for f in lists["validation"]],
+                    train_tokens=sum(tokens.get(f, 0) for f in lists["train"]) or None)
+    audio_formats = [f for f in manifest.get("formats", []) if f != "text-only"]
+    if manifest.get("audio_seconds") and audio_formats:
+        audio = manifest["tokens"].get("semantic", 0) + manifest["tokens"].get("acoustic", 0)
+        source.audio_tokens_per_second = audio / len(audio_formats) / manifest["audio_seconds"]
+    return source, Vocabulary.load(directory)
+
+
+def resolve_sources(data: list, val_data: list, mix: dict, vocab_dir: str | None) -> tuple[list[Source], Vocabulary]:
+    """Turn `--data`/`--val-data`/`--mix` (or their YAML forms) into sources and the shared vocabulary."""
+    sources: list[Source] = []
+    vocabs: list[tuple[str, Vocabulary]] = []
+    for i, entry in enumerate(data):
+        e = _parse_entry(entry)
+        location, name = str(e["path"]), e.get("name") or ""
+        kind = e.get("kind") or (name if name in KINDS else None)
+        if not _is_url(location) and Path(location).is_dir():
+            source, vocab = _from_directory(Path(location), name or Path(location).name, kind)
+            vocabs.append((location, vocab))
+        else:
+            source = Source(name or f"source{i}", _expand(location))
+        if e.get("weight") is not None:
+            source.weight = float(e["weight"])
+        sources.append(source)
+    names = [s.name for s in sources]
+    if len(set(names)) != len(names):
+        raise SodaError(f"--data: source names must differ (got {', '.join(names)}); name them NAME=LOCATION")
+    for entry in val_data:
+        e = _parse_entry(entry)
+        target = next((s for s in sources if s.name == e.get("name")), None) if e.get("name") else sources[0]
+        if target is None:
+            raise SodaError(f"--val-data {entry}: no --data source named {e['name']!r}")
+        target.validation = _expand(str(e["path"]))
+    _apply_mix(sources, mix)
+    if vocab_dir:
+        vocabs.insert(0, (vocab_dir, Vocabulary.load(Path(vocab_dir))))
+    if not vocabs:
+        raise SodaError("--data gives only shard patterns: also give --vocab DIR (a soda-tokenize output directory)")
+    where, vocab = vocabs[0]
+    for other_where, other in vocabs[1:]:
+        if not other.matches(vocab):
+            raise SodaError(f"--data {other_where}: its vocabulary differs from {where}'s (tokenized with another "
+                            f"text tokenizer or codec)")
+    return sources, vocab
+
+
+def _apply_mix(sources: list[Source], mix: dict) -> None:
+    unknown = sorted(set(mix) - {s.name for s in sources})
+    if unknown:
+        raise SodaError(f"--mix names {', '.join(unknown)}, but the sources are {', '.join(s.name for s in sources)}")
+    for s in sources:
+        if s.name in mix:
+            s.weight = float(mix[s.name])
+    if any(s.weight is None for s in sources):
+        if all(s.weight is None for s in sources) and all(s.train_tokens for s in sources):
+            for s in sources:  # natural proportions
+                s.weight = float(s.train_tokens)
+        else:
+            unset = [s.name for s in sources if s.weight is None]
+            if len(sources) > 1 and len(unset) < len(sources):
+                raise SodaError(f"--mix gives weights for some sources but not {', '.join(unset)}")
+            for s in sources:
+                s.weight = 1.0 if s.weight is None else s.weight
+    if any(not np.isfinite(s.weight) or s.weight < 0 for s in sources) or sum(s.weight for s in sources) <= 0:
+        raise SodaError(f"--mix weights must be non-negative and not all zero: {mix}")
+    total = sum(s.weight for s in sources)
+    for s in sources:
+        s.weight /= total
+
+
+def parse_mix(text: str | None) -> dict:
+    if not text:
+        return {}
+    out = {}
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise SodaError(f"--mix {text!r}: expected NAME=WEIGHT,... e.g. speech=0.95,text=0.05")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Reading shards
+# --------------------------------------------------------------------------------------------
+def _open(url: str):
+    if _is_url(url):
+        import webdataset as wds
+
+        return wds.gopen(url)
+    return open(url, "rb")
+
+
+def shard_documents(url: str, start: int = 0):
+    """Yield `(index, token_ids)` for the documents of one shard, from document `start` on."""
+    index = -1
+    try:
+        with _open(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for member in tar:
+                if not member.name.endswith(".tokens.npy"):
+                    continue
+                index += 1
+                if index < start:
+                    continue
+                data = tar.extractfile(member).read()
+                tokens = np.load(io.BytesIO(data), allow_pickle=False)
+                if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
+                    raise ValueError(f"{member.name} holds {tokens.dtype} {tokens.shape}, not a 1-D id array")
+                yield index, tokens.astype(np.int64)
+    except (tarfile.TarError, ValueError, EOFError, OSError) as e:
+        raise BadShard(f"shard {url} is unreadable after document {index}: {e}") from None
+
+
+class BadShard(SodaError):
+    """A missing or corrupt shard found while streaming."""
+
+
+# --------------------------------------------------------------------------------------------
+# The packed, mixed, resumable stream
+# --------------------------------------------------------------------------------------------
+class _Cursor:
+    """Where one source is, for one slot: the next document to consider."""
+
+    def __init__(self, shards: list[str], slot: int, n_slots: int, seed: int, shuffle: bool, state=None):
+        self.shards, self.slot, self.n_slots, self.seed, self.shuffle = shards, slot, n_slots, seed, shuffle
+        self.split_documents = len(shards) < n_slots
+        self.epoch, self.shard, self.doc = state or (0, 0, 0)
+        self._docs = None
+
+    def order(self) -> list[str]:
+        idx = np.arange(len(self.shards))
+        if self.shuffle:
+            idx = np.random.default_rng([self.seed, self.epoch]).permutation(idx)
+        ordered = [self.shards[i] for i in idx]
+        return ordered if self.split_documents else ordered[self.slot::self.n_slots]
+
+    def state(self) -> tuple[int, int, int]:
+        return (self.epoch, self.shard, self.doc)
+
+    def next_document(self, skip_bad: bool, on_skip) -> tuple[tuple, np.ndarray] | None:
+        """The next document of this slot and the position it was read from; None at the end of an epoch."""
+        while True:
+            shards = self.order()
+            if self.shard >= len(shards):
+                self._docs = None
+                return None
+            if self._docs is None:
+                self._docs = shard_documents(shards[self.shard], self.doc)
+            try:
+                index, tokens = next(self._docs)
+            except StopIteration:
+                index = None
+            except BadShard as e:
+                if not skip_bad:
+                    raise
+                on_skip(str(e))
+                index = None
+            if index is None:
+                self.shard, self.doc, self._docs = self.shard + 1, 0, None
+                continue
+            self.doc = index + 1
+            if self.split_documents and index % self.n_slots != self.slot:
+                continue
+            return (self.epoch, self.shard, index), tokens
+
+    def next_epoch(self) -> None:
+        self.epoch, self.shard, self.doc, self._docs = self.epoch + 1, 0, 0, None
+
+
+class PackedStream(IterableDataset):
+    """Windows `{"input_ids": [S], "doc_ids": [S]}` from the sources (see the module docstring).
+
+    `infinite=True` (training) cycles epochs with a new shard order each; `infinite=False`
+    (validation) makes one pass over every source in turn, without shuffling or weights.
+    """
+
+    def __init__(self, sources: list[Source], seq_len: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 split: str = "train", infinite: bool = True, skip_bad: bool = False):
+        self.sources, self.seq_len, self.seed = sources, seq_len, seed
+        self.rank, self.world_size, self.split, self.infinite, self.skip_bad = rank, world_size, split, infinite, skip_bad
+        self.weights = np.array([s.weight or 0.0 for s in sources], dtype=np.float64)
+        self._loaded: dict | None = None
+        self._state: dict | None = None
+        self.skipped: list[str] = []
+
+    # --- torchdata / Lightning resume protocol -------------------------------------------------
+    def state_dict(self) -> dict:
+        return dict(self._state) if self._state is not None else (self._loaded or {})
+
+    def load_state_dict(self, state: dict) -> None:
+        self._loaded = dict(state) if state else None
+
+    # --- iteration -----------------------------------------------------------------------------
+    def _slot(self) -> tuple[int, int]:
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        return self.rank * workers + worker, self.world_size * workers
+
+    def _shards(self, source: Source) -> list[str]:
+        return source.train if self.split == "train" else source.validation
+
+    def __iter__(self):
+        slot, n_slots = self._slot()
+        loaded = self._loaded or {}
+        cursors = [_Cursor(self._shards(s), slot, n_slots, self.seed * 1000 + i, self.infinite,
+                           tuple(loaded["cursors"][i]) if loaded else None)
+                   for i, s in enumerate(self.sources)]
+        draws = loaded.get("draws", 0)
+        windows = loaded.get("windows", 0)
+        self.skipped = list(loaded.get("skipped", []))
+        active = [i for i, s in enumerate(self.sources) if self._shards(s)]
+        if not active:
+            return
+
+        def on_skip(message: str) -> None:
+            self.skipped.append(message)
+            print(f"soda-train: warning: skipping {message}", file=sys.stderr)
+
+        tokens: list[np.ndarray] = []
+        docs: list[np.ndarray] = []
+        buffered = 0
+        # `last` locates the newest piece in the buffer: (source, position, offset in its document).
+        last = pending = loaded.get("pending")
+        if pending:
+            src, pos, offset = pending
+            rest = self._read_at(src, pos, cursors[src])[offset:]
+            tokens, docs, buffered = [rest], [np.zeros(len(rest), np.int64)], len(rest)
+        doc_counter = 1
+        exhausted: set[int] = set()
+        empty_epochs = {i: 0 for i in active}
+        while True:
+            while buffered < self.seq_len:  # fill the buffer to one window
+                src = self._choose(active, exhausted, draws, slot)
+                if src is None:
+                    break
+                draws += 1
+                got = cursors[src].next_document(self.skip_bad, on_skip)
+                if got is None:  # this source's epoch is over (for this slot)
+                    draws -= 1  # the same draw picks again, from the next epoch
+                    empty_epochs[src] += 1
+                    if not self.infinite:
+                        exhausted.add(src)
+                    elif empty_epochs[src] > 1:
+                        raise SodaError(f"source {self.sources[src].name!r}: no documents for rank {self.rank} "
+                                        f"(slot {slot} of {n_slots}); give it more shards or documents, or use "
+                                        f"fewer workers/devices")
+                    else:
+                        cursors[src].next_epoch()
+                    continue
+                empty_epochs[src] = 0
+                pos, doc = got
+                tokens.append(doc)
+                docs.append(np.full(len(doc), doc_counter, np.int64))
+                doc_counter += 1
+                buffered += len(doc)
+                last = (src, pos, 0)
+            if buffered < self.seq_len:
+                return  # validation: the last partial window is dropped
+            flat, flat_docs = np.concatenate(tokens), np.concatenate(docs)
+            rest = len(flat) - self.seq_len
+            if rest > 0:  # the newest document continues in the next window
+                src, pos, offset = last
+                last = pending = (src, pos, offset + len(tokens[-1]) - rest)
+                tokens, docs, buffered = [flat[self.seq_len:]], [np.zeros(rest, np.int64)], rest
+            else:
+                pending, tokens, docs, buffered = None, [], [], 0
+            windows += 1
+            self._state = {"cursors": [c.state() for c in cursors], "draws": draws, "pending": pending,
+                           "windows": windows, "skipped": list(self.skipped)}
+            yield {"input_ids": torch.from_numpy(flat[: self.seq_len].copy()),
+                   "doc_ids": torch.from_numpy(_renumber(flat_docs[: self.seq_len]))}
+
+    def _choose(self, active: list[int], exhausted: set, draws: int, slot: int) -> int | None:
+        live = [i for i in active if i not in exhausted]
+        if not live:
+            return None
+        if not self.infinite:
+            return live[0]
+        w = self.weights[live]
+        if w.sum() <= 0:
+            return live[0]
+        rng = np.random.default_rng([self.seed, slot, draws])
+        return live[int(rng.choice(len(live), p=w / w.sum()))]
+
+    def _read_at(self, src: int, pos: tuple, cursor: _Cursor) -> np.ndarray:
+        epoch, shard, index = pos
+        saved = cursor.epoch
+        cursor.epoch = epoch
+        url = cursor.order()[shard]
+        cursor.epoch = saved
+        for i, tokens in shard_documents(url, index):
+            return tokens
+        raise SodaError(f"shard {url}: document {index} is gone (the data changed since the checkpoint)")
+
+
+def _renumber(doc_ids: np.ndarray) -> np.ndarray:
+    """Document ids 0, 1, 2, ... in order of appearance within the window."""
+    change = np.ones(len(doc_ids), dtype=bool)
+    change[1:] = doc_ids[1:] != doc_ids[:-1]
+    return (np.cumsum(change) - 1).astype(np.int64)
+
+
+def dataloader(stream: PackedStream, batch_size: int, workers: int, stateful: bool = True):
+    """A StatefulDataLoader (position saved in checkpoints) for training; a plain one for validation."""
+    if stateful:
+        from torchdata.stateful_dataloader import StatefulDataLoader as Loader
+    else:
+        from torch.utils.data import DataLoader as Loader
+    return Loader(stream, batch_size=batch_size, num_workers=workers, pin_memory=torch.cuda.is_available(),
+                  persistent_workers=False, **({"prefetch_factor": 2} if workers else {}))

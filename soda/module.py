@@ -1,0 +1,169 @@
+"""The LightningModule: next-token loss with z-loss over packed windows, NLL by token type, optimiser.
+
+Targets that would cross a document boundary (the first token of a document, predicted from
+the previous one) are not scored. Per optimizer step the module logs the loss and the NLL of
+text, special markers, the semantic codebook and each acoustic codebook, averaged over all
+micro-batches and ranks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+import torch.distributed as dist
+
+from tokenize_audio.errors import SodaError
+from tokenize_audio.vocab import Vocabulary
+
+from .config import TrainConfig
+from .model import attention_inputs
+from .optim import CautiousAdamW, param_groups, wsd_factor
+
+
+class NonFiniteLoss(SodaError):
+    """The loss became NaN or Inf; the last good checkpoint is kept."""
+
+
+def group_names(vocab: Vocabulary) -> list[str]:
+    """Names of the NLL groups: text, special, then one per codebook (semantic ones named so)."""
+    names = ["text", "special"]
+    for k in range(vocab.n_codebooks):
+        names.append("semantic" if k in vocab.semantic_codebooks and len(vocab.semantic_codebooks) == 1
+                     else f"{'semantic' if k in vocab.semantic_codebooks else 'acoustic'}_cb{k}")
+    return names
+
+
+def target_groups(targets: torch.Tensor, vocab: Vocabulary) -> torch.Tensor:
+    """Group index of every target id: 0 text, 1 special (BOS/EOS/markers), 2+k codebook k."""
+    groups = torch.zeros_like(targets)
+    special = (targets >= vocab.text_size) & (targets < vocab.audio_base)
+    special |= (targets == vocab.bos_id) | (targets == vocab.eos_id)
+    groups[special] = 1
+    audio = targets >= vocab.audio_base
+    groups[audio] = 2 + (targets[audio] - vocab.audio_base) // vocab.codebook_size
+    return groups
+
+
+def token_nll(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-position NLL, log-sum-exp, targets and the mask of scored positions ([B, S-1] each)."""
+    ids, doc = batch["input_ids"], batch["doc_ids"]
+    logits = model(input_ids=ids, use_cache=False, **attention_inputs(model, doc)).logits[:, :-1].float()
+    targets = ids[:, 1:]
+    valid = doc[:, 1:] == doc[:, :-1]
+    lse = torch.logsumexp(logits, dim=-1)
+    nll = lse - logits.gather(-1, targets[..., None]).squeeze(-1)
+    return nll, lse, targets, valid
+
+
+class SodaModule(L.LightningModule):
+    def __init__(self, model, cfg: TrainConfig, vocab: Vocabulary, steps: int, micro_per_step: int,
+                 flops_per_token: float, audio_tokens_per_second: float | None = None):
+        super().__init__()
+        self.model = model
+        self.cfg, self.vocab, self.steps, self.micro_per_step = cfg, vocab, steps, micro_per_step
+        self.flops_per_token = flops_per_token
+        self.audio_tokens_per_second = audio_tokens_per_second
+        self.groups = group_names(vocab)
+        self._acc = None  # [3, G] sums: NLL, count; plus loss terms, over the micro-batches of one step
+        self._val = None
+        self._micro = 0
+        self.grad_norm = None
+
+    # --- loss ----------------------------------------------------------------------------------
+    def _sums(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        nll, lse, targets, valid = token_nll(self.model, batch)
+        n = valid.sum().clamp(min=1)
+        ce = (nll * valid).sum() / n
+        loss = ce + self.cfg.z_loss * ((lse**2) * valid).sum() / n if self.cfg.z_loss else ce
+        g = target_groups(targets, self.vocab)[valid]
+        sums = torch.zeros(2, len(self.groups), device=nll.device, dtype=torch.float64)
+        sums[0].index_add_(0, g, nll.detach()[valid].double())
+        sums[1].index_add_(0, g, torch.ones_like(g, dtype=torch.float64))
+        return loss, sums
+
+    def training_step(self, batch, batch_idx):
+        loss, sums = self._sums(batch)
+        finite = torch.isfinite(loss.detach())
+        if self.trainer.world_size > 1:
+            flag = finite.float()
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            finite = flag.bool()
+        if not finite:
+            if self.cfg.on_nonfinite == "skip":
+                self.print(f"soda-train: warning: non-finite loss at step {self.global_step}; batch skipped")
+                return None
+            raise NonFiniteLoss(f"loss is {loss.item()} at step {self.global_step}; stopped, the last good checkpoint "
+                                f"is kept in {self.cfg.out}/checkpoints (resume with --resume, e.g. with a lower "
+                                f"--lr, or pass --on-nonfinite skip)")
+        stats = torch.cat([sums.flatten(), torch.tensor([loss.item(), 1.0], dtype=torch.float64, device=sums.device)])
+        self._acc = stats if self._acc is None else self._acc + stats
+        self._micro += 1
+        if self._micro % self.micro_per_step == 0:
+            self._log_step()
+        return loss
+
+    def _log_step(self) -> None:
+        acc, self._acc = self._acc, None
+        if self.trainer.world_size > 1:
+            dist.all_reduce(acc)
+        g = len(self.groups)
+        nll, count = acc[:g], acc[g:2 * g]
+        scored = count.sum().clamp(min=1)
+        metrics = {"train/loss": acc[2 * g] / acc[2 * g + 1], "train/nll": nll.sum() / scored}
+        for i, name in enumerate(self.groups):
+            if count[i] > 0:
+                metrics[f"train/nll_{name}"] = nll[i] / count[i]
+        metrics["lr"] = torch.tensor(self.trainer.optimizers[0].param_groups[0]["lr"])
+        if self.grad_norm is not None:
+            metrics["grad_norm"] = self.grad_norm
+        self.log_dict({k: torch.as_tensor(v, dtype=torch.float32) for k, v in metrics.items()}, on_step=True,
+                      on_epoch=False, sync_dist=False, rank_zero_only=True)
+        self.log("loss", metrics["train/loss"].float(), prog_bar=True, logger=False, on_step=True, on_epoch=False)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads:
+            sq = torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum()
+            if "fsdp" in type(self.trainer.strategy).__name__.lower():
+                dist.all_reduce(sq)  # sharded gradients: the norm is over all shards
+            self.grad_norm = sq.sqrt()
+        if self.cfg.grad_clip:
+            self.clip_gradients(optimizer, gradient_clip_val=self.cfg.grad_clip, gradient_clip_algorithm="norm")
+
+    # --- validation ----------------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._val = torch.zeros(2, len(self.groups), dtype=torch.float64, device=self.device)
+
+    def validation_step(self, batch, batch_idx):
+        _, sums = self._sums(batch)
+        self._val += sums
+
+    def on_validation_epoch_end(self) -> None:
+        val = self._val
+        if self.trainer.world_size > 1:  # ranks may have scored different numbers of windows
+            dist.all_reduce(val)
+        nll, count = val
+        if count.sum() == 0:
+            return
+        metrics = {"val/loss": nll.sum() / count.sum()}
+        metrics.update({f"val/nll_{name}": nll[i] / count[i] for i, name in enumerate(self.groups) if count[i] > 0})
+        audio = count[2:].sum()
+        if audio > 0 and self.audio_tokens_per_second:  # audio NLL in nats/token -> bits per second of audio
+            metrics["val/bits_per_audio_second"] = nll[2:].sum() / audio / math.log(2) * self.audio_tokens_per_second
+        self.log_dict({k: v.float() for k, v in metrics.items()}, sync_dist=False, rank_zero_only=True)
+
+    # --- optimiser -----------------------------------------------------------------------------
+    def configure_optimizers(self):
+        cfg = self.cfg
+        peak = cfg.peak_lr(self.model.config.hidden_size)
+        opt = CautiousAdamW(param_groups(self.model, cfg.weight_decay), lr=peak, betas=cfg.betas, eps=cfg.eps,
+                            cautious=cfg.cautious)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: wsd_factor(step, self.steps, cfg.warmup, cfg.decay))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Enough to rebuild the model for an HF export without the run's config (primitives only).
+        checkpoint["soda"] = {"model_config": self.model.config.to_dict(), "vocab": self.vocab.to_dict()}

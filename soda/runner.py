@@ -1,0 +1,135 @@
+"""Assemble a run from its config (data, model, module, Lightning Trainer) and carry it out."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from scaling.accounting import params, training_flops_per_token
+from tokenize_audio.errors import SodaError
+
+from .config import TrainConfig
+from .train import PREEMPTED_EXIT, batch_layout, is_rank_zero, world_size
+
+
+def build_model(cfg: TrainConfig, vocab):
+    from .model import build_model as fresh, load_pretrained, shape_of
+
+    attention = "sdpa" if cfg.attention == "auto" else cfg.attention
+    if cfg.init_from:
+        model = load_pretrained(cfg.init_from, vocab, attention)
+        return model, shape_of(model)
+    shape = cfg.shape(vocab.size)
+    return fresh(shape, vocab, cfg.seed, rope_theta=cfg.rope_theta, rope_factor=cfg.rope_factor,
+                 attention=attention), shape
+
+
+def strategy_for(cfg: TrainConfig):
+    if cfg.strategy == "fsdp":
+        from lightning.pytorch.strategies import FSDPStrategy
+        from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer
+
+        # One FSDP unit per decoder layer; full state dicts so checkpoints and exports are single files.
+        return FSDPStrategy(auto_wrap_policy={Qwen3DecoderLayer}, state_dict_type="full")
+    return cfg.strategy
+
+
+def precision_for(cfg: TrainConfig) -> str:
+    if cfg.precision != "auto":
+        return cfg.precision
+    on_gpu = cfg.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    return "bf16-mixed" if on_gpu else "32-true"
+
+
+def run(cfg: TrainConfig, resume: bool) -> int:
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    from .callbacks import AtomicCheckpointIO, Preemption, Throughput
+    from .checkpoints import checkpoint_dir, export_hf, last_checkpoint, link_last
+    from .data import PackedStream, dataloader, resolve_sources
+    from .model import count_parameters, describe
+    from .module import SodaModule
+    from .report import write_reports
+
+    out = Path(cfg.out)
+    sources, vocab = resolve_sources(cfg.data, cfg.val_data, cfg.mix, cfg.vocab)
+    world = world_size(cfg)
+    micro, accumulate = batch_layout(cfg, world)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    model, shape = build_model(cfg, vocab)
+    counted = count_parameters(model)
+    per_token = training_flops_per_token(shape, "3x-forward")
+    steps = cfg.steps
+    max_steps = min(steps, cfg.max_steps or steps)
+    if is_rank_zero():
+        say = lambda msg: print(f"soda-train: {msg}", file=sys.stderr)  # noqa: E731
+        say(f"model: {describe(shape)}")
+        say(f"parameters: {counted['total']:,} total, {counted['non_embedding']:,} non-embedding")
+        say("data: " + "; ".join(f"{s.name} {s.weight:.1%} ({len(s.train)} train / {len(s.validation)} "
+                                 f"validation shards)" for s in sources))
+        say(f"batch: {cfg.batch_sequences} x {cfg.seq_len} tokens = {world} devices x {micro} sequences x "
+            f"{accumulate} accumulation; {max_steps:,} of {steps:,} steps; peak LR {cfg.peak_lr(shape.width):.3g}")
+    audio_rate = next((s.audio_tokens_per_second for s in sources if s.audio_tokens_per_second), None)
+    module = SodaModule(model, cfg, vocab, steps, accumulate, per_token, audio_rate)
+    module.train_stream_args = dict(sources=sources, seq_len=cfg.seq_len, seed=cfg.seed, skip_bad=cfg.skip_bad_shards)
+
+    ckpt_dir = checkpoint_dir(out)
+    preemption = Preemption(ckpt_dir)
+    callbacks = [
+        ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:07d}", auto_insert_metric_name=False,
+                        every_n_train_steps=cfg.ckpt_every, save_top_k=-1, save_last="link"),
+        Throughput(cfg.batch_sequences * cfg.seq_len, per_token, cfg.peak_flops),
+        preemption,
+        TQDMProgressBar(refresh_rate=1),
+    ]
+    loggers = [CSVLogger(out, name="logs"), TensorBoardLogger(out, name="tensorboard")]
+    if cfg.wandb:
+        from lightning.pytorch.loggers import WandbLogger
+
+        loggers.append(WandbLogger(project=cfg.wandb, save_dir=str(out)))
+    has_val = any(s.validation for s in sources)
+    trainer = L.Trainer(
+        accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=strategy_for(cfg),
+        precision=precision_for(cfg), max_steps=max_steps, max_epochs=-1, accumulate_grad_batches=accumulate,
+        val_check_interval=cfg.val_every * accumulate if has_val else None, check_val_every_n_epoch=None,
+        limit_val_batches=cfg.val_batches if has_val else 0, num_sanity_val_steps=0,
+        log_every_n_steps=cfg.log_every, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()],
+        enable_model_summary=False, use_distributed_sampler=False, default_root_dir=out,
+        gradient_clip_val=None,
+    )
+    train_loader = dataloader(PackedStream(rank=trainer.global_rank, world_size=trainer.world_size,
+                                           **module.train_stream_args), micro, cfg.workers)
+    val_loader = None
+    if has_val:
+        val_loader = dataloader(PackedStream(sources, cfg.seq_len, cfg.seed, trainer.global_rank, trainer.world_size,
+                                             split="validation", infinite=False, skip_bad=cfg.skip_bad_shards),
+                                micro, min(cfg.workers, 1), stateful=False)
+    ckpt_path = last_checkpoint(out) if resume else None
+    trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=ckpt_path,
+                weights_only=True)
+
+    if preemption.saved_at is not None:
+        if is_rank_zero():
+            write_reports(out)
+            print(f"soda-train: pre-empted at step {preemption.saved_at}; checkpoint saved in {ckpt_dir}; "
+                  f"continue with: soda-train --out {out} --resume", file=sys.stderr)
+        return PREEMPTED_EXIT
+    final = ckpt_dir / f"step{trainer.global_step:07d}.ckpt"
+    if not final.exists():
+        trainer.save_checkpoint(final, weights_only=False)
+    if is_rank_zero():
+        link_last(final)
+        reports = write_reports(out)
+        if cfg.export:
+            vocab_dir = next((Path(str(d).split("=", 1)[-1]) for d in cfg.data
+                              if isinstance(d, str) and (Path(str(d).split("=", 1)[-1]) / "vocab.json").is_file()),
+                             Path(cfg.vocab) if cfg.vocab else None)
+            export_hf(final, out / "hf", vocab_dir)
+        print(f"soda-train: done: {trainer.global_step} steps; {reports}; checkpoint {final}"
+              f"{'; Hugging Face export ' + str(out / 'hf') if cfg.export else ''}", file=sys.stderr)
+    return 0

@@ -1,0 +1,283 @@
+"""`soda-train`: pre-train a Qwen3-style model on interleaved audio/text shards with SODA's recipe.
+
+Plain `soda-train` tokenizes the bundled demo corpus (with an explicitly random, offline Mimi)
+and trains the tiny model on it in a few CPU minutes. `soda-train --size 1b --tokens 500B
+--data ...` is the same program at cluster scale: Lightning runs it under DDP or FSDP, across
+nodes with torchrun or SLURM, and `--resume` continues exactly where a run stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+from scaling.accounting import SODA_VOCAB, params, training_flops_per_token
+from tokenize_audio.errors import SodaError, cli_errors
+from tokenize_audio.shards import atomic_write_text
+
+from .config import SIZES, TrainConfig, config_fields, load_yaml, make_config
+from .optim import schedule_phases
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_CORPUS = REPO / "demo" / "corpus"
+DEMO_CONFIG = REPO / "configs" / "demo.yaml"
+CONFIG_FILE = "config.yaml"
+# Settings that may change when a run is resumed (how it runs, not what it computes).
+RESUMABLE_CHANGES = {"max_steps", "val_every", "val_batches", "ckpt_every", "log_every", "workers", "devices",
+                     "num_nodes", "strategy", "accelerator", "micro_batch", "precision", "wandb",
+                     "skip_bad_shards", "on_nonfinite", "peak_flops", "export", "out"}
+PREEMPTED_EXIT = 143
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="soda-train",
+        description="Pre-train a native discrete-audio model (transformers Qwen3ForCausalLM) by next-token "
+                    "prediction on soda-tokenize shards, with SODA's recipe as the defaults: cautious AdamW "
+                    "(0.98, 0.98, eps 1e-16, wd 0.033), WSD schedule (10%% warm-up, 20%% decay), z-loss 1e-4, "
+                    "peak LR 0.003*sqrt(batch/256)*sqrt(1024/width). Without --data: the bundled demo corpus "
+                    "and the tiny model. Settings: defaults < --config YAML < flags.",
+        epilog="examples:\n"
+               "  soda-train                                   # demo: tiny model, bundled corpus, CPU minutes\n"
+               "  soda-train --size 1b --tokens 500B --dry-run  # the plan of a SODA-scale run\n"
+               "  soda-train --size 600m --data speech=tok/speech --data text=tok/text --mix speech=0.95,text=0.05 \\\n"
+               "             --micro-batch 8 --devices 8 --num-nodes 4 --strategy fsdp --out runs/600m\n"
+               "  soda-train --out runs/600m --resume           # continue after a stop or pre-emption",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    g = p.add_argument_group("run")
+    g.add_argument("--config", type=Path, help="YAML file of settings (see configs/)")
+    g.add_argument("--out", help="run directory (checkpoints, logs, metrics.csv, loss.png, hf/); default runs/demo")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    g.add_argument("--dry-run", action="store_true", help="print the plan (sizes, FLOPs, steps, schedule, "
+                                                          "wall-clock estimates) and exit")
+    g.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (the schedule still "
+                                                 "spans --tokens)")
+    g.add_argument("--mfu", type=float, default=0.4, help="MFU assumed by --dry-run's wall-clock estimates")
+    g = p.add_argument_group("model")
+    g.add_argument("--size", help=f"preset: {', '.join(SIZES)}")
+    g.add_argument("--sweep-width", type=int, help="SODA's IsoFLOP sweep shape from a width (layers, heads, FFN "
+                                                   "derived)")
+    for name in ("width", "layers", "heads", "kv-heads", "head-dim", "ffn"):
+        g.add_argument(f"--{name}", type=int, help="override the preset's value")
+    g.add_argument("--init-from", help="start from this Hugging Face directory or hub id (e.g. an export of "
+                                       "another run, or soda-research/soda-600m-base)")
+    g.add_argument("--attention", help="auto (sdpa), sdpa, eager, flash_attention_2, flex_attention")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", action="append", help="[NAME=]LOCATION, repeatable: a soda-tokenize output "
+                   "directory, a shard glob or brace pattern, or URLs (http://, s3 via pipe:, ...). "
+                   "NAME speech/text picks that kind of shard from a directory")
+    g.add_argument("--val-data", action="append", help="[NAME=]LOCATION of validation shards for pattern sources")
+    g.add_argument("--mix", help="mixture weights NAME=W,... e.g. speech=0.95,text=0.05 (default: by tokens)")
+    g.add_argument("--vocab", help="directory with vocab.json, when --data gives only shard patterns")
+    g.add_argument("--seq-len", type=int)
+    g.add_argument("--workers", type=int, help="dataloader workers per device")
+    g.add_argument("--skip-bad-shards", action="store_true", default=None,
+                   help="skip (and report) corrupt shards instead of stopping")
+    g = p.add_argument_group("recipe")
+    g.add_argument("--tokens", help="training tokens, e.g. 500B (K/M/B/T); the schedule spans them")
+    g.add_argument("--batch-tokens", help="global batch in tokens (default 512 x 4096 = 2.1M)")
+    g.add_argument("--micro-batch", type=int, help="sequences per device per forward; gradients accumulate "
+                                                    "to the global batch")
+    g.add_argument("--lr", type=float, help="peak LR (default: SODA's rule)")
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--no-cautious", dest="cautious", action="store_false", default=None,
+                   help="plain AdamW instead of cautious masking")
+    g.add_argument("--z-loss", type=float)
+    g.add_argument("--grad-clip", type=float)
+    g.add_argument("--warmup", type=float, help="warm-up fraction of the steps (default 0.1)")
+    g.add_argument("--decay", type=float, help="final linear-decay fraction of the steps (default 0.2)")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--on-nonfinite", choices=("stop", "skip"), help="on a NaN/Inf loss: stop (keeping the last "
+                                                                    "good checkpoint) or skip the batch")
+    g = p.add_argument_group("hardware and logging")
+    g.add_argument("--accelerator", help="auto, cpu, gpu")
+    g.add_argument("--devices", help="devices per node (auto, or a count)")
+    g.add_argument("--num-nodes", type=int)
+    g.add_argument("--strategy", help="auto, ddp, fsdp")
+    g.add_argument("--precision", help="auto (bf16-mixed on GPU, 32-true on CPU), 32-true, bf16-mixed")
+    g.add_argument("--peak-flops", type=float, help="peak FLOP/s per device for MFU (default: from the GPU name)")
+    g.add_argument("--val-every", type=int, help="validate every N optimizer steps")
+    g.add_argument("--val-batches", type=int, help="validation batches per check")
+    g.add_argument("--ckpt-every", type=int, help="checkpoint every N optimizer steps")
+    g.add_argument("--log-every", type=int, help="write metrics every N steps")
+    g.add_argument("--wandb", help="also log to this Weights & Biases project")
+    g.add_argument("--no-export", dest="export", action="store_false", default=None,
+                   help="skip the Hugging Face export at the end")
+    return p
+
+
+def flag_values(args) -> dict:
+    fields = config_fields()
+    values = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    if "data" in values:
+        values["data"] = list(values["data"])
+    if "mix" in values:
+        from .data import parse_mix
+
+        values["mix"] = parse_mix(values["mix"])
+    return values
+
+
+def is_rank_zero() -> bool:
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
+@cli_errors("soda-train", interrupted="the last checkpoint is kept; continue with --resume")
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    flags = flag_values(args)
+    out = Path(flags.get("out") or (load_yaml(args.config).get("out") if args.config else None) or "runs/demo")
+    layers: list[dict] = []
+    if args.resume:
+        saved = out / CONFIG_FILE
+        if not saved.is_file():
+            raise SodaError(f"--resume: {out} has no {CONFIG_FILE}; nothing to resume")
+        base = load_yaml(saved)
+        changed = sorted(k for k, v in {**(load_yaml(args.config) if args.config else {}), **flags}.items()
+                         if k not in RESUMABLE_CHANGES and base.get(k) != v)
+        if changed:
+            raise SodaError(f"--resume: {', '.join(changed)} differ from the run in {out}; a resumed run must "
+                            f"compute the same thing (start a new --out, or --init-from its export)")
+        layers = [base]
+    elif not flags.get("data") and not (args.config and load_yaml(args.config).get("data")):
+        if not args.dry_run:
+            layers.append(load_yaml(DEMO_CONFIG))
+    if args.config:
+        layers.append(load_yaml(args.config))
+    layers.append(flags | {"out": str(out)})
+    cfg = make_config(*layers)
+    if args.dry_run:
+        return dry_run(cfg, args.mfu)
+    return train(cfg, resume=args.resume)
+
+
+# --------------------------------------------------------------------------------------------
+# The plan
+# --------------------------------------------------------------------------------------------
+def world_size(cfg: TrainConfig) -> int:
+    import torch
+
+    devices = cfg.devices
+    if devices in ("auto", None, "-1", -1):
+        on_gpu = cfg.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+        n = torch.cuda.device_count() if on_gpu else 1
+    else:
+        try:
+            n = int(devices)
+        except ValueError:
+            raise SodaError(f"--devices {devices!r}: give a count or auto") from None
+    return n * cfg.num_nodes
+
+
+def batch_layout(cfg: TrainConfig, world: int) -> tuple[int, int]:
+    """(micro-batch sequences per device, gradient-accumulation steps) that make the global batch exactly."""
+    batch = cfg.batch_sequences
+    if batch % world:
+        raise SodaError(f"the global batch of {batch} sequences does not split over {world} devices; change "
+                        f"--batch-tokens (a multiple of {world} x {cfg.seq_len} tokens)")
+    per_device = batch // world
+    micro = cfg.micro_batch or per_device
+    if per_device % micro:
+        raise SodaError(f"--micro-batch {micro} does not divide the {per_device} sequences each device gets per "
+                        f"step; choose a divisor of {per_device}")
+    return micro, per_device // micro
+
+
+def model_label(cfg: TrainConfig) -> str:
+    if cfg.init_from:
+        return f"from {cfg.init_from}"
+    return f"sweep width {cfg.sweep_width}" if cfg.sweep_width else (cfg.size or "custom shape")
+
+
+def dry_run(cfg: TrainConfig, mfu: float) -> int:
+    from .callbacks import NAMED_GPUS
+    from .model import describe
+
+    vocab_size = SODA_VOCAB
+    if cfg.data:
+        from .data import resolve_sources
+
+        vocab_size = resolve_sources(cfg.data, cfg.val_data, cfg.mix, cfg.vocab)[1].size
+    shape = cfg.shape(vocab_size)
+    world = world_size(cfg)
+    micro, accumulate = batch_layout(cfg, world)
+    steps = cfg.steps
+    tokens = steps * cfg.batch_sequences * cfg.seq_len
+    per_token = training_flops_per_token(shape, "3x-forward")
+    total = per_token * tokens
+    phases = schedule_phases(steps, cfg.warmup, cfg.decay)
+    lines = [
+        f"model: {model_label(cfg)}: {describe(shape)}",
+        f"parameters: {params(shape, 'total'):,} total, {params(shape, 'non-embedding'):,} non-embedding"
+        f"{' (SODA vocabulary; give --data for yours)' if not cfg.data else ''}",
+        f"FLOPs per token (training, 3 x forward incl. attention at seq {cfg.seq_len} and the LM head): "
+        f"{per_token:.4g}  (6N: {6 * params(shape, 'total'):.4g})",
+        f"tokens: {tokens:,} ({tokens / 1e9:,.1f}B) in {steps:,} steps of {cfg.batch_sequences} x {cfg.seq_len} = "
+        f"{cfg.batch_sequences * cfg.seq_len:,} tokens",
+        f"total training FLOPs: {total:.4g}",
+        f"devices: {world}; micro-batch {micro} sequences, gradient accumulation {accumulate}",
+        f"LR: peak {cfg.peak_lr(shape.width):.3g} ({'given' if cfg.lr is not None else 'SODA rule'}); WSD: warm-up "
+        f"{phases['warmup']:,} steps, stable {phases['stable']:,}, decay to 0 over {phases['decay']:,}",
+        f"optimizer: {'cautious ' if cfg.cautious else ''}AdamW betas {tuple(cfg.betas)}, eps {cfg.eps:g}, "
+        f"weight decay {cfg.weight_decay:g}, clip {cfg.grad_clip:g}, z-loss {cfg.z_loss:g}",
+        f"wall-clock at {mfu:.0%} MFU (bf16 dense peak):",
+    ]
+    for name, peak in NAMED_GPUS.items():
+        for n in sorted({1, 8, world}):
+            hours = total / (peak * mfu * n) / 3600
+            lines.append(f"  {n:>4} x {name:<9} {hours:>12,.1f} h  ({hours / 24:,.1f} days)")
+    print("\n".join(lines))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+def prepare_demo_data(out: Path) -> None:
+    """Tokenize the bundled demo corpus into OUT/tokens once (random Mimi: offline, labelled RANDOM)."""
+    tokens = out / "tokens"
+    if (tokens / "manifest.json").is_file():
+        return
+    if not DEMO_CORPUS.is_dir():
+        raise SodaError(f"the bundled demo corpus {DEMO_CORPUS} is missing; give --data")
+    from tokenize_audio.cli import main as tokenize_main
+
+    print(f"soda-train: no --data: tokenizing the bundled demo corpus into {tokens} "
+          f"(codec mimi:random, an offline RANDOM codec; byte-level text)", file=sys.stderr)
+    tokenize_main([str(DEMO_CORPUS / "speech"), str(DEMO_CORPUS / "text" / "kjv_proverbs.txt"), "--out",
+                   str(tokens), "--codec", "mimi:random", "--text-tokenizer", "bytes", "--quiet"])
+
+
+def train(cfg: TrainConfig, resume: bool) -> int:
+    out = Path(cfg.out)
+    from .checkpoints import checkpoint_dir, last_checkpoint
+
+    if is_rank_zero():
+        if resume and last_checkpoint(out) is None:
+            raise SodaError(f"--resume: no checkpoint in {checkpoint_dir(out)} yet; start the run again without "
+                            f"--resume")
+        if not resume and ((out / CONFIG_FILE).exists() or last_checkpoint(out) is not None):
+            raise SodaError(f"{out} already holds a run; continue it with --resume, or choose another --out")
+        out.mkdir(parents=True, exist_ok=True)
+        if not cfg.data:
+            prepare_demo_data(out)
+    if not cfg.data:  # the demo: its speech and text shards as two sources (weights from configs/demo.yaml)
+        cfg.data = [f"speech={out / 'tokens'}", f"text={out / 'tokens'}"]
+    if cfg.size is None and cfg.sweep_width is None and cfg.width is None and not cfg.init_from:
+        raise SodaError(f"give --size ({', '.join(SIZES)}), --sweep-width or an explicit shape")
+    if is_rank_zero() and not resume:
+        atomic_write_text(out / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    from .runner import run
+
+    return run(cfg, resume)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""The training stream (packing, mixture, rank split, exact resume), masking, schedule and config arithmetic."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from soda.config import TrainConfig, make_config, parse_count, soda_peak_lr
+from soda.data import PackedStream, dataloader, resolve_sources, shard_documents
+from soda.optim import wsd_factor
+from tokenize_audio.errors import SodaError
+
+
+@pytest.fixture(scope="module")
+def sources(train_tokens):
+    return resolve_sources([f"speech={train_tokens}", f"text={train_tokens}"], [], {"speech": 0.8, "text": 0.2},
+                           None)
+
+
+def take(stream, n):
+    it = iter(stream)
+    return [next(it) for _ in range(n)]
+
+
+def all_documents(urls):
+    return [tuple(doc) for url in urls for _, doc in shard_documents(url)]
+
+
+def test_windows_are_the_documents_concatenated_with_ids_restarting(sources, train_tokens):
+    srcs, vocab = sources
+    stream = PackedStream([srcs[1]], seq_len=100, seed=0, infinite=False, split="train")
+    windows = list(stream)
+    flat = torch.cat([w["input_ids"] for w in windows]).numpy()
+    docs = np.concatenate([np.asarray(d) for d in all_documents(srcs[1].train)])
+    assert np.array_equal(flat, docs[: len(flat)]) and len(docs) - len(flat) < 100
+    for w in windows:
+        d = w["doc_ids"].numpy()
+        assert d[0] == 0 and np.all(np.diff(d) >= 0) and np.all(np.diff(d) <= 1)
+        starts = np.flatnonzero(np.diff(d)) + 1
+        assert np.all(w["input_ids"].numpy()[starts] == vocab.bos_id)  # every new document begins with BOS
+
+
+def test_mixture_follows_the_weights(sources):
+    srcs, vocab = sources
+    windows = take(PackedStream(srcs, seq_len=64, seed=1), 400)
+    ids = torch.cat([w["input_ids"] for w in windows]).numpy()
+    audio = (ids >= vocab.audio_base).mean()
+    assert audio > 0.5  # 80% of draws are speech documents (mostly audio tokens); text has none
+
+
+def test_ranks_partition_the_documents(sources):
+    speech = sources[0][0]
+    assert len(speech.train) == 1  # fewer shards than ranks: documents are dealt out round-robin
+    docs = [d for _, d in shard_documents(speech.train[0])]
+    for rank in range(3):
+        stream = PackedStream([speech], seq_len=16, rank=rank, world_size=3, infinite=False)
+        flat = torch.cat([w["input_ids"] for w in stream]).numpy()
+        mine = np.concatenate([d for i, d in enumerate(docs) if i % 3 == rank])
+        assert np.array_equal(flat, mine[: len(flat)]) and len(mine) - len(flat) < 16
+
+
+def test_rank_streams_are_disjoint(sources):
+    srcs, _ = sources
+    speech = srcs[0]
+    firsts = []
+    for rank in range(2):
+        w = take(PackedStream([speech], seq_len=32, rank=rank, world_size=2), 1)[0]
+        firsts.append(tuple(w["input_ids"].tolist()))
+    assert firsts[0] != firsts[1]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_state_resumes_exactly(sources, workers):
+    srcs, _ = sources
+
+    def batches(n, state=None):
+        loader = dataloader(PackedStream(srcs, seq_len=48, seed=3), batch_size=4, workers=workers)
+        if state:
+            loader.load_state_dict(state)
+        it = iter(loader)
+        got = [next(it)["input_ids"] for _ in range(n)]
+        return got, loader.state_dict()
+
+    straight, _ = batches(30)
+    first, state = batches(11)
+    rest, _ = batches(19, state)
+    assert all(torch.equal(a, b) for a, b in zip(straight, first + rest))
+
+
+def test_epochs_cycle_with_a_new_shard_order(sources):
+    srcs, _ = sources
+    text = srcs[1]
+    total = sum(len(d) for d in all_documents(text.train))
+    windows = take(PackedStream([text], seq_len=50, seed=0), total // 50 + 20)
+    assert len(windows) > total // 50  # ran past one epoch without stopping
+
+
+def test_corrupt_shard_is_named_or_skipped(sources, tmp_path):
+    srcs, _ = sources
+    bad = tmp_path / "train-text-00000.tar"
+    bad.write_bytes(open(srcs[1].train[0], "rb").read()[:5000] + b"\x00nonsense" * 300)
+    source = type(srcs[1])("text", [str(bad), srcs[1].train[0]], weight=1.0)
+    with pytest.raises(SodaError, match="train-text-00000.tar"):
+        take(PackedStream([source], seq_len=64, infinite=False), 1000)
+    stream = PackedStream([source], seq_len=64, infinite=False, skip_bad=True)
+    assert len(list(stream)) > 0 and len(stream.skipped) == 1
+
+
+def test_sources_need_a_vocabulary_and_matching_ones(train_tokens, tmp_path):
+    with pytest.raises(SodaError, match="--vocab"):
+        resolve_sources([str(train_tokens / "train-*.tar")], [], {}, None)
+    srcs, vocab = resolve_sources([str(train_tokens / "train-*.tar")], [], {}, str(train_tokens))
+    assert len(srcs[0].train) == 2 and vocab.size == 16646
+    with pytest.raises(SodaError, match="not found"):
+        resolve_sources([str(tmp_path / "nothing-{000..003}.tar")], [], {}, str(train_tokens))
+
+
+# --- masking ---------------------------------------------------------------------------------
+def test_packed_documents_give_their_standalone_logits(sources):
+    from soda.model import attention_inputs, build_model
+    from soda.module import token_nll
+
+    _, vocab = sources
+    for attention in ("sdpa", "eager"):
+        model = build_model(TrainConfig(size="tiny").shape(vocab.size), vocab, 0, attention=attention).eval()
+        g = torch.Generator().manual_seed(0)
+        a, b = torch.randint(0, vocab.size, (1, 9), generator=g), torch.randint(0, vocab.size, (1, 6), generator=g)
+        doc = torch.tensor([[0] * 9 + [1] * 6])
+        with torch.no_grad():
+            packed = model(torch.cat([a, b], 1), **attention_inputs(model, doc)).logits
+            assert torch.allclose(packed[:, :9], model(a).logits, atol=1e-5)
+            assert torch.allclose(packed[:, 9:], model(b).logits, atol=1e-5)
+            unmasked = model(torch.cat([a, b], 1)).logits
+            assert not torch.allclose(unmasked[:, 9:], model(b).logits, atol=1e-3)
+            nll, _, _, valid = token_nll(model, {"input_ids": torch.cat([a, b], 1), "doc_ids": doc})
+        assert valid.tolist() == [[True] * 8 + [False] + [True] * 5]  # b's first token is not scored
+
+
+# --- schedule and config ---------------------------------------------------------------------
+def test_wsd_schedule():
+    f = [wsd_factor(s, 100, 0.1, 0.2) for s in range(101)]
+    assert f[0] == pytest.approx(0.1) and f[9] == 1.0 and f[79] == 1.0
+    assert f[80] == pytest.approx(1.0) and f[90] == pytest.approx(0.5) and f[99] == pytest.approx(0.05)
+    assert f[100] == 0.0 and max(f) == 1.0
+
+
+def test_counts_steps_and_lr_rule():
+    assert parse_count("500B") == 500_000_000_000 and parse_count("2.1M") == 2_100_000 and parse_count(4096) == 4096
+    cfg = make_config({"size": "1b", "tokens": "500B"})
+    assert cfg.batch_sequences == 512 and cfg.steps == round(500e9 / (512 * 4096))
+    assert cfg.peak_lr(1536) == pytest.approx(0.003 * 2**0.5 * (1024 / 1536) ** 0.5)
+    assert soda_peak_lr(512, 512) == pytest.approx(0.003 * 2**0.5)  # width floored at 1024
+    for bad in ("0", "-3B", "many", "1e400"):
+        with pytest.raises(SodaError):
+            parse_count(bad)
+
+
+def test_batch_layout():
+    from soda.train import batch_layout
+
+    cfg = make_config({"size": "tiny", "batch_tokens": 512 * 4096, "micro_batch": 8})
+    assert batch_layout(cfg, 8) == (8, 8)
+    assert batch_layout(make_config({"size": "tiny", "batch_tokens": 512 * 4096}), 8) == (64, 1)
+    with pytest.raises(SodaError, match="micro-batch"):
+        batch_layout(make_config({"size": "tiny", "micro_batch": 7}), 8)
+    with pytest.raises(SodaError, match="devices"):
+        batch_layout(cfg, 3)
+
+
+def test_every_shipped_config_loads():
+    from pathlib import Path
+
+    from soda.config import load_yaml
+
+    configs = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        make_config(load_yaml(path))
+
+
+@pytest.mark.parametrize("size,total,non_embedding", [("135m", 0.205, 0.057), ("600m", 0.737, 0.440),
+                                                       ("1.7b", 2.00, 1.41), ("4b", 4.37, 3.63)])
+def test_dry_run_reports_soda_sizes(capsys, size, total, non_embedding):
+    from soda.train import main
+
+    assert main(["--size", size, "--tokens", "500B", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    line = next(l for l in out.splitlines() if l.startswith("parameters:"))
+    got_total, got_non = (int(x.split()[0].replace(",", "")) for x in line.removeprefix("parameters: ").split(", "))
+    assert got_total / 1e9 == pytest.approx(total, abs=0.005) and got_non / 1e9 == pytest.approx(non_embedding,
+                                                                                                  abs=0.005)
+    assert "119,209 steps" in out or "119,210 steps" in out
+    assert "H100" in out and "days" in out
+
+
+def test_dry_run_matches_the_real_model(capsys):
+    from soda.model import build_model, count_parameters
+    from tokenize_audio.vocab import Vocabulary, byte_tokenizer
+
+    vocab = Vocabulary.build(byte_tokenizer(), 8, 2048)
+    counted = count_parameters(build_model(TrainConfig(size="135m").shape(vocab.size), vocab, 0))
+    from scaling.accounting import params
+
+    shape = TrainConfig(size="135m").shape(vocab.size)
+    assert counted == {"total": params(shape, "total"), "non_embedding": params(shape, "non-embedding")}

@@ -1,0 +1,204 @@
+"""soda-train end to end: the loss falls, exports load, kills and pre-emption resume exactly, DDP, bad input."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from soda.train import main
+
+PY = sys.executable
+
+
+def tiny_args(data: Path, out: Path, steps: int = 40, **extra) -> list[str]:
+    args = {"--size": "tiny", "--seq-len": "128", "--batch-tokens": "1024", "--tokens": str(steps * 1024),
+            "--lr": "3e-3", "--workers": "1", "--val-every": "10", "--val-batches": "2", "--ckpt-every": "8",
+            "--log-every": "1", "--out": str(out), "--data": f"speech={data}", **extra}
+    flat = []
+    for k, v in args.items():
+        if v is not None:
+            flat += [k] if v == "" else [k, v]
+    return flat + ["--data", f"text={data}", "--mix", "speech=0.9,text=0.1"]
+
+
+def losses(out: Path, key: str = "train/loss") -> dict[int, float]:
+    with open(out / "metrics.csv", newline="") as f:
+        return {int(r["step"]): float(r[key]) for r in csv.DictReader(f) if r.get(key)}
+
+
+def run_cli(args: list[str], **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([PY, "-m", "soda.train", *args], capture_output=True, text=True, env=env, timeout=600,
+                          **kw)
+
+
+@pytest.fixture(scope="module")
+def trained(train_tokens, tmp_path_factory):
+    """One uninterrupted 40-step run, shared by the checks below."""
+    out = tmp_path_factory.mktemp("run") / "full"
+    assert main(tiny_args(train_tokens, out)) == 0
+    return out
+
+
+def test_loss_falls_and_run_directory_is_complete(trained):
+    loss = losses(trained)
+    assert sorted(loss)[-1] == 39  # steps are 0-based in the log: 40 optimizer steps
+    first = sum(loss[s] for s in range(3)) / 3
+    last = sum(loss[s] for s in range(35, 40)) / 5
+    assert last < first - 1.0, (first, last)
+    val = losses(trained, "val/loss")
+    assert len(val) >= 3 and list(val.values())[-1] < list(val.values())[0]
+    rows = list(csv.DictReader(open(trained / "metrics.csv")))
+    for key in ("train/nll_text", "train/nll_semantic", "train/nll_acoustic_cb7", "lr", "grad_norm", "tokens_per_s",
+                "val/bits_per_audio_second"):
+        assert any(r.get(key) for r in rows), key
+    assert (trained / "loss.png").stat().st_size > 1000
+    assert (trained / "checkpoints" / "last.ckpt").resolve().name == "step0000040.ckpt"
+    assert (trained / "config.yaml").is_file() and (trained / "tensorboard").is_dir()
+
+
+def test_lr_follows_wsd_schedule(trained):
+    lr = losses(trained, "lr")
+    assert lr[0] == pytest.approx(3e-3 / 4)  # warm-up: 4 steps (10% of 40)
+    assert lr[3] == pytest.approx(3e-3) and lr[20] == pytest.approx(3e-3)
+    assert lr[39] == pytest.approx(3e-3 / 8)  # linear decay to 0 over the last 8 steps
+
+
+def test_checkpoint_loads_weights_only_and_hf_export_gives_same_logits(trained):
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from soda.checkpoints import load_checkpoint
+
+    ckpt = load_checkpoint(trained / "checkpoints" / "last.ckpt")  # weights_only=True inside
+    assert ckpt["global_step"] == 40 and "optimizer_states" in ckpt
+    hf = AutoModelForCausalLM.from_pretrained(trained / "hf").eval()
+    ids = torch.randint(0, hf.config.vocab_size, (2, 50), generator=torch.Generator().manual_seed(0))
+    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    ref = Qwen3ForCausalLM(Qwen3Config.from_dict(ckpt["soda"]["model_config"])).eval()
+    ref.load_state_dict(state)
+    with torch.no_grad():
+        assert torch.allclose(hf(ids).logits, ref(ids).logits, atol=1e-6)
+    tok = PreTrainedTokenizerFast.from_pretrained(trained / "hf")
+    assert len(tok) == hf.config.vocab_size
+    assert hf.config.rope_parameters["rope_type"] == "llama3" and not hf.config.tie_word_embeddings
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    start = time.time()
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() - start < timeout
+        time.sleep(0.02)
+
+
+def test_sigkill_then_resume_reproduces_the_uninterrupted_run(trained, train_tokens, tmp_path):
+    out = tmp_path / "killed"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([PY, "-m", "soda.train", *tiny_args(train_tokens, out)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for(out / "checkpoints" / "step0000016.ckpt", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "hf").exists()
+    done = run_cli(tiny_args(train_tokens, out) + ["--resume"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    want, got = losses(trained), losses(out)
+    assert set(got) == set(want)
+    for step in range(16, 40):  # everything after the checkpoint: same data order, same losses
+        assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-6), step
+
+
+def test_sigterm_checkpoints_at_a_step_boundary_and_resumes(trained, train_tokens, tmp_path):
+    out = tmp_path / "preempted"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    args = tiny_args(train_tokens, out, **{"--micro-batch": "4", "--ckpt-every": "100"})
+    proc = subprocess.Popen([PY, "-m", "soda.train", *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    start = time.time()
+    while not (out / "logs" / "version_0" / "metrics.csv").exists() and time.time() - start < 300:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    time.sleep(2.0)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-2000:]
+    assert "pre-empted at step" in err and "--resume" in err
+    saved = (out / "checkpoints" / "last.ckpt").resolve()
+    step = int(saved.stem.removeprefix("step"))
+    assert 0 < step < 40
+    done = run_cli(args + ["--resume"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    want, got = losses(trained), losses(out)
+    for s in range(step, 40):  # micro-batch 4 x 2 accumulation: same batches, float sums differ slightly
+        assert got[s] == pytest.approx(want[s], rel=1e-4), s
+
+
+def test_two_process_ddp_on_cpu(train_tokens, tmp_path):
+    out = tmp_path / "ddp"
+    done = run_cli(tiny_args(train_tokens, out, steps=6, **{"--ckpt-every": "3", "--val-every": "3"})
+                   + ["--accelerator", "cpu", "--devices", "2", "--strategy", "ddp"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 devices x 4 sequences" in done.stderr
+    loss = losses(out)
+    assert sorted(loss) == list(range(6))
+    assert (out / "hf" / "model.safetensors").is_file()
+
+
+# --- bad input -----------------------------------------------------------------------------------
+def _error(capsys, args) -> str:
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0, err
+    return err
+
+
+def test_existing_run_needs_resume_and_resume_refuses_other_settings(trained, capsys):
+    assert "already holds a run" in _error(capsys, ["--out", str(trained), "--size", "tiny", "--data", "x"])
+    err = _error(capsys, ["--out", str(trained), "--resume", "--size", "135m"])
+    assert "size" in err and "differ" in err
+
+
+def test_missing_and_corrupt_shards_are_named(train_tokens, tmp_path, capsys):
+    import shutil
+
+    data = tmp_path / "tokens"
+    shutil.copytree(train_tokens, data)
+    shard = data / "train-speech-00000.tar"
+    shard.rename(tmp_path / "moved.tar")
+    err = _error(capsys, tiny_args(data, tmp_path / "a", steps=2))
+    assert "train-speech-00000.tar" in err and "missing" in err
+    (tmp_path / "moved.tar").rename(shard)
+    shard.write_bytes(shard.read_bytes()[:3000] + b"\x00garbage" * 500)
+    err = _error(capsys, tiny_args(data, tmp_path / "b", steps=2))
+    assert "train-speech-00000.tar" in err and "unreadable" in err
+
+
+def test_bad_flags_are_one_line_errors(train_tokens, tmp_path, capsys):
+    assert "--tokens" in _error(capsys, tiny_args(train_tokens, tmp_path / "a", **{"--tokens": "lots"}))
+    assert "unknown --size" in _error(capsys, tiny_args(train_tokens, tmp_path / "b", **{"--size": "huge"}))
+    assert "--micro-batch 3" in _error(capsys, tiny_args(train_tokens, tmp_path / "c", **{"--micro-batch": "3"}))
+    assert "--mix" in _error(capsys, tiny_args(train_tokens, tmp_path / "d") + ["--mix", "speech=1,music=2"])
+    assert "not found" in _error(capsys, ["--config", str(tmp_path / "none.yaml")])
+
+
+def test_init_from_with_another_vocabulary_is_refused(trained, tmp_path, capsys):
+    from tokenize_audio.cli import main as tokenize_main
+
+    other = tmp_path / "other"
+    tokenize_main([str(Path(__file__).parents[1] / "demo" / "corpus" / "text" / "kjv_proverbs.txt"), "--out",
+                   str(other), "--codec", "mimi:random", "--codebooks", "4", "--text-tokenizer", "bytes", "--quiet"])
+    err = _error(capsys, ["--out", str(tmp_path / "run"), "--init-from", str(trained / "hf"), "--data", str(other),
+                          "--tokens", "10K"])
+    assert "vocabulary" in err and "--init-from" in err
