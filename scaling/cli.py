@@ -20,16 +20,18 @@ from .fit import FIT_FILE, fit_scaling, load_results, summary
 from .plan import PAPER_BUDGETS, as_rows, plan_sweep
 
 FIT_HELP = """Approach 2: per budget, loss is fitted as a parabola in ln N (and in ln D) by Huber-weighted
-least squares; the minima give N* = k C^a and D* = k C^b. Approach 3: L = E + A/N^alpha + B/D^beta,
-with E, A, B >= 0 solved by non-negative least squares over an (alpha, beta) grid, then a Huber fit
-on log L; with C = k N D (k = median FLOPs/(N D) of the runs), a = beta/(alpha+beta), b = alpha/(alpha+beta).
-95%% intervals come from resampling runs within each budget (--bootstrap, --seed).
+least squares; the minima give N* = k C^a and D* = k C^b (and, for predictions, a pure power law
+of the minimum loss). Approach 3: L = E + A/N^alpha + B/D^beta, with E, A, B >= 0 solved by
+non-negative least squares over an (alpha, beta) grid, then a Huber fit on log L; with C = k N D
+(k = median FLOPs/(N D) of the runs), a = beta/(alpha+beta), b = alpha/(alpha+beta). 95% intervals
+come from resampling runs within each budget (--bootstrap, --seed).
 
-RESULTS.csv needs columns flops, params, tokens, loss; `budget` (optional) groups runs, otherwise
-runs whose FLOPs agree within 5%% form one budget; other columns are ignored. A run with an empty,
-nan or inf loss (diverged or unfinished) is excluded and listed in fit.json and the summary. Any
-other bad value (a missing column, a non-positive or non-numeric flops/params/tokens/budget, a
-loss <= 0), fewer than 3 budgets or a budget with fewer than 3 usable runs stops with an error."""
+RESULTS.csv needs columns flops, params, tokens, loss. An optional `budget` column groups the runs
+(its value is C); without it, runs whose FLOPs agree within 5% form one budget (C = their median).
+Other columns are ignored. A run with an empty, nan or inf loss (diverged or unfinished) is
+excluded and listed in fit.json and the summary. Any other bad value (a missing column, a
+non-positive or non-numeric flops/params/tokens/budget, a loss <= 0), fewer than 3 budgets or a
+budget with fewer than 3 usable runs stops with an error. Writes OUT/fit.json; see `plot`."""
 
 
 def _floats(text: str, what: str) -> list[float]:

@@ -138,9 +138,15 @@ def group_budgets(flops: np.ndarray, tolerance: float = GROUP_TOLERANCE, path="r
 def _check_groups(r: Results) -> None:
     budgets = r.budgets
     for c in budgets:
-        lines = r.line[r.budget == c]
+        members = r.budget == c
+        lines = r.line[members]
+        sizes = min(len(np.unique(r.params[members])), len(np.unique(r.tokens[members])))
+        if len(lines) >= MIN_POINTS > sizes:
+            raise SodaError(f"{r.path}: budget {c:.3g} FLOPs has only {sizes} distinct model size(s) or token "
+                            f"count(s) (line {', '.join(map(str, lines))}); a parabola needs at least {MIN_POINTS}")
         if len(lines) < MIN_POINTS:
-            note = f"; {len(r.excluded)} runs excluded in the file, see their losses" if r.excluded else ""
+            note = (f"; {len(r.excluded)} run(s) were excluded for an empty, nan or inf loss (line "
+                    f"{', '.join(str(e['line']) for e in r.excluded)})" if r.excluded else "")
             raise SodaError(f"{r.path}: budget {c:.3g} FLOPs has {len(lines)} usable run(s) "
                             f"(line {', '.join(map(str, lines))}); a parabola needs at least {MIN_POINTS}{note}")
     if len(budgets) < MIN_BUDGETS:
@@ -285,7 +291,8 @@ def _surface(theta, ln_n, ln_d):
     e, a, b, alpha, beta = (t[..., None] for t in np.moveaxis(theta, -1, 0))
     tn, td = np.exp(-alpha * ln_n), np.exp(-beta * ln_d)
     pred = e + a * tn + b * td
-    jac = np.stack([np.ones_like(pred), tn + 0 * pred, td + 0 * pred, -a * tn * ln_n, -b * td * ln_d], -1)
+    ones = np.ones_like(pred)
+    jac = np.stack([ones, tn * ones, td * ones, -a * tn * ln_n, -b * td * ln_d], -1)
     return pred, jac
 
 
@@ -352,7 +359,8 @@ def approach3(r: Results, bootstrap: int, rng: np.random.Generator) -> tuple[dic
     """Grid + NNLS start, Huber fit on log L, batched bootstrap refits; returns JSON part, terms, replicates.
 
     ln N and ln D are centred on their means so the fitted scales A', B' are O(loss) and the
-    problem stays well conditioned; A and B are reported in the data's own units.
+    problem stays well conditioned; A and B are reported in the data's own units. The Huber
+    threshold is 1.345 robust standard deviations (MAD) of the grid start's log residuals.
     """
     ref_n, ref_d = np.log(r.params).mean(), np.log(r.tokens).mean()
     ln_n, ln_d, log_loss = np.log(r.params) - ref_n, np.log(r.tokens) - ref_d, np.log(r.loss)
@@ -409,10 +417,16 @@ def _ci(values) -> list | None:
     return [float(lo), float(hi)]
 
 
+def _num(v) -> float | None:
+    """JSON has no inf or nan: a degenerate fit's undefined value is None."""
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
 def _prediction(values, reps, i) -> dict:
     out = {}
     for name, v, rv in zip(("params", "tokens", "loss"), values, reps or (None,) * 3):
-        out[name] = float(v[..., i].squeeze())
+        out[name] = _num(v[..., i].squeeze())
         if rv is not None:
             out[f"{name}_ci"] = _ci(rv[:, i])
     return out
@@ -422,7 +436,7 @@ def _curve(values, reps, part) -> dict:
     """Compute-optimal N*, D*, L* along a FLOPs grid, with pointwise bootstrap bands for the plots."""
     out = {}
     for name, v, rv in zip(("params", "tokens", "loss"), values, reps or (None,) * 3):
-        out[name] = np.ravel(v[..., part]).tolist()
+        out[name] = [_num(x) for x in np.ravel(v[..., part])]
         if rv is not None:
             band = np.where(np.isfinite(rv[:, part]), rv[:, part], np.nan)
             lo, hi = np.nanpercentile(band, [(100 - CONFIDENCE) / 2, (100 + CONFIDENCE) / 2], axis=0)
@@ -452,6 +466,14 @@ def fit_scaling(results: Results, bootstrap: int = 1000, seed: int = 0, target_f
                  for o in a2["optima"] if o["params"] is not None and not o["interior"]]
     warnings += [f"Approach 2: budget {e['budget']:.3g} left out: {e['reason']}" for e in a2["excluded_budgets"]]
     warnings += [f"Approach 3: {name} reached its search bound {EXPONENT_BOUNDS}" for name in a3["at_bound"]]
+    warnings += [f"Approach 3: {term} = 0, the loss does not fall with {what} here: no compute-optimal allocation"
+                 for term, what in (("A", "N"), ("B", "D")) if a3[term] <= 0]
+    n_star = _approach3_predict(terms, k, r.budgets)[0]
+    outside = [f"{c:.3g}" for c, n in zip(r.budgets, n_star)
+               if not r.params[r.budget == c].min() <= n <= r.params[r.budget == c].max()]
+    if outside:
+        warnings.append(f"Approach 3: N* lies outside the sampled model sizes at budget(s) {', '.join(outside)} "
+                        "(extrapolated)")
     if bootstrap and a2["bootstrap_valid"] < 0.9 * bootstrap:
         warnings.append(f"Approach 2: only {a2['bootstrap_valid']}/{bootstrap} resamples gave a minimum in every "
                         "budget (too few runs per budget); its intervals are unreliable")
@@ -486,6 +508,8 @@ def _count(x: float) -> str:
 
 
 def _with_ci(fit_part: dict, key: str, fmt=lambda v: f"{v:.3f}") -> str:
+    if fit_part[key] is None:
+        return "undefined"
     ci = fit_part.get(f"{key}_ci")
     return fmt(fit_part[key]) + (f" [{fmt(ci[0])}, {fmt(ci[1])}]" if ci else "")
 
@@ -508,7 +532,7 @@ def summary(fit: dict) -> str:
     ]
     for p in fit["predictions"]:
         parts = [f"{name}: N {_with_ci(p[approach], 'params', _count)}, D {_with_ci(p[approach], 'tokens', _count)}, "
-                 f"loss {p[approach]['loss']:.3f}" for name, approach in (("A2", "approach2"), ("A3", "approach3"))]
+                 f"loss {_with_ci(p[approach], 'loss')}" for name, approach in (("A2", "approach2"), ("A3", "approach3"))]
         lines.append(f"At {p['flops']:.3g} FLOPs: " + "; ".join(parts))
     lines += [f"warning: {w}" for w in fit["warnings"]]
     return "\n".join(lines)

@@ -150,6 +150,14 @@ def test_unfinished_runs_are_reported_not_dropped(tmp_path, capsys):
     assert "2 excluded" in text and "line 6: loss is nan" in text
 
 
+def test_optimum_outside_the_sweep_is_flagged(tmp_path):
+    rows = [r for i, r in enumerate(sweep()) if i % 9 < 4]  # only the smaller half of every budget
+    fit = fit_rows(tmp_path, rows)
+    assert not any(o["interior"] for o in fit["approach2"]["optima"])
+    assert sum("optimum outside the sampled range" in w for w in fit["warnings"]) == len(PAPER_BUDGETS)
+    assert any(w.startswith("Approach 3: N* lies outside the sampled model sizes") for w in fit["warnings"])
+
+
 def test_seeded_bootstrap_is_reproducible(tmp_path):
     rows = sweep(noise=0.01, seed=4)
     one, two, other = (fit_rows(tmp_path, rows, bootstrap=50, seed=s) for s in (7, 7, 8))
@@ -194,6 +202,9 @@ def _bad_rows(kind):
         rows = rows[:18]
     elif kind == "points":
         rows = rows[:9] + rows[9:11] + rows[18:]
+    elif kind == "sizes":
+        for row in rows[10:18]:
+            row["params"], row["tokens"] = rows[9]["params"], rows[9]["tokens"]
     elif kind == "points-excluded":
         rows[9]["loss"] = rows[10]["loss"] = rows[11]["loss"] = rows[12]["loss"] = "nan"
         rows[13]["loss"] = rows[14]["loss"] = rows[15]["loss"] = "inf"
@@ -209,7 +220,9 @@ def _bad_rows(kind):
     ("loss", "line 7: loss is '-1'; a cross-entropy must be positive"),
     ("budgets", "2 budget(s) (3e+18, 9e+18 FLOPs); a scaling law needs at least 3"),
     ("points", "budget 9e+18 FLOPs has 2 usable run(s) (line 11, 12); a parabola needs at least 3"),
-    ("points-excluded", "budget 9e+18 FLOPs has 2 usable run(s)"),
+    ("points-excluded", "budget 9e+18 FLOPs has 2 usable run(s) (line 18, 19); a parabola needs at least 3; "
+                        "7 run(s) were excluded for an empty, nan or inf loss (line 11, 12, 13, 14, 15, 16, 17)"),
+    ("sizes", "budget 9e+18 FLOPs has only 1 distinct model size(s) or token count(s)"),
 ])
 def test_bad_input(kind, message, tmp_path, capsys):
     rows, columns = _bad_rows(kind)
