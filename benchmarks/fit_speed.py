@@ -35,7 +35,8 @@ def synthetic_sweep(path: Path, runs: int, budgets: int, noise: float, seed: int
             for u in np.linspace(-2, 2, int(per)):
                 n = g * (c / 6) ** a * np.exp(u)
                 d = c / (6 * n)
-                loss = (t["E"] + t["A"] / n ** t["alpha"] + t["B"] / d ** t["beta"]) * np.exp(noise * rng.standard_normal())
+                loss = t["E"] + t["A"] / n ** t["alpha"] + t["B"] / d ** t["beta"]
+                loss *= np.exp(noise * rng.standard_normal())
                 writer.writerow([f"{c:.6g}", f"{c:.6g}", f"{n:.6g}", f"{d:.6g}", f"{loss:.6f}"])
 
 

@@ -67,12 +67,9 @@ def _number(text, path, line, column) -> float:
         raise SodaError(f"{path}: line {line}: {column} is {text!r}, not a number") from None
 
 
-def load_results(path, tolerance: float = GROUP_TOLERANCE) -> Results:
-    """Read a results CSV (`flops`, `params`, `tokens`, `loss`, optional `budget`; other columns ignored)."""
-    path = Path(path)
-    if not path.is_file():
-        raise SodaError(f"results file {path} not found")
-    with path.open(newline="", encoding="utf-8") as f:
+def _read_rows(path: Path):
+    """Parse and check every row: (line, flops, params, tokens, loss, budget) tuples and the excluded runs."""
+    with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark
         reader = csv.DictReader(f)
         columns = [c.strip() for c in reader.fieldnames or []]
         missing = [c for c in REQUIRED if c not in columns]
@@ -99,8 +96,21 @@ def load_results(path, tolerance: float = GROUP_TOLERANCE) -> Results:
             if loss <= 0:
                 raise SodaError(f"{path}: line {line}: loss is {row['loss']!r}; a cross-entropy must be positive")
             rows.append((line, values["flops"], values["params"], values["tokens"], loss, values.get("budget")))
+    return rows, excluded, grouped
+
+
+def load_results(path, tolerance: float = GROUP_TOLERANCE) -> Results:
+    """Read a results CSV (`flops`, `params`, `tokens`, `loss`, optional `budget`; other columns ignored)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SodaError(f"results file {path} not found")
+    try:
+        rows, excluded, grouped = _read_rows(path)
+    except UnicodeDecodeError as err:
+        raise SodaError(f"{path}: not a UTF-8 CSV ({err.reason} at byte {err.start})") from None
     if not rows:
-        raise SodaError(f"{path}: no usable runs" + (f" ({len(excluded)} excluded: no finite loss)" if excluded else ""))
+        note = f" ({len(excluded)} excluded: no finite loss)" if excluded else ""
+        raise SodaError(f"{path}: no usable runs{note}")
     line, flops, n, d, loss, budget = (np.array(c) for c in zip(*rows))
     warnings = []
     if grouped:
@@ -438,10 +448,28 @@ def _curve(values, reps, part) -> dict:
     for name, v, rv in zip(("params", "tokens", "loss"), values, reps or (None,) * 3):
         out[name] = [_num(x) for x in np.ravel(v[..., part])]
         if rv is not None:
-            band = np.where(np.isfinite(rv[:, part]), rv[:, part], np.nan)
-            lo, hi = np.nanpercentile(band, [(100 - CONFIDENCE) / 2, (100 + CONFIDENCE) / 2], axis=0)
-            out[f"{name}_band"] = [lo.tolist(), hi.tolist()]
+            bands = [_ci(col) or [None, None] for col in rv[:, part].T]
+            out[f"{name}_band"] = [[lo for lo, _ in bands], [hi for _, hi in bands]]
     return out
+
+
+def _warnings(r: Results, a2: dict, a3: dict, bootstrap: int, n_star3) -> list[str]:
+    """What should make a reader distrust a law: extrapolated optima, degenerate fits, few valid resamples."""
+    warnings = [f"Approach 2: budget {o['budget']:.3g}: optimum outside the sampled range (extrapolated)"
+                for o in a2["optima"] if o["params"] is not None and not o["interior"]]
+    warnings += [f"Approach 2: budget {e['budget']:.3g} left out: {e['reason']}" for e in a2["excluded_budgets"]]
+    if bootstrap and a2["bootstrap_valid"] < 0.9 * bootstrap:
+        warnings.append(f"Approach 2: only {a2['bootstrap_valid']}/{bootstrap} resamples gave a minimum in every "
+                        "budget (too few runs per budget); its intervals are unreliable")
+    warnings += [f"Approach 3: {name} reached its search bound {EXPONENT_BOUNDS}" for name in a3["at_bound"]]
+    warnings += [f"Approach 3: {term} = 0, the loss does not fall with {what} here: no compute-optimal allocation"
+                 for term, what in (("A", "N"), ("B", "D")) if a3[term] <= 0]
+    outside = [f"{c:.3g}" for c, n in zip(r.budgets, n_star3)
+               if not r.params[r.budget == c].min() <= n <= r.params[r.budget == c].max()]
+    if outside:
+        warnings.append(f"Approach 3: N* lies outside the sampled model sizes at budget(s) {', '.join(outside)} "
+                        "(extrapolated)")
+    return warnings
 
 
 def fit_scaling(results: Results, bootstrap: int = 1000, seed: int = 0, target_flops=None) -> dict:
@@ -461,22 +489,7 @@ def fit_scaling(results: Results, bootstrap: int = 1000, seed: int = 0, target_f
     p3 = _approach3_predict(terms, k, grid)
     rp2 = _approach2_predict({n: v[:, None] for n, v in reps2.items()}, grid) if reps2 else None
     rp3 = _approach3_predict(reps3, k, grid) if reps3 else None
-    warnings = list(r.warnings)
-    warnings += [f"Approach 2: budget {o['budget']:.3g}: optimum outside the sampled range (extrapolated)"
-                 for o in a2["optima"] if o["params"] is not None and not o["interior"]]
-    warnings += [f"Approach 2: budget {e['budget']:.3g} left out: {e['reason']}" for e in a2["excluded_budgets"]]
-    warnings += [f"Approach 3: {name} reached its search bound {EXPONENT_BOUNDS}" for name in a3["at_bound"]]
-    warnings += [f"Approach 3: {term} = 0, the loss does not fall with {what} here: no compute-optimal allocation"
-                 for term, what in (("A", "N"), ("B", "D")) if a3[term] <= 0]
-    n_star = _approach3_predict(terms, k, r.budgets)[0]
-    outside = [f"{c:.3g}" for c, n in zip(r.budgets, n_star)
-               if not r.params[r.budget == c].min() <= n <= r.params[r.budget == c].max()]
-    if outside:
-        warnings.append(f"Approach 3: N* lies outside the sampled model sizes at budget(s) {', '.join(outside)} "
-                        "(extrapolated)")
-    if bootstrap and a2["bootstrap_valid"] < 0.9 * bootstrap:
-        warnings.append(f"Approach 2: only {a2['bootstrap_valid']}/{bootstrap} resamples gave a minimum in every "
-                        "budget (too few runs per budget); its intervals are unreliable")
+    warnings = r.warnings + _warnings(r, a2, a3, bootstrap, _approach3_predict(terms, k, r.budgets)[0])
     e, A, B, alpha, beta = (terms[n] for n in ("E", "A", "B", "alpha", "beta"))
     surface = e + A * r.params ** -alpha + B * r.tokens ** -beta
     tail = slice(len(targets), None)
@@ -531,8 +544,8 @@ def summary(fit: dict) -> str:
         f"SODA (published, Approach 2): N* ~ C^{SODA_PUBLISHED['a']}  D* ~ C^{SODA_PUBLISHED['b']}",
     ]
     for p in fit["predictions"]:
-        parts = [f"{name}: N {_with_ci(p[approach], 'params', _count)}, D {_with_ci(p[approach], 'tokens', _count)}, "
-                 f"loss {_with_ci(p[approach], 'loss')}" for name, approach in (("A2", "approach2"), ("A3", "approach3"))]
+        parts = [f"{name}: N {_with_ci(p[a], 'params', _count)}, D {_with_ci(p[a], 'tokens', _count)}, "
+                 f"loss {_with_ci(p[a], 'loss')}" for name, a in (("A2", "approach2"), ("A3", "approach3"))]
         lines.append(f"At {p['flops']:.3g} FLOPs: " + "; ".join(parts))
     lines += [f"warning: {w}" for w in fit["warnings"]]
     return "\n".join(lines)

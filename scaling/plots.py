@@ -77,11 +77,12 @@ def optima_figure(fit) -> Figure:
     for ax, name, key, star in zip(fig.subplots(1, 2), ("params", "tokens"), ("a", "b"), ("N*", "D*")):
         for approach, style, label in (("approach2", "-", "Approach 2"), ("approach3", "--", "Approach 3")):
             curve = fit["curves"][approach]
-            line, = ax.plot(flops, curve[name], style, label=f"{label}: {star} ∝ C^{_interval(fit, approach, key)}")
+            label = f"{label}: {star} ∝ C^{_interval(fit, approach, key)}"
+            color = ax.plot(flops, np.array(curve[name], float), style, label=label)[0].get_color()
             if f"{name}_band" in curve:
-                ax.fill_between(flops, *curve[f"{name}_band"], color=line.get_color(), alpha=0.15, lw=0)
-            ax.scatter([p["flops"] for p in fit["predictions"]], [p[approach][name] for p in fit["predictions"]],
-                       color=line.get_color(), marker="D", s=24, zorder=3)
+                ax.fill_between(flops, *np.array(curve[f"{name}_band"], float), color=color, alpha=0.15, lw=0)
+            predicted = np.array([p[approach][name] for p in fit["predictions"]], float)
+            ax.scatter([p["flops"] for p in fit["predictions"]], predicted, color=color, marker="D", s=24, zorder=3)
         inner = [o for o in optima if o["interior"]]
         outer = [o for o in optima if not o["interior"]]
         ax.scatter([o["budget"] for o in inner], [o[name] for o in inner], color="black", s=22, zorder=4,

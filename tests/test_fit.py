@@ -158,6 +158,15 @@ def test_optimum_outside_the_sweep_is_flagged(tmp_path):
     assert any(w.startswith("Approach 3: N* lies outside the sampled model sizes") for w in fit["warnings"])
 
 
+def test_spreadsheet_exports(tmp_path):
+    text = write(tmp_path / "r.csv", sweep()).read_text()
+    (tmp_path / "bom.csv").write_text(text, encoding="utf-8-sig")
+    assert len(F.load_results(tmp_path / "bom.csv").loss) == 63
+    (tmp_path / "utf16.csv").write_text(text, encoding="utf-16")
+    with pytest.raises(SodaError, match="utf16.csv: not a UTF-8 CSV"):
+        F.load_results(tmp_path / "utf16.csv")
+
+
 def test_seeded_bootstrap_is_reproducible(tmp_path):
     rows = sweep(noise=0.01, seed=4)
     one, two, other = (fit_rows(tmp_path, rows, bootstrap=50, seed=s) for s in (7, 7, 8))
