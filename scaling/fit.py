@@ -386,6 +386,8 @@ def approach3(r: Results, bootstrap: int, rng: np.random.Generator) -> tuple[dic
     k = float(np.median(r.flops / (r.params * r.tokens)))
     main = _surface_terms(sol.x, ref_n, ref_d)
     out = {name: float(v) for name, v in main.items()}
+    n_1, d_1 = (_num(v.squeeze()) for v in _approach3_predict(main, k, 1.0)[:2])  # N*, D* = coefficient * C^a, ^b
+    out.update(params_coefficient=n_1, tokens_coefficient=d_1)
     out.update(flops_per_param_token=k, huber_delta=delta, exponent_bounds=list(EXPONENT_BOUNDS),
                at_bound=[n for n, v in zip(("alpha", "beta"), sol.x[3:]) if np.isclose(v, EXPONENT_BOUNDS).any()])
     reps = None

@@ -70,6 +70,8 @@ def test_noise_free_recovers_exponents(tmp_path):
     for name, value in TRUTH.items():
         assert a3[name] == pytest.approx(value, rel=1e-3), name
     assert a3["flops_per_param_token"] == pytest.approx(K)
+    assert a3["params_coefficient"] * 1e22 ** a3["a"] == pytest.approx(optimum(1e22), rel=1e-3)
+    assert a3["tokens_coefficient"] * 1e22 ** a3["b"] == pytest.approx(1e22 / (K * optimum(1e22)), rel=1e-3)
     for o in fit["approach2"]["optima"]:  # symmetric sampling: the parabola's minimum is N* itself
         assert o["params"] == pytest.approx(optimum(o["budget"]), rel=0.02) and o["interior"]
     p = fit["predictions"][-1]
