@@ -20,6 +20,7 @@ import io
 import json
 import sys
 import tarfile
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -398,6 +399,27 @@ def _renumber(doc_ids: np.ndarray) -> np.ndarray:
     change = np.ones(len(doc_ids), dtype=bool)
     change[1:] = doc_ids[1:] != doc_ids[:-1]
     return (np.cumsum(change) - 1).astype(np.int64)
+
+
+class OneAheadLoader:
+    """A StatefulDataLoader as Lightning sees it: Lightning fetches one batch ahead of the step it trains,
+    so the position a checkpoint stores is the one before the last fetched batch, not after it."""
+
+    def __init__(self, loader):
+        self.loader = loader
+        self._states = deque([loader.state_dict()], maxlen=2)
+
+    def __iter__(self):
+        self._states = deque([self.loader.state_dict()], maxlen=2)
+        for batch in self.loader:
+            self._states.append(self.loader.state_dict())
+            yield batch
+
+    def state_dict(self) -> dict:
+        return self._states[0]
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
 
 
 def dataloader(stream: PackedStream, batch_size: int, workers: int, stateful: bool = True):

@@ -51,7 +51,7 @@ def run(cfg: TrainConfig, resume: bool) -> int:
 
     from .callbacks import AtomicCheckpointIO, Preemption, Throughput
     from .checkpoints import checkpoint_dir, export_hf, last_checkpoint, link_last
-    from .data import PackedStream, dataloader, resolve_sources
+    from .data import OneAheadLoader, PackedStream, dataloader, resolve_sources
     from .model import count_parameters, describe
     from .module import SodaModule
     from .report import write_reports
@@ -76,7 +76,6 @@ def run(cfg: TrainConfig, resume: bool) -> int:
             f"{accumulate} accumulation; {max_steps:,} of {steps:,} steps; peak LR {cfg.peak_lr(shape.width):.3g}")
     audio_rate = next((s.audio_tokens_per_second for s in sources if s.audio_tokens_per_second), None)
     module = SodaModule(model, cfg, vocab, steps, accumulate, per_token, audio_rate)
-    module.train_stream_args = dict(sources=sources, seq_len=cfg.seq_len, seed=cfg.seed, skip_bad=cfg.skip_bad_shards)
 
     ckpt_dir = checkpoint_dir(out)
     preemption = Preemption(ckpt_dir)
@@ -102,8 +101,9 @@ def run(cfg: TrainConfig, resume: bool) -> int:
         enable_model_summary=False, use_distributed_sampler=False, default_root_dir=out,
         gradient_clip_val=None,
     )
-    train_loader = dataloader(PackedStream(rank=trainer.global_rank, world_size=trainer.world_size,
-                                           **module.train_stream_args), micro, cfg.workers)
+    train_loader = OneAheadLoader(dataloader(PackedStream(sources, cfg.seq_len, cfg.seed, trainer.global_rank,
+                                                          trainer.world_size, skip_bad=cfg.skip_bad_shards),
+                                             micro, cfg.workers))
     val_loader = None
     if has_val:
         val_loader = dataloader(PackedStream(sources, cfg.seq_len, cfg.seed, trainer.global_rank, trainer.world_size,

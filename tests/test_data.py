@@ -190,7 +190,7 @@ def test_dry_run_reports_soda_sizes(capsys, size, total, non_embedding):
     got_total, got_non = (int(x.split()[0].replace(",", "")) for x in line.removeprefix("parameters: ").split(", "))
     assert got_total / 1e9 == pytest.approx(total, abs=0.005) and got_non / 1e9 == pytest.approx(non_embedding,
                                                                                                   abs=0.005)
-    assert "119,209 steps" in out or "119,210 steps" in out
+    assert "238,419 steps of 512 x 4096" in out  # 500B / (512 x 4096)
     assert "H100" in out and "days" in out
 
 
