@@ -192,8 +192,12 @@ def _open(url: str):
     return open(url, "rb")
 
 
-def shard_documents(url: str, start: int = 0):
-    """Yield `(index, token_ids)` for the documents of one shard, from document `start` on."""
+def shard_documents(url: str, start: int = 0, vocab_size: int | None = None):
+    """Yield `(index, token_ids)` for the documents of one shard, from document `start` on.
+
+    tarfile ends an archive silently at the first damaged header after the first member, so a
+    local shard's tail is checked too: only zero padding may follow the last member.
+    """
     index = -1
     try:
         with _open(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
@@ -207,7 +211,16 @@ def shard_documents(url: str, start: int = 0):
                 tokens = np.load(io.BytesIO(data), allow_pickle=False)
                 if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
                     raise ValueError(f"{member.name} holds {tokens.dtype} {tokens.shape}, not a 1-D id array")
+                if vocab_size is not None and tokens.size and int(tokens.max()) >= vocab_size:
+                    raise ValueError(f"{member.name} holds id {int(tokens.max())}, outside the vocabulary of "
+                                     f"{vocab_size:,}")
                 yield index, tokens.astype(np.int64)
+            end = tar.offset
+        if not _is_url(url):
+            with open(url, "rb") as f:
+                f.seek(end)
+                if f.read().strip(b"\0"):
+                    raise ValueError("damaged data after the last readable document (truncated or corrupt)")
     except (tarfile.TarError, ValueError, EOFError, OSError) as e:
         raise BadShard(f"shard {url} is unreadable after document {index}: {e}") from None
 
@@ -222,8 +235,10 @@ class BadShard(SodaError):
 class _Cursor:
     """Where one source is, for one slot: the next document to consider."""
 
-    def __init__(self, shards: list[str], slot: int, n_slots: int, seed: int, shuffle: bool, state=None):
+    def __init__(self, shards: list[str], slot: int, n_slots: int, seed: int, shuffle: bool, state=None,
+                 vocab_size: int | None = None):
         self.shards, self.slot, self.n_slots, self.seed, self.shuffle = shards, slot, n_slots, seed, shuffle
+        self.vocab_size = vocab_size
         self.split_documents = len(shards) < n_slots
         self.epoch, self.shard, self.doc = state or (0, 0, 0)
         self._docs = None
@@ -246,7 +261,7 @@ class _Cursor:
                 self._docs = None
                 return None
             if self._docs is None:
-                self._docs = shard_documents(shards[self.shard], self.doc)
+                self._docs = shard_documents(shards[self.shard], self.doc, self.vocab_size)
             try:
                 index, tokens = next(self._docs)
             except StopIteration:
@@ -276,8 +291,8 @@ class PackedStream(IterableDataset):
     """
 
     def __init__(self, sources: list[Source], seq_len: int, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 split: str = "train", infinite: bool = True, skip_bad: bool = False):
-        self.sources, self.seq_len, self.seed = sources, seq_len, seed
+                 split: str = "train", infinite: bool = True, skip_bad: bool = False, vocab_size: int | None = None):
+        self.sources, self.seq_len, self.seed, self.vocab_size = sources, seq_len, seed, vocab_size
         self.rank, self.world_size, self.split, self.infinite, self.skip_bad = rank, world_size, split, infinite, skip_bad
         self.weights = np.array([s.weight or 0.0 for s in sources], dtype=np.float64)
         self._loaded: dict | None = None
@@ -304,7 +319,7 @@ class PackedStream(IterableDataset):
         slot, n_slots = self._slot()
         loaded = self._loaded or {}
         cursors = [_Cursor(self._shards(s), slot, n_slots, self.seed * 1000 + i, self.infinite,
-                           tuple(loaded["cursors"][i]) if loaded else None)
+                           tuple(loaded["cursors"][i]) if loaded else None, self.vocab_size)
                    for i, s in enumerate(self.sources)]
         draws = loaded.get("draws", 0)
         windows = loaded.get("windows", 0)
@@ -389,7 +404,7 @@ class PackedStream(IterableDataset):
         cursor.epoch = epoch
         url = cursor.order()[shard]
         cursor.epoch = saved
-        for i, tokens in shard_documents(url, index):
+        for i, tokens in shard_documents(url, index, self.vocab_size):
             return tokens
         raise SodaError(f"shard {url}: document {index} is gone (the data changed since the checkpoint)")
 

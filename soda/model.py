@@ -59,6 +59,13 @@ def load_pretrained(source: str, vocab: Vocabulary, attention: str = "sdpa"):
     path = Path(source)
     if path.exists() and not (path / "config.json").is_file():
         raise SodaError(f"--init-from {source}: no config.json there (expected a Hugging Face model directory)")
+    if (path / "config.json").is_file():  # check before loading gigabytes of weights
+        import json
+
+        size = json.loads((path / "config.json").read_text()).get("vocab_size")
+        if size is not None and size != vocab.size:
+            raise SodaError(f"--init-from {source}: the model's vocabulary has {size:,} ids but the data's has "
+                            f"{vocab.size:,}; tokenize with the same text tokenizer and codec as the model")
     try:
         model = AutoModelForCausalLM.from_pretrained(source, attn_implementation=attention, dtype=torch.float32)
     except OSError as e:

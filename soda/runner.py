@@ -102,12 +102,14 @@ def run(cfg: TrainConfig, resume: bool) -> int:
         gradient_clip_val=None,
     )
     train_loader = OneAheadLoader(dataloader(PackedStream(sources, cfg.seq_len, cfg.seed, trainer.global_rank,
-                                                          trainer.world_size, skip_bad=cfg.skip_bad_shards),
+                                                          trainer.world_size, skip_bad=cfg.skip_bad_shards,
+                                                          vocab_size=vocab.size),
                                              micro, cfg.workers))
     val_loader = None
     if has_val:
         val_loader = dataloader(PackedStream(sources, cfg.seq_len, cfg.seed, trainer.global_rank, trainer.world_size,
-                                             split="validation", infinite=False, skip_bad=cfg.skip_bad_shards),
+                                             split="validation", infinite=False, skip_bad=cfg.skip_bad_shards,
+                                             vocab_size=vocab.size),
                                 micro, min(cfg.workers, 1), stateful=False)
     ckpt_path = last_checkpoint(out) if resume else None
     trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=ckpt_path,
