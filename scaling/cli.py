@@ -1,7 +1,6 @@
-"""`soda-scaling`: plan an IsoFLOP sweep (plan), fit scaling laws to its results (fit), plot a fit (plot).
-
-Running a sweep through the trainer is tracked separately; a new subcommand is a parser in
-`build_parser` plus an entry in COMMANDS.
+"""`soda-scaling`: plan an IsoFLOP sweep (plan), train it with soda-train (run), fit scaling laws to its
+results (fit), plot a fit (plot). A new subcommand is a parser in `build_parser` plus an entry in COMMANDS;
+the work itself lives in the modules (plan, sweep, slurm, fit, plots).
 """
 
 from __future__ import annotations
@@ -17,7 +16,8 @@ from tokenize_audio.shards import atomic_write_json, atomic_write_text
 
 from .accounting import SODA_VOCAB
 from .fit import FIT_FILE, fit_scaling, load_results, summary
-from .plan import PAPER_BUDGETS, as_rows, plan_sweep
+from .plan import MIN_BATCH, PAPER_BUDGETS, as_rows, plan_sweep
+from .sweep import DEFAULT_VAL_TOKENS, PREEMPTED, check_data, check_extra, gather, load_plan, run_sweep, state
 
 FIT_HELP = """Approach 2: per budget, loss is fitted as a parabola in ln N (and in ln D) by Huber-weighted
 least squares; the minima give N* = k C^a and D* = k C^b (and, for predictions, a pure power law
@@ -32,6 +32,22 @@ Other columns are ignored. A run with an empty, nan or inf loss (diverged or unf
 excluded and listed in fit.json and the summary. Any other bad value (a missing column, a
 non-positive or non-numeric flops/params/tokens/budget, a loss <= 0), fewer than 3 budgets or a
 budget with fewer than 3 usable runs stops with an error. Writes OUT/fit.json; see `plot`."""
+
+RUN_HELP = """Trains each usable row of PLAN with soda-train, one run after another, in OUT/runs/NAME (its
+log in OUT/logs/NAME.log), then writes OUT/results.csv (name, budget, width, params, tokens, steps,
+flops, loss, loss_source) for `soda-scaling fit`. Each run gets the row's shape, tokens, batch, LR and
+seq_len, SODA's sweep optimizer (betas 0.95 and the row's beta2, weight decay 0.1, no z-loss; in
+OUT/configs/NAME.yaml) and one validation at its last step over about --val-tokens tokens; its loss is
+that validation loss (or, if it has none, the mean of its last train losses, said in loss_source).
+
+Resumable: run the same command again and finished runs are skipped, a run with a checkpoint
+continues with --resume, and one that died before its first checkpoint starts again. A failed run is
+reported and the sweep goes on (exit code 1 at the end); a pre-empted or interrupted run stops the
+sweep (exit 143; its checkpoint is kept). Flags after `--` go to every soda-train run (e.g. -- --workers 0
+--mix speech=0.9,text=0.1); those the plan fixes (shape, tokens, batch, LR, --max-steps, ...) are refused.
+
+--emit slurm writes OUT/sweep.sbatch (a job array, one task per run, with the same resume rules)
+and OUT/commands.txt instead of training; gather their results later with --gather-only."""
 
 
 def _floats(text: str, what: str) -> list[float]:
@@ -64,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--widths", help="comma list of widths (default: SODA's grid for each budget)")
     plan.add_argument("--vocab", type=int, default=SODA_VOCAB, help=f"vocabulary size (default {SODA_VOCAB:,})")
     plan.add_argument("--seq-len", type=int, default=4096)
+    plan.add_argument("--min-batch", type=int, default=MIN_BATCH,
+                      help=f"skip runs whose batch is below this many sequences (default {MIN_BATCH}, SODA's rule; "
+                           "1 keeps the micro runs of a CPU demo sweep)")
     plan.add_argument("--drop-skipped", action="store_true", help="leave skipped runs out of the CSV")
     plan.add_argument("--out", type=Path, required=True, help="CSV to write")
 
@@ -76,6 +95,21 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--bootstrap", type=int, default=1000, help="resamples for the 95%% intervals (0: none)")
     fit.add_argument("--seed", type=int, default=0, help="bootstrap seed (same seed, same intervals)")
 
+    run = sub.add_parser("run", help="train a plan's runs with soda-train (here, or as a SLURM job array) and "
+                                     "gather their results.csv", description=RUN_HELP,
+                         usage="soda-scaling run PLAN --data [NAME=]DIR --out SWEEP_DIR [options] [-- soda-train flags]",
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("plan", type=Path, help="plan CSV written by `soda-scaling plan`")
+    run.add_argument("--data", action="append", default=[], help="[NAME=]DIR (a soda-tokenize output directory) "
+                                                                 "or shard pattern, for every run; repeatable")
+    run.add_argument("--out", type=Path, required=True, help="sweep directory (runs/, logs/, configs/, results.csv)")
+    run.add_argument("--val-tokens", type=int, default=DEFAULT_VAL_TOKENS,
+                     help=f"validation tokens per run (default {DEFAULT_VAL_TOKENS:,}, or the whole validation split "
+                          "if smaller)")
+    run.add_argument("--emit", choices=["slurm"], help="write a SLURM job array instead of training")
+    run.add_argument("--dry-run", action="store_true", help="print what each run would do and train nothing")
+    run.add_argument("--gather-only", action="store_true", help="only write results.csv from the finished runs")
+
     plot = sub.add_parser("plot", help="draw a fit's PNGs (IsoFLOP curves, optima vs compute, residuals)")
     plot.add_argument("fit_dir", type=Path, help="directory holding fit.json, written by `soda-scaling fit`")
     return p
@@ -83,7 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 @cli_errors("soda-scaling")
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = build_parser().parse_args(argv[:len(argv) - len(extra) - 1] if "--" in argv else argv)
+    if extra and args.command != "run":
+        raise SodaError(f"arguments after `--` are soda-train flags for `run`, not `{args.command}`")
+    args.train_args = extra
     return COMMANDS[args.command](args)
 
 
@@ -92,7 +131,9 @@ def plan_command(args) -> int:
         raise SodaError("give --budgets (e.g. 3e18,9e18,1.8e19) or --paper")
     budgets = _floats(args.budgets, "--budgets") if args.budgets else list(PAPER_BUDGETS)
     widths = [int(w) for w in _floats(args.widths, "--widths")] if args.widths else None
-    runs = plan_sweep(budgets, widths, args.vocab, args.seq_len, paper_targets=args.paper)
+    if args.min_batch < 1:
+        raise SodaError(f"--min-batch {args.min_batch}: must be at least 1")
+    runs = plan_sweep(budgets, widths, args.vocab, args.seq_len, paper_targets=args.paper, min_batch=args.min_batch)
     kept = [r for r in runs if not r.skipped]
     rows = as_rows(kept if args.drop_skipped else runs)
     buf = io.StringIO()
@@ -122,6 +163,40 @@ def fit_command(args) -> int:
     return 0
 
 
+def run_command(args) -> int:
+    runs = load_plan(args.plan)
+    if args.gather_only:
+        return gather_command(runs, args.out)
+    check_data(args.data, runs)
+    check_extra(args.train_args)
+    if args.val_tokens < 1:
+        raise SodaError(f"--val-tokens {args.val_tokens}: must be positive")
+    if args.emit:
+        from .slurm import emit_slurm
+
+        hint = f"soda-scaling run {args.plan} --out {args.out} --gather-only"
+        sbatch, commands = emit_slurm(runs, args.out, args.data, args.train_args, args.val_tokens, args.plan, hint)
+        print(f"wrote {sbatch} ({len(runs)} array tasks) and {commands}; add your cluster's resources to the "
+              f"#SBATCH lines, submit with `sbatch {sbatch}`, then: {hint}")
+        return 0
+    print(f"sweep {args.out}: {len(runs)} runs from {args.plan}", flush=True)
+    code = run_sweep(runs, args.out, args.data, args.train_args, args.val_tokens, args.dry_run)
+    if not args.dry_run and any(state(r, args.out) == "done" for r in runs):
+        gather_command(runs, args.out)
+    return code
+
+
+def gather_command(runs, out: Path) -> int:
+    path, rows, unfinished = gather(runs, out)
+    print(f"wrote {path}: {len(rows)} finished runs"
+          + (f"; not finished: {', '.join(unfinished)}" if unfinished else ""))
+    for row in rows:
+        if row["loss_source"] != "val":
+            print(f"  {row['name']}: no validation loss at its last step; loss is the {row['loss_source']}")
+    print(f"fit it with: soda-scaling fit {path} --out {out / 'fit'}")
+    return 0
+
+
 def plot_command(args) -> int:
     from .plots import write_plots  # matplotlib (and its font cache) only when plotting
 
@@ -130,7 +205,7 @@ def plot_command(args) -> int:
     return 0
 
 
-COMMANDS = {"plan": plan_command, "fit": fit_command, "plot": plot_command}
+COMMANDS = {"plan": plan_command, "run": run_command, "fit": fit_command, "plot": plot_command}
 
 
 if __name__ == "__main__":

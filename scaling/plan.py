@@ -44,40 +44,48 @@ def default_widths(budget: float) -> list[int]:
     return list(range(128, 2048 + 1, step))
 
 
+def run_name(budget: float, width: int) -> str:
+    """A run's name, also its directory in a sweep: C3.0e18-d768."""
+    return f"C{budget:.1e}-d{width}".replace("+", "")
+
+
 def sweep_lr(batch: int, width: int) -> float:
     """SODA's sweep learning rate before the cap: 0.33 * sqrt(B) / d."""
     return 0.33 * math.sqrt(batch) / width
 
 
-def plan_run(budget: float, width: int, vocab: int = SODA_VOCAB, seq_len: int = 4096) -> Run:
+def plan_run(budget: float, width: int, vocab: int = SODA_VOCAB, seq_len: int = 4096,
+             min_batch: int = MIN_BATCH) -> Run:
     shape = ModelShape.sweep(width, vocab, seq_len)
     fwd = forward_flops_per_token(shape)
     tokens = budget / training_flops_per_token(shape)
-    batch = 2 ** math.ceil(math.log2(max(tokens / (2**16 * seq_len), 1e-12)))
+    batch = 2 ** max(0, math.ceil(math.log2(tokens / (2**16 * seq_len))))
     while sweep_lr(batch, width) > LR_CAP and batch > 1:
         batch //= 2
     lr = min(LR_CAP, sweep_lr(batch, width))
     steps = round(tokens / (batch * seq_len))
     skipped = ""
-    if batch < MIN_BATCH:
-        skipped = f"batch {batch} < {MIN_BATCH}"
+    if batch < min_batch:
+        skipped = f"batch {batch} < {min_batch}"
+    elif steps < 1:
+        skipped = f"{tokens:.0f} tokens: less than one batch"
     elif steps >= MAX_STEPS:
         skipped = f"{steps} steps >= {MAX_STEPS}"
     trained = steps * batch * seq_len
     return Run(budget, shape, params(shape), params(shape, "non-embedding"), fwd, int(trained), batch, steps, lr,
-               0.95, 0.98 ** (batch / 128), 0.1, 3.0 * fwd * trained, f"C{budget:.1e}-d{width}".replace("+", ""),
+               0.95, 0.98 ** (batch / 128), 0.1, 3.0 * fwd * trained, run_name(budget, width),
                skipped)
 
 
 def plan_sweep(budgets, widths=None, vocab: int = SODA_VOCAB, seq_len: int = 4096,
-               paper_targets: bool = False) -> list[Run]:
+               paper_targets: bool = False, min_batch: int = MIN_BATCH) -> list[Run]:
     """All (budget, width) runs, skipped ones included with their reason."""
     runs = []
     for budget in budgets:
         ws = list(widths) if widths else default_widths(budget)
         if paper_targets:
             ws += [w for b, extra in PAPER_TARGETS.items() if math.isclose(b, budget) for w in extra if w not in ws]
-        runs += [plan_run(budget, w, vocab, seq_len) for w in ws]
+        runs += [plan_run(budget, w, vocab, seq_len, min_batch) for w in ws]
     return runs
 
 

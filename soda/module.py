@@ -9,6 +9,7 @@ micro-batches and ranks.
 from __future__ import annotations
 
 import math
+import sys
 
 import lightning as L
 import torch
@@ -70,6 +71,7 @@ class SodaModule(L.LightningModule):
         self._val = None
         self._micro = 0
         self.grad_norm = None
+        self.skipped_batches = 0
 
     # --- loss ----------------------------------------------------------------------------------
     def _sums(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,7 +94,10 @@ class SodaModule(L.LightningModule):
             finite = flag.bool()
         if not finite:
             if self.cfg.on_nonfinite == "skip":
-                self.print(f"soda-train: warning: non-finite loss at step {self.global_step}; batch skipped")
+                self.skipped_batches += 1
+                if self.global_rank == 0:
+                    print(f"soda-train: warning: non-finite loss at step {self.global_step}; batch skipped",
+                          file=sys.stderr)
                 return None
             raise NonFiniteLoss(f"loss is {loss.item()} at step {self.global_step}; stopped, the last good checkpoint "
                                 f"is kept in {self.cfg.out}/checkpoints (resume with --resume, e.g. with a lower "

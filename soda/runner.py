@@ -132,6 +132,7 @@ def run(cfg: TrainConfig, resume: bool) -> int:
                               if isinstance(d, str) and (Path(str(d).split("=", 1)[-1]) / "vocab.json").is_file()),
                              Path(cfg.vocab) if cfg.vocab else None)
             export_hf(final, out / "hf", vocab_dir)
-        print(f"soda-train: done: {trainer.global_step} steps; {reports}; checkpoint {final}"
+        skipped = f" ({module.skipped_batches} batches skipped for a non-finite loss)" if module.skipped_batches else ""
+        print(f"soda-train: done: {trainer.global_step} steps{skipped}; {reports}; checkpoint {final}"
               f"{'; Hugging Face export ' + str(out / 'hf') if cfg.export else ''}", file=sys.stderr)
     return 0

@@ -205,3 +205,21 @@ def test_init_from_with_another_vocabulary_is_refused(trained, tmp_path, capsys)
     err = _error(capsys, ["--out", str(tmp_path / "run"), "--init-from", str(trained / "hf"), "--data", str(other),
                           "--tokens", "10K"])
     assert "vocabulary" in err and "--init-from" in err
+
+
+def test_nonfinite_loss_stops_with_one_line_or_is_skipped(trained, train_tokens, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    broken = tmp_path / "nan-model"
+    model = AutoModelForCausalLM.from_pretrained(trained / "hf")
+    with torch.no_grad():
+        model.lm_head.weight.fill_(float("nan"))
+    model.save_pretrained(broken)
+    capsys.readouterr()
+    args = tiny_args(train_tokens, tmp_path / "stop", steps=3, **{"--size": None, "--init-from": str(broken)})
+    err = _error(capsys, args)
+    assert "loss is nan at step 0" in err and "last good checkpoint" in err
+    args = tiny_args(train_tokens, tmp_path / "skip", steps=3, **{"--size": None, "--init-from": str(broken),
+                                                                  "--on-nonfinite": "skip", "--no-export": ""})
+    assert main(args) == 0
+    assert "batch skipped" in capsys.readouterr().err
