@@ -14,6 +14,9 @@ cd "$(dirname "$0")/.."
 WORK=${1:-${TMPDIR:-/tmp}/soda-tiny-sweep}
 PY=${PYTHON:-python}
 export HF_HUB_OFFLINE=1
+# One thread: micro models gain nothing from more, and a second busy process oversubscribing the
+# cores slows multi-threaded torch by 10x or more.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 step() { echo "\$ soda-scaling $*"; "$PY" -m scaling.cli "$@"; echo; }
 

@@ -130,7 +130,7 @@ def check_extra(extra: list[str]) -> None:
     clash = sorted({a.split("=", 1)[0] for a in extra} & RESERVED_FLAGS)
     if clash:
         raise SodaError(f"{', '.join(clash)} after `--`: the sweep sets {'it' if len(clash) == 1 else 'them'} "
-                        f"from the plan; only other soda-train flags may be added")
+                        "(each run trains the plan's shape for its whole budget); add only other soda-train flags")
 
 
 def write_run_config(run: PlannedRun, sweep: Path) -> Path:
@@ -220,8 +220,9 @@ def run_sweep(runs: list[PlannedRun], sweep: Path, data: list[str], extra: list[
         if status == "stale":  # died before its first checkpoint: soda-train can neither resume nor reuse it
             shutil.rmtree(run.run_dir(sweep))
         write_run_config(run, sweep)
-        print(f"{tag}: {'resuming' if status == 'resume' else 'training'} ({run.params / 1e6:.2f}M parameters, "
-              f"{run.tokens:,} tokens, {run.steps:,} steps) ...", flush=True)
+        doing = {"resume": "resuming", "stale": "restarting (no checkpoint from the last attempt)"}.get(status, "training")
+        print(f"{tag}: {doing} ({run.params / 1e6:.2f}M parameters, {run.tokens:,} tokens, {run.steps:,} steps) ...",
+              flush=True)
         start = time.monotonic()
         code = train(command, run.log_path(sweep))
         elapsed = time.monotonic() - start

@@ -54,9 +54,23 @@ def test_cli_writes_csv(tmp_path, capsys):
     (["plan", "--out", "x.csv"], "give --budgets"),
     (["plan", "--budgets", "3e18,abc", "--out", "x.csv"], "expected comma-separated numbers"),
     (["plan", "--budgets", "-1", "--out", "x.csv"], "must be positive"),
+    (["plan", "--budgets", "1e11", "--min-batch", "0", "--out", "x.csv"], "--min-batch 0: must be at least 1"),
 ])
 def test_bad_input(args, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exc:
         main(args)
     assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_micro_runs_need_min_batch(tmp_path):
+    """At CPU-demo budgets SODA's batch rule gives 1 sequence (an integer, never a fraction): skipped unless
+    --min-batch allows it."""
+    r = plan_run(1e11, 32, vocab=16646, seq_len=128)
+    assert r.batch == 1 and isinstance(r.batch, int) and r.skipped == "batch 1 < 8"
+    r = plan_run(1e11, 32, vocab=16646, seq_len=128, min_batch=1)
+    assert not r.skipped and r.steps == r.tokens // 128 and r.lr == 0.01
+    out = tmp_path / "plan.csv"
+    assert main(["plan", "--budgets", "1e11", "--widths", "32,64", "--vocab", "16646", "--seq-len", "128",
+                 "--min-batch", "1", "--out", str(out)]) == 0
+    assert [r["skipped"] for r in csv.DictReader(out.open())] == ["", ""]
