@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The whole scaling pipeline on a CPU in minutes: plan -> run -> fit -> plot over 12 micro models
-# (widths 32-96, 1-3M parameters, seq 128) at three budgets (5e10, 1e11, 2e11 training FLOPs) on the
+# The whole scaling pipeline on a CPU in minutes: plan -> run -> fit -> plot over 15 micro models
+# (widths 16-64, 0.5-2.2M parameters, seq 128) at three budgets (5e10, 1e11, 2e11 training FLOPs) on the
 # bundled demo corpus (mimi:random, an offline RANDOM codec; byte-level text; 16,646 ids).
 #
-# It shows that the pieces fit together, not a scaling law: these runs train for 36-440 steps of one
+# It shows that the pieces fit together, not a scaling law: these runs train for 55-840 steps of one
 # sequence each (SODA's batch rule gives 1 at this scale, so the plan needs --min-batch 1), so the
 # losses are noisy and the fitted exponents mean little.
 #
@@ -28,7 +28,7 @@ else
     --codec mimi:random --text-tokenizer bytes --quiet
 fi
 echo
-step plan --budgets 5e10,1e11,2e11 --widths 32,48,64,96 --vocab 16646 --seq-len 128 --min-batch 1 \
+step plan --budgets 5e10,1e11,2e11 --widths 16,24,32,48,64 --vocab 16646 --seq-len 128 --min-batch 1 \
   --out "$WORK/plan.csv"
 # Dataloader workers cost more to start than these runs take to train.
 step run "$WORK/plan.csv" --data "$WORK/tokens" --out "$WORK/sweep" -- --workers 0

@@ -251,3 +251,10 @@ def test_bad_input(setup, extra, message, tmp_path, capsys, fake, request):
     err = capsys.readouterr().err
     assert exc.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not fake()
+
+
+def test_scaling_does_not_import_the_trainer():
+    """soda-train is a subprocess: importing the CLI must not pull in soda (or torch)."""
+    code = "import sys, scaling.cli, scaling.slurm; print(sorted(m for m in sys.modules if m.split('.')[0] in " \
+           "('soda', 'torch')))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
