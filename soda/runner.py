@@ -12,7 +12,7 @@ from scaling.accounting import params, training_flops_per_token
 from tokenize_audio.errors import SodaError
 
 from .config import TrainConfig
-from .train import PREEMPTED_EXIT, batch_layout, is_rank_zero, world_size
+from .train import PREEMPTED_EXIT, batch_layout, is_rank_zero, save_config, world_size
 
 
 def build_model(cfg: TrainConfig, vocab):
@@ -48,6 +48,7 @@ def run(cfg: TrainConfig, resume: bool) -> int:
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
     from .callbacks import AtomicCheckpointIO, Preemption, Throughput
     from .checkpoints import checkpoint_dir, export_hf, last_checkpoint, link_last
@@ -92,15 +93,22 @@ def run(cfg: TrainConfig, resume: bool) -> int:
 
         loggers.append(WandbLogger(project=cfg.wandb, save_dir=str(out)))
     has_val = any(s.validation for s in sources)
-    trainer = L.Trainer(
-        accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=strategy_for(cfg),
-        precision=precision_for(cfg), max_steps=max_steps, max_epochs=-1, accumulate_grad_batches=accumulate,
-        val_check_interval=cfg.val_every * accumulate if has_val else None, check_val_every_n_epoch=None,
-        limit_val_batches=cfg.val_batches if has_val else 0, num_sanity_val_steps=0,
-        log_every_n_steps=cfg.log_every, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()],
-        enable_model_summary=False, use_distributed_sampler=False, default_root_dir=out,
-        gradient_clip_val=None,
-    )
+    if cfg.strategy == "fsdp" and not torch.cuda.is_available():
+        raise SodaError("--strategy fsdp needs CUDA GPUs (Lightning's FSDP does not run on CPU); use ddp on CPU")
+    try:
+        trainer = L.Trainer(
+            accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=strategy_for(cfg),
+            precision=precision_for(cfg), max_steps=max_steps, max_epochs=-1, accumulate_grad_batches=accumulate,
+            val_check_interval=cfg.val_every * accumulate if has_val else None, check_val_every_n_epoch=None,
+            limit_val_batches=cfg.val_batches if has_val else 0, num_sanity_val_steps=0,
+            log_every_n_steps=cfg.log_every, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()],
+            enable_model_summary=False, use_distributed_sampler=False, default_root_dir=out,
+            gradient_clip_val=None,
+        )
+    except (ValueError, TypeError, MisconfigurationException) as e:
+        raise SodaError(f"Lightning refused these settings: {str(e).splitlines()[0]}") from None
+    if is_rank_zero() and not resume:
+        save_config(cfg)
     train_loader = OneAheadLoader(dataloader(PackedStream(sources, cfg.seq_len, cfg.seed, trainer.global_rank,
                                                           trainer.world_size, skip_bad=cfg.skip_bad_shards,
                                                           vocab_size=vocab.size),

@@ -255,6 +255,11 @@ def prepare_demo_data(out: Path) -> None:
                    str(tokens), "--codec", "mimi:random", "--text-tokenizer", "bytes", "--quiet"])
 
 
+def save_config(cfg: TrainConfig) -> None:
+    """The resolved settings, which --resume reads back."""
+    atomic_write_text(Path(cfg.out) / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
 def train(cfg: TrainConfig, resume: bool) -> int:
     out = Path(cfg.out)
     from .checkpoints import checkpoint_dir, last_checkpoint
@@ -263,7 +268,7 @@ def train(cfg: TrainConfig, resume: bool) -> int:
         if resume and last_checkpoint(out) is None:
             raise SodaError(f"--resume: no checkpoint in {checkpoint_dir(out)} yet; start the run again without "
                             f"--resume")
-        if not resume and ((out / CONFIG_FILE).exists() or last_checkpoint(out) is not None):
+        if not resume and last_checkpoint(out) is not None:
             raise SodaError(f"{out} already holds a run; continue it with --resume, or choose another --out")
         out.mkdir(parents=True, exist_ok=True)
         if not cfg.data:
@@ -272,8 +277,6 @@ def train(cfg: TrainConfig, resume: bool) -> int:
         cfg.data = [f"speech={out / 'tokens'}", f"text={out / 'tokens'}"]
     if cfg.size is None and cfg.sweep_width is None and cfg.width is None and not cfg.init_from:
         raise SodaError(f"give --size ({', '.join(SIZES)}), --sweep-width or an explicit shape")
-    if is_rank_zero() and not resume:
-        atomic_write_text(out / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     from .runner import run
 
     return run(cfg, resume)

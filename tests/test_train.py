@@ -194,6 +194,11 @@ def test_bad_flags_are_one_line_errors(train_tokens, tmp_path, capsys):
     assert "--micro-batch 3" in _error(capsys, tiny_args(train_tokens, tmp_path / "c", **{"--micro-batch": "3"}))
     assert "--mix" in _error(capsys, tiny_args(train_tokens, tmp_path / "d") + ["--mix", "speech=1,music=2"])
     assert "not found" in _error(capsys, ["--config", str(tmp_path / "none.yaml")])
+    if not torch.cuda.is_available():
+        args = tiny_args(train_tokens, tmp_path / "e", **{"--strategy": "fsdp"})
+        assert "fsdp needs CUDA" in _error(capsys, args)
+        assert not (tmp_path / "e" / "config.yaml").exists()  # a refused start leaves no run behind
+    assert "Lightning refused" in _error(capsys, tiny_args(train_tokens, tmp_path / "f", **{"--strategy": "nope"}))
 
 
 def test_init_from_with_another_vocabulary_is_refused(trained, tmp_path, capsys):
