@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -13,6 +14,7 @@ from tokenize_audio.shards import atomic_directory, atomic_write_text
 from tokenize_audio.vocab import Vocabulary
 
 LAST = "last.ckpt"
+SODA_META = "soda.json"  # beside an HF export: the codec its audio ids came from
 
 
 def checkpoint_dir(out: Path) -> Path:
@@ -63,6 +65,7 @@ def export_hf(checkpoint: Path, out_dir: Path, vocab_dir: Path | None = None) ->
             for f in (tmp / "tokenizer").iterdir():  # tokenizer files beside the weights, as on the hub
                 shutil.move(str(f), tmp / f.name)
             (tmp / "tokenizer").rmdir()
+        atomic_write_text(tmp / SODA_META, json.dumps({"codec": ckpt["soda"].get("codec")}, indent=2))
         atomic_write_text(tmp / "README.md", f"Exported by soda-train from {Path(checkpoint).name} "
                                              f"(step {ckpt.get('global_step', '?')}).\n")
     return Path(out_dir)

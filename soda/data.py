@@ -43,6 +43,7 @@ class Source:
     weight: float | None = None
     train_tokens: int | None = None  # known for soda-tokenize directories; the default weights use it
     audio_tokens_per_second: float | None = None  # from the manifest (100 for Mimi with 8 codebooks)
+    codec: dict | None = None  # the manifest's codec description (spec, label, sample rate...)
 
 
 # --------------------------------------------------------------------------------------------
@@ -96,7 +97,8 @@ def _from_directory(directory: Path, name: str, kind: str | None) -> tuple[Sourc
     if not train:
         raise SodaError(f"--data {directory}: no {kind + ' ' if kind else ''}training shards")
     source = Source(name, train, [str(directory / f) for f in lists["validation"]],
-                    train_tokens=sum(tokens.get(f, 0) for f in lists["train"]) or None)
+                    train_tokens=sum(tokens.get(f, 0) for f in lists["train"]) or None,
+                    codec=manifest.get("codec"))
     audio_formats = [f for f in manifest.get("formats", []) if f != "text-only"]
     if manifest.get("audio_seconds") and audio_formats:
         audio = manifest["tokens"].get("semantic", 0) + manifest["tokens"].get("acoustic", 0)

@@ -60,8 +60,9 @@ def token_nll(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 
 class SodaModule(L.LightningModule):
     def __init__(self, model, cfg: TrainConfig, vocab: Vocabulary, steps: int, micro_per_step: int,
-                 flops_per_token: float, audio_tokens_per_second: float | None = None):
+                 flops_per_token: float, audio_tokens_per_second: float | None = None, codec: dict | None = None):
         super().__init__()
+        self.codec = codec  # the data's codec description: generation and evaluation decode/encode with it
         self.model = model
         self.cfg, self.vocab, self.steps, self.micro_per_step = cfg, vocab, steps, micro_per_step
         self.flops_per_token = flops_per_token
@@ -171,4 +172,5 @@ class SodaModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Enough to rebuild the model for an HF export without the run's config (primitives only).
-        checkpoint["soda"] = {"model_config": self.model.config.to_dict(), "vocab": self.vocab.to_dict()}
+        checkpoint["soda"] = {"model_config": self.model.config.to_dict(), "vocab": self.vocab.to_dict(),
+                              "codec": self.codec}

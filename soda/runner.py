@@ -76,7 +76,8 @@ def run(cfg: TrainConfig, resume: bool) -> int:
         say(f"batch: {cfg.batch_sequences} x {cfg.seq_len} tokens = {world} devices x {micro} sequences x "
             f"{accumulate} accumulation; {max_steps:,} of {steps:,} steps; peak LR {cfg.peak_lr(shape.width):.3g}")
     audio_rate = next((s.audio_tokens_per_second for s in sources if s.audio_tokens_per_second), None)
-    module = SodaModule(model, cfg, vocab, steps, accumulate, per_token, audio_rate)
+    codec = next((s.codec for s in sources if s.codec), None)
+    module = SodaModule(model, cfg, vocab, steps, accumulate, per_token, audio_rate, codec)
 
     ckpt_dir = checkpoint_dir(out)
     preemption = Preemption(ckpt_dir)
