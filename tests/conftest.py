@@ -86,3 +86,24 @@ def train_tokens(small_corpus, tmp_path_factory) -> Path:
     assert tokenize_main([str(small_corpus), str(DEMO / "text" / "kjv_proverbs.txt"), "--out", str(out),
                           "--codec", "mimi:random", "--text-tokenizer", "bytes", "--quiet"]) == 0
     return out
+
+
+def tiny_args(data: Path, out: Path, steps: int = 40, **extra) -> list[str]:
+    args = {"--size": "tiny", "--seq-len": "128", "--batch-tokens": "1024", "--tokens": str(steps * 1024),
+            "--lr": "3e-3", "--workers": "1", "--val-every": "10", "--val-batches": "2", "--ckpt-every": "8",
+            "--log-every": "1", "--out": str(out), "--data": f"speech={data}", **extra}
+    flat = []
+    for k, v in args.items():
+        if v is not None:
+            flat += [k] if v == "" else [k, v]
+    return flat + ["--data", f"text={data}", "--mix", "speech=0.9,text=0.1"]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(train_tokens, tmp_path_factory) -> Path:
+    """A tiny model trained 40 steps on `train_tokens` (soda-train run directory with checkpoints and `hf/`)."""
+    from soda.train import main as train_main
+
+    out = tmp_path_factory.mktemp("run") / "full"
+    assert train_main(tiny_args(train_tokens, out)) == 0
+    return out

@@ -13,20 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import tiny_args
 from soda.train import main
 
 PY = sys.executable
-
-
-def tiny_args(data: Path, out: Path, steps: int = 40, **extra) -> list[str]:
-    args = {"--size": "tiny", "--seq-len": "128", "--batch-tokens": "1024", "--tokens": str(steps * 1024),
-            "--lr": "3e-3", "--workers": "1", "--val-every": "10", "--val-batches": "2", "--ckpt-every": "8",
-            "--log-every": "1", "--out": str(out), "--data": f"speech={data}", **extra}
-    flat = []
-    for k, v in args.items():
-        if v is not None:
-            flat += [k] if v == "" else [k, v]
-    return flat + ["--data", f"text={data}", "--mix", "speech=0.9,text=0.1"]
 
 
 def losses(out: Path, key: str = "train/loss") -> dict[int, float]:
@@ -41,11 +31,9 @@ def run_cli(args: list[str], **kw) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def trained(train_tokens, tmp_path_factory):
-    """One uninterrupted 40-step run, shared by the checks below."""
-    out = tmp_path_factory.mktemp("run") / "full"
-    assert main(tiny_args(train_tokens, out)) == 0
-    return out
+def trained(tiny_run):
+    """One uninterrupted 40-step run (conftest), shared by the checks below."""
+    return tiny_run
 
 
 def test_loss_falls_and_run_directory_is_complete(trained):
@@ -229,3 +217,15 @@ def test_nonfinite_loss_stops_with_one_line_or_is_skipped(trained, train_tokens,
                                                                   "--on-nonfinite": "skip", "--no-export": ""})
     assert main(args) == 0
     assert "batch skipped" in capsys.readouterr().err
+
+
+def test_inference_loader_finds_model_vocabulary_and_codec(trained):
+    from soda.inference import load_model
+
+    from_run, from_ckpt = load_model(str(trained), device="cpu"), load_model(str(trained / "checkpoints" / "last.ckpt"),
+                                                                            device="cpu")
+    assert from_run.codec_spec == from_ckpt.codec_spec == "mimi:random" and "RANDOM" in from_run.codec_label
+    assert from_run.vocab.matches(from_ckpt.vocab)
+    ids = torch.arange(40).unsqueeze(0) * 97 % from_run.vocab.size
+    with torch.no_grad():
+        assert torch.allclose(from_run.model(ids).logits, from_ckpt.model(ids).logits, atol=1e-5)
