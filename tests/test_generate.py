@@ -1,0 +1,250 @@
+"""soda.generate / soda-generate: prompts, codebook-aware decoding, KV cache, stopping, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from conftest import write_wave
+from scaling.accounting import ModelShape
+from soda.generate import ENDINGS, Request, Settings, build_plan, generate, silence_codes, summarize, synthesize, \
+    transcribe
+from soda.generate_cli import main
+from soda.inference import LoadedModel, load_model
+from soda.model import build_model
+from tokenize_audio.vocab import Vocabulary, byte_tokenizer
+
+K, CODES = 8, 64  # small codebooks: out-of-place ids hold most of a random model's probability mass
+
+
+@pytest.fixture(scope="module")
+def vocab():
+    return Vocabulary.build(byte_tokenizer(), K, CODES)
+
+
+def random_model(vocab, seed: int) -> LoadedModel:
+    torch.set_num_threads(1)
+    model = build_model(ModelShape(64, 2, 2, 1, 32, 192, vocab=vocab.size), vocab, seed=seed).eval()
+    return LoadedModel(model, vocab, None, "none", f"random seed {seed}", torch.device("cpu"))
+
+
+def mixed_requests(seed: int, n: int = 12) -> list[Request]:
+    rng = np.random.default_rng(seed)
+    codes = lambda: rng.integers(0, CODES, (K, int(rng.integers(1, 12))))  # noqa: E731
+    make = [
+        lambda: Request("tts", text="hello world"[: int(rng.integers(1, 12))]),
+        lambda: Request("tts", text="hi there", voice_audio=codes(), voice_text="a voice"),
+        lambda: Request("asr", audio=codes()),
+        lambda: Request("continue", audio=codes(), max_seconds=1.0),
+        lambda: Request("s2st", audio=codes(), source_language="fr", source_text="bonjour"),
+        lambda: Request("s2st", audio=codes(), source_language="de"),
+    ]
+    return [make[i % len(make)]() for i in range(n)]
+
+
+def check_ids(vocab, task: str, ids: list[int]) -> None:
+    """An independent reading of the generated ids: every id is in place for the segment it is in."""
+    mode = "text" if task == "asr" else "audio"  # what the prompt leaves open (s2st: its target text)
+    mode = "text" if task == "s2st" else mode
+    pos = 0
+    for i in ids:
+        if i in (vocab.text_start, vocab.audio_start):
+            assert mode == "between", (task, ids)
+            mode, pos = ("text" if i == vocab.text_start else "audio"), 0
+        elif i in (vocab.text_end, vocab.audio_end):
+            assert mode == ("text" if i == vocab.text_end else "audio"), (task, ids)
+            assert i == vocab.text_end or pos % K == 0, "audio closed mid-frame"
+            mode = "between"
+        elif mode == "audio":
+            assert vocab.codebook_of(np.array([i]))[0] == pos % K, f"id {i} at frame position {pos % K}"
+            pos += 1
+        else:
+            assert mode == "text" and 0 <= i < vocab.text_size and i not in (vocab.bos_id, vocab.eos_id), (task, i)
+    assert mode != "audio" or pos % K == 0, "audio stopped mid-frame"
+
+
+def test_prompts_are_sodas(vocab):
+    codes = np.arange(16).reshape(K, 2) % CODES
+    audio = "".join(vocab.audio_char(i) for i in vocab.codes_to_ids(codes))
+    s = lambda r: vocab.ids_to_string(build_plan(vocab, r, {"audio": codes, "voice_audio": codes}).prompt)  # noqa
+    assert s(Request("continue", audio=codes)) == f"<|begin_of_text|><|audio_start|>{audio}"
+    assert s(Request("asr", audio=codes)) == f"<|begin_of_text|><|audio_start|>{audio}<|audio_end|><|text_start|>"
+    assert s(Request("tts", text="Hi.")) == "<|begin_of_text|><|text_start|>Hi.<|text_end|><|audio_start|>"
+    assert s(Request("tts", text="Hi.", voice_audio=codes, voice_text="Me.")) == (
+        f"<|begin_of_text|><|text_start|>Me.<|text_end|><|audio_start|>{audio}<|audio_end|>"
+        "<|text_start|>Hi.<|text_end|><|audio_start|>")
+    assert s(Request("s2st", audio=codes, source_language="fr", source_text="Salut.")) == (
+        f"<|begin_of_text|><|audio_start|>{audio}<|audio_end|><|text_start|><language>fr</language>Salut."
+        "<|text_end|><|text_start|><language>en</language>")
+
+
+def test_constrained_decoding_never_emits_an_out_of_place_id(vocab):
+    settings = Settings(temperature=1.5, text_temperature=1.5, top_k=0, max_seconds=1.5, max_text_tokens=24,
+                        batch_size=12)
+    checked = 0
+    for seed in range(4):
+        loaded = random_model(vocab, seed)
+        requests = mixed_requests(seed)
+        # Unconstrained, these models would mostly emit ids of the wrong kind.
+        plan = build_plan(vocab, requests[0], {})
+        with torch.no_grad():
+            probs = loaded.model(torch.tensor([plan.prompt])).logits[0, -1].softmax(-1)
+        assert probs[vocab.audio_base: vocab.audio_base + CODES].sum() < 0.5
+        for r, res in zip(requests, generate(loaded, requests, Settings(**{**vars(settings), "seed": seed}))):
+            check_ids(vocab, r.task, res.ids)
+            if res.codes is not None:
+                assert res.codes.shape[0] == K and res.codes.min(initial=0) >= 0 and res.codes.max(initial=0) < CODES
+            checked += len(res.ids)
+    assert checked > 4_000
+
+
+def test_kv_cache_and_full_recompute_give_identical_greedy_outputs(vocab):
+    loaded = random_model(vocab, 7)
+    requests = mixed_requests(7, n=6)
+    greedy = dict(temperature=0, max_seconds=1.2, max_text_tokens=16, batch_size=3)
+    cached = generate(loaded, requests, Settings(**greedy))
+    full = generate(loaded, requests, Settings(**greedy, use_cache=False))
+    alone = generate(loaded, requests, Settings(**{**greedy, "batch_size": 1}))  # no left padding
+    assert [r.ids for r in cached] == [r.ids for r in full] == [r.ids for r in alone]
+    assert [r.ended for r in cached] == [r.ended for r in full]
+    assert sum(len(r.ids) for r in cached) > 500
+
+
+def test_sampling_is_seeded(vocab):
+    loaded = random_model(vocab, 3)
+    requests = [Request("tts", text="abc")] * 3
+    run = lambda **kw: [r.ids for r in generate(loaded, requests, Settings(max_seconds=0.8, **kw))]  # noqa: E731
+    assert run(seed=1, temperature=1.0, top_p=0.9) == run(seed=1, temperature=1.0, top_p=0.9)
+    assert run(seed=1, temperature=1.0) != run(seed=2, temperature=1.0)
+    assert run(seed=1, temperature=1.0, top_k=1) == run(temperature=0)  # top-1 sampling is greedy
+
+
+def test_random_models_terminate_on_every_prompt_under_the_caps(vocab):
+    settings = dict(max_seconds=2.0, max_text_tokens=20, cap_base_seconds=0.4, cap_seconds_per_char=0.1,
+                    batch_size=12)
+    results, requests = [], []
+    for seed in range(3):
+        loaded = random_model(vocab, 10 + seed)
+        reqs = mixed_requests(seed, n=12)
+        out = generate(loaded, reqs, Settings(**settings, seed=seed, temperature=1.2, text_temperature=1.0))
+        results += out
+        requests += reqs
+    assert len(results) == 36 and all(r.ended in ENDINGS for r in results)
+    for r, req in zip(results, requests):
+        text_tokens = sum(1 for i in r.ids if i < vocab.text_size)
+        tag = len(vocab.encode_text("<language>en</language>"))  # forced before the translation
+        assert text_tokens <= {"asr": 20, "s2st": 20 if req.source_text else 40 + tag}.get(req.task, 0)
+        if req.task == "tts":
+            cap = min(2.0, 0.4 + 0.1 * len(req.text))
+            assert r.seconds <= cap + 1e-9
+            assert r.ended in ("audio_end", "text_length_cap") if cap < 2.0 else r.ended != "text_length_cap"
+        elif req.task == "continue":
+            assert r.seconds <= 1.0 and r.ended in ("audio_end", "max_seconds")
+        elif req.task == "asr":
+            assert r.ended in ("text_end", "max_tokens") and r.codes is None
+        else:  # s2st: text first, then audio; the audio cap follows the translation's length
+            assert r.phase_endings[0] in ("text_end", "max_tokens") and r.phase_endings[-1] == r.ended
+            assert len(r.phase_endings) == (2 if req.source_text else 3)
+            assert r.seconds <= min(2.0, 0.4 + 0.1 * len(r.text)) + 1e-9
+    summary = summarize(results)
+    assert summary["outputs"] == 36 and sum(summary["ended"].values()) == 36
+    assert 0 <= summary["termination_rate"] <= 1
+
+
+def test_s2st_forces_the_audio_after_the_translation(vocab):
+    loaded = random_model(vocab, 5)
+    res = generate(loaded, [Request("s2st", audio=np.zeros((K, 3), np.int64), source_language="fr",
+                                    source_text="oui")], Settings(temperature=0, max_text_tokens=5, max_seconds=1))[0]
+    ids = res.ids
+    end = ids.index(vocab.text_end)  # closes the translation (forced when capped), then <|audio_start|> is forced
+    assert ids[end + 1] == vocab.audio_start and res.text == vocab.decode_text(ids[:end])
+    assert res.codes.shape[1] * K == sum(1 for i in ids[end + 2:] if i >= vocab.audio_base) > 0
+
+
+def test_silence_run_stops_generation_and_is_cut(vocab, mimi):
+    loaded = random_model(vocab, 2)
+    everything_silent = frozenset(range(CODES))
+    res = generate(loaded, [Request("tts", text="a long enough text to speak")] * 4,
+                   Settings(silence_codes=everything_silent, silence_seconds=0.4, max_seconds=3, seed=0))
+    stopped = [r for r in res if r.ended == "silence"]
+    assert stopped and all(r.seconds == 0 and len([i for i in r.ids if i >= vocab.audio_base]) == 5 * K
+                           for r in stopped)
+    # With a codec, silence is what it makes of digital silence and near-silent noise.
+    codes = silence_codes(mimi)
+    assert set(mimi.encode(np.zeros(mimi.samples_per_frame * 20, np.float32))[0, 5:].tolist()) <= codes
+    assert len(codes) < mimi.codebook_size // 10
+
+
+def test_trained_run_with_codec_helpers(tiny_run, mimi, demo_waves):
+    loaded = load_model(str(tiny_run), device="cpu")
+    settings = Settings(max_seconds=1.0, max_text_tokens=12)
+    texts = transcribe(loaded, mimi, demo_waves[:2], settings)
+    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+    waves, ended = synthesize(loaded, mimi, ["Hello.", "Good day."], [(demo_waves[2], "A voice."), None], settings)
+    assert len(waves) == 2 and all(e in ENDINGS for e in ended)
+    for w in waves:
+        assert w.dtype == np.float32 and len(w) % mimi.samples_per_frame == 0
+        assert len(w) <= mimi.sample_rate * 1.0
+
+
+def test_cli_batch_writes_waves_results_and_summary(tiny_run, demo_waves, tmp_path, capsys):
+    wav = write_wave(tmp_path / "in" / "speech.wav", demo_waves[0], 24000)
+    rows = [{"task": "tts", "text": "Hello.", "voice": "in/speech.wav", "voice_text": "Some words.", "id": "hi"},
+            {"task": "asr", "audio": str(wav)},
+            {"task": "continue", "audio": "in/speech.wav", "max_seconds": 0.5},
+            {"task": "s2st", "audio": "in/speech.wav", "source_language": "fr", "source_text": "Bonjour."}]
+    jsonl = tmp_path / "requests.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "gen"
+    assert main([str(tiny_run), "batch", str(jsonl), "--out", str(out), "--max-seconds", "1", "--max-text-tokens",
+                 "10", "--batch-size", "2"]) == 0
+    results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in results] == ["hi", "00001", "00002", "00003"]
+    assert all(r["ended"] in ENDINGS for r in results) and results[1]["wav"] is None
+    for r in results[:1] + results[2:]:
+        wave, sr = sf.read(r["wav"])
+        assert sr == 24000 and abs(len(wave) / sr - r["seconds"]) < 1e-6 and r["seconds"] <= 1.0
+    assert results[2]["seconds"] <= 0.5
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["outputs"] == 4 and "termination_rate" in summary and "RANDOM" in summary["codec"]
+    assert "4 outputs" in capsys.readouterr().err
+
+
+def test_cli_single_asr_prints_the_transcript(tiny_run, demo_waves, tmp_path, capsys):
+    wav = write_wave(tmp_path / "speech.wav", demo_waves[1], 16000)  # resampled to the codec's rate
+    assert main([str(tiny_run), "asr", str(wav), "--out", str(tmp_path / "o"), "--max-text-tokens", "5"]) == 0
+    line = json.loads((tmp_path / "o" / "results.jsonl").read_text())
+    assert line["id"] == "asr" and repr(line["text"]) in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("lines, message", [
+    (['{"task": "asr", "audio": "missing.wav"}'], "requests.jsonl:1: audio file not found: missing.wav"),
+    (['', '{"task": "tts", "text": "a"}', '{"task": "tts"'], "requests.jsonl:3: not valid JSON"),
+    (['{"task": "sing", "text": "a"}'], "requests.jsonl:1: task 'sing'"),
+    (['{"task": "tts", "txt": "a"}'], "requests.jsonl:1: unknown field txt"),
+    (['{"task": "tts", "text": "a", "id": "x"}', '{"task": "tts", "text": "b", "id": "x"}'], "repeats line 1"),
+])
+def test_cli_bad_requests_are_one_line_errors(tmp_path, capsys, lines, message):
+    jsonl = tmp_path / "requests.jsonl"
+    jsonl.write_text("\n".join(lines) + "\n")
+    with pytest.raises(SystemExit) as exit_:
+        main(["no-model-needed", "batch", str(jsonl)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_bad_task_and_missing_inputs(tiny_run, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tiny_run), "sing", "x"])
+    assert exit_.value.code == 2 and "invalid choice: 'sing'" in capsys.readouterr().err
+    for argv, message in [([str(tiny_run), "asr", str(tmp_path / "none.wav")], "audio file not found"),
+                          ([str(tiny_run), "s2st", __file__], "needs --source-language"),
+                          ([str(tiny_run), "tts", "hi", "--voice-text", "x"], "--voice and --voice-text go together"),
+                          ([str(tmp_path / "nothing"), "tts", "hi"], "no such checkpoint")]:
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert message in capsys.readouterr().err
