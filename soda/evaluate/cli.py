@@ -1,0 +1,145 @@
+"""`soda-eval CHECKPOINT --tasks ... --out DIR`: benchmarks of one checkpoint, beside SODA's published table."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from tokenize_audio.errors import SodaError, cli_errors
+
+from . import report
+from .scoring import codebook_choice
+from .tasks import Context, Settings, available
+
+
+def build_parser(tasks: dict) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="soda-eval",
+        description="Evaluate a checkpoint (soda-train run directory, .ckpt, Hugging Face directory, SODA release "
+                    "or hub id): likelihood benchmarks, the NLL vector, multiple-choice audio QA. Writes "
+                    "OUT/results.json, OUT/results.md (beside SODA's published numbers for the same size) and "
+                    "per-item scores in OUT/items/.",
+        epilog="tasks and their --data-for inputs:\n"
+               + "\n".join(f"  {name:<8} {t.data_help}" for name, t in tasks.items())
+               + "\n\nexamples:\n"
+                 "  soda-eval runs/600m --tasks swuggy,sblimp,salmon,twuggy,tblimp --out eval/600m\n"
+                 "  soda-eval runs/600m --tasks nll --data-for nll=tokens/librispeech-dev --out eval/600m\n"
+                 "  soda-eval soda-research/soda-135m-base --tasks mcq --data-for mcq=mmau-test-mini.json \\\n"
+                 "            --split-weak-strong --judges runs/a,runs/b,runs/c --out eval/mmau",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("checkpoint", help="run directory, .ckpt file, Hugging Face model directory or hub id")
+    p.add_argument("--tasks", required=True, help=f"comma-separated: {','.join(tasks)}")
+    p.add_argument("--data-for", action="append", default=[], metavar="TASK=PATH",
+                   help="input of one task (repeatable); see the list below for defaults")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:1 ...")
+    p.add_argument("--codec", help="codec for audio inputs when the model does not record one (e.g. mimi, mimi:DIR)")
+    p.add_argument("--batch-tokens", type=int, default=16384, help="padded tokens per forward pass (default 16384)")
+    p.add_argument("--max-len", type=int, default=4096,
+                   help="longest sequence scored (default 4096, SODA's context): longer pairs/questions are skipped "
+                        "and reported; NLL documents are scored in windows of this length")
+    p.add_argument("--score", choices=("mean", "sum"), default="mean",
+                   help="a pair's score: mean (SODA) or sum of its tokens' log-probs")
+    p.add_argument("--codebooks", default="all",
+                   help="audio tokens a pair's score counts: all, semantic, or N (the first N codebooks)")
+    p.add_argument("--limit", type=int, help="at most N items per task (quick checks)")
+    p.add_argument("--mcq-template", default=Settings.mcq_template,
+                   help="question text before each option; {question} and {choices} are filled in "
+                        "(default: '{question}\\nAnswer:')")
+    p.add_argument("--split-weak-strong", action="store_true",
+                   help="mcq: write OUT/mcq_weak.json (answerable without audio) and OUT/mcq_strong.json")
+    p.add_argument("--judges", help="mcq: comma-separated judge checkpoints for the split (default: CHECKPOINT)")
+    p.add_argument("--weak-votes", type=int,
+                   help="mcq: an item is weak when at least this many judges answer it without audio "
+                        "(default: half of them, rounded up: 2 of 3)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def parse_data_for(values: list[str], chosen: list[str], tasks: dict) -> dict[str, str]:
+    data = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not path:
+            raise SodaError(f"--data-for {value}: expected TASK=PATH")
+        if name not in tasks:
+            raise SodaError(f"--data-for {value}: unknown task {name!r}; choose from {', '.join(tasks)}")
+        if name not in chosen:
+            raise SodaError(f"--data-for {value}: task {name} is not in --tasks")
+        data[name] = path
+    return data
+
+
+def evaluate(loaded, names: list[str], data_for: dict, settings: Settings, out: Path, codec=None,
+             log=print) -> dict:
+    """Load every task's inputs first (mistakes surface before any scoring), then score them in turn.
+
+    Results are written after each task, so the finished ones survive an interruption.
+    """
+    tasks = available()
+    out = Path(out)
+    ctx = Context(loaded, settings, out, codec)
+    codebook_choice(settings.codebooks, loaded.vocab)  # a bad --codebooks fails before any work
+    inputs = {name: tasks[name].load(ctx, data_for.get(name)) for name in names}
+    if any(tasks[name].audio for name in names):
+        ctx.codec  # noqa: B018 -- load it now: a codec that cannot be loaded fails before any scoring
+    log(f"soda-eval: {loaded.source} on {loaded.device} (codec: {loaded.codec_label}); tasks: {', '.join(names)}")
+    if settings.split_weak_strong and "mcq" in names:
+        from .mcq import weak_votes
+
+        weak_votes(settings, len(settings.judges) or 1)
+    header = {"model": report.model_summary(loaded), "settings": settings.public()}
+    results: dict = {}
+    for name in names:
+        started = time.time()
+        result = tasks[name].run(ctx, inputs[name])
+        result["seconds"] = round(time.time() - started, 2)
+        results[name] = result
+        log(f"soda-eval: {name}: {result['metric']} = {report._fmt(result['value'], tasks[name].percent)} "
+            f"({result['count']:,} scored, {result['skipped_count']:,} skipped)")
+        report.write(out, header, results, tasks)
+    return results
+
+
+@cli_errors("soda-eval")
+def main(argv=None) -> int:
+    tasks = available()
+    args = build_parser(tasks).parse_args(argv)
+    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = [t for t in names if t not in tasks]
+    if unknown or not names:
+        problem = f"unknown task {unknown[0]!r}" if unknown else "no task given"
+        raise SodaError(f"--tasks: {problem}; choose from {', '.join(tasks)}")
+    names = list(dict.fromkeys(names))
+    data_for = parse_data_for(args.data_for, names, tasks)
+    for flag, value in (("--batch-tokens", args.batch_tokens), ("--max-len", args.max_len), ("--limit", args.limit)):
+        if value is not None and value < 1:
+            raise SodaError(f"{flag} {value}: must be at least 1")
+    judges = [j.strip() for j in (args.judges or "").split(",") if j.strip()]
+    if (judges or args.weak_votes is not None) and not args.split_weak_strong:
+        raise SodaError("--judges and --weak-votes only apply with --split-weak-strong")
+    try:
+        args.mcq_template.format(question="", choices="")
+    except (KeyError, IndexError, ValueError) as err:
+        raise SodaError(f"--mcq-template: only {{question}} and {{choices}} can be filled in ({err})") from None
+    settings = Settings(batch_tokens=args.batch_tokens, max_len=args.max_len, reduction=args.score,
+                        codebooks=args.codebooks, limit=args.limit, progress=not args.quiet and sys.stderr.isatty(),
+                        device=args.device, codec=args.codec, mcq_template=args.mcq_template,
+                        split_weak_strong=args.split_weak_strong, judges=judges, weak_votes=args.weak_votes)
+    from soda.inference import load_model
+
+    if not settings.progress:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+    loaded = load_model(args.checkpoint, device=args.device, codec=args.codec)
+    evaluate(loaded, names, data_for, settings, Path(args.out), log=lambda m: print(m, file=sys.stderr))
+    print(f"soda-eval: wrote {Path(args.out) / 'results.json'} and results.md", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

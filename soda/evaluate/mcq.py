@@ -1,0 +1,378 @@
+"""Multiple-choice audio QA (MMAU / MMAR / MMSU / AudioMCQ-style), scored by log-likelihood.
+
+Each option is scored as the continuation of `BOS <|audio_start|>A<|audio_end|><|text_start|>`
++ the question (`--mcq-template`): the sum of its tokens' log-probs (raw) and their mean
+(length-normalised, the headline number: options differ in length). A base model cannot be
+judged fairly on free generation, so likelihood is the default. Chance is 1/options per item.
+
+Audio contribution: every item is scored again with silence of the same length in place of its
+audio. Items still answered correctly are answerable from the text alone (a soft measure beside it:
+how much the answer's probability among the options drops without audio); `--split-weak-strong`
+writes them (weak: correct without audio for at least `--weak-votes` of the judges) and the rest
+(strong) as two files in the input's format, the AudioMCQ filtering rule.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tokenize_audio.errors import SodaError
+from tokenize_audio.shards import atomic_write_json
+from tokenize_audio.sources import HFAudio
+
+from .scoring import check_length
+from .tasks import Context, Skips, Task, entry, register, share
+
+AUDIO_FIELDS = ("audio_path", "audio", "audio_id", "audio_file", "audio_filepath", "wav", "path")
+DOMAIN_FIELDS = ("domain", "task", "modality", "category", "task_name", "source_dataset")
+ID_FIELDS = ("id", "question_id", "uid", "index")
+LETTER = re.compile(r"^\(?([A-Za-z])\)?[.:)]?(\s.*)?$")
+
+
+@dataclass
+class Item:
+    id: str
+    question: str
+    choices: list[str]
+    answer: int
+    audio: object  # path or HFAudio
+    domain: str | None
+    row: dict  # the input row (for the weak/strong files)
+    audio_field: str | None = None
+
+
+@dataclass
+class Questions:
+    items: list[Item]
+    skips: Skips
+    source: str
+
+
+# --- reading ---------------------------------------------------------------------------------
+def _choices(row: dict) -> list | None:
+    for key in ("choices", "options"):
+        if isinstance(row.get(key), list):
+            return row[key]
+    lettered = [row.get(f"choice_{c}", row.get(f"option_{c}")) for c in "abcdefgh"]
+    found = [c for c in lettered if c is not None]
+    return found or None
+
+
+def _answer_index(answer, choices: list[str]) -> int | None:
+    """The answer as an option index: its text, a letter ("B", "(B)", "B. text") or a 0-based number."""
+    if isinstance(answer, bool) or answer is None:
+        return None
+    if isinstance(answer, int):
+        return answer if 0 <= answer < len(choices) else None
+    text = str(answer).strip()
+    folded = [c.strip().casefold() for c in choices]
+    if text.casefold() in folded:
+        return folded.index(text.casefold())
+    m = LETTER.match(text)
+    if m:
+        index = ord(m.group(1).upper()) - ord("A")
+        rest = (m.group(2) or "").strip().casefold()
+        if 0 <= index < len(choices) and (not rest or rest == folded[index]):
+            return index
+    return None
+
+
+def normalise(row, base: Path | None, pid: str) -> Item:
+    """One benchmark row -> Item; raises ValueError with the reason for a malformed row."""
+    if not isinstance(row, dict):
+        raise ValueError("not a JSON object")
+    question = row.get("question")
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError("no question")
+    choices = _choices(row)
+    if not choices or len(choices) < 2 or not all(isinstance(c, str) and c.strip() for c in choices):
+        raise ValueError("needs at least two non-empty choices")
+    raw = next((row[k] for k in ("answer", "answer_gt", "label", "correct_answer") if k in row), None)
+    answer = _answer_index(raw, choices)
+    if answer is None:
+        raise ValueError(f"answer {raw!r} is not one of the choices")
+    field = next((k for k in AUDIO_FIELDS if row.get(k)), None)
+    if field is None:
+        raise ValueError("no audio")
+    audio = row[field]
+    if isinstance(audio, dict):  # {"path": ...} as some exports write it
+        audio = audio.get("path")
+    if not isinstance(audio, (str, HFAudio)) or not audio:
+        raise ValueError("no audio path")
+    if isinstance(audio, str) and base is not None and not Path(audio).is_absolute():
+        audio = str((base / audio).resolve())
+    domain = next((str(row[k]) for k in DOMAIN_FIELDS if row.get(k) not in (None, "")), None)
+    item_id = next((str(row[k]) for k in ID_FIELDS if row.get(k) not in (None, "")), pid)
+    return Item(item_id, question.strip(), [c.strip() for c in choices], answer, audio, domain, row, field)
+
+
+def read_questions(spec: str | None, limit: int | None) -> Questions:
+    if spec is None:
+        raise SodaError("mcq: give --data-for mcq=FILE (a JSON list or JSONL of questions: question, choices, "
+                        "answer, audio path, optional domain)")
+    skips, items = Skips(), []
+    if spec.startswith("hf:"):
+        rows, base = _hf_rows(spec), None
+    else:
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise SodaError(f"--data-for mcq={spec}: no such file (expected a .json or .jsonl file of questions)")
+        rows, base = _file_rows(path, skips), path.parent
+    for pid, row in rows:
+        if limit is not None and len(items) + len(skips) >= limit:
+            break
+        try:
+            items.append(normalise(row, base, pid))
+        except ValueError as err:
+            label = next((row[k] for k in ID_FIELDS if row.get(k) not in (None, "")), pid) if isinstance(row, dict) else pid
+            skips.add(label, str(err))
+    if not items:
+        raise SodaError(f"mcq: no usable questions in {spec}" + (f" ({len(skips)} skipped)" if len(skips) else ""))
+    return Questions(items, skips, spec)
+
+
+def _file_rows(path: Path, skips: Skips) -> list[tuple[str, object]]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError) as err:
+        raise SodaError(f"{path}: unreadable ({err})") from None
+    if path.suffix != ".jsonl":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise SodaError(f"{path}: not valid JSON ({err}); use .jsonl for one question per line") from None
+        if isinstance(data, dict):
+            data = next((v for k, v in data.items() if k in ("data", "items", "questions") and isinstance(v, list)),
+                        None)
+        if not isinstance(data, list):
+            raise SodaError(f"{path}: expected a list of questions")
+        return [(f"{path.name}[{i}]", row) for i, row in enumerate(data)]
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((f"{path.name}:{n}", json.loads(line)))
+        except json.JSONDecodeError:
+            skips.add(f"{path.name}:{n}", "not valid JSON")
+    return rows
+
+
+def _hf_rows(spec: str):
+    """`hf:NAME[:CONFIG]:SPLIT` with an audio column (read undecoded), e.g. MMSU."""
+    parts = spec[3:].split(":")
+    if len(parts) not in (2, 3):
+        raise SodaError(f"--data-for mcq={spec}: expected hf:NAME:SPLIT or hf:NAME:CONFIG:SPLIT")
+    name, config, split = parts[0], (parts[1] if len(parts) == 3 else None), parts[-1]
+    try:
+        import datasets
+
+        ds = datasets.load_from_disk(name) if Path(name).is_dir() else datasets.load_dataset(name, config, split=split)
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds[split]
+    except Exception as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise SodaError(f"mcq: cannot load the dataset {name} ({reason})") from None
+    audio_col = next((c for c, f in ds.features.items() if type(f).__name__ == "Audio"), None)
+    if audio_col:
+        ds = ds.cast_column(audio_col, datasets.Audio(decode=False))
+    text_cols = [c for c in ds.column_names if c != audio_col]
+    for i, row in enumerate(ds.select_columns(text_cols)):
+        if audio_col:
+            row = dict(row, audio=HFAudio(name, ds, audio_col, i))
+        yield f"{name}[{i}]", row
+
+
+# --- scoring ---------------------------------------------------------------------------------
+# Items are keyed by their position in `Questions.items` (benchmark ids need not be unique).
+def _prompts(ctx: Context, items: list[Item], codes: list, skips: Skips | None) -> dict:
+    """index -> (question ids, [option ids]) for items whose audio could be encoded."""
+    vocab, template = ctx.vocab, ctx.settings.mcq_template
+    out = {}
+    for n, (item, c) in enumerate(zip(items, codes)):
+        if isinstance(c, str):
+            if skips is not None:
+                skips.add(item.id, f"audio: {c}")
+            continue
+        letters = ", ".join(f"({chr(65 + i)}) {choice}" for i, choice in enumerate(item.choices))
+        question = vocab.encode_text(template.format(question=item.question, choices=letters))
+        out[n] = (question, [vocab.encode_text(" " + choice) for choice in item.choices])
+    return out
+
+
+def _score(ctx: Context, codes: dict, prompts: dict, desc: str) -> dict:
+    """index -> (raw sums, per-token means) over the item's options, given its audio codes."""
+    vocab = ctx.vocab
+    seqs, masks, owners = [], [], []
+    for n, (question, options) in prompts.items():
+        prefix = np.concatenate([[vocab.bos_id, vocab.audio_start], vocab.codes_to_ids(codes[n]),
+                                 [vocab.audio_end, vocab.text_start], question]).astype(np.int64)
+        for option in options:
+            seqs.append(np.concatenate([prefix, option]))
+            masks.append(np.arange(len(seqs[-1])) >= len(prefix))
+            owners.append(n)
+    scores = defaultdict(lambda: ([], []))
+    for owner, lp in zip(owners, ctx.log_probs(seqs, masks, desc) if seqs else []):
+        scores[owner][0].append(float(lp.sum()))
+        scores[owner][1].append(float(lp.mean()))
+    return dict(scores)
+
+
+def _correct(values: list[float], answer: int) -> bool:
+    """Right only if the answer strictly beats every other option (a tie is not an answer)."""
+    return all(values[answer] > v for i, v in enumerate(values) if i != answer)
+
+
+def _option_probability(raw: list[float], answer: int) -> float:
+    """P(answer | one of the options): the softmax of the options' summed log-probs."""
+    values = np.asarray(raw)
+    weights = np.exp(values - values.max())
+    return float(weights[answer] / weights.sum())
+
+
+def _silence(ctx: Context, codes: dict) -> dict:
+    """Codes of silence as long as each item's audio (one encoding per distinct length)."""
+    frames = sorted({c.shape[1] for c in codes.values()})
+    spf = ctx.codec.samples_per_frame
+    encoded = ctx.encode([np.zeros(f * spf, dtype=np.float32) for f in frames], "mcq: encoding silence")
+    by_frames = dict(zip(frames, encoded))
+    return {n: by_frames[c.shape[1]] for n, c in codes.items()}
+
+
+def _prepare(ctx: Context, data: Questions, skips: Skips | None) -> tuple[dict, dict]:
+    """Audio codes and prompts of the items that fit `--max-len` (the rest are skipped)."""
+    items = data.items
+    codes_list = ctx.audio_codes([i.audio for i in items], "mcq: encoding")
+    prompts = _prompts(ctx, items, codes_list, skips)
+    codes = {n: c for n, c in enumerate(codes_list) if not isinstance(c, str)}
+    for n, (question, options) in list(prompts.items()):  # the longest option decides whether an item fits
+        length = 4 + codes[n].size + len(question) + max(len(o) for o in options)
+        if (reason := check_length(length, ctx.settings.max_len)) is not None:
+            if skips is not None:
+                skips.add(items[n].id, reason)
+            del prompts[n]
+    return codes, prompts
+
+
+def silent_correct(ctx: Context, data: Questions) -> dict[int, bool]:
+    """Judge use: which items (by index) this model answers correctly with silence as the audio."""
+    codes, prompts = _prepare(ctx, data, None)
+    scores = _score(ctx, _silence(ctx, codes), prompts, "judge: scoring with silence")
+    return {n: _correct(v[1], data.items[n].answer) for n, v in scores.items()}
+
+
+def run_mcq(ctx: Context, data: Questions) -> dict:
+    settings = ctx.settings
+    codes, prompts = _prepare(ctx, data, data.skips)
+    with_audio = _score(ctx, codes, prompts, "mcq: scoring")
+    with_silence = _score(ctx, _silence(ctx, codes), prompts, "mcq: scoring with silence")
+    rows, by_domain, totals = [], defaultdict(lambda: defaultdict(float)), defaultdict(int)
+    for n in sorted(with_audio):
+        item = data.items[n]
+        raw, norm = with_audio[n]
+        silent_raw, silent = with_silence[n]
+        flags = {"correct_raw": _correct(raw, item.answer), "correct": _correct(norm, item.answer),
+                 "correct_silence": _correct(silent, item.answer)}
+        flags["only_with_audio"] = flags["correct"] and not flags["correct_silence"]
+        flags["only_without_audio"] = flags["correct_silence"] and not flags["correct"]
+        d = by_domain[item.domain or "all"]
+        d["count"] += 1
+        d["chance"] += 1 / len(item.choices)
+        for key, value in flags.items():
+            totals[key] += value
+            d[key] += value
+        rows.append({"index": n, "id": item.id, "domain": item.domain, "answer": item.answer, "scores_raw": raw,
+                     "scores_norm": norm, "scores_norm_silence": silent, "pick": int(np.argmax(norm)),
+                     "pick_silence": int(np.argmax(silent)), **flags,
+                     "audio_effect": _option_probability(raw, item.answer)
+                     - _option_probability(silent_raw, item.answer)})
+    count = len(rows)
+    extra = {
+        "accuracy_raw": share(totals["correct_raw"], count),
+        "chance": share(sum(d["chance"] for d in by_domain.values()), count),
+        "by_domain": {name: {"accuracy": share(d["correct"], int(d["count"])),
+                             "accuracy_raw": share(d["correct_raw"], int(d["count"])),
+                             "accuracy_silence": share(d["correct_silence"], int(d["count"])),
+                             "chance": d["chance"] / d["count"], "count": int(d["count"])}
+                      for name, d in sorted(by_domain.items())},
+        "audio_contribution": {
+            "condition": "the item's audio replaced by silence of the same length",
+            "accuracy_silence": share(totals["correct_silence"], count),
+            "correct_with_audio": totals["correct"], "correct_without_audio": totals["correct_silence"],
+            "correct_only_with_audio": totals["only_with_audio"],
+            "correct_only_without_audio": totals["only_without_audio"],
+            "mean_audio_effect": share(sum(r["audio_effect"] for r in rows), count),
+        },
+    }
+    how = {"data": data.source, "template": settings.mcq_template, "codec": ctx.loaded.codec_label,
+           "score": "per-token mean log-prob of each option (raw sum in accuracy_raw)",
+           "correct_if": "the answer's score beats every other option (ties wrong)"}
+    if settings.split_weak_strong:
+        extra["split"] = split_weak_strong(ctx, data, rows)
+    result = entry("accuracy (length-normalised log-likelihood)", share(totals["correct"], count), count,
+                   data.skips, how, **extra)
+    result["_items"] = rows
+    return result
+
+
+# --- audio-contribution split ------------------------------------------------------------------
+def weak_votes(settings, n_judges: int) -> int:
+    k = settings.weak_votes if settings.weak_votes is not None else math.ceil(n_judges / 2)
+    if not 1 <= k <= n_judges:
+        raise SodaError(f"--weak-votes {k}: with {n_judges} judge(s) choose 1..{n_judges}")
+    return k
+
+
+def split_weak_strong(ctx: Context, data: Questions, rows: list[dict]) -> dict:
+    """Votes of the judges (the evaluated model when none are given) -> weak/strong files in the input format."""
+    from soda.inference import LoadedModel, load_model
+
+    settings = ctx.settings
+    judges = list(settings.judges) or [ctx.loaded]
+    k = weak_votes(settings, len(judges))
+    votes = {row["index"]: 0 for row in rows}
+    names = []
+    for judge in judges:
+        if judge is ctx.loaded or judge == ctx.loaded.source:
+            correct, name = {row["index"]: row["correct_silence"] for row in rows}, ctx.loaded.source
+        else:
+            loaded = judge if isinstance(judge, LoadedModel) else load_model(judge, settings.device, settings.codec)
+            same_codec = loaded.codec_spec == ctx.loaded.codec_spec and loaded.vocab.n_codebooks == ctx.vocab.n_codebooks
+            correct = silent_correct(Context(loaded, settings, codec=ctx.codec if same_codec else None), data)
+            name = loaded.source
+        names.append(name)
+        for n in votes:
+            votes[n] += bool(correct.get(n, False))
+    for row in rows:
+        row["votes_without_audio"] = votes[row["index"]]
+        row["split"] = "weak" if votes[row["index"]] >= k else "strong"
+    subsets = {label: [data.items[r["index"]] for r in rows if r["split"] == label] for label in ("weak", "strong")}
+    files = {}
+    if ctx.out is not None:
+        for label, subset in subsets.items():
+            atomic_write_json(ctx.out / f"mcq_{label}.json", [_portable(i) for i in subset])
+            files[label] = f"mcq_{label}.json"
+    return {"rule": f"weak if correct without audio for >= {k} of {len(judges)} judges", "judges": names,
+            "min_votes": k, "weak": len(subsets["weak"]), "strong": len(subsets["strong"]), "files": files}
+
+
+def _portable(item: Item) -> dict:
+    """The input row with its audio path made absolute, so the subset file works from anywhere."""
+    row = dict(item.row)
+    if item.audio_field and isinstance(item.audio, str):
+        row[item.audio_field] = item.audio
+    if isinstance(row.get(item.audio_field), HFAudio):
+        row[item.audio_field] = str(row[item.audio_field])
+    return row
+
+
+register(Task("mcq", "Audio MCQ", lambda ctx, spec: read_questions(spec, ctx.settings.limit), run_mcq,
+              data_help="a .json/.jsonl of questions (question, choices, answer, audio path, optional domain) or "
+                        "hf:NAME[:CONFIG]:SPLIT", soda_key=None, audio=True))

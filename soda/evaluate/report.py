@@ -1,0 +1,111 @@
+"""results.json, per-item files and a Markdown table beside SODA's published numbers for the same size.
+
+Everything is written atomically (temporary name, then rename) after each task, so an interrupted
+run leaves the finished tasks' results readable and never a half-written file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tokenize_audio.shards import atomic_write_json, atomic_write_text
+
+# SODA's released base models, identified by shape (width, layers, FFN), and their published results
+# (the SODA-LongRun table of the authors' experiment log; accuracies in %, WER in %, SIM a cosine).
+SODA_SHAPES = {(512, 15, 1792): "135M", (1024, 28, 3072): "600M", (2048, 28, 6144): "1.7B",
+               (2560, 36, 9728): "4B"}
+SODA_PUBLISHED = {
+    "135M": {"sblimp": 50.1, "swuggy": 56.3, "salmon": 70.0, "tblimp": 67.4, "twuggy": 70.7, "asr": 28.1,
+             "tts_wer": 11.2, "tts_sim": 0.500},
+    "600M": {"sblimp": 51.2, "swuggy": 58.9, "salmon": 70.1, "tblimp": 70.7, "twuggy": 73.1, "asr": 10.2,
+             "tts_wer": 7.6, "tts_sim": 0.555},
+    "1.7B": {"sblimp": 51.4, "swuggy": 60.6, "salmon": 70.6, "tblimp": 70.3, "twuggy": 74.7, "asr": 7.0,
+             "tts_wer": 6.9, "tts_sim": 0.560},
+    "4B": {"sblimp": 52.4, "swuggy": 61.8, "salmon": 70.4, "tblimp": 71.3, "twuggy": 74.8, "asr": 5.0,
+           "tts_wer": 6.1, "tts_sim": 0.560},
+}
+
+
+def soda_size(model) -> str | None:
+    c = model.config
+    return SODA_SHAPES.get((getattr(c, "hidden_size", None), getattr(c, "num_hidden_layers", None),
+                            getattr(c, "intermediate_size", None)))
+
+
+def model_summary(loaded) -> dict:
+    model = loaded.model
+    total = sum(p.numel() for p in model.parameters())
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    embedding = emb.weight.numel() + (head.weight.numel() if head is not None and head.weight is not emb.weight else 0)
+    c = model.config
+    return {"source": loaded.source, "codec": loaded.codec_label, "vocab_size": loaded.vocab.size,
+            "codebooks": loaded.vocab.n_codebooks, "parameters": total, "non_embedding_parameters": total - embedding,
+            "shape": {k: getattr(c, k, None) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                                       "num_key_value_heads", "head_dim", "intermediate_size")},
+            "soda_size": soda_size(model), "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
+
+
+def write(out: Path, header: dict, results: dict, tasks: dict) -> None:
+    """results.json (items moved to items/TASK.jsonl) and results.md."""
+    clean = {}
+    for name, result in results.items():
+        items = result.pop("_items", None)
+        if items is not None:
+            lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in items)
+            atomic_write_text(out / "items" / f"{name}.jsonl", lines)
+            result["items_file"] = f"items/{name}.jsonl"
+        clean[name] = result
+    atomic_write_json(out / "results.json", {**header, "tasks": clean})
+    atomic_write_text(out / "results.md", markdown(header, clean, tasks))
+
+
+def _fmt(value, percent: bool) -> str:
+    if value is None:
+        return "–"
+    return f"{100 * value:.1f}" if percent else f"{value:.4g}"
+
+
+def markdown(header: dict, results: dict, tasks: dict) -> str:
+    model = header["model"]
+    size = model.get("soda_size")
+    lines = [f"# soda-eval: {model['source']}", "",
+             f"Codec: {model['codec']}. Parameters: {model['parameters']:,} ({model['non_embedding_parameters']:,} "
+             f"non-embedding). Accuracies in %.", ""]
+    columns = ["Task", "Metric", "Result", "Items", "Skipped"] + ([f"SODA-{size}"] if size else [])
+    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    notes = []
+    for name, r in results.items():
+        task = tasks[name]
+        row = [task.title, r["metric"], _fmt(r["value"], task.percent), f"{r['count']:,}", f"{r['skipped_count']:,}"]
+        if size:
+            published = SODA_PUBLISHED[size].get(task.soda_key) if task.soda_key else None
+            row.append("–" if published is None else f"{published:g}")
+        lines.append("| " + " | ".join(row) + " |")
+        notes += _notes(task, r)
+    if not size:
+        lines += ["", "No SODA release has this model's shape, so no published numbers are shown beside it "
+                      "(SODA published 135M, 600M, 1.7B and 4B)."]
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
+
+
+def _notes(task, r: dict) -> list[str]:
+    out = []
+    if r.get("by_group"):
+        groups = ", ".join(f"{g} {_fmt(v['accuracy'], True)} ({v['count']})" for g, v in r["by_group"].items())
+        out.append(f"- {task.title} by task: {groups}.")
+    if r.get("nll_by_group"):
+        vector = ", ".join(f"{g} {v:.3f}" for g, v in r["nll_by_group"].items())
+        bits = r.get("bits_per_audio_second")
+        out.append(f"- {task.title} (nats/token): {vector}" + (f"; {bits:.1f} bits per audio-second" if bits else "")
+                   + ".")
+    if r.get("audio_contribution"):
+        ac = r["audio_contribution"]
+        out.append(f"- {task.title}: chance {_fmt(r['chance'], True)}, raw-sum accuracy {_fmt(r['accuracy_raw'], True)}; "
+                   f"with silence instead of audio {_fmt(ac['accuracy_silence'], True)} "
+                   f"({ac['correct_without_audio']} items right without audio, {ac['correct_only_with_audio']} only "
+                   f"with it).")
+        if r.get("split"):
+            s = r["split"]
+            out.append(f"- {task.title} split ({s['rule']}): {s['weak']} weak, {s['strong']} strong.")
+    return out
