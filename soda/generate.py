@@ -156,7 +156,8 @@ def build_plan(vocab, request: Request, codes: dict) -> _Plan:
     target = [v.text_start] + _language(v, r.target_language)
     audio_phase = _Phase("audio", [v.audio_start], None, r.max_seconds, speaks_previous=True)
     if r.source_text is not None:
-        return _Plan(p + v.encode_text(r.source_text).tolist() + [v.text_end] + target, [_Phase("text", []), audio_phase])
+        p += v.encode_text(r.source_text).tolist() + [v.text_end] + target
+        return _Plan(p, [_Phase("text", []), audio_phase])
     return _Plan(p, [_Phase("text", []), _Phase("text", target), audio_phase])
 
 

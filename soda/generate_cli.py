@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  soda-generate runs/demo batch requests.jsonl --out gen/ --batch-size 16\n"
                "\n"
                "requests.jsonl, one JSON object a line (paths relative to the working directory or the file):\n"
-               "  {\"task\": \"tts\", \"text\": \"Hello.\", \"voice\": \"v.wav\", \"voice_text\": \"...\", \"id\": \"a\"}\n"
+               "  {\"task\": \"tts\", \"text\": \"Hi.\", \"voice\": \"v.wav\", \"voice_text\": \"...\", \"id\": \"a\"}\n"
                "  {\"task\": \"asr\", \"audio\": \"speech.wav\"}\n"
                "  {\"task\": \"continue\", \"audio\": \"prompt.wav\", \"max_seconds\": 5}\n"
                "  {\"task\": \"s2st\", \"audio\": \"src.wav\", \"source_language\": \"fr\", \"source_text\": \"...\"}\n"
@@ -111,6 +111,12 @@ def read_requests(path: Path) -> list[dict]:
         unknown = sorted(set(row) - FIELDS)
         if unknown:
             raise SodaError(f"{where}: unknown field {', '.join(unknown)} (known: {', '.join(sorted(FIELDS))})")
+        wrong = [k for k, x in row.items() if k not in ("max_seconds", "id") and not isinstance(x, (str, type(None)))]
+        if wrong:
+            raise SodaError(f"{where}: {', '.join(wrong)} must be a string")
+        seconds = row.get("max_seconds")
+        if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds <= 0):
+            raise SodaError(f"{where}: max_seconds must be a positive number")
         if row.get("task") not in TASKS:
             raise SodaError(f"{where}: task {row.get('task')!r}; choose from {', '.join(TASKS)}")
         for key in AUDIO_FIELDS:
@@ -121,6 +127,7 @@ def read_requests(path: Path) -> list[dict]:
             raise SodaError(f"{where}: id {row['id']!r} repeats line {seen[row['id']]}")
         seen[row["id"]] = n
         row["line"] = where
+        _request(row, {k: row[k] for k in AUDIO_FIELDS if row.get(k) is not None})  # before loading the model
         rows.append(row)
     if not rows:
         raise SodaError(f"{path}: no requests in it")
@@ -163,6 +170,11 @@ def to_request(row: dict, codec) -> Request:
                 raise SodaError(f"{row['line']}: {row[key]}: {err}") from None
             if codec.whole_frames(len(audio[key])) < 1:
                 raise SodaError(f"{row['line']}: {row[key]}: shorter than one codec frame")
+    return _request(row, audio)
+
+
+def _request(row: dict, audio: dict) -> Request:
+    """The Request for a row, checked (`audio` maps audio fields to waves, or to paths for the check)."""
     request = Request(row["task"], text=row.get("text"), audio=audio.get("audio"), voice_audio=audio.get("voice"),
                       voice_text=row.get("voice_text"), source_language=row.get("source_language"),
                       source_text=row.get("source_text"), target_language=row.get("target_language") or "en",
@@ -230,8 +242,8 @@ def main(argv=None) -> int:
         if x["wav"] and x["text"]:
             what = f"{x['text']!r}, {what}"
         print(f"{x['id']}: {what} (ended: {x['ended']})")
-    rate = summary["termination_rate"]
-    print(f"{len(results)} outputs, {rate:.0%} stopped by the model ({', '.join(f'{k} {v}' for k, v in summary['ended'].items() if v)}); "
+    endings = ", ".join(f"{k} {v}" for k, v in summary["ended"].items() if v)
+    print(f"{len(results)} outputs, {summary['termination_rate']:.0%} stopped by the model ({endings}); "
           f"codec: {loaded.codec_label}; wrote {args.out}/results.jsonl, summary.json", file=sys.stderr)
     return 0
 

@@ -226,6 +226,10 @@ def test_cli_single_asr_prints_the_transcript(tiny_run, demo_waves, tmp_path, ca
     (['', '{"task": "tts", "text": "a"}', '{"task": "tts"'], "requests.jsonl:3: not valid JSON"),
     (['{"task": "sing", "text": "a"}'], "requests.jsonl:1: task 'sing'"),
     (['{"task": "tts", "txt": "a"}'], "requests.jsonl:1: unknown field txt"),
+    (['{"task": "continue", "audio": "requests.jsonl", "max_seconds": "5"}'], "max_seconds must be a positive"),
+    (['{"task": "tts", "text": 5}'], "requests.jsonl:1: text must be a string"),
+    (['{"task": "tts", "text": "a"}', '{"task": "s2st", "audio": "requests.jsonl"}'],
+     "requests.jsonl:2: s2st request 00001 needs source_language"),
     (['{"task": "tts", "text": "a", "id": "x"}', '{"task": "tts", "text": "b", "id": "x"}'], "repeats line 1"),
 ])
 def test_cli_bad_requests_are_one_line_errors(tmp_path, capsys, lines, message):
