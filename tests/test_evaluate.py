@@ -381,3 +381,82 @@ def test_user_mistakes_are_one_line_errors(tiny_run, tmp_path, capsys):
     assert "--split-weak-strong" in _error(capsys, [run, "--tasks", "nll", "--weak-votes", "2", "--out", out])
     assert "no such checkpoint" in _error(capsys, [str(tmp_path / "nothing"), "--tasks", "nll", "--out", out])
     assert not (tmp_path / "eval").exists()
+
+
+# --- generation tasks: ASR and TTS --------------------------------------------------------------------
+def test_wer_uses_sodas_normalisation():
+    from soda.evaluate.asr import normalize, word_errors
+
+    assert normalize("  It\u2019s a \u201cTest\u201d -- (really)!  ") == "its a test really"
+    scores = word_errors(["Hello, World!", "It's a test."], ["hello world", "its the test"])
+    assert scores["wer"] == pytest.approx(1 / 5) and scores["substitutions"] == 1 and scores["reference_words"] == 5
+    assert word_errors(["one two"], [""])["wer"] == 1.0  # nothing said: every word deleted
+
+
+@pytest.fixture(scope="module")
+def speaker_encoder(tmp_path_factory) -> Path:
+    """A tiny random-weight WavLM speaker-verification model saved as a directory (the real loading path)."""
+    from transformers import Wav2Vec2FeatureExtractor, WavLMConfig, WavLMForXVector
+
+    path = tmp_path_factory.mktemp("wavlm-sv")
+    torch.manual_seed(0)
+    config = WavLMConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                         conv_dim=(16, 16), conv_stride=(5, 4), conv_kernel=(10, 8), num_conv_pos_embeddings=16,
+                         num_conv_pos_embedding_groups=2, tdnn_dim=(16, 16), tdnn_kernel=(3, 1),
+                         tdnn_dilation=(1, 1), xvector_output_dim=8, num_buckets=32, max_bucket_distance=64)
+    WavLMForXVector(config).save_pretrained(path)
+    Wav2Vec2FeatureExtractor(sampling_rate=16000, return_attention_mask=True).save_pretrained(path)
+    return path
+
+
+def test_asr_and_tts_report_wer_similarity_and_termination(tiny_run, small_corpus, speaker_encoder, tmp_path,
+                                                             capsys):
+    pytest.importorskip("pocketsphinx")
+    import jiwer
+    import soundfile as sf
+
+    from soda.evaluate.asr import normalize
+
+    import shutil
+
+    flite = next(small_corpus.glob("flite_kal/*"))  # LibriSpeech-style: NAME.trans.txt beside the audio
+    libri = tmp_path / "test-clean" / "61" / "70968"
+    libri.mkdir(parents=True)
+    listing = (flite / f"{flite.name}.trans.txt").read_text().splitlines()[:3]
+    for line in listing[:2]:
+        shutil.copy(flite / f"{line.split()[0]}.flac", libri)
+    (libri / f"{flite.name}.trans.txt").write_text("\n".join(listing) + "\n")  # the third has no audio
+    voice = sorted(small_corpus.rglob("*.flac"))[0]
+    meta = tmp_path / "seed-tts" / "meta.lst"
+    meta.parent.mkdir()
+    meta.write_text(f"a|{voice.with_suffix('.txt').read_text().strip()}|{voice}|Hello there.\n"
+                    f"b|Some words.|{voice}|A wise son.\n"
+                    f"c|Gone.|missing.wav|Hear me.\n"
+                    "broken line\n")
+    out = tmp_path / "eval"
+    assert main([str(tiny_run), "--tasks", "asr,tts", "--data-for", f"asr={tmp_path / 'test-clean'}",
+                 "--data-for", f"tts={meta}", "--tts-asr", "pocketsphinx", "--tts-speaker", f"wavlm:{speaker_encoder}",
+                 "--out", str(out), "--quiet"]) == 0
+    results = json.loads((out / "results.json").read_text())["tasks"]
+    asr, tts = results["asr"], results["tts"]
+    items = [json.loads(line) for line in (out / "items" / "asr.jsonl").read_text().splitlines()]
+    assert asr["count"] == 2 and len(items) == 2 and asr["skipped_count"] == 1
+    assert "no audio file" in asr["skipped"][0]["reason"]
+    recomputed = jiwer.wer([normalize(i["reference"]) for i in items], [normalize(i["hypothesis"]) for i in items])
+    assert asr["value"] == pytest.approx(recomputed)
+    assert tts["count"] == 2 and tts["skipped_count"] == 2
+    assert {s["item"] for s in tts["skipped"]} == {"c", "meta.lst:4"}
+    spoken = [json.loads(line) for line in (out / "items" / "tts.jsonl").read_text().splitlines()]
+    assert tts["termination_rate"] == sum(i["ended"] == "audio_end" for i in spoken) / 2
+    for item in spoken:
+        wave, sr = sf.read(str(out / "tts" / f"{item['id']}.wav"))
+        assert sr == 24000 and len(wave) / sr == pytest.approx(item["seconds"], abs=1e-3)
+        assert item["similarity"] is None or -1 <= item["similarity"] <= 1
+    recomputed = jiwer.wer([normalize(i["text"]) for i in spoken], [normalize(i["transcript"]) for i in spoken])
+    assert tts["value"] == pytest.approx(recomputed)
+    table = (out / "results.md").read_text()
+    assert "| TTS | termination rate" in table and "| ASR (WER) | WER (corpus, normalised) ↓ |" in table
+    # the default speaker encoder is not reachable offline: one line, before anything is generated
+    err = _error(capsys, [str(tiny_run), "--tasks", "tts", "--data-for", f"tts={meta}", "--tts-asr", "pocketsphinx",
+                          "--out", str(tmp_path / "x")])
+    assert "wavlm-base-plus-sv" in err and "--tts-speaker" in err

@@ -55,6 +55,13 @@ def build_parser(tasks: dict) -> argparse.ArgumentParser:
     p.add_argument("--weak-votes", type=int,
                    help="mcq: an item is weak when at least this many judges answer it without audio "
                         "(default: half of them, rounded up: 2 of 3)")
+    p.add_argument("--tts-asr", default="whisper",
+                   help="tts: ASR backend for intelligibility: whisper[:MODEL] (default openai/whisper-large-v3, "
+                        "as SODA), pocketsphinx (offline, rough), self (the model's own ASR)")
+    p.add_argument("--tts-speaker", default="wavlm",
+                   help="tts: speaker encoder for similarity: wavlm[:MODEL] (default microsoft/wavlm-base-plus-sv), "
+                        "resemblyzer (offline), none")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed of generation tasks (tts)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -128,7 +135,8 @@ def main(argv=None) -> int:
     settings = Settings(batch_tokens=args.batch_tokens, max_len=args.max_len, reduction=args.score,
                         codebooks=args.codebooks, limit=args.limit, progress=not args.quiet and sys.stderr.isatty(),
                         device=args.device, codec=args.codec, mcq_template=args.mcq_template,
-                        split_weak_strong=args.split_weak_strong, judges=judges, weak_votes=args.weak_votes)
+                        split_weak_strong=args.split_weak_strong, judges=judges, weak_votes=args.weak_votes,
+                        seed=args.seed, tts_asr=args.tts_asr, tts_speaker=args.tts_speaker)
     from soda.inference import load_model
 
     if not settings.progress:

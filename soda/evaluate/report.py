@@ -71,17 +71,22 @@ def markdown(header: dict, results: dict, tasks: dict) -> str:
     size = model.get("soda_size")
     lines = [f"# soda-eval: {model['source']}", "",
              f"Codec: {model['codec']}. Parameters: {model['parameters']:,} ({model['non_embedding_parameters']:,} "
-             f"non-embedding). Accuracies in %.", ""]
+             f"non-embedding). Accuracies and error rates in %; ↓: lower is better.", ""]
     columns = ["Task", "Metric", "Result", "Items", "Skipped"] + ([f"SODA-{size}"] if size else [])
     lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     notes = []
     for name, r in results.items():
         task = tasks[name]
-        row = [task.title, r["metric"], _fmt(r["value"], task.percent), f"{r['count']:,}", f"{r['skipped_count']:,}"]
-        if size:
-            published = SODA_PUBLISHED[size].get(task.soda_key) if task.soda_key else None
-            row.append("–" if published is None else f"{published:g}")
-        lines.append("| " + " | ".join(row) + " |")
+        rows = [(r["metric"] + (" ↓" if task.lower_is_better else ""), r["value"], task.percent, r["count"],
+                 r["skipped_count"], task.soda_key)]
+        rows += [(a["metric"], a["value"], a["percent"], a["count"], r["skipped_count"], a["soda_key"])
+                 for a in r.get("also", [])]
+        for metric, value, percent, count, skipped, soda_key in rows:
+            row = [task.title, metric, _fmt(value, percent), f"{count:,}", f"{skipped:,}"]
+            if size:
+                published = SODA_PUBLISHED[size].get(soda_key) if soda_key else None
+                row.append("–" if published is None else f"{published:g}")
+            lines.append("| " + " | ".join(row) + " |")
         notes += _notes(task, r)
     if not size:
         lines += ["", "No SODA release has this model's shape, so no published numbers are shown beside it "

@@ -42,10 +42,15 @@ class Settings:
     judges: list = field(default_factory=list)  # checkpoints (or LoadedModel objects); default: the model
     weak_votes: int | None = None  # weak = correct without audio for >= this many judges (default ceil(n/2))
     codec_batch_seconds: float | None = None  # audio per codec call (default 5 s on CPU, 120 s on GPU)
+    seed: int = 0  # generation (ASR, TTS)
+    generation_batch: int = 8  # prompts decoded together
+    max_text_tokens: int = 256  # ASR transcript cap
+    tts_asr: str = "whisper"  # how TTS output is transcribed: whisper[:MODEL], pocketsphinx, self
+    tts_speaker: str = "wavlm"  # speaker embeddings for similarity: wavlm[:MODEL], resemblyzer, none
 
     def public(self) -> dict:
         return {"batch_tokens": self.batch_tokens, "max_len": self.max_len, "device": self.device,
-                "codec_override": self.codec}
+                "codec_override": self.codec, "seed": self.seed}
 
 
 class Context:
@@ -73,12 +78,12 @@ class Context:
                                self.settings.progress, desc, pad_id=self.vocab.eos_id)
 
     # --- audio ---------------------------------------------------------------------------------
-    def load_wave(self, source) -> np.ndarray:
+    def load_wave(self, source, start: float | None = None, end: float | None = None) -> np.ndarray:
         """Audio at the codec's rate, cut to whole frames; SkipItem if unusable."""
         if isinstance(source, np.ndarray):
             wave = source.astype(np.float32)
         else:
-            wave = load_audio(source, self.codec.sample_rate)
+            wave = load_audio(source, self.codec.sample_rate, start, end)
         frames = self.codec.whole_frames(len(wave))
         if frames < 1:
             raise SkipItem(f"shorter than one codec frame ({len(wave)} samples)")
@@ -133,6 +138,7 @@ class Task:
     soda_key: str | None = None  # column of SODA's published table
     percent: bool = True  # the metric is a share, shown in %
     audio: bool = False  # encodes audio: the codec is loaded before any task runs (a missing codec fails early)
+    lower_is_better: bool = False
 
 
 TASKS: dict[str, Task] = {}

@@ -1,0 +1,116 @@
+"""ASR: the model transcribes speech 0-shot (`<|audio_start|>A<|audio_end|><|text_start|>`, greedy);
+word error rate with jiwer after SODA's normalisation, over the whole set (errors / reference words).
+
+Data: a LibriSpeech-style directory (`*.trans.txt` or same-stem `.txt` beside the audio), a JSONL
+manifest (`audio`, `text`), or `hf:NAME[:CONFIG]:SPLIT`; default LibriSpeech test-clean from the hub.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from tokenize_audio.errors import SkipItem, SodaError
+
+from .scoring import check_length
+from .tasks import Skips, Task, entry, register, share
+
+DEFAULT_DATA = "hf:openslr/librispeech_asr:clean:test"
+# SODA's WER normalisation: drop these marks (straight and curly quotes included), collapse spaces, lower-case.
+PUNCTUATION = re.compile(r"[.,!?;:\"'\-()\[\]{}\u2018\u2019\u201c\u201d]")
+
+
+def normalize(text: str) -> str:
+    return " ".join(PUNCTUATION.sub("", text).split()).lower()
+
+
+def word_errors(references: list[str], hypotheses: list[str]) -> dict:
+    """Corpus WER of normalised texts (references must be non-empty after normalising)."""
+    import jiwer
+
+    out = jiwer.process_words([normalize(r) for r in references], [normalize(h) for h in hypotheses])
+    words = out.hits + out.substitutions + out.deletions
+    return {"wer": out.wer, "substitutions": out.substitutions, "deletions": out.deletions,
+            "insertions": out.insertions, "reference_words": words}
+
+
+def check_jiwer(task: str) -> None:
+    try:
+        import jiwer  # noqa: F401
+    except ImportError:
+        raise SodaError(f"{task}: word error rates need jiwer (pip install jiwer)") from None
+
+
+def generation_settings(ctx, **overrides):
+    from soda.generate import Settings as GenerationSettings
+
+    return GenerationSettings(seed=ctx.settings.seed, batch_size=ctx.settings.generation_batch, **overrides)
+
+
+@dataclass
+class Speech:
+    utterances: list
+    skips: Skips
+    source: str
+
+
+def load_speech(ctx, spec: str | None) -> Speech:
+    from tokenize_audio.sources import read_inputs
+
+    check_jiwer("asr")
+    spec = spec or DEFAULT_DATA
+    try:
+        corpus = read_inputs([spec])
+    except SodaError as err:
+        hint = "; without hub access, pass --data-for asr=DIR (LibriSpeech-style)" if spec.startswith("hf:") else ""
+        raise SodaError(f"asr: {err}{hint}") from None
+    skips = Skips()
+    for s in corpus.skipped:
+        skips.add(s["path"], s["reason"])
+    utterances = corpus.utterances[: ctx.settings.limit] if ctx.settings.limit else corpus.utterances
+    if not utterances:
+        raise SodaError(f"asr: no usable utterances in {spec}")
+    return Speech(utterances, skips, spec)
+
+
+def run_asr(ctx, data: Speech) -> dict:
+    from soda.generate import Request, generate
+
+    usable, requests, waves = [], [], []
+    for u in data.utterances:
+        try:
+            if not normalize(u.text):
+                raise SkipItem("empty reference after normalisation")
+            waves.append(ctx.load_wave(u.audio, u.start, u.end))
+            usable.append(u)
+        except SkipItem as err:
+            data.skips.add(u.where, str(err))
+    kept = []
+    for u, c in zip(usable, ctx.encode(waves, "asr: encoding")):
+        if (reason := check_length(c.size + 4, ctx.settings.max_len)) is not None:
+            data.skips.add(u.where, reason)
+            continue
+        kept.append(u)
+        requests.append(Request("asr", audio=c, id=u.id))
+    usable = kept
+    results = generate(ctx.loaded, requests, generation_settings(ctx, max_text_tokens=ctx.settings.max_text_tokens),
+                       ctx.codec, progress=ctx.settings.progress) if requests else []
+    refs, hyps = [u.text for u in usable], [r.text for r in results]
+    scores = word_errors(refs, hyps) if refs else {"wer": None, "reference_words": 0}
+    ended = {}
+    for r in results:
+        ended[r.ended] = ended.get(r.ended, 0) + 1
+    items = [{"id": u.id, "reference": ref, "hypothesis": hyp, "reference_normalized": normalize(ref),
+              "hypothesis_normalized": normalize(hyp), "ended": r.ended}
+             for u, ref, hyp, r in zip(usable, refs, hyps, results)]
+    how = {"data": data.source, "prompt": "BOS <|audio_start|>A<|audio_end|><|text_start|>", "decoding": "greedy",
+           "max_text_tokens": ctx.settings.max_text_tokens, "normalisation": "SODA's: punctuation and quotes "
+           "removed, spaces collapsed, lower-cased", "codec": ctx.loaded.codec_label}
+    result = entry("WER (corpus, normalised)", scores.pop("wer"), len(usable), data.skips, how, **scores,
+                   ended=ended, termination_rate=share(ended.get("text_end", 0), len(results)))
+    result["_items"] = items
+    return result
+
+
+register(Task("asr", "ASR (WER)", load_speech, run_asr, data_help="LibriSpeech-style directory, JSONL manifest or "
+              f"hf:NAME[:CONFIG]:SPLIT; default {DEFAULT_DATA}", soda_key="asr", audio=True, lower_is_better=True))
