@@ -40,7 +40,11 @@ class LoadedModel:
 
         if self.codec_spec is None:
             raise SodaError(f"{self.source}: the codec of this model is not recorded; pass --codec (e.g. mimi)")
-        return load_codec(self.codec_spec, codebooks=self.vocab.n_codebooks, device=str(self.device))
+        codec = load_codec(self.codec_spec, codebooks=self.vocab.n_codebooks, device=str(self.device))
+        if codec.codebook_size != self.vocab.codebook_size:  # its codes would land on other codebooks' ids
+            raise SodaError(f"codec {self.codec_spec} has codebooks of {codec.codebook_size} codes but {self.source} "
+                            f"was trained on {self.vocab.codebook_size}; pass the codec it was trained with (--codec)")
+        return codec
 
 
 def default_dtype(device: torch.device) -> torch.dtype:

@@ -367,6 +367,10 @@ def test_soda_layout_directory_loads_and_scores(demo_waves, tmp_path, capsys):
     # without --codec a SODA release means the real Mimi, which cannot be fetched offline: one line, exit 2
     err = _error(capsys, [str(release), "--tasks", "swuggy", "--data-for", f"swuggy={pairs}", "--out", str(out)])
     assert "mimi" in err and "--codec" in err
+    # a codec with other codebook sizes would put codes on the wrong ids
+    err = _error(capsys, [str(release), "--codec", "encodec:random", "--tasks", "swuggy", "--data-for",
+                          f"swuggy={pairs}", "--out", str(out)])
+    assert "codebooks of 1024 codes" in err
 
 
 def test_user_mistakes_are_one_line_errors(tiny_run, tmp_path, capsys):

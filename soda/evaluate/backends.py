@@ -45,7 +45,7 @@ def _pocketsphinx(model: str | None, ctx):
     try:
         from pocketsphinx import Decoder
     except ImportError:
-        raise SodaError("--tts-asr pocketsphinx: pip install pocketsphinx (its English model is in the wheel)") from None
+        raise SodaError("--tts-asr pocketsphinx: pip install pocketsphinx (English model included)") from None
     decoder = Decoder(samprate=16000, loglevel="FATAL", **({"hmm": model} if model else {}))
 
     def transcribe(waves, sr):

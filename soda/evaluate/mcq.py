@@ -84,6 +84,12 @@ def _answer_index(answer, choices: list[str]) -> int | None:
     return None
 
 
+def _row_id(row, fallback: str) -> str:
+    if not isinstance(row, dict):
+        return fallback
+    return next((str(row[k]) for k in ID_FIELDS if row.get(k) not in (None, "")), fallback)
+
+
 def normalise(row, base: Path | None, pid: str) -> Item:
     """One benchmark row -> Item; raises ValueError with the reason for a malformed row."""
     if not isinstance(row, dict):
@@ -109,8 +115,7 @@ def normalise(row, base: Path | None, pid: str) -> Item:
     if isinstance(audio, str) and base is not None and not Path(audio).is_absolute():
         audio = str((base / audio).resolve())
     domain = next((str(row[k]) for k in DOMAIN_FIELDS if row.get(k) not in (None, "")), None)
-    item_id = next((str(row[k]) for k in ID_FIELDS if row.get(k) not in (None, "")), pid)
-    return Item(item_id, question.strip(), [c.strip() for c in choices], answer, audio, domain, row, field)
+    return Item(_row_id(row, pid), question.strip(), [c.strip() for c in choices], answer, audio, domain, row, field)
 
 
 def read_questions(spec: str | None, limit: int | None) -> Questions:
@@ -131,8 +136,7 @@ def read_questions(spec: str | None, limit: int | None) -> Questions:
         try:
             items.append(normalise(row, base, pid))
         except ValueError as err:
-            label = next((row[k] for k in ID_FIELDS if row.get(k) not in (None, "")), pid) if isinstance(row, dict) else pid
-            skips.add(label, str(err))
+            skips.add(_row_id(row, pid), str(err))
     if not items:
         raise SodaError(f"mcq: no usable questions in {spec}" + (f" ({len(skips)} skipped)" if len(skips) else ""))
     return Questions(items, skips, spec)
@@ -344,8 +348,8 @@ def split_weak_strong(ctx: Context, data: Questions, rows: list[dict]) -> dict:
             correct, name = {row["index"]: row["correct_silence"] for row in rows}, ctx.loaded.source
         else:
             loaded = judge if isinstance(judge, LoadedModel) else load_model(judge, settings.device, settings.codec)
-            same_codec = loaded.codec_spec == ctx.loaded.codec_spec and loaded.vocab.n_codebooks == ctx.vocab.n_codebooks
-            correct = silent_correct(Context(loaded, settings, codec=ctx.codec if same_codec else None), data)
+            same = loaded.codec_spec == ctx.loaded.codec_spec and loaded.vocab.n_codebooks == ctx.vocab.n_codebooks
+            correct = silent_correct(Context(loaded, settings, codec=ctx.codec if same else None), data)
             name = loaded.source
         names.append(name)
         for n in votes:

@@ -106,10 +106,10 @@ def _notes(task, r: dict) -> list[str]:
                    + ".")
     if r.get("audio_contribution"):
         ac = r["audio_contribution"]
-        out.append(f"- {task.title}: chance {_fmt(r['chance'], True)}, raw-sum accuracy {_fmt(r['accuracy_raw'], True)}; "
-                   f"with silence instead of audio {_fmt(ac['accuracy_silence'], True)} "
-                   f"({ac['correct_without_audio']} items right without audio, {ac['correct_only_with_audio']} only "
-                   f"with it).")
+        out.append(f"- {task.title}: chance {_fmt(r['chance'], True)}, raw-sum accuracy "
+                   f"{_fmt(r['accuracy_raw'], True)}; with silence instead of audio "
+                   f"{_fmt(ac['accuracy_silence'], True)} ({ac['correct_without_audio']} items right without audio, "
+                   f"{ac['correct_only_with_audio']} only with it).")
         if r.get("split"):
             s = r["split"]
             out.append(f"- {task.title} split ({s['rule']}): {s['weak']} weak, {s['strong']} strong.")

@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from tokenize_audio.errors import SkipItem, SodaError
+from tokenize_audio.errors import SkipItem
 from tokenize_audio.sources import load_audio
 
 from .scoring import token_log_probs
@@ -67,11 +67,7 @@ class Context:
 
     @cached_property
     def codec(self):
-        codec = self.loaded.load_codec()
-        if codec.codebook_size != self.vocab.codebook_size:
-            raise SodaError(f"codec {self.loaded.codec_spec} has codebooks of {codec.codebook_size} codes but the "
-                            f"model's vocabulary expects {self.vocab.codebook_size}; pass the model's codec (--codec)")
-        return codec
+        return self.loaded.load_codec()
 
     def log_probs(self, sequences, masks, desc: str) -> list[np.ndarray]:
         return token_log_probs(self.loaded.model, sequences, masks, self.settings.batch_tokens,
