@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from tokenize_audio.errors import SkipItem, SodaError
+from tokenize_audio.errors import SodaError
 
 from .scoring import check_length
 from .tasks import Skips, Task, entry, register, share
@@ -76,23 +76,17 @@ def load_speech(ctx, spec: str | None) -> Speech:
 def run_asr(ctx, data: Speech) -> dict:
     from soda.generate import Request, generate
 
-    usable, requests, waves = [], [], []
-    for u in data.utterances:
-        try:
-            if not normalize(u.text):
-                raise SkipItem("empty reference after normalisation")
-            waves.append(ctx.load_wave(u.audio, u.start, u.end))
-            usable.append(u)
-        except SkipItem as err:
-            data.skips.add(u.where, str(err))
-    kept = []
-    for u, c in zip(usable, ctx.encode(waves, "asr: encoding")):
-        if (reason := check_length(c.size + 4, ctx.settings.max_len)) is not None:
+    usable, requests = [], []
+    codes = ctx.audio_codes([(u.audio, u.start, u.end) for u in data.utterances], "asr: encoding")
+    for u, c in zip(data.utterances, codes):
+        reason = c if isinstance(c, str) else check_length(c.size + 4, ctx.settings.max_len)
+        if not normalize(u.text):
+            reason = "empty reference after normalisation"
+        if reason is not None:
             data.skips.add(u.where, reason)
             continue
-        kept.append(u)
+        usable.append(u)
         requests.append(Request("asr", audio=c, id=u.id))
-    usable = kept
     results = generate(ctx.loaded, requests, generation_settings(ctx, max_text_tokens=ctx.settings.max_text_tokens),
                        ctx.codec, progress=ctx.settings.progress) if requests else []
     refs, hyps = [u.text for u in usable], [r.text for r in results]

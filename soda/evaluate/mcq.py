@@ -245,7 +245,7 @@ def _silence(ctx: Context, codes: dict) -> dict:
     """Codes of silence as long as each item's audio (one encoding per distinct length)."""
     frames = sorted({c.shape[1] for c in codes.values()})
     spf = ctx.codec.samples_per_frame
-    encoded = ctx.encode([np.zeros(f * spf, dtype=np.float32) for f in frames], "mcq: encoding silence")
+    encoded = ctx.encode([np.zeros(f * spf, dtype=np.float32) for f in frames])
     by_frames = dict(zip(frames, encoded))
     return {n: by_frames[c.shape[1]] for n, c in codes.items()}
 

@@ -24,6 +24,7 @@ from tokenize_audio.sources import load_audio
 from .scoring import token_log_probs
 
 BUILTIN_MODULES = ("pairs", "nll", "mcq", "asr", "tts")
+AUDIO_BLOCK = 256  # clips read and encoded at a time
 MAX_LISTED_SKIPS = 1000  # results.json lists this many skipped items per task (all are counted)
 
 
@@ -85,42 +86,41 @@ class Context:
             raise SkipItem(f"shorter than one codec frame ({len(wave)} samples)")
         return wave[: frames * self.codec.samples_per_frame]
 
-    def encode(self, waves: list[np.ndarray], desc: str = "encoding audio") -> list[np.ndarray]:
+    def encode(self, waves: list[np.ndarray]) -> list[np.ndarray]:
         """Codes [K, F] per wave, encoded in batches of similar length (whole frames: batching is exact)."""
-        from tqdm import tqdm
-
         seconds = self.settings.codec_batch_seconds or (120.0 if str(self.loaded.device).startswith("cuda") else 5.0)
         budget = max(1, int(seconds * self.codec.sample_rate))
         order = sorted(range(len(waves)), key=lambda i: -len(waves[i]))
         out: list[np.ndarray | None] = [None] * len(waves)
-        with tqdm(total=len(waves), desc=desc, unit="clip", disable=not self.settings.progress, leave=False,
-                  dynamic_ncols=True) as bar:
-            start = 0
-            while start < len(order):
-                longest = len(waves[order[start]])
-                n = max(1, budget // max(longest, 1))
-                chunk = order[start:start + n]
-                for i, codes in zip(chunk, self.codec.encode_batch([waves[i] for i in chunk])):
-                    out[i] = codes
-                bar.update(len(chunk))
-                start += n
+        start = 0
+        while start < len(order):
+            chunk = order[start:start + max(1, budget // max(len(waves[order[start]]), 1))]
+            for i, codes in zip(chunk, self.codec.encode_batch([waves[i] for i in chunk])):
+                out[i] = codes
+            start += len(chunk)
         return out
 
     def audio_codes(self, sources: list, desc: str = "encoding audio") -> list:
-        """Codes for each source, or the SkipItem reason (str) for unusable audio."""
-        waves, reasons = [], []
-        for source in sources:
-            try:
-                waves.append(self.load_wave(source))
-                reasons.append(None)
-            except SkipItem as err:
-                waves.append(None)
-                reasons.append(str(err))
-        good = [i for i, w in enumerate(waves) if w is not None]
-        codes = self.encode([waves[i] for i in good], desc)
-        out: list = list(reasons)
-        for i, c in zip(good, codes):
-            out[i] = c
+        """Codes for each source (a path, HFAudio, wave, or (source, start, end)), or why it is unusable (str).
+
+        Audio is read and encoded a block at a time: only the codes of a whole benchmark stay in memory.
+        """
+        from tqdm import tqdm
+
+        out: list = []
+        with tqdm(total=len(sources), desc=desc, unit="clip", disable=not self.settings.progress, leave=False,
+                  dynamic_ncols=True) as bar:
+            for first in range(0, len(sources), AUDIO_BLOCK):
+                waves, slots = [], []
+                for source in sources[first:first + AUDIO_BLOCK]:
+                    try:
+                        waves.append(self.load_wave(*source) if isinstance(source, tuple) else self.load_wave(source))
+                        slots.append(len(waves) - 1)
+                    except SkipItem as err:
+                        slots.append(str(err))
+                codes = self.encode(waves)
+                out += [slot if isinstance(slot, str) else codes[slot] for slot in slots]
+                bar.update(len(slots))
         return out
 
 

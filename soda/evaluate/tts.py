@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tokenize_audio.errors import SkipItem, SodaError
+from tokenize_audio.errors import SodaError
 from tokenize_audio.shards import atomic_write_bytes
 
 from . import backends
@@ -107,21 +107,22 @@ def run_tts(ctx, data: Prompts) -> dict:
     from soda.generate import Request, generate
 
     codec, settings = ctx.codec, ctx.settings
-    usable, requests, voices = [], [], []
+    voiced = [p for p in data.prompts if p.voice_audio]
+    codes = dict(zip((id(p) for p in voiced), ctx.audio_codes([p.voice_audio for p in voiced], "tts: voice prompts")))
+    usable, requests = [], []
     for p in data.prompts:
-        try:
-            if not normalize(p.text):
-                raise SkipItem("empty text after normalisation")
-            if p.voice_audio and not p.voice_text:
-                raise SkipItem("a voice prompt needs its transcript")
-            voices.append(ctx.load_wave(p.voice_audio) if p.voice_audio else None)
-            usable.append(p)
-        except SkipItem as err:
-            data.skips.add(p.id, f"voice prompt: {err}" if p.voice_audio else str(err))
-    voiced = [i for i, v in enumerate(voices) if v is not None]
-    voice_codes = dict(zip(voiced, ctx.encode([voices[i] for i in voiced], "tts: encoding voice prompts")))
-    for i, p in enumerate(usable):
-        requests.append(Request("tts", text=p.text, voice_audio=voice_codes.get(i), voice_text=p.voice_text, id=p.id))
+        voice = codes.get(id(p))
+        if not normalize(p.text):
+            reason = "empty text after normalisation"
+        elif voice is not None and not p.voice_text:
+            reason = "a voice prompt needs its transcript"
+        else:
+            reason = f"voice prompt: {voice}" if isinstance(voice, str) else None
+        if reason is not None:
+            data.skips.add(p.id, reason)
+            continue
+        usable.append(p)
+        requests.append(Request("tts", text=p.text, voice_audio=voice, voice_text=p.voice_text, id=p.id))
     results = generate(ctx.loaded, requests, generation_settings(ctx, temperature=0.9, top_p=0.8), codec,
                        progress=settings.progress)
     waves = [r.wave if r.wave is not None else np.zeros(0, np.float32) for r in results]
@@ -135,10 +136,10 @@ def run_tts(ctx, data: Prompts) -> dict:
         texts[i] = text
     scores = word_errors([p.text for p in usable], texts) if usable else {"wer": None}
     similarity = [None] * len(usable)
-    pairs = [i for i in heard if voices[i] is not None]
+    pairs = [i for i in heard if usable[i].voice_audio]
     if data.embed is not None and pairs:
         generated = data.embed([waves[i] for i in pairs], codec.sample_rate)
-        reference = data.embed([voices[i] for i in pairs], codec.sample_rate)
+        reference = data.embed([ctx.load_wave(usable[i].voice_audio) for i in pairs], codec.sample_rate)
         for i, a, b in zip(pairs, generated, reference):
             similarity[i] = float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
     sims = [s for s in similarity if s is not None]
