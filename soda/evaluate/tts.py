@@ -4,7 +4,8 @@ Reported: intelligibility (WER of an ASR backend's transcript against the text, 
 speaker similarity (cosine of speaker embeddings of the output and the voice prompt), and the
 termination rate (share of outputs the model ended itself with `<|audio_end|>` before a cap). Every
 prompt counts in the WER, stopped or not, so a model that never stops cannot look better by it.
-Sampling follows SODA (temperature 0.9, top-p 0.8); the outputs are kept in OUT/tts/.
+Sampling follows SODA's script (temperature 0.9, top-p 0.8, and transformers' default top-k 50, which
+it left on); the outputs are kept in OUT/tts/.
 
 Data: seed-tts-eval's `meta.lst` (`id|prompt text|prompt wav|text`, paths relative to the file), a
 JSONL of `{"text", "voice_audio"?, "voice_text"?, "id"?}`, or a .txt file with one text per line.
@@ -123,8 +124,8 @@ def run_tts(ctx, data: Prompts) -> dict:
             continue
         usable.append(p)
         requests.append(Request("tts", text=p.text, voice_audio=voice, voice_text=p.voice_text, id=p.id))
-    results = generate(ctx.loaded, requests, generation_settings(ctx, temperature=0.9, top_p=0.8), codec,
-                       progress=settings.progress)
+    sampling = generation_settings(ctx, temperature=0.9, top_p=0.8, top_k=50)
+    results = generate(ctx.loaded, requests, sampling, codec, progress=settings.progress)
     waves = [r.wave if r.wave is not None else np.zeros(0, np.float32) for r in results]
     if ctx.out is not None:
         for p, wave in zip(usable, waves):
@@ -151,7 +152,8 @@ def run_tts(ctx, data: Prompts) -> dict:
     items = [{"id": p.id, "text": p.text, "transcript": t, "ended": r.ended, "seconds": round(r.seconds, 3),
               "similarity": s} for p, t, r, s in zip(usable, texts, results, similarity)]
     how = {"data": data.source, "asr_backend": settings.tts_asr, "speaker_backend": settings.tts_speaker,
-           "sampling": "temperature 0.9, top-p 0.8 (SODA)", "seed": settings.seed, "codec": ctx.loaded.codec_label,
+           "sampling": "temperature 0.9, top-p 0.8, top-k 50 (SODA's script with transformers' default top-k)",
+           "seed": settings.seed, "codec": ctx.loaded.codec_label,
            "similarity_of": "output vs its voice prompt (items with a voice prompt and non-empty output)"}
     also = [{"metric": "speaker similarity (cosine)", "value": mean_sim, "count": len(sims), "soda_key": "tts_sim",
              "percent": False},
