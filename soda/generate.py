@@ -13,6 +13,12 @@ Use it from Python (evaluation and fine-tuning call this; `soda-generate` is its
     results = generate(loaded, [Request("s2st", audio=src_wave, source_language="fr", source_text="Bonjour.")],
                        Settings(temperature=0.8, seed=1), codec)
     results[0].text, results[0].wave, results[0].ended   # translation, target speech, "audio_end" / "silence" / ...
+    translate(loaded, codec, waves, "fr", source_texts)  # S2ST for many waves -> Results
+    summarize(results)                                   # endings counted, termination rate
+
+Requests may mix tasks; they are decoded `Settings.batch_size` at a time and come back in input order.
+Without a codec, requests must carry codes [K, F]; Results then hold codes, no waves (and silence is only
+detected with `Settings.silence_codes`).
 
 Prompts are SODA's (each starts with BOS, as the training documents do):
 
@@ -38,6 +44,7 @@ BOS/EOS) and `<|text_end|>`. Every output stops and says why (`Result.ended`):
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import deque
 from dataclasses import dataclass, field
@@ -98,6 +105,8 @@ class Request:
 
 @dataclass
 class Result:
+    """What one request produced, and how it ended."""
+
     id: str | None
     task: str
     ended: str                  # why the output stopped (see the module docstring)
@@ -173,8 +182,12 @@ def check_request(r: Request) -> None:
         raise SodaError("a TTS voice prompt needs both its audio and its transcript (voice_audio, voice_text)")
 
 
+@functools.lru_cache(maxsize=4)
 def silence_codes(codec, fraction: float = 0.05) -> frozenset:
-    """Codebook-0 codes the codec gives digital silence and very quiet noise (steady frames, >= `fraction`)."""
+    """Codebook-0 codes the codec gives digital silence and very quiet noise (steady frames, >= `fraction`).
+
+    Found once per codec (cached), by encoding 3 s of each; the first frames (the codec settling) are left out.
+    """
     rng = np.random.default_rng(0)
     n = codec.samples_per_frame * 40
     quiet = [np.zeros(n, np.float32), (rng.standard_normal(n) * 3e-4).astype(np.float32)]
