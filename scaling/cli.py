@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--min-batch", type=int, default=MIN_BATCH,
                       help=f"skip runs whose batch is below this many sequences (default {MIN_BATCH}, SODA's rule; "
                            "1 keeps the micro runs of a CPU demo sweep)")
+    plan.add_argument("--batch-floor", type=int, default=1,
+                      help="raise batches below this many sequences to it instead of skipping them (LR from the "
+                           "raised batch); e.g. 8 for a CPU micro sweep, whose rule batch is 1 and too noisy")
     plan.add_argument("--drop-skipped", action="store_true", help="leave skipped runs out of the CSV")
     plan.add_argument("--out", type=Path, required=True, help="CSV to write")
 
@@ -133,7 +136,10 @@ def plan_command(args) -> int:
     widths = [int(w) for w in _floats(args.widths, "--widths")] if args.widths else None
     if args.min_batch < 1:
         raise SodaError(f"--min-batch {args.min_batch}: must be at least 1")
-    runs = plan_sweep(budgets, widths, args.vocab, args.seq_len, paper_targets=args.paper, min_batch=args.min_batch)
+    if args.batch_floor < 1:
+        raise SodaError(f"--batch-floor {args.batch_floor}: must be at least 1")
+    runs = plan_sweep(budgets, widths, args.vocab, args.seq_len, paper_targets=args.paper, min_batch=args.min_batch,
+                      batch_floor=args.batch_floor)
     kept = [r for r in runs if not r.skipped]
     rows = as_rows(kept if args.drop_skipped else runs)
     buf = io.StringIO()

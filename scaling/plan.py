@@ -3,6 +3,7 @@
 For each budget C and width d: the sweep shape from d, tokens D = C / (3 x forward FLOPs per token),
 batch B (sequences) = next power of two of D / (2^16 * seq_len), halved while LR = 0.33*sqrt(B)/d
 exceeds 0.01; runs with B < 8 or >= 400k steps are skipped (and reported, not dropped silently).
+Micro sweeps on a CPU may raise small batches to a floor instead (`--batch-floor`).
 """
 
 from __future__ import annotations
@@ -55,13 +56,17 @@ def sweep_lr(batch: int, width: int) -> float:
 
 
 def plan_run(budget: float, width: int, vocab: int = SODA_VOCAB, seq_len: int = 4096,
-             min_batch: int = MIN_BATCH) -> Run:
+             min_batch: int = MIN_BATCH, batch_floor: int = 1) -> Run:
+    """One run by SODA's rules; `batch_floor` raises smaller batches to it (LR re-derived from the raised
+    batch) instead of leaving them to the `min_batch` skip: micro sweeps on a CPU need it, since the rule
+    gives them a batch of one sequence and losses too noisy to fit."""
     shape = ModelShape.sweep(width, vocab, seq_len)
     fwd = forward_flops_per_token(shape)
     tokens = budget / training_flops_per_token(shape)
     batch = 2 ** max(0, math.ceil(math.log2(tokens / (2**16 * seq_len))))
     while sweep_lr(batch, width) > LR_CAP and batch > 1:
         batch //= 2
+    batch = max(batch, batch_floor)
     lr = min(LR_CAP, sweep_lr(batch, width))
     steps = round(tokens / (batch * seq_len))
     skipped = ""
@@ -78,14 +83,14 @@ def plan_run(budget: float, width: int, vocab: int = SODA_VOCAB, seq_len: int = 
 
 
 def plan_sweep(budgets, widths=None, vocab: int = SODA_VOCAB, seq_len: int = 4096,
-               paper_targets: bool = False, min_batch: int = MIN_BATCH) -> list[Run]:
+               paper_targets: bool = False, min_batch: int = MIN_BATCH, batch_floor: int = 1) -> list[Run]:
     """All (budget, width) runs, skipped ones included with their reason."""
     runs = []
     for budget in budgets:
         ws = list(widths) if widths else default_widths(budget)
         if paper_targets:
             ws += [w for b, extra in PAPER_TARGETS.items() if math.isclose(b, budget) for w in extra if w not in ws]
-        runs += [plan_run(budget, w, vocab, seq_len, min_batch) for w in ws]
+        runs += [plan_run(budget, w, vocab, seq_len, min_batch, batch_floor) for w in ws]
     return runs
 
 

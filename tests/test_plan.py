@@ -74,3 +74,19 @@ def test_micro_runs_need_min_batch(tmp_path):
     assert main(["plan", "--budgets", "1e11", "--widths", "32,64", "--vocab", "16646", "--seq-len", "128",
                  "--min-batch", "1", "--out", str(out)]) == 0
     assert [r["skipped"] for r in csv.DictReader(out.open())] == ["", ""]
+
+
+def test_batch_floor_raises_micro_batches(tmp_path, capsys):
+    """--batch-floor lifts the rule's 1-sequence batch to the floor (not skipped), keeps the budget's tokens
+    and re-derives the LR from the raised batch (capped); larger batches are left alone."""
+    r = plan_run(1e11, 32, vocab=2310, seq_len=128, batch_floor=8)
+    assert r.batch == 8 and not r.skipped
+    assert r.steps == round(r.tokens / (8 * 128)) and r.lr == min(0.01, 0.33 * math.sqrt(8) / 32)
+    assert plan_run(3e18, 768, batch_floor=4).batch == 8  # already above the floor
+    out = tmp_path / "plan.csv"
+    assert main(["plan", "--budgets", "1e11", "--widths", "32,64", "--vocab", "2310", "--seq-len", "128",
+                 "--batch-floor", "8", "--out", str(out)]) == 0
+    assert [(r["batch"], r["skipped"]) for r in csv.DictReader(out.open())] == [("8", ""), ("8", "")]
+    with pytest.raises(SystemExit) as exc:
+        main(["plan", "--budgets", "1e11", "--batch-floor", "0", "--out", str(out)])
+    assert exc.value.code == 2 and "--batch-floor 0: must be at least 1" in capsys.readouterr().err
