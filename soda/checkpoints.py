@@ -45,8 +45,11 @@ def load_checkpoint(path: Path) -> dict:
         raise SodaError(f"{path}: not a loadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
 
 
-def export_hf(checkpoint: Path, out_dir: Path, vocab_dir: Path | None = None) -> Path:
-    """Write config, safetensors weights and tokenizer files that `AutoModelForCausalLM` loads."""
+def export_hf(checkpoint: Path, out_dir: Path, vocab_dir: Path | None = None, vocab: Vocabulary | None = None) -> Path:
+    """Write config, safetensors weights and tokenizer files that `AutoModelForCausalLM` loads.
+
+    The vocabulary comes from `vocab`, or from a directory holding one (`vocab_dir`); without either, none is
+    written."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     ckpt = load_checkpoint(checkpoint)
@@ -59,9 +62,10 @@ def export_hf(checkpoint: Path, out_dir: Path, vocab_dir: Path | None = None) ->
     model.load_state_dict(state, assign=True, strict=True)
     with atomic_directory(Path(out_dir)) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
-        if vocab_dir is not None:
-            vocab_dir = Path(vocab_dir)
-            Vocabulary.load(vocab_dir).save(tmp)  # vocab.json, text_tokenizer.json, tokenizer/
+        if vocab is None and vocab_dir is not None:
+            vocab = Vocabulary.load(Path(vocab_dir))
+        if vocab is not None:
+            vocab.save(tmp)  # vocab.json, text_tokenizer.json, tokenizer/
             for f in (tmp / "tokenizer").iterdir():  # tokenizer files beside the weights, as on the hub
                 shutil.move(str(f), tmp / f.name)
             (tmp / "tokenizer").rmdir()

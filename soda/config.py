@@ -29,6 +29,8 @@ SIZES: dict[str, tuple[int, int, int, int, int, int]] = {
     "4b": (2560, 36, 32, 8, 128, 9728),
 }
 SHAPE_FIELDS = ("width", "layers", "heads", "kv_heads", "head_dim", "ffn")
+SCHEDULES = ("wsd", "cosine")
+LOSS_MARKERS = ("text_start", "text_end", "audio_start", "audio_end")  # Vocabulary attribute names
 _SUFFIX = {"": 1, "K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
 
 
@@ -85,8 +87,11 @@ class TrainConfig:
     cautious: bool = True
     grad_clip: float = 1.0
     z_loss: float = 1e-4
+    schedule: str = "wsd"                # wsd (pre-training) | cosine (SODA's fine-tuning)
     warmup: float = 0.1                  # fractions of the steps
-    decay: float = 0.2
+    decay: float = 0.2                   # wsd only: the final linear decay
+    loss_after: str | None = None        # score only targets after a document's first such marker (e.g.
+                                         # text_end: an S2ST document's target); None = every token
     seed: int = 0
     # --- run ----------------------------------------------------------------------------------
     out: str = "runs/demo"
@@ -186,6 +191,10 @@ def validate(cfg: TrainConfig) -> None:
         raise SodaError(f"--seq-len {cfg.seq_len}: must be at least 2")
     if not 0 <= cfg.warmup <= 1 or not 0 <= cfg.decay <= 1 or cfg.warmup + cfg.decay > 1:
         raise SodaError(f"warmup {cfg.warmup} and decay {cfg.decay} must be fractions summing to at most 1")
+    if cfg.schedule not in SCHEDULES:
+        raise SodaError(f"schedule {cfg.schedule!r}: choose {' or '.join(SCHEDULES)}")
+    if cfg.loss_after is not None and cfg.loss_after not in LOSS_MARKERS:
+        raise SodaError(f"loss_after {cfg.loss_after!r}: choose one of {', '.join(LOSS_MARKERS)}")
     if cfg.on_nonfinite not in ("stop", "skip"):
         raise SodaError(f"on_nonfinite {cfg.on_nonfinite!r}: choose stop or skip")
     if cfg.max_steps is not None and cfg.max_steps < 1:

@@ -285,16 +285,31 @@ class _Cursor:
         self.epoch, self.shard, self.doc, self._docs = self.epoch + 1, 0, 0, None
 
 
+def loss_mask(tokens: np.ndarray, after: int | None) -> np.ndarray:
+    """Per token of one document: is it a scored target? With `after` (a marker id), only the tokens after
+    the document's first such marker (all of them when there is none: nothing would be learnt otherwise)."""
+    mask = np.ones(len(tokens), dtype=bool)
+    if after is not None:
+        hits = np.flatnonzero(tokens == after)
+        if len(hits):
+            mask[: hits[0] + 1] = False
+    return mask
+
+
 class PackedStream(IterableDataset):
     """Windows `{"input_ids": [S], "doc_ids": [S]}` from the sources (see the module docstring).
 
     `infinite=True` (training) cycles epochs with a new shard order each; `infinite=False`
     (validation) makes one pass over every source in turn, without shuffling or weights.
+    `loss_after` (a marker id, e.g. `<|text_end|>`) adds `"loss_mask": [S]` (see `loss_mask`): fine-tuning
+    on the part of each document after it, such as an S2ST document's target.
     """
 
     def __init__(self, sources: list[Source], seq_len: int, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 split: str = "train", infinite: bool = True, skip_bad: bool = False, vocab_size: int | None = None):
+                 split: str = "train", infinite: bool = True, skip_bad: bool = False, vocab_size: int | None = None,
+                 loss_after: int | None = None):
         self.sources, self.seq_len, self.seed, self.vocab_size = sources, seq_len, seed, vocab_size
+        self.loss_after = loss_after
         self.rank, self.world_size, self.split, self.infinite, self.skip_bad = rank, world_size, split, infinite, skip_bad
         self.weights = np.array([s.weight or 0.0 for s in sources], dtype=np.float64)
         self._loaded: dict | None = None
@@ -336,13 +351,16 @@ class PackedStream(IterableDataset):
 
         tokens: list[np.ndarray] = []
         docs: list[np.ndarray] = []
+        masks: list[np.ndarray] = []
         buffered = 0
         # `last` locates the newest piece in the buffer: (source, position, offset in its document).
         last = pending = loaded.get("pending")
         if pending:
             src, pos, offset = pending
-            rest = self._read_at(src, pos, cursors[src])[offset:]
+            whole = self._read_at(src, pos, cursors[src])
+            rest = whole[offset:]
             tokens, docs, buffered = [rest], [np.zeros(len(rest), np.int64)], len(rest)
+            masks = [loss_mask(whole, self.loss_after)[offset:]]
         doc_counter = 1
         exhausted: set[int] = set()
         empty_epochs = {i: 0 for i in active}
@@ -369,24 +387,29 @@ class PackedStream(IterableDataset):
                 pos, doc = got
                 tokens.append(doc)
                 docs.append(np.full(len(doc), doc_counter, np.int64))
+                masks.append(loss_mask(doc, self.loss_after))
                 doc_counter += 1
                 buffered += len(doc)
                 last = (src, pos, 0)
             if buffered < self.seq_len:
                 return  # validation: the last partial window is dropped
-            flat, flat_docs = np.concatenate(tokens), np.concatenate(docs)
+            flat, flat_docs, flat_mask = np.concatenate(tokens), np.concatenate(docs), np.concatenate(masks)
             rest = len(flat) - self.seq_len
             if rest > 0:  # the newest document continues in the next window
                 src, pos, offset = last
                 last = pending = (src, pos, offset + len(tokens[-1]) - rest)
                 tokens, docs, buffered = [flat[self.seq_len:]], [np.zeros(rest, np.int64)], rest
+                masks = [flat_mask[self.seq_len:]]
             else:
-                pending, tokens, docs, buffered = None, [], [], 0
+                pending, tokens, docs, masks, buffered = None, [], [], [], 0
             windows += 1
             self._state = {"cursors": [c.state() for c in cursors], "draws": draws, "pending": pending,
                            "windows": windows, "skipped": list(self.skipped)}
-            yield {"input_ids": torch.from_numpy(flat[: self.seq_len].copy()),
-                   "doc_ids": torch.from_numpy(_renumber(flat_docs[: self.seq_len]))}
+            window = {"input_ids": torch.from_numpy(flat[: self.seq_len].copy()),
+                      "doc_ids": torch.from_numpy(_renumber(flat_docs[: self.seq_len]))}
+            if self.loss_after is not None:
+                window["loss_mask"] = torch.from_numpy(flat_mask[: self.seq_len].copy())
+            yield window
 
     def _choose(self, active: list[int], exhausted: set, draws: int, slot: int) -> int | None:
         live = [i for i in active if i not in exhausted]

@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from tokenize_audio.documents import language_tag
 from tokenize_audio.errors import SodaError
 
 TASKS = ("continue", "tts", "asr", "s2st")
@@ -143,7 +144,7 @@ class _Plan:
 
 
 def _language(vocab, code: str) -> list:
-    return vocab.encode_text(f"<language>{code}</language>").tolist()
+    return language_tag(vocab, code).tolist()  # as in the S2ST training documents
 
 
 def build_plan(vocab, request: Request, codes: dict) -> _Plan:

@@ -59,23 +59,13 @@ def load_model(source: str, device: str = "auto", codec: str | None = None, dtyp
     """Resolve CHECKPOINT (see module docstring); `codec` overrides the recorded codec."""
     dev = resolve_device(device)
     dtype = dtype or default_dtype(dev)
-    path = Path(source).expanduser()
-    if path.is_dir() and not (path / "config.json").is_file():  # a run directory
-        if (path / "hf" / "config.json").is_file():
-            path = path / "hf"
-        elif (checkpoint_dir(path) / LAST).exists():
-            path = checkpoint_dir(path) / LAST
-        else:
-            raise SodaError(f"{source}: neither a model directory (config.json) nor a soda-train run directory "
-                            f"(hf/ or checkpoints/{LAST})")
-    if path.is_file():
+    path = resolve_checkpoint(source)
+    if isinstance(path, str):
+        model, vocab, meta = _from_hf(path, None, dtype, attention)
+    elif path.is_file():
         model, vocab, meta = _from_checkpoint(path, dtype, attention)
-    elif path.is_dir():
-        model, vocab, meta = _from_hf(str(path), path, dtype, attention)
-    elif str(source).startswith((".", "/", "~")) or str(source).count("/") != 1:
-        raise SodaError(f"{source}: no such checkpoint, run directory or model directory")
     else:
-        model, vocab, meta = _from_hf(str(source), None, dtype, attention)
+        model, vocab, meta = _from_hf(str(path), path, dtype, attention)
     if model.config.vocab_size < vocab.size:
         raise SodaError(f"{source}: the model has {model.config.vocab_size:,} ids but its vocabulary needs "
                         f"{vocab.size:,}")
@@ -86,6 +76,24 @@ def load_model(source: str, device: str = "auto", codec: str | None = None, dtyp
         label = f"{spec}: RANDOM weights, an offline test codec"
     model.to(dev).eval()
     return LoadedModel(model, vocab, spec, label, str(source), dev)
+
+
+def resolve_checkpoint(source: str) -> Path | str:
+    """CHECKPOINT -> a `.ckpt` file or model directory (Path), or a hub id (str); a run directory gives its
+    `hf/` export, else its last checkpoint."""
+    path = Path(source).expanduser()
+    if path.is_dir() and not (path / "config.json").is_file():  # a run directory
+        if (path / "hf" / "config.json").is_file():
+            return path / "hf"
+        if (checkpoint_dir(path) / LAST).exists():
+            return checkpoint_dir(path) / LAST
+        raise SodaError(f"{source}: neither a model directory (config.json) nor a soda-train run directory "
+                        f"(hf/ or checkpoints/{LAST})")
+    if path.exists():
+        return path
+    if str(source).startswith((".", "/", "~")) or str(source).count("/") != 1:
+        raise SodaError(f"{source}: no such checkpoint, run directory or model directory")
+    return str(source)
 
 
 def _from_hf(name: str, path: Path | None, dtype, attention):

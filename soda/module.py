@@ -20,7 +20,7 @@ from tokenize_audio.vocab import Vocabulary
 
 from .config import TrainConfig
 from .model import attention_inputs
-from .optim import CautiousAdamW, param_groups, wsd_factor
+from .optim import CautiousAdamW, lr_factor, param_groups
 
 
 class NonFiniteLoss(SodaError):
@@ -47,12 +47,32 @@ def target_groups(targets: torch.Tensor, vocab: Vocabulary) -> torch.Tensor:
     return groups
 
 
+def scored_targets(batch: dict) -> torch.Tensor:
+    """[B, S-1] bool: which next-token targets count in the loss.
+
+    Never a target across a document boundary; with a `loss_mask` (fine-tuning on part of each document,
+    e.g. an S2ST target) only the tokens it marks.
+    """
+    doc = batch["doc_ids"]
+    valid = doc[:, 1:] == doc[:, :-1]
+    if "loss_mask" in batch:
+        valid = valid & batch["loss_mask"][:, 1:].bool()
+    return valid
+
+
+def labels(batch: dict, ignore_index: int = -100) -> torch.Tensor:
+    """transformers-style labels [B, S]: the input ids where a target is scored, `ignore_index` elsewhere."""
+    out = torch.full_like(batch["input_ids"], ignore_index)
+    out[:, 1:] = torch.where(scored_targets(batch), batch["input_ids"][:, 1:], ignore_index)
+    return out
+
+
 def token_nll(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-position NLL, log-sum-exp, targets and the mask of scored positions ([B, S-1] each)."""
     ids, doc = batch["input_ids"], batch["doc_ids"]
     logits = model(input_ids=ids, use_cache=False, **attention_inputs(model, doc)).logits[:, :-1].float()
     targets = ids[:, 1:]
-    valid = doc[:, 1:] == doc[:, :-1]
+    valid = scored_targets(batch)
     lse = torch.logsumexp(logits, dim=-1)
     nll = lse - logits.gather(-1, targets[..., None]).squeeze(-1)
     return nll, lse, targets, valid
@@ -167,7 +187,7 @@ class SodaModule(L.LightningModule):
         opt = CautiousAdamW(param_groups(self.model, cfg.weight_decay), lr=peak, betas=cfg.betas, eps=cfg.eps,
                             cautious=cfg.cautious)
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda step: wsd_factor(step, self.steps, cfg.warmup, cfg.decay))
+            opt, lambda step: lr_factor(cfg.schedule, step, self.steps, cfg.warmup, cfg.decay))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -64,8 +64,27 @@ def wsd_factor(step: int, total: int, warmup: float, decay: float) -> float:
     return 1.0
 
 
-def schedule_phases(total: int, warmup: float, decay: float) -> dict[str, int]:
-    w, d = round(warmup * total), round(decay * total)
+def cosine_factor(step: int, total: int, warmup: float) -> float:
+    """Linear warm-up over `warmup`*total steps, then a half cosine from 1 to 0 at the last step (fine-tuning)."""
+    w = round(warmup * total)
+    if step < w:
+        return (step + 1) / w
+    progress = (step - w) / max(1, total - w)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def lr_factor(schedule: str, step: int, total: int, warmup: float, decay: float) -> float:
+    """The LR multiplier of `schedule` ("wsd" or "cosine") at `step`."""
+    if schedule == "cosine":
+        return cosine_factor(step, total, warmup)
+    return wsd_factor(step, total, warmup, decay)
+
+
+def schedule_phases(total: int, warmup: float, decay: float, schedule: str = "wsd") -> dict[str, int]:
+    w = round(warmup * total)
+    if schedule == "cosine":
+        return {"warmup": w, "stable": 0, "decay": total - w}
+    d = round(decay * total)
     return {"warmup": w, "stable": total - w - d, "decay": d}
 
 

@@ -75,6 +75,7 @@ def run(cfg: TrainConfig, resume: bool) -> int:
                                  f"validation shards)" for s in sources))
         say(f"batch: {cfg.batch_sequences} x {cfg.seq_len} tokens = {world} devices x {micro} sequences x "
             f"{accumulate} accumulation; {max_steps:,} of {steps:,} steps; peak LR {cfg.peak_lr(shape.width):.3g}")
+    loss_after = getattr(vocab, cfg.loss_after) if cfg.loss_after else None
     audio_rate = next((s.audio_tokens_per_second for s in sources if s.audio_tokens_per_second), None)
     codec = next((s.codec for s in sources if s.codec), None)
     module = SodaModule(model, cfg, vocab, steps, accumulate, per_token, audio_rate, codec)
@@ -112,13 +113,13 @@ def run(cfg: TrainConfig, resume: bool) -> int:
         save_config(cfg)
     train_loader = OneAheadLoader(dataloader(PackedStream(sources, cfg.seq_len, cfg.seed, trainer.global_rank,
                                                           trainer.world_size, skip_bad=cfg.skip_bad_shards,
-                                                          vocab_size=vocab.size),
+                                                          vocab_size=vocab.size, loss_after=loss_after),
                                              micro, cfg.workers))
     val_loader = None
     if has_val:
         val_loader = dataloader(PackedStream(sources, cfg.seq_len, cfg.seed, trainer.global_rank, trainer.world_size,
                                              split="validation", infinite=False, skip_bad=cfg.skip_bad_shards,
-                                             vocab_size=vocab.size),
+                                             vocab_size=vocab.size, loss_after=loss_after),
                                 micro, min(cfg.workers, 1), stateful=False)
     ckpt_path = last_checkpoint(out) if resume else None
     trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=ckpt_path,

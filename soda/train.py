@@ -19,7 +19,7 @@ from scaling.accounting import SODA_VOCAB, params, training_flops_per_token
 from tokenize_audio.errors import SodaError, cli_errors
 from tokenize_audio.shards import atomic_write_text
 
-from .config import SIZES, TrainConfig, config_fields, load_yaml, make_config
+from .config import LOSS_MARKERS, SCHEDULES, SIZES, TrainConfig, config_fields, load_yaml, make_config
 from .optim import schedule_phases
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,64 +49,80 @@ def build_parser() -> argparse.ArgumentParser:
                "  soda-train --out runs/600m --resume           # continue after a stop or pre-emption",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    add_train_arguments(p)
+    return p
+
+
+def add_train_arguments(p: argparse.ArgumentParser, skip=frozenset()) -> argparse.ArgumentParser:
+    """soda-train's options on `p`, less the flags in `skip` (soda-finetune shares them)."""
+
+    def add(group, flag, *args, **kwargs):
+        if flag not in skip:
+            group.add_argument(flag, *args, **kwargs)
+
     g = p.add_argument_group("run")
-    g.add_argument("--config", type=Path, help="YAML file of settings (see configs/)")
-    g.add_argument("--out", help="run directory (checkpoints, logs, metrics.csv, loss.png, hf/); default runs/demo")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    g.add_argument("--dry-run", action="store_true", help="print the plan (sizes, FLOPs, steps, schedule, "
+    add(g, "--config", type=Path, help="YAML file of settings (see configs/)")
+    add(g, "--out", help="run directory (checkpoints, logs, metrics.csv, loss.png, hf/); default runs/demo")
+    add(g, "--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    add(g, "--dry-run", action="store_true", help="print the plan (sizes, FLOPs, steps, schedule, "
                                                           "wall-clock estimates) and exit")
-    g.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (the schedule still "
+    add(g, "--max-steps", type=int, help="stop after this many optimizer steps (the schedule still "
                                                  "spans --tokens)")
-    g.add_argument("--mfu", type=float, default=0.4, help="MFU assumed by --dry-run's wall-clock estimates")
+    add(g, "--mfu", type=float, default=0.4, help="MFU assumed by --dry-run's wall-clock estimates")
     g = p.add_argument_group("model")
-    g.add_argument("--size", help=f"preset: {', '.join(SIZES)}")
-    g.add_argument("--sweep-width", type=int, help="SODA's IsoFLOP sweep shape from a width (layers, heads, FFN "
+    add(g, "--size", help=f"preset: {', '.join(SIZES)}")
+    add(g, "--sweep-width", type=int, help="SODA's IsoFLOP sweep shape from a width (layers, heads, FFN "
                                                    "derived)")
     for name in ("width", "layers", "heads", "kv-heads", "head-dim", "ffn"):
-        g.add_argument(f"--{name}", type=int, help="override the preset's value")
-    g.add_argument("--init-from", help="start from this Hugging Face directory or hub id (e.g. an export of "
+        add(g, f"--{name}", type=int, help="override the preset's value")
+    add(g, "--init-from", help="start from this Hugging Face directory or hub id (e.g. an export of "
                                        "another run, or soda-research/soda-600m-base)")
-    g.add_argument("--attention", help="auto (sdpa), sdpa, eager, flash_attention_2, flex_attention")
+    add(g, "--attention", help="auto (sdpa), sdpa, eager, flash_attention_2, flex_attention")
     g = p.add_argument_group("data")
-    g.add_argument("--data", action="append", help="[NAME=]LOCATION, repeatable: a soda-tokenize output "
+    add(g, "--data", action="append", help="[NAME=]LOCATION, repeatable: a soda-tokenize output "
                    "directory, a shard glob or brace pattern, or URLs (http://, s3 via pipe:, ...). "
                    "NAME speech/text picks that kind of shard from a directory")
-    g.add_argument("--val-data", action="append", help="[NAME=]LOCATION of validation shards for pattern sources")
-    g.add_argument("--mix", help="mixture weights NAME=W,... e.g. speech=0.95,text=0.05 (default: by tokens)")
-    g.add_argument("--vocab", help="directory with vocab.json, when --data gives only shard patterns")
-    g.add_argument("--seq-len", type=int)
-    g.add_argument("--workers", type=int, help="dataloader workers per device")
-    g.add_argument("--skip-bad-shards", action="store_true", default=None,
+    add(g, "--val-data", action="append", help="[NAME=]LOCATION of validation shards for pattern sources")
+    add(g, "--mix", help="mixture weights NAME=W,... e.g. speech=0.95,text=0.05 (default: by tokens)")
+    add(g, "--vocab", help="directory with vocab.json, when --data gives only shard patterns")
+    add(g, "--seq-len", type=int)
+    add(g, "--workers", type=int, help="dataloader workers per device")
+    add(g, "--skip-bad-shards", action="store_true", default=None,
                    help="skip (and report) corrupt shards instead of stopping")
     g = p.add_argument_group("recipe")
-    g.add_argument("--tokens", help="training tokens, e.g. 500B (K/M/B/T); the schedule spans them")
-    g.add_argument("--batch-tokens", help="global batch in tokens (default 512 x 4096 = 2.1M)")
-    g.add_argument("--micro-batch", type=int, help="sequences per device per forward; gradients accumulate "
+    add(g, "--tokens", help="training tokens, e.g. 500B (K/M/B/T); the schedule spans them")
+    add(g, "--batch-tokens", help="global batch in tokens (default 512 x 4096 = 2.1M)")
+    add(g, "--micro-batch", type=int, help="sequences per device per forward; gradients accumulate "
                                                     "to the global batch")
-    g.add_argument("--lr", type=float, help="peak LR (default: SODA's rule)")
-    g.add_argument("--weight-decay", type=float)
-    g.add_argument("--no-cautious", dest="cautious", action="store_false", default=None,
+    add(g, "--lr", type=float, help="peak LR (default: SODA's rule)")
+    add(g, "--weight-decay", type=float)
+    add(g, "--no-cautious", dest="cautious", action="store_false", default=None,
                    help="plain AdamW instead of cautious masking")
-    g.add_argument("--z-loss", type=float)
-    g.add_argument("--grad-clip", type=float)
-    g.add_argument("--warmup", type=float, help="warm-up fraction of the steps (default 0.1)")
-    g.add_argument("--decay", type=float, help="final linear-decay fraction of the steps (default 0.2)")
-    g.add_argument("--seed", type=int)
-    g.add_argument("--on-nonfinite", choices=("stop", "skip"), help="on a NaN/Inf loss: stop (keeping the last "
+    add(g, "--z-loss", type=float)
+    add(g, "--grad-clip", type=float)
+    add(g, "--schedule", choices=SCHEDULES, help="LR schedule: wsd (default; warm-up, flat, linear decay) or "
+                                                  "cosine (warm-up, then cosine to 0: SODA's fine-tuning)")
+    add(g, "--warmup", type=float, help="warm-up fraction of the steps (default 0.1)")
+    add(g, "--decay", type=float, help="wsd: final linear-decay fraction of the steps (default 0.2)")
+    add(g, "--loss-after", choices=LOSS_MARKERS, help="score only the tokens after each document's first such "
+                                                     "marker (e.g. text_end: an S2ST document's target); "
+                                                     "default: every token")
+    add(g, "--seed", type=int)
+    add(g, "--on-nonfinite", choices=("stop", "skip"), help="on a NaN/Inf loss: stop (keeping the last "
                                                                     "good checkpoint) or skip the batch")
     g = p.add_argument_group("hardware and logging")
-    g.add_argument("--accelerator", help="auto, cpu, gpu")
-    g.add_argument("--devices", help="devices per node (auto, or a count)")
-    g.add_argument("--num-nodes", type=int)
-    g.add_argument("--strategy", help="auto, ddp, fsdp")
-    g.add_argument("--precision", help="auto (bf16-mixed on GPU, 32-true on CPU), 32-true, bf16-mixed")
-    g.add_argument("--peak-flops", type=float, help="peak FLOP/s per device for MFU (default: from the GPU name)")
-    g.add_argument("--val-every", type=int, help="validate every N optimizer steps")
-    g.add_argument("--val-batches", type=int, help="validation batches per check")
-    g.add_argument("--ckpt-every", type=int, help="checkpoint every N optimizer steps")
-    g.add_argument("--log-every", type=int, help="write metrics every N steps")
-    g.add_argument("--wandb", help="also log to this Weights & Biases project")
-    g.add_argument("--no-export", dest="export", action="store_false", default=None,
+    add(g, "--accelerator", help="auto, cpu, gpu")
+    add(g, "--devices", help="devices per node (auto, or a count)")
+    add(g, "--num-nodes", type=int)
+    add(g, "--strategy", help="auto, ddp, fsdp")
+    add(g, "--precision", help="auto (bf16-mixed on GPU, 32-true on CPU), 32-true, bf16-mixed")
+    add(g, "--peak-flops", type=float, help="peak FLOP/s per device for MFU (default: from the GPU name)")
+    add(g, "--val-every", type=int, help="validate every N optimizer steps")
+    add(g, "--val-batches", type=int, help="validation batches per check")
+    add(g, "--ckpt-every", type=int, help="checkpoint every N optimizer steps")
+    add(g, "--log-every", type=int, help="write metrics every N steps")
+    add(g, "--wandb", help="also log to this Weights & Biases project")
+    add(g, "--no-export", dest="export", action="store_false", default=None,
                    help="skip the Hugging Face export at the end")
     return p
 
@@ -133,29 +149,40 @@ def is_rank_zero() -> bool:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     flags = flag_values(args)
-    out = Path(flags.get("out") or (load_yaml(args.config).get("out") if args.config else None) or "runs/demo")
-    layers: list[dict] = []
-    if args.resume:
+    out = run_directory(flags, args.config)
+    defaults = []
+    if not args.resume and not args.dry_run and not flags.get("data") and not (
+            args.config and load_yaml(args.config).get("data")):
+        defaults.append(load_yaml(DEMO_CONFIG))
+    cfg = resolve_config(flags, out, args.resume, args.config, defaults)
+    if args.dry_run:
+        return dry_run(cfg, args.mfu)
+    return train(cfg, resume=args.resume)
+
+
+def run_directory(flags: dict, config: Path | None, default: str = "runs/demo") -> Path:
+    return Path(flags.get("out") or (load_yaml(config).get("out") if config else None) or default)
+
+
+def resolve_config(flags: dict, out: Path, resume: bool, config: Path | None, defaults: list[dict]) -> TrainConfig:
+    """Settings: `defaults` < --config YAML < flags; on --resume the saved config, which the rest may only change
+    in how the run runs (RESUMABLE_CHANGES), not in what it computes."""
+    layers: list[dict] = list(defaults)
+    if resume:
         saved = out / CONFIG_FILE
         if not saved.is_file():
             raise SodaError(f"--resume: {out} has no {CONFIG_FILE}; nothing to resume")
         base = load_yaml(saved)
-        changed = sorted(k for k, v in {**(load_yaml(args.config) if args.config else {}), **flags}.items()
+        changed = sorted(k for k, v in {**(load_yaml(config) if config else {}), **flags}.items()
                          if k not in RESUMABLE_CHANGES and base.get(k) != v)
         if changed:
             raise SodaError(f"--resume: {', '.join(changed)} differ from the run in {out}; a resumed run must "
                             f"compute the same thing (start a new --out, or --init-from its export)")
         layers = [base]
-    elif not flags.get("data") and not (args.config and load_yaml(args.config).get("data")):
-        if not args.dry_run:
-            layers.append(load_yaml(DEMO_CONFIG))
-    if args.config:
-        layers.append(load_yaml(args.config))
+    if config:
+        layers.append(load_yaml(config))
     layers.append(flags | {"out": str(out)})
-    cfg = make_config(*layers)
-    if args.dry_run:
-        return dry_run(cfg, args.mfu)
-    return train(cfg, resume=args.resume)
+    return make_config(*layers)
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,7 +239,7 @@ def dry_run(cfg: TrainConfig, mfu: float) -> int:
     tokens = steps * cfg.batch_sequences * cfg.seq_len
     per_token = training_flops_per_token(shape, "3x-forward")
     total = per_token * tokens
-    phases = schedule_phases(steps, cfg.warmup, cfg.decay)
+    phases = schedule_phases(steps, cfg.warmup, cfg.decay, cfg.schedule)
     lines = [
         f"model: {model_label(cfg)}: {describe(shape)}",
         f"parameters: {params(shape, 'total'):,} total, {params(shape, 'non-embedding'):,} non-embedding"
@@ -223,8 +250,9 @@ def dry_run(cfg: TrainConfig, mfu: float) -> int:
         f"{cfg.batch_sequences * cfg.seq_len:,} tokens",
         f"total training FLOPs: {total:.4g}",
         f"devices: {world}; micro-batch {micro} sequences, gradient accumulation {accumulate}",
-        f"LR: peak {cfg.peak_lr(shape.width):.3g} ({'given' if cfg.lr is not None else 'SODA rule'}); WSD: warm-up "
-        f"{phases['warmup']:,} steps, stable {phases['stable']:,}, decay to 0 over {phases['decay']:,}",
+        f"LR: peak {cfg.peak_lr(shape.width):.3g} ({'given' if cfg.lr is not None else 'SODA rule'}); "
+        f"{cfg.schedule.upper()}: warm-up {phases['warmup']:,} steps, stable {phases['stable']:,}, "
+        f"{'cosine ' if cfg.schedule == 'cosine' else ''}decay to 0 over {phases['decay']:,}",
         f"optimizer: {'cautious ' if cfg.cautious else ''}AdamW betas {tuple(cfg.betas)}, eps {cfg.eps:g}, "
         f"weight decay {cfg.weight_decay:g}, clip {cfg.grad_clip:g}, z-loss {cfg.z_loss:g}",
         f"wall-clock at {mfu:.0%} MFU (bf16 dense peak):",

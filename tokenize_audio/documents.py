@@ -5,6 +5,10 @@ audio-first: BOS (<|audio_start|> A <|audio_end|> <|text_start|> T <|text_end|>)
 audio-only:  BOS (<|audio_start|> A <|audio_end|>)* EOS
 text-only:   BOS (<|text_start|> T <|text_end|>)* EOS
 A plain text corpus document (the text share of the mixture) is BOS T EOS, as in SODA.
+
+Speech-to-speech translation (SODA's fine-tuning on CVSS-T), one document per pair:
+s2st:        BOS <|audio_start|> SRC <|audio_end|> <|text_start|> <language>xx</language> S <|text_end|>
+             <|text_start|> <language>en</language> T <|text_end|> <|audio_start|> TGT <|audio_end|> EOS
 """
 
 from __future__ import annotations
@@ -42,6 +46,26 @@ def build_document(vocab: Vocabulary, utterances: list[tuple[np.ndarray, np.ndar
                   "audio-only": audio, "text-only": text}[fmt]
     parts.append([vocab.eos_id])
     return np.concatenate([np.asarray(p, dtype=np.int64) for p in parts]).astype(np.uint32)
+
+
+def language_tag(vocab: Vocabulary, code: str) -> np.ndarray:
+    """`<language>xx</language>` as text ids, encoded on its own (the S2ST documents and prompts share it)."""
+    return vocab.encode_text(f"<language>{code}</language>").astype(np.int64)
+
+
+def s2st_document(vocab: Vocabulary, source_audio: np.ndarray, source_language: str, source_text: np.ndarray,
+                  target_language: str, target_text: np.ndarray, target_audio: np.ndarray) -> tuple[np.ndarray, int]:
+    """One S2ST pair (audio ids, text ids) -> (uint32 document ids, index of the first target token).
+
+    The target is everything after the source text's `<|text_end|>`: the target text segment, the target
+    audio segment and EOS (what `--target-only-loss` scores).
+    """
+    source = [[vocab.bos_id, vocab.audio_start], source_audio, [vocab.audio_end, vocab.text_start],
+              language_tag(vocab, source_language), source_text, [vocab.text_end]]
+    target = [[vocab.text_start], language_tag(vocab, target_language), target_text,
+              [vocab.text_end, vocab.audio_start], target_audio, [vocab.audio_end, vocab.eos_id]]
+    ids = np.concatenate([np.asarray(p, dtype=np.int64) for p in source + target]).astype(np.uint32)
+    return ids, sum(len(p) for p in source)
 
 
 def text_document(vocab: Vocabulary, text_ids: np.ndarray) -> np.ndarray:

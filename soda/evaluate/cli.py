@@ -61,7 +61,15 @@ def build_parser(tasks: dict) -> argparse.ArgumentParser:
     p.add_argument("--tts-speaker", default="wavlm",
                    help="tts: speaker encoder for similarity: wavlm[:MODEL] (default microsoft/wavlm-base-plus-sv), "
                         "resemblyzer (offline), none")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed of generation tasks (tts)")
+    p.add_argument("--s2st-asr", default="whisper",
+                   help="s2st: ASR backend for ASR-BLEU of the generated speech (as --tts-asr; default whisper)")
+    p.add_argument("--s2st-speaker", default="wavlm",
+                   help="s2st: speaker encoder for similarity of output and source speech (as --tts-speaker)")
+    p.add_argument("--s2st-source-text", choices=("generated", "given"), default="generated",
+                   help="s2st: the model writes the source transcript itself (default, as trained) or is given the "
+                        "reference one")
+    p.add_argument("--source-language", help="s2st: source language for manifest rows without one (e.g. fr)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed of generation tasks (tts, s2st)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -136,7 +144,9 @@ def main(argv=None) -> int:
                         codebooks=args.codebooks, limit=args.limit, progress=not args.quiet and sys.stderr.isatty(),
                         device=args.device, codec=args.codec, mcq_template=args.mcq_template,
                         split_weak_strong=args.split_weak_strong, judges=judges, weak_votes=args.weak_votes,
-                        seed=args.seed, tts_asr=args.tts_asr, tts_speaker=args.tts_speaker)
+                        seed=args.seed, tts_asr=args.tts_asr, tts_speaker=args.tts_speaker, s2st_asr=args.s2st_asr,
+                        s2st_speaker=args.s2st_speaker, s2st_source_text=args.s2st_source_text,
+                        s2st_source_language=args.source_language)
     from soda.inference import load_model
 
     if not settings.progress:

@@ -23,7 +23,7 @@ from tokenize_audio.sources import load_audio
 
 from .scoring import token_log_probs
 
-BUILTIN_MODULES = ("pairs", "nll", "mcq", "asr", "tts")
+BUILTIN_MODULES = ("pairs", "nll", "mcq", "asr", "tts", "s2st")
 AUDIO_BLOCK = 256  # clips read and encoded at a time
 MAX_LISTED_SKIPS = 1000  # results.json lists this many skipped items per task (all are counted)
 
@@ -48,6 +48,10 @@ class Settings:
     max_text_tokens: int = 256  # ASR transcript cap
     tts_asr: str = "whisper"  # how TTS output is transcribed: whisper[:MODEL], pocketsphinx, self
     tts_speaker: str = "wavlm"  # speaker embeddings for similarity: wavlm[:MODEL], resemblyzer, none
+    s2st_asr: str = "whisper"  # how S2ST output speech is transcribed for ASR-BLEU (same backends as tts_asr)
+    s2st_speaker: str = "wavlm"  # speaker encoder for S2ST voice preservation (same backends as tts_speaker)
+    s2st_source_text: str = "generated"  # generated: the model transcribes the source first; given: the reference
+    s2st_source_language: str | None = None  # for manifests without a source_language column
 
     def public(self) -> dict:
         return {"batch_tokens": self.batch_tokens, "max_len": self.max_len, "device": self.device,

@@ -1,0 +1,272 @@
+"""`soda-finetune`: continue training a checkpoint on task documents, with soda-train's machinery.
+
+    soda-finetune s2st --init-from CKPT --data pairs.tsv --out RUN [--target-only-loss]
+    soda-finetune docs --init-from CKPT --data TOKENIZED_DIR --out RUN [--loss-after text_end]
+    soda-finetune eval-s2st CKPT --data pairs.tsv --out DIR          # = soda-eval --tasks s2st
+
+`s2st` turns a CVSS-style manifest into SODA's speech-to-speech translation documents (encoded with the
+checkpoint's own codec and vocabulary: `soda.s2st`) in RUN/data, then trains on them; `docs` trains on
+shards made by `soda-tokenize` (e.g. `--formats audio-first` for ASR-only or `text-first` for TTS-only
+fine-tuning), after checking they share the checkpoint's vocabulary and codec. Both hand a `TrainConfig`
+to `soda.train.train`: the same Lightning run as pre-training (resume, logging, strategies, checkpoints,
+HF export), only with fine-tuning defaults (SODA's S2ST recipe: seq 2048, batch 64, LR 2e-5 with a
+cosine schedule and 3% warm-up, one epoch of the data unless --tokens or --epochs say otherwise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from tokenize_audio.errors import SodaError, cli_errors
+from tokenize_audio.shards import atomic_write_json
+
+from .config import validate
+from .train import add_train_arguments, flag_values, is_rank_zero, resolve_config, run_directory, train
+
+# SODA's S2ST fine-tuning recipe (configs/finetune-s2st.yaml spells it out); other settings keep soda-train's.
+FINETUNE_DEFAULTS = {"seq_len": 2048, "batch_tokens": 64 * 2048, "lr": 2e-5, "schedule": "cosine", "warmup": 0.03,
+                     "val_every": 200, "val_batches": 20, "ckpt_every": 500, "log_every": 10}
+# soda-train flags that do not apply: the model comes from --init-from, which soda-finetune defines itself.
+MODEL_FLAGS = {"--size", "--sweep-width", "--width", "--layers", "--heads", "--kv-heads", "--head-dim", "--ffn",
+               "--init-from", "--dry-run", "--mfu", "--vocab"}
+S2ST_ONLY = {"--data", "--val-data", "--mix", "--loss-after"}  # s2st makes its own data; --target-only-loss
+DATA_DIR, REPORT = "data", "data_report.json"
+
+
+def say(message: str) -> None:
+    print(f"soda-finetune: {message}", file=sys.stderr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="soda-finetune",
+        description="Fine-tune a checkpoint (run directory, .ckpt, Hugging Face directory or hub id) with "
+                    "soda-train's machinery and SODA's fine-tuning recipe (seq 2048, batch 64, LR 2e-5 cosine, "
+                    "3%% warm-up); every soda-train recipe, hardware and logging flag applies.",
+        epilog="examples:\n"
+               "  soda-finetune s2st --init-from runs/600m --data cvss_t/fr/train.tsv --out runs/s2st-fr "
+               "--target-only-loss\n"
+               "  soda-finetune s2st --out runs/s2st-fr --resume\n"
+               "  soda-finetune docs --init-from runs/600m --data tok/librispeech-asr --out runs/asr\n"
+               "  soda-finetune eval-s2st runs/s2st-fr --data cvss_t/fr/test.tsv --out eval/s2st-fr",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="{s2st,docs,eval-s2st}")
+
+    s = sub.add_parser("s2st", help="speech-to-speech translation from a CVSS-style manifest",
+                       description="Build SODA's S2ST documents from a manifest (TSV with a header, or JSONL: "
+                                   "source_audio, source_text, source_language, target_text, target_audio; paths "
+                                   "relative to the manifest) into RUN/data and fine-tune on them.")
+    _common(s, "MANIFEST")
+    g = s.add_argument_group("S2ST data")
+    g.add_argument("--data", dest="manifest", metavar="MANIFEST", help="CVSS-style pairs manifest (.tsv or .jsonl)")
+    g.add_argument("--codec", help="codec to encode audio with (default: the one recorded with the checkpoint)")
+    g.add_argument("--device", default="auto", help="device for encoding audio (auto: GPU when present)")
+    g.add_argument("--source-language", help="source language for rows without one (e.g. fr)")
+    g.add_argument("--target-only-loss", action="store_true",
+                   help="score only the target (target text, target speech, EOS), not the source")
+    g.add_argument("--validation-fraction", type=float, default=0.02,
+                   help="pairs held out for validation loss, chosen by hashing their id (default 0.02; 0 for none)")
+    g.add_argument("--pairs-per-shard", type=int, default=1000)
+    g.add_argument("--prepare-only", action="store_true", help="write RUN/data and stop (e.g. before a multi-node "
+                                                               "launch)")
+    add_train_arguments(s, skip=MODEL_FLAGS | S2ST_ONLY)
+
+    d = sub.add_parser("docs", help="any soda-tokenize shards (e.g. ASR-only or TTS-only documents)",
+                       description="Fine-tune on soda-tokenize output (--data as in soda-train); the data must share "
+                                   "the checkpoint's vocabulary and codec.")
+    _common(d, "DIR")
+    add_train_arguments(d, skip=MODEL_FLAGS)
+
+    e = sub.add_parser("eval-s2st", help="ASR-BLEU, text BLEU, speaker similarity and termination rate "
+                                         "(soda-eval --tasks s2st)")
+    e.add_argument("checkpoint")
+    e.add_argument("--data", required=True, metavar="MANIFEST")
+    e.add_argument("--out", required=True)
+    e.add_argument("--asr", default="whisper", help="ASR backend: whisper[:MODEL], pocketsphinx, self")
+    e.add_argument("--speaker", default="wavlm", help="speaker encoder: wavlm[:MODEL], resemblyzer, none")
+    e.add_argument("--source-text", choices=("generated", "given"), default="generated")
+    e.add_argument("--source-language")
+    for flag in ("--device", "--codec", "--limit", "--seed"):
+        e.add_argument(flag)
+    e.add_argument("--quiet", action="store_true")
+    return p
+
+
+def _common(p, data_name: str) -> None:
+    p.add_argument("--init-from", metavar="CHECKPOINT",
+                   help="the model to fine-tune: run directory, .ckpt, Hugging Face directory or hub id")
+    p.add_argument("--epochs", type=float, default=1.0,
+                   help="passes over the training data the schedule spans (default 1; --tokens overrides)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar while encoding")
+
+
+@cli_errors("soda-finetune", interrupted="the last checkpoint is kept; continue with --resume")
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "eval-s2st":
+        return evaluate_s2st(args)
+    flags = flag_values(args)
+    if args.command == "s2st" and args.target_only_loss:
+        flags["loss_after"] = "text_end"
+    out = run_directory(flags, args.config, default="")
+    if not str(out) or str(out) == ".":
+        raise SodaError("give --out RUN_DIR")
+    if not args.resume:
+        data = args.manifest if args.command == "s2st" else args.data
+        missing = [f for f, v in (("--init-from", args.init_from), ("--data", data)) if not v]
+        if missing:
+            raise SodaError(f"{args.command}: give {' and '.join(missing)} (or --resume a run)")
+    from .checkpoints import checkpoint_dir, last_checkpoint
+
+    if args.resume and last_checkpoint(out) is None:
+        raise SodaError(f"--resume: no checkpoint in {checkpoint_dir(out)} yet; start the run again without --resume")
+    if not args.resume and last_checkpoint(out) is not None:
+        raise SodaError(f"{out} already holds a run; continue it with --resume, or choose another --out")
+    cfg = resolve_config(flags, out, args.resume, args.config, [] if args.resume else [FINETUNE_DEFAULTS])
+    tokens_given = "tokens" in flags or bool(args.config and "tokens" in _yaml(args.config))
+    if args.command == "s2st":
+        prepared = prepare_s2st(args, out)
+        if args.prepare_only:
+            return 0
+    else:
+        prepared = prepare_docs(args, cfg, out, tokens_given)
+    if not args.resume:
+        cfg.init_from, cfg.data = prepared["init_from"], prepared["data"]
+        if not tokens_given:
+            cfg.tokens = max(prepared["train_tokens"], cfg.batch_sequences * cfg.seq_len)
+        validate(cfg)
+    code = train(cfg, resume=args.resume)
+    if is_rank_zero() and prepared.get("report"):
+        say(prepared["report"])
+    return code
+
+
+def _yaml(path) -> dict:
+    from .config import load_yaml
+
+    return load_yaml(path)
+
+
+def init_model_dir(source: str, out: Path, vocab) -> str:
+    """What soda-train's --init-from loads (a Hugging Face directory or hub id): a `.ckpt` (or a run without an
+    export) is exported to RUN/init first."""
+    from .checkpoints import export_hf
+    from .inference import resolve_checkpoint
+
+    target = resolve_checkpoint(source)
+    if isinstance(target, Path) and target.is_file():
+        init = out / "init"
+        if not (init / "config.json").is_file():
+            export_hf(target, init, vocab=vocab)
+        return str(init)
+    return str(target)
+
+
+def _wait_for(path: Path, timeout: float = 24 * 3600) -> None:
+    """Ranks other than 0 (under torchrun) wait for rank 0 to prepare the data."""
+    started = time.time()
+    while not path.is_file():
+        if time.time() - started > timeout:
+            raise SodaError(f"waited {timeout:.0f} s for rank 0 to write {path}")
+        time.sleep(2)
+
+
+def summarize_skips(skipped: list[dict]) -> dict:
+    reasons = Counter(s["reason"].split(":")[0] for s in skipped)
+    return {"skipped_count": len(skipped), "skipped_reasons": dict(reasons.most_common()), "skipped": skipped}
+
+
+def prepare_s2st(args, out: Path) -> dict:
+    """RUN/data from the manifest (kept on --resume), RUN/data_report.json; what training needs from it."""
+    from .data import MANIFEST
+    from .s2st import epochs_to_tokens, read_pairs, write_s2st_shards
+
+    data = out / DATA_DIR
+    report_file = out / REPORT
+    if args.resume or not is_rank_zero():
+        if not is_rank_zero():
+            _wait_for(report_file)
+        if not (data / MANIFEST).is_file() or not report_file.is_file():
+            raise SodaError(f"--resume: {data} holds no prepared data; start the run again without --resume")
+        report = json.loads(report_file.read_text())
+        if args.manifest and Path(args.manifest).resolve() != Path(report["manifest"]):
+            raise SodaError(f"--resume: --data {args.manifest} is not the manifest this run was prepared from "
+                            f"({report['manifest']})")
+        manifest = json.loads((data / MANIFEST).read_text())
+        return {"data": [str(data)], "init_from": report["init_from"],
+                "train_tokens": epochs_to_tokens(manifest, args.epochs), "report": None}
+    if not 0 <= args.validation_fraction < 1 or args.pairs_per_shard < 1:
+        raise SodaError("--validation-fraction must be in [0, 1) and --pairs-per-shard positive")
+    from .inference import load_model
+
+    pairs = read_pairs(args.manifest, args.source_language)
+    if not pairs.pairs:
+        reasons = "; ".join(sorted({s["reason"].split(":")[0] for s in pairs.skipped})) or "no rows"
+        raise SodaError(f"{args.manifest}: no usable pairs ({len(pairs.skipped)} rows skipped: {reasons})")
+    loaded = load_model(args.init_from, device=args.device, codec=args.codec)
+    codec = loaded.load_codec()
+    say(f"encoding {len(pairs.pairs):,} pairs of {args.manifest} with {loaded.codec_label} into {data}")
+    manifest, skipped = write_s2st_shards(pairs, loaded, codec, data, args.validation_fraction, args.pairs_per_shard,
+                                          progress=not args.quiet)
+    init = init_model_dir(args.init_from, out, loaded.vocab)
+    del loaded, codec
+    used = manifest["documents"]
+    report = {"manifest": str(Path(args.manifest).resolve()), "init_from": init, "pairs": used,
+              "rows": used + len(skipped), "audio_seconds": manifest["audio_seconds"],
+              "tokens": manifest["tokens"]["total"], **summarize_skips(skipped)}
+    atomic_write_json(report_file, report)
+    line = (f"data: {used:,} pairs used, {len(skipped):,} skipped"
+            + (f" ({', '.join(f'{n} {r}' for r, n in report['skipped_reasons'].items())})" if skipped else "")
+            + f"; details in {report_file}")
+    say(line)
+    return {"data": [str(data)], "init_from": init, "train_tokens": epochs_to_tokens(manifest, args.epochs),
+            "report": line}
+
+
+def prepare_docs(args, cfg, out: Path, tokens_given: bool) -> dict:
+    """Check the shards against the checkpoint (vocabulary, codec); the --init-from soda-train can load."""
+    from .data import resolve_sources
+    from .inference import load_model
+
+    if args.resume:
+        return {"report": None}
+    sources, vocab = resolve_sources(cfg.data, cfg.val_data, cfg.mix, cfg.vocab)
+    loaded = load_model(args.init_from, device="cpu")
+    if not vocab.matches(loaded.vocab):
+        raise SodaError(f"--data {cfg.data[0]}: its vocabulary ({vocab.size:,} ids, {vocab.n_codebooks} codebooks "
+                        f"of {vocab.codebook_size}, text {vocab.text_tokenizer_source or '?'}) differs from "
+                        f"{args.init_from}'s ({loaded.vocab.size:,} ids, {loaded.vocab.n_codebooks} codebooks of "
+                        f"{loaded.vocab.codebook_size}); tokenize with the checkpoint's codec and text tokenizer")
+    for s in sources:
+        spec = (s.codec or {}).get("spec")
+        if spec and loaded.codec_spec and spec != loaded.codec_spec:
+            raise SodaError(f"--data {s.name}: tokenized with codec {spec}, but {args.init_from} was trained with "
+                            f"{loaded.codec_spec}; re-tokenize with --codec {loaded.codec_spec}")
+    init = init_model_dir(args.init_from, out, loaded.vocab)
+    del loaded
+    tokens = sum(s.train_tokens or 0 for s in sources)
+    if not tokens and not tokens_given:
+        raise SodaError("--data gives shard patterns without token counts: give --tokens")
+    return {"data": list(cfg.data), "init_from": init, "train_tokens": max(1, round(tokens * args.epochs)),
+            "report": None}
+
+
+def evaluate_s2st(args) -> int:
+    """soda-eval's s2st task under a fine-tuning name."""
+    from .evaluate.cli import main as eval_main
+
+    argv = [args.checkpoint, "--tasks", "s2st", "--data-for", f"s2st={args.data}", "--out", args.out,
+            "--s2st-asr", args.asr, "--s2st-speaker", args.speaker, "--s2st-source-text", args.source_text]
+    for flag in ("device", "codec", "limit", "seed", "source_language"):
+        if getattr(args, flag) is not None:
+            argv += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    return eval_main(argv + (["--quiet"] if args.quiet else []))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
