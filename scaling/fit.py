@@ -261,9 +261,10 @@ def approach2(r: Results, bootstrap: int, rng: np.random.Generator) -> tuple[dic
         else:
             excluded.append({"budget": float(c), "reason": "loss does not curve upwards in ln N or ln D (no minimum)"})
         optima.append(entry)
-    if keep.sum() < MIN_BUDGETS:
-        raise SodaError(f"{r.path}: only {keep.sum()} budget(s) have a loss minimum in their parabola fit; "
-                        f"Approach 2 needs at least {MIN_BUDGETS} (widen the sweep around the optimum)")
+    if keep.sum() < MIN_BUDGETS:  # no law, but the per-budget parabolas are still worth showing
+        error = (f"only {keep.sum()} budget(s) have a loss minimum in their parabola fit; Approach 2 needs at "
+                 f"least {MIN_BUDGETS} (widen the sweep around the optimum, or train longer: noisy losses)")
+        return {"a": None, "b": None, "error": error, "optima": optima, "excluded_budgets": excluded}, None, None
     log_c = np.log(budgets[keep])
     laws = _laws(log_c, ln_n[keep], ln_d[keep], loss[keep])
     out = {"a": float(laws["a"]), "b": float(laws["b"]), "params_coefficient": float(np.exp(laws["log_kn"])),
@@ -460,7 +461,9 @@ def _warnings(r: Results, a2: dict, a3: dict, bootstrap: int, n_star3) -> list[s
     warnings = [f"Approach 2: budget {o['budget']:.3g}: optimum outside the sampled range (extrapolated)"
                 for o in a2["optima"] if o["params"] is not None and not o["interior"]]
     warnings += [f"Approach 2: budget {e['budget']:.3g} left out: {e['reason']}" for e in a2["excluded_budgets"]]
-    if bootstrap and a2["bootstrap_valid"] < 0.9 * bootstrap:
+    if "error" in a2:
+        warnings.append(f"Approach 2 not determined: {a2['error']}")
+    elif bootstrap and a2["bootstrap_valid"] < 0.9 * bootstrap:
         warnings.append(f"Approach 2: only {a2['bootstrap_valid']}/{bootstrap} resamples gave a minimum in every "
                         "budget (too few runs per budget); its intervals are unreliable")
     warnings += [f"Approach 3: {name} reached its search bound {EXPONENT_BOUNDS}" for name in a3["at_bound"]]
@@ -487,7 +490,7 @@ def fit_scaling(results: Results, bootstrap: int = 1000, seed: int = 0, target_f
     targets = sorted(float(t) for t in (target_flops or r.budgets.max() * np.array([10.0, 100.0])))
     curve = np.geomspace(r.budgets.min() / 2, max(targets + [r.budgets.max() * 2]), 60)
     grid = np.concatenate([targets, curve])
-    p2 = _approach2_predict(laws, grid)
+    p2 = _approach2_predict(laws, grid) if laws else np.full((3, len(grid)), np.nan)
     p3 = _approach3_predict(terms, k, grid)
     rp2 = _approach2_predict({n: v[:, None] for n, v in reps2.items()}, grid) if reps2 else None
     rp3 = _approach3_predict(reps3, k, grid) if reps3 else None
@@ -539,7 +542,7 @@ def summary(fit: dict) -> str:
     n = fit["settings"]["bootstrap"]
     lines += [
         f"Approach 2 (IsoFLOP parabolas): N* ~ C^{_with_ci(a2, 'a')}  D* ~ C^{_with_ci(a2, 'b')}"
-        + (f"  ({a2['bootstrap_valid']}/{n} resamples)" if n else ""),
+        + (f"  ({a2['bootstrap_valid']}/{n} resamples)" if n and "error" not in a2 else ""),
         f"Approach 3 (L = E + A/N^alpha + B/D^beta): N* ~ C^{_with_ci(a3, 'a')}  D* ~ C^{_with_ci(a3, 'b')}",
         f"  E {_with_ci(a3, 'E')}  alpha {_with_ci(a3, 'alpha')}  beta {_with_ci(a3, 'beta')}"
         f"  (C = {a3['flops_per_param_token']:.3g} N D)",

@@ -76,6 +76,8 @@ def optima_figure(fit) -> Figure:
     optima = [o for o in fit["approach2"]["optima"] if o["params"] is not None]
     for ax, name, key, star in zip(fig.subplots(1, 2), ("params", "tokens"), ("a", "b"), ("N*", "D*")):
         for approach, style, label in (("approach2", "-", "Approach 2"), ("approach3", "--", "Approach 3")):
+            if fit[approach][key] is None:  # not determined (fit.json says why)
+                continue
             curve = fit["curves"][approach]
             label = f"{label}: {star} ∝ C^{_interval(fit, approach, key)}"
             color = ax.plot(flops, np.array(curve[name], float), style, label=label)[0].get_color()

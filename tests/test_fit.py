@@ -160,6 +160,26 @@ def test_optimum_outside_the_sweep_is_flagged(tmp_path):
     assert any(w.startswith("Approach 3: N* lies outside the sampled model sizes") for w in fit["warnings"])
 
 
+def test_undetermined_approach2_still_gives_approach3_and_plots(tmp_path, capsys):
+    """Budgets whose losses do not curve upwards (a noisy micro sweep) leave Approach 2 without a law: said
+    in fit.json, the summary and a warning, while Approach 3, the parabolas and all plots still come out."""
+    rows = sweep(budgets=PAPER_BUDGETS[:3], per=7)
+    for i, r in enumerate(rows[7:], 7):  # budgets 2 and 3: loss falls with N throughout (no minimum)
+        r["loss"] = 5.0 - 0.1 * (i % 7)
+    out = tmp_path / "fit"
+    assert run("fit", write(tmp_path / "r.csv", rows), "--out", out, "--bootstrap", "20") == 0
+    fit = json.loads((out / "fit.json").read_text())
+    a2 = fit["approach2"]
+    assert a2["a"] is None and a2["b"] is None and "only 1 budget(s) have a loss minimum" in a2["error"]
+    assert [o["params"] is not None for o in a2["optima"]] == [True, False, False]
+    assert all(p["approach2"]["params"] is None for p in fit["predictions"])
+    assert fit["approach3"]["a"] is not None and fit["predictions"][0]["approach3"]["params"] > 0
+    text = capsys.readouterr().out
+    assert "N* ~ C^undefined" in text and "warning: Approach 2 not determined" in text
+    assert run("plot", out) == 0
+    assert all((out / name).read_bytes()[:4] == b"\x89PNG" for name in ("isoflop.png", "optima.png", "residuals.png"))
+
+
 def test_spreadsheet_exports(tmp_path):
     text = write(tmp_path / "r.csv", sweep()).read_text()
     (tmp_path / "bom.csv").write_text(text, encoding="utf-8-sig")
