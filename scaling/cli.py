@@ -15,7 +15,7 @@ from tokenize_audio.errors import SodaError, cli_errors
 from tokenize_audio.shards import atomic_write_json, atomic_write_text
 
 from .accounting import SODA_VOCAB
-from .fit import FIT_FILE, fit_scaling, load_results, summary
+from .fit import FIT_FILE, fit_scaling, human_count, load_results, summary
 from .plan import MIN_BATCH, PAPER_BUDGETS, as_rows, plan_sweep
 from .sweep import DEFAULT_VAL_TOKENS, PREEMPTED, check_data, check_extra, gather, load_plan, run_sweep, state
 
@@ -152,7 +152,7 @@ def plan_command(args) -> int:
     for budget in budgets:
         sizes = [r.params for r in kept if r.budget == budget]
         if sizes:
-            print(f"  C={budget:.2e}: {len(sizes)} runs, {min(sizes) / 1e6:.0f}M-{max(sizes) / 1e6:.0f}M parameters")
+            print(f"  C={budget:.2e}: {len(sizes)} runs, {human_count(min(sizes))}-{human_count(max(sizes))} parameters")
         else:
             print(f"  C={budget:.2e}: no usable runs")
     return 0

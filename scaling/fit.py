@@ -518,7 +518,7 @@ def fit_scaling(results: Results, bootstrap: int = 1000, seed: int = 0, target_f
 
 # --- a short human summary -------------------------------------------------------------------
 
-def _count(x: float) -> str:
+def human_count(x: float) -> str:
     for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
         if abs(x) >= scale:
             return f"{x / scale:.3g}{suffix}"
@@ -549,7 +549,7 @@ def summary(fit: dict) -> str:
         f"SODA (published, Approach 2): N* ~ C^{SODA_PUBLISHED['a']}  D* ~ C^{SODA_PUBLISHED['b']}",
     ]
     for p in fit["predictions"]:
-        parts = [f"{name}: N {_with_ci(p[a], 'params', _count)}, D {_with_ci(p[a], 'tokens', _count)}, "
+        parts = [f"{name}: N {_with_ci(p[a], 'params', human_count)}, D {_with_ci(p[a], 'tokens', human_count)}, "
                  f"loss {_with_ci(p[a], 'loss')}" for name, a in (("A2", "approach2"), ("A3", "approach3"))]
         lines.append(f"At {p['flops']:.3g} FLOPs: " + "; ".join(parts))
     lines += [f"warning: {w}" for w in fit["warnings"]]
