@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--speaker", default="wavlm", help="speaker encoder: wavlm[:MODEL], resemblyzer, none")
     e.add_argument("--source-text", choices=("generated", "given"), default="generated")
     e.add_argument("--source-language")
+    e.add_argument("--max-seconds", type=float, default=30.0, help="longest target speech generated (default 30)")
     for flag in ("--device", "--codec", "--limit", "--seed"):
         e.add_argument(flag)
     e.add_argument("--quiet", action="store_true")
@@ -110,6 +111,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "eval-s2st":
         return evaluate_s2st(args)
+    if args.quiet:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
     flags = flag_values(args)
     if args.command == "s2st" and args.target_only_loss:
         flags["loss_after"] = "text_end"
@@ -261,7 +266,8 @@ def evaluate_s2st(args) -> int:
     from .evaluate.cli import main as eval_main
 
     argv = [args.checkpoint, "--tasks", "s2st", "--data-for", f"s2st={args.data}", "--out", args.out,
-            "--s2st-asr", args.asr, "--s2st-speaker", args.speaker, "--s2st-source-text", args.source_text]
+            "--s2st-asr", args.asr, "--s2st-speaker", args.speaker, "--s2st-source-text", args.source_text,
+            "--s2st-max-seconds", str(args.max_seconds)]
     for flag in ("device", "codec", "limit", "seed", "source_language"):
         if getattr(args, flag) is not None:
             argv += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]

@@ -69,6 +69,9 @@ def build_parser(tasks: dict) -> argparse.ArgumentParser:
                    help="s2st: the model writes the source transcript itself (default, as trained) or is given the "
                         "reference one")
     p.add_argument("--source-language", help="s2st: source language for manifest rows without one (e.g. fr)")
+    p.add_argument("--s2st-max-seconds", type=float, default=30.0,
+                   help="s2st: longest target speech generated (default 30; a cap tied to the translation's length "
+                        "applies too)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed of generation tasks (tts, s2st)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -146,7 +149,7 @@ def main(argv=None) -> int:
                         split_weak_strong=args.split_weak_strong, judges=judges, weak_votes=args.weak_votes,
                         seed=args.seed, tts_asr=args.tts_asr, tts_speaker=args.tts_speaker, s2st_asr=args.s2st_asr,
                         s2st_speaker=args.s2st_speaker, s2st_source_text=args.s2st_source_text,
-                        s2st_source_language=args.source_language)
+                        s2st_source_language=args.source_language, s2st_max_seconds=args.s2st_max_seconds)
     from soda.inference import load_model
 
     if not settings.progress:

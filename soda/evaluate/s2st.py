@@ -89,8 +89,8 @@ def run_s2st(ctx, data: S2STData) -> dict:
         usable.append(p)
         requests.append(Request("s2st", audio=c, source_language=p.source_language, target_language=p.target_language,
                                 source_text=p.source_text if given else None, id=p.id))
-    results = generate(ctx.loaded, requests, generation_settings(ctx, max_text_tokens=settings.max_text_tokens),
-                       codec, progress=settings.progress) if requests else []
+    decoding = generation_settings(ctx, max_text_tokens=settings.max_text_tokens, max_seconds=settings.s2st_max_seconds)
+    results = generate(ctx.loaded, requests, decoding, codec, progress=settings.progress) if requests else []
     waves = [r.wave if r.wave is not None else np.zeros(0, np.float32) for r in results]
     if ctx.out is not None:
         for p, wave in zip(usable, waves):
@@ -118,7 +118,8 @@ def run_s2st(ctx, data: S2STData) -> dict:
              for p, r, t, s in zip(usable, results, transcripts, similarity)]
     how = {"data": data.source, "asr_backend": settings.s2st_asr, "speaker_backend": settings.s2st_speaker,
            "source_text": "given in the prompt" if given else "written by the model first",
-           "decoding": "text greedy; audio temperature 0.8, top-k 250 (soda.generate defaults)", "seed": settings.seed,
+           "decoding": "text greedy; audio temperature 0.8, top-k 250 (soda.generate defaults)",
+           "max_seconds": settings.s2st_max_seconds, "seed": settings.seed,
            "bleu": signature, "normalisation": "SODA's WER normalisation on both sides", "codec": ctx.loaded.codec_label,
            "similarity_of": "generated target speech vs the source speech (items with non-empty output)"}
     also = [{"metric": "BLEU of the generated target text", "value": text_bleu, "count": len(usable),

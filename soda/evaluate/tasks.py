@@ -52,6 +52,7 @@ class Settings:
     s2st_speaker: str = "wavlm"  # speaker encoder for S2ST voice preservation (same backends as tts_speaker)
     s2st_source_text: str = "generated"  # generated: the model transcribes the source first; given: the reference
     s2st_source_language: str | None = None  # for manifests without a source_language column
+    s2st_max_seconds: float = 30.0  # cap on each generated target speech (the text-length cap also applies)
 
     def public(self) -> dict:
         return {"batch_tokens": self.batch_tokens, "max_len": self.max_len, "device": self.device,
