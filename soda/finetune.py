@@ -75,12 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prepare-only", action="store_true", help="write RUN/data and stop (e.g. before a multi-node "
                                                                "launch)")
     add_train_arguments(s, skip=MODEL_FLAGS | S2ST_ONLY)
+    _finetune_help(s)
 
     d = sub.add_parser("docs", help="any soda-tokenize shards (e.g. ASR-only or TTS-only documents)",
                        description="Fine-tune on soda-tokenize output (--data as in soda-train); the data must share "
                                    "the checkpoint's vocabulary and codec.")
     _common(d, "DIR")
     add_train_arguments(d, skip=MODEL_FLAGS)
+    _finetune_help(d)
 
     e = sub.add_parser("eval-s2st", help="ASR-BLEU, text BLEU, speaker similarity and termination rate "
                                          "(soda-eval --tasks s2st)")
@@ -96,6 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument(flag)
     e.add_argument("--quiet", action="store_true")
     return p
+
+
+def _finetune_help(p) -> None:
+    """soda-train's help, with the defaults soda-finetune changes."""
+    for action in p._actions:
+        if action.dest in FINETUNE_DEFAULTS:
+            action.help = f"{action.help or ''} (soda-finetune default: {FINETUNE_DEFAULTS[action.dest]})".strip()
+        elif action.dest == "out":
+            action.help = "run directory (required): data/, checkpoints, logs, metrics.csv, loss.png, hf/"
 
 
 def _common(p, data_name: str) -> None:
