@@ -86,7 +86,7 @@ def _rows(path: Path):
     for n, fields in enumerate(lines[1:] if has_header else lines, 2 if has_header else 1):
         if not any(f.strip() for f in fields):
             continue
-        if len(fields) < len(names) - (0 if has_header else 1):
+        if len(fields) < len(names):
             yield n, f"expected {len(names)} tab-separated columns, found {len(fields)}"
             continue
         yield n, dict(zip(names, fields))
