@@ -26,8 +26,6 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-
 from tokenize_audio.documents import s2st_document, validation_recordings
 from tokenize_audio.errors import SkipItem, SodaError
 from tokenize_audio.shards import atomic_write_json, write_shard
@@ -233,10 +231,3 @@ def epochs_to_tokens(manifest: dict, epochs: float) -> int:
     train = sum(s["tokens"] for s in manifest.get("shard_stats", []) if s["split"] == "train")
     return max(1, math.ceil(epochs * train))
 
-
-def pair_documents(shard: Path):
-    """(metadata, ids) of each S2ST document in a shard (tests and inspection)."""
-    from tokenize_audio.shards import read_shard
-
-    for _, ids, meta in read_shard(shard):
-        yield meta, np.asarray(ids)

@@ -20,6 +20,7 @@ from soda.finetune import FINETUNE_DEFAULTS, main
 from soda.generate import Request, Settings, build_plan, translate
 from soda.module import labels
 from soda.optim import lr_factor
+from test_evaluate import speaker_encoder  # noqa: F401 -- fixture: a tiny offline WavLM speaker model
 from tokenize_audio.documents import s2st_document
 from tokenize_audio.shards import write_shard
 from tokenize_audio.vocab import Vocabulary, byte_tokenizer
@@ -242,9 +243,6 @@ def test_eval_s2st_reports_asr_bleu_text_bleu_similarity_and_termination(finetun
     assert "| S2ST | ASR-BLEU (ASR: pocketsphinx)" in table and "speaker similarity to the source" in table
 
 
-from test_evaluate import speaker_encoder  # noqa: E402,F401 -- the tiny offline WavLM speaker model fixture
-
-
 # --------------------------------------------------------------------------------------------
 # The general path and user errors
 # --------------------------------------------------------------------------------------------
@@ -257,6 +255,7 @@ def test_docs_path_trains_on_tokenized_shards_and_refuses_another_vocabulary(tin
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["init_from"] == str(out / "init") and (out / "init" / "vocab.json").is_file()  # the .ckpt exported
     assert config["lr"] == 2e-5 and config["schedule"] == "cosine" and config["loss_after"] == "audio_end"
+    assert (out / "checkpoints" / "step0000002.ckpt").is_file() and (out / "metrics.csv").is_file()
     other = tmp_path / "other"
     shutil.copytree(train_tokens, other)
     Vocabulary.build(byte_tokenizer(), 4, 2048).save(other)
