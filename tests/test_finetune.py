@@ -255,7 +255,7 @@ def test_docs_path_trains_on_tokenized_shards_and_refuses_another_vocabulary(tin
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["init_from"] == str(out / "init") and (out / "init" / "vocab.json").is_file()  # the .ckpt exported
     assert config["lr"] == 2e-5 and config["schedule"] == "cosine" and config["loss_after"] == "audio_end"
-    assert (out / "checkpoints" / "step0000002.ckpt").is_file() and (out / "metrics.csv").is_file()
+    assert (out / "checkpoints" / "step0000002.ckpt").is_file()  # it trained
     other = tmp_path / "other"
     shutil.copytree(train_tokens, other)
     Vocabulary.build(byte_tokenizer(), 4, 2048).save(other)
