@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="soda-finetune",
         description="Fine-tune a checkpoint (run directory, .ckpt, Hugging Face directory or hub id) with "
                     "soda-train's machinery and SODA's fine-tuning recipe (seq 2048, batch 64, LR 2e-5 cosine, "
-                    "3%% warm-up); every soda-train recipe, hardware and logging flag applies.",
+                    "3% warm-up); every soda-train recipe, hardware and logging flag applies.",
         epilog="examples:\n"
                "  soda-finetune s2st --init-from runs/600m --data cvss_t/fr/train.tsv --out runs/s2st-fr "
                "--target-only-loss\n"

@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="soda-train",
         description="Pre-train a native discrete-audio model (transformers Qwen3ForCausalLM) by next-token "
                     "prediction on soda-tokenize shards, with SODA's recipe as the defaults: cautious AdamW "
-                    "(0.98, 0.98, eps 1e-16, wd 0.033), WSD schedule (10%% warm-up, 20%% decay), z-loss 1e-4, "
+                    "(0.98, 0.98, eps 1e-16, wd 0.033), WSD schedule (10% warm-up, 20% decay), z-loss 1e-4, "
                     "peak LR 0.003*sqrt(batch/256)*sqrt(1024/width). Without --data: the bundled demo corpus "
                     "and the tiny model. Settings: defaults < --config YAML < flags.",
         epilog="examples:\n"
