@@ -77,7 +77,7 @@ def load_pretrained(source: str, vocab: Vocabulary, attention: str = "sdpa"):
     if saved.is_file() and not Vocabulary.load(path).matches(vocab):
         raise SodaError(f"--init-from {source}: its vocab.json differs from the data's vocabulary (ids would mean "
                         f"other tokens)")
-    return model
+    return model.train()  # from_pretrained returns eval mode; training starts from train mode as a fresh model
 
 
 def shape_of(model) -> ModelShape:
