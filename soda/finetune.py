@@ -86,17 +86,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval-s2st", help="ASR-BLEU, text BLEU, speaker similarity and termination rate "
                                          "(soda-eval --tasks s2st)")
-    e.add_argument("checkpoint")
-    e.add_argument("--data", required=True, metavar="MANIFEST")
-    e.add_argument("--out", required=True)
+    e.add_argument("checkpoint", help="run directory, .ckpt, Hugging Face directory or hub id")
+    e.add_argument("--data", required=True, metavar="MANIFEST", help="CVSS-style manifest of test pairs (TSV/JSONL)")
+    e.add_argument("--out", required=True, help="directory for results.json, results.md, items/ and the WAVs")
     e.add_argument("--asr", default="whisper", help="ASR backend: whisper[:MODEL], pocketsphinx, self")
     e.add_argument("--speaker", default="wavlm", help="speaker encoder: wavlm[:MODEL], resemblyzer, none")
-    e.add_argument("--source-text", choices=("generated", "given"), default="generated")
-    e.add_argument("--source-language")
+    e.add_argument("--source-text", choices=("generated", "given"), default="generated",
+                   help="generated (default): the model transcribes the source first, as SODA; given: the "
+                        "manifest's transcript goes into the prompt")
+    e.add_argument("--source-language", help="language code for rows without one, e.g. fr")
     e.add_argument("--max-seconds", type=float, default=30.0, help="longest target speech generated (default 30)")
-    for flag in ("--device", "--codec", "--limit", "--seed"):
-        e.add_argument(flag)
-    e.add_argument("--quiet", action="store_true")
+    for flag, text in (("--device", "auto (default), cpu, cuda, cuda:1, ..."),
+                       ("--codec", "codec spec overriding the one recorded with the checkpoint"),
+                       ("--limit", "evaluate only the first N pairs"), ("--seed", "sampling seed")):
+        e.add_argument(flag, help=text)
+    e.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
 

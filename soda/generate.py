@@ -45,6 +45,7 @@ BOS/EOS) and `<|text_end|>`. Every output stops and says why (`Result.ended`):
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from collections import deque
 from dataclasses import dataclass, field
@@ -320,10 +321,12 @@ def decode_batch(model, vocab, plans: list[_Plan], settings: Settings, frame_rat
         from transformers import DynamicCache
 
         cache = DynamicCache(config=model.config)
+    # transformers renamed `past_key_values` to `cache` during 5.x; pass it under the name this version takes
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     live = list(range(len(seqs)))  # batch row -> sequence
     inputs, input_pos, table = ids, positions, None
     while True:
-        logits = model(input_ids=inputs, attention_mask=mask, position_ids=input_pos, past_key_values=cache,
+        logits = model(input_ids=inputs, attention_mask=mask, position_ids=input_pos, **{cache_arg: cache},
                        use_cache=settings.use_cache, logits_to_keep=1).logits[:, -1].float()
         if table is None:
             table = _allowed_table(vocab, logits.shape[-1], device)
