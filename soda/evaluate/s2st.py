@@ -15,18 +15,16 @@ language, target text, target audio (the target audio is not needed here but kep
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import numpy as np
 
 from tokenize_audio.errors import SodaError
-from tokenize_audio.shards import atomic_write_bytes
 
 from . import backends
 from .asr import generation_settings, normalize
 from .tasks import Skips, Task, entry, register
-from .tts import _wav_bytes
+from .tts import judge_speech
 
 
 @dataclass
@@ -91,24 +89,11 @@ def run_s2st(ctx, data: S2STData) -> dict:
                                 source_text=p.source_text if given else None, id=p.id))
     decoding = generation_settings(ctx, max_text_tokens=settings.max_text_tokens, max_seconds=settings.s2st_max_seconds)
     results = generate(ctx.loaded, requests, decoding, codec, progress=settings.progress) if requests else []
-    waves = [r.wave if r.wave is not None else np.zeros(0, np.float32) for r in results]
-    if ctx.out is not None:
-        for p, wave in zip(usable, waves):
-            name = re.sub(r"[^\w.-]", "_", p.id)
-            atomic_write_bytes(ctx.out / "s2st" / f"{name}.wav", _wav_bytes(wave, codec.sample_rate))
-    heard = [i for i, w in enumerate(waves) if len(w)]
-    transcripts = [""] * len(waves)
-    for i, text in zip(heard, data.transcribe([waves[i] for i in heard], codec.sample_rate) if heard else []):
-        transcripts[i] = text
+    transcripts, similarity = judge_speech(ctx, "s2st", [p.id for p in usable], results, codec, data.transcribe,
+                                           data.embed, [p.source_audio for p in usable])
     references = [p.target_text for p in usable]
     asr_bleu, signature = bleu(references, transcripts) if usable else (None, None)
     text_bleu = bleu(references, [r.text for r in results])[0] if usable else None
-    similarity = [None] * len(usable)
-    if data.embed is not None and heard:
-        generated = data.embed([waves[i] for i in heard], codec.sample_rate)
-        source = data.embed([ctx.load_wave(usable[i].source_audio) for i in heard], codec.sample_rate)
-        for i, a, b in zip(heard, generated, source):
-            similarity[i] = float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
     sims = [s for s in similarity if s is not None]
     mean_sim = float(np.mean(sims)) if sims else None
     summary = summarize(results)

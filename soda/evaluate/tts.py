@@ -104,6 +104,29 @@ def _wav_bytes(wave: np.ndarray, sr: int) -> bytes:
     return buf.getvalue()
 
 
+def judge_speech(ctx, folder: str, ids: list[str], results, codec, transcribe, embed, voices: list) -> tuple:
+    """What TTS and S2ST share once speech is generated: each output saved as OUT/FOLDER/ID.wav, the non-empty
+    ones transcribed by the ASR backend (empty outputs get ""), and the cosine similarity of each output's
+    speaker embedding to its voice reference (an audio path; None where there is no reference or output)."""
+    waves = [r.wave if r.wave is not None else np.zeros(0, np.float32) for r in results]
+    if ctx.out is not None:
+        for item_id, wave in zip(ids, waves):
+            name = re.sub(r"[^\w.-]", "_", item_id)
+            atomic_write_bytes(ctx.out / folder / f"{name}.wav", _wav_bytes(wave, codec.sample_rate))
+    heard = [i for i, w in enumerate(waves) if len(w)]
+    texts = [""] * len(waves)
+    for i, text in zip(heard, transcribe([waves[i] for i in heard], codec.sample_rate) if heard else []):
+        texts[i] = text
+    similarity = [None] * len(waves)
+    pairs = [i for i in heard if voices[i]]
+    if embed is not None and pairs:
+        generated = embed([waves[i] for i in pairs], codec.sample_rate)
+        reference = embed([ctx.load_wave(voices[i]) for i in pairs], codec.sample_rate)
+        for i, a, b in zip(pairs, generated, reference):
+            similarity[i] = float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
+    return texts, similarity
+
+
 def run_tts(ctx, data: Prompts) -> dict:
     from soda.generate import Request, generate
 
@@ -126,23 +149,9 @@ def run_tts(ctx, data: Prompts) -> dict:
         requests.append(Request("tts", text=p.text, voice_audio=voice, voice_text=p.voice_text, id=p.id))
     sampling = generation_settings(ctx, temperature=0.9, top_p=0.8, top_k=50)
     results = generate(ctx.loaded, requests, sampling, codec, progress=settings.progress)
-    waves = [r.wave if r.wave is not None else np.zeros(0, np.float32) for r in results]
-    if ctx.out is not None:
-        for p, wave in zip(usable, waves):
-            name = re.sub(r"[^\w.-]", "_", p.id)
-            atomic_write_bytes(ctx.out / "tts" / f"{name}.wav", _wav_bytes(wave, codec.sample_rate))
-    heard = [i for i, w in enumerate(waves) if len(w)]
-    texts = [""] * len(waves)
-    for i, text in zip(heard, data.transcribe([waves[i] for i in heard], codec.sample_rate) if heard else []):
-        texts[i] = text
+    texts, similarity = judge_speech(ctx, "tts", [p.id for p in usable], results, codec, data.transcribe,
+                                     data.embed, [p.voice_audio for p in usable])
     scores = word_errors([p.text for p in usable], texts) if usable else {"wer": None}
-    similarity = [None] * len(usable)
-    pairs = [i for i in heard if usable[i].voice_audio]
-    if data.embed is not None and pairs:
-        generated = data.embed([waves[i] for i in pairs], codec.sample_rate)
-        reference = data.embed([ctx.load_wave(usable[i].voice_audio) for i in pairs], codec.sample_rate)
-        for i, a, b in zip(pairs, generated, reference):
-            similarity[i] = float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
     sims = [s for s in similarity if s is not None]
     ended = {}
     for r in results:
