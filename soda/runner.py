@@ -103,7 +103,8 @@ def run(cfg: TrainConfig, resume: bool) -> int:
             precision=precision_for(cfg), max_steps=max_steps, max_epochs=-1, accumulate_grad_batches=accumulate,
             val_check_interval=cfg.val_every * accumulate if has_val else None, check_val_every_n_epoch=None,
             limit_val_batches=cfg.val_batches if has_val else 0, num_sanity_val_steps=0,
-            log_every_n_steps=cfg.log_every, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()],
+            log_every_n_steps=max(1, min(cfg.log_every, max_steps // 2)),  # a short run still logs a curve
+            callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()],
             enable_model_summary=False, use_distributed_sampler=False, default_root_dir=out,
             gradient_clip_val=None,
         )
