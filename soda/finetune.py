@@ -181,14 +181,16 @@ def init_model_dir(source: str, out: Path, vocab) -> str:
     target = resolve_checkpoint(source)
     if isinstance(target, Path) and target.is_file():
         init = out / "init"
-        if not (init / "config.json").is_file():
+        if not is_rank_zero():  # rank 0 exports (atomically: the directory appears whole)
+            _wait_for(init / "config.json")
+        elif not (init / "config.json").is_file():
             export_hf(target, init, vocab=vocab)
         return str(init)
     return str(target)
 
 
 def _wait_for(path: Path, timeout: float = 24 * 3600) -> None:
-    """Ranks other than 0 (under torchrun) wait for rank 0 to prepare the data."""
+    """Ranks other than 0 (under torchrun) wait for rank 0 to prepare the data or the initial weights."""
     started = time.time()
     while not path.is_file():
         if time.time() - started > timeout:

@@ -276,3 +276,22 @@ def test_user_mistakes_are_one_line_errors(tiny_run, s2st_corpus, tmp_path, caps
     assert "bad.tsv" in err and "source_text" in err
     assert "--init-from" in _error(capsys, ["s2st", "--data", str(s2st_corpus), "--out", str(tmp_path / "r")])
     assert "no checkpoint" in _error(capsys, ["s2st", "--out", str(tmp_path / "r"), "--resume"])
+
+
+def test_only_rank_zero_exports_the_initial_checkpoint(tiny_run, tmp_path, monkeypatch):
+    """Under torchrun every rank calls init_model_dir; rank 0 exports the .ckpt, the others wait for the export."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    import soda.finetune as finetune
+    from soda.inference import load_model
+
+    vocab = load_model(str(tiny_run), device="cpu").vocab
+    ckpt = str(tiny_run / "checkpoints" / "last.ckpt")
+    waited = []
+    monkeypatch.setattr(finetune, "_wait_for", waited.append)
+    monkeypatch.setattr(rank_zero_only, "rank", 1, raising=False)
+    assert finetune.init_model_dir(ckpt, tmp_path, vocab) == str(tmp_path / "init")
+    assert waited == [tmp_path / "init" / "config.json"] and not (tmp_path / "init").exists()
+    monkeypatch.setattr(rank_zero_only, "rank", 0, raising=False)
+    assert finetune.init_model_dir(ckpt, tmp_path, vocab) == str(tmp_path / "init")
+    assert (tmp_path / "init" / "config.json").is_file() and len(waited) == 1
