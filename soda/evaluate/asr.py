@@ -64,10 +64,8 @@ def load_speech(ctx, spec: str | None) -> Speech:
     except SodaError as err:
         hint = "; without hub access, pass --data-for asr=DIR (LibriSpeech-style)" if spec.startswith("hf:") else ""
         raise SodaError(f"asr: {err}{hint}") from None
-    skips = Skips()
-    for s in corpus.skipped:
-        skips.add(s["path"], s["reason"])
-    utterances = corpus.utterances[: ctx.settings.limit] if ctx.settings.limit else corpus.utterances
+    skips = Skips().extend(corpus.skipped, key="path")
+    utterances = ctx.limited(corpus.utterances)
     if not utterances:
         raise SodaError(f"asr: no usable utterances in {spec}")
     return Speech(utterances, skips, spec)

@@ -59,10 +59,8 @@ def load_s2st(ctx, spec: str | None) -> S2STData:
         raise SodaError("s2st: give --data-for s2st=MANIFEST (a CVSS-style TSV or JSONL of pairs)")
     check_sacrebleu()
     read = read_pairs(spec, ctx.settings.s2st_source_language)
-    skips = Skips()
-    for s in read.skipped:
-        skips.add(s["item"], s["reason"])
-    pairs = read.pairs[: ctx.settings.limit] if ctx.settings.limit else read.pairs
+    skips = Skips().extend(read.skipped)
+    pairs = ctx.limited(read.pairs)
     if not pairs:
         raise SodaError(f"s2st: no usable pairs in {spec} ({len(skips)} rows skipped)")
     transcribe = backends.build(backends.ASR, "--s2st-asr", ctx.settings.s2st_asr, ctx)

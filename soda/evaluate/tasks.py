@@ -71,6 +71,10 @@ class Context:
     def vocab(self):
         return self.loaded.vocab
 
+    def limited(self, items: list) -> list:
+        """The first --limit items (all of them without a limit)."""
+        return items[: self.settings.limit] if self.settings.limit else items
+
     @cached_property
     def codec(self):
         return self.loaded.load_codec()
@@ -170,6 +174,12 @@ class Skips:
 
     def add(self, item, reason: str) -> None:
         self.items.append({"item": str(item), "reason": reason})
+
+    def extend(self, records: list[dict], key: str = "item") -> "Skips":
+        """Take over a reader's skip records ({key: ..., "reason": ...})."""
+        for r in records:
+            self.add(r[key], r["reason"])
+        return self
 
     def __len__(self) -> int:
         return len(self.items)

@@ -88,7 +88,7 @@ def load_tts(ctx, spec: str | None) -> Prompts:
         raise SodaError("tts: give --data-for tts=FILE (seed-tts-eval's en/meta.lst, a .jsonl or a .txt of texts)")
     check_jiwer("tts")
     skips = Skips()
-    prompts = read_prompts(spec, skips)[: ctx.settings.limit] if ctx.settings.limit else read_prompts(spec, skips)
+    prompts = ctx.limited(read_prompts(spec, skips))
     if not prompts:
         raise SodaError(f"tts: no usable prompts in {spec}")
     transcribe = backends.build(backends.ASR, "--tts-asr", ctx.settings.tts_asr, ctx)
