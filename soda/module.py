@@ -60,13 +60,6 @@ def scored_targets(batch: dict) -> torch.Tensor:
     return valid
 
 
-def labels(batch: dict, ignore_index: int = -100) -> torch.Tensor:
-    """transformers-style labels [B, S]: the input ids where a target is scored, `ignore_index` elsewhere."""
-    out = torch.full_like(batch["input_ids"], ignore_index)
-    out[:, 1:] = torch.where(scored_targets(batch), batch["input_ids"][:, 1:], ignore_index)
-    return out
-
-
 def token_nll(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-position NLL, log-sum-exp, targets and the mask of scored positions ([B, S-1] each)."""
     ids, doc = batch["input_ids"], batch["doc_ids"]

@@ -18,7 +18,7 @@ from conftest import REPO
 from soda.data import PackedStream, Source, loss_mask
 from soda.finetune import FINETUNE_DEFAULTS, main
 from soda.generate import Request, Settings, build_plan, translate
-from soda.module import labels
+from soda.module import scored_targets
 from soda.optim import lr_factor
 from test_evaluate import speaker_encoder  # noqa: F401 -- fixture: a tiny offline WavLM speaker model
 from tokenize_audio.documents import s2st_document
@@ -108,7 +108,9 @@ def test_target_only_labels_are_exact_across_packing_boundaries_and_resume(vocab
     offset = np.concatenate([np.arange(len(d)) for d in docs])
     assert len(windows) == len(flat) // seq >= 6
     for w, window in enumerate(windows):
-        got = labels({k: v[None] for k, v in window.items()})[0].numpy()
+        scored = scored_targets({k: v[None] for k, v in window.items()})[0].numpy()  # what the loss counts
+        got = np.full(seq, -100)
+        got[1:] = np.where(scored, window["input_ids"].numpy()[1:], -100)
         span = slice(w * seq, (w + 1) * seq)
         expected = np.where(offset[span] >= np.array(starts)[doc_of[span]], flat[span], -100)
         expected[0] = -100
