@@ -89,12 +89,23 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
         time.sleep(0.02)
 
 
+def _wait_for_row(path: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    start = time.time()
+    while not (path.is_file() and str(step) in {r.get("step") for r in csv.DictReader(path.open(newline=""))}):
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() - start < timeout
+        time.sleep(0.02)
+
+
 def test_sigkill_then_resume_reproduces_the_uninterrupted_run(trained, train_tokens, tmp_path):
     out = tmp_path / "killed"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen([PY, "-m", "soda.train", *tiny_args(train_tokens, out)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _wait_for(out / "checkpoints" / "step0000016.ckpt", proc)
+    # Lightning saves a step's checkpoint (on_train_batch_end) just before it logs that step's metrics: wait
+    # for step 15's row, so the kill cannot fall in that gap and lose a row the resume will not re-run.
+    _wait_for_row(out / "logs" / "version_0" / "metrics.csv", 15, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "hf").exists()
