@@ -68,6 +68,7 @@ class TrainConfig:
     rope_factor: float = 8.0
     init_from: str | None = None         # HF directory or hub id to start from
     attention: str = "auto"              # auto | sdpa | eager | flash_attention_2 | flex_attention
+    compile: bool = False                # torch.compile each decoder layer and the loss's chunk arithmetic
     # --- data ---------------------------------------------------------------------------------
     data: list = field(default_factory=list)        # [NAME=]LOCATION strings or {name, path, kind, weight}
     val_data: list = field(default_factory=list)
@@ -142,6 +143,12 @@ class TrainConfig:
     def steps(self) -> int:
         """Optimizer steps of the whole schedule (the LR schedule is laid out over these)."""
         return max(1, round(self.total_tokens / (self.batch_sequences * self.seq_len)))
+
+    def uses_gpu(self) -> bool:
+        """Whether this run trains on CUDA devices (`--accelerator auto|gpu|cuda` with CUDA present)."""
+        import torch
+
+        return self.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
 
     def peak_lr(self, width: int) -> float:
         return self.lr if self.lr is not None else soda_peak_lr(self.batch_sequences, width)

@@ -80,6 +80,17 @@ def load_pretrained(source: str, vocab: Vocabulary, attention: str = "sdpa"):
     return model.train()  # from_pretrained returns eval mode; training starts from train mode as a fresh model
 
 
+def compile_model(model) -> None:
+    """torch.compile every decoder layer in place (state-dict keys, checkpoints and exports are unchanged) and the
+    loss's per-chunk arithmetic. Layer by layer, as torchtitan does: one graph serves all layers, and FSDP's
+    per-layer units wrap compiled layers."""
+    from .loss import compile_loss
+
+    for layer in model.model.layers:
+        layer.compile(dynamic=False)
+    compile_loss()
+
+
 def shape_of(model) -> ModelShape:
     c = model.config
     return ModelShape(c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads,
@@ -118,12 +129,38 @@ def document_mask(doc_ids: torch.Tensor, additive_dtype: torch.dtype | None = No
     return mask.masked_fill_(~allowed, torch.finfo(additive_dtype).min)
 
 
+def document_block_mask(doc_ids: torch.Tensor):
+    """[B, S] document ids -> flex attention's BlockMask: the same mask as `document_mask`, but stored
+    as 128 x 128 tiles, so the kernel skips every tile above the diagonal or across documents."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def same_document_causal(b, h, q, kv):
+        return (doc_ids[b, q] == doc_ids[b, kv]) & (q >= kv)
+
+    b, s = doc_ids.shape
+    return create_block_mask(same_document_causal, B=b, H=None, Q_LEN=s, KV_LEN=s, device=doc_ids.device)
+
+
+def default_attention(device_type: str) -> str:
+    """`--attention auto`: flex attention on CUDA (block-sparse document masks, compiled kernels), sdpa elsewhere
+    (a dense boolean mask; flex attention would compile a C++ kernel on the CPU for no gain)."""
+    if device_type == "cuda":
+        try:
+            import torch.nn.attention.flex_attention  # noqa: F401
+            return "flex_attention"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
 def attention_inputs(model, doc_ids: torch.Tensor) -> dict:
     """The keyword arguments that keep attention inside documents for this model's attention kernel."""
     impl = getattr(model.config, "_attn_implementation", "sdpa")
     pos = position_ids(doc_ids)
     if impl and "flash" in impl:  # variable-length kernels find the documents from restarting positions
         return {"position_ids": pos}
+    if impl == "flex_attention":
+        return {"position_ids": pos, "attention_mask": document_block_mask(doc_ids)}
     additive = model.dtype if impl == "eager" else None
     return {"position_ids": pos, "attention_mask": document_mask(doc_ids, additive)}
 

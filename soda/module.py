@@ -19,6 +19,7 @@ from tokenize_audio.errors import SodaError
 from tokenize_audio.vocab import Vocabulary
 
 from .config import TrainConfig
+from .loss import chunked_lm_loss
 from .model import attention_inputs
 from .optim import CautiousAdamW, lr_factor, param_groups
 
@@ -71,6 +72,36 @@ def token_nll(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return nll, lse, targets, valid
 
 
+def fused_head(model) -> torch.nn.Linear | None:
+    """The LM head when the logits are a plain `hidden @ head.T` (Qwen3 and kin), so the loss can be chunked."""
+    head = model.get_output_embeddings()
+    plain = isinstance(head, torch.nn.Linear) and head.bias is None and hasattr(model, "model")
+    if not plain or getattr(model.config, "final_logit_softcapping", None) or getattr(model.config, "logit_scale", None):
+        return None
+    return head
+
+
+def lm_loss(model, batch: dict, z_loss: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Training loss (mean NLL + z-loss over scored targets), per-position NLL, targets and scored mask.
+
+    Computed from the last hidden states in chunks (`soda.loss`) when the model's head allows it,
+    so the full logits never exist; otherwise from the logits, as `token_nll`.
+    """
+    ids, doc = batch["input_ids"], batch["doc_ids"]
+    targets, valid = ids[:, 1:], scored_targets(batch)
+    head = fused_head(model)
+    if head is None:
+        nll, lse, _, _ = token_nll(model, batch)
+        n = valid.sum().clamp(min=1)
+        loss = (nll * valid).sum() / n
+        if z_loss:
+            loss = loss + z_loss * ((lse**2) * valid).sum() / n
+        return loss, nll, targets, valid
+    hidden = model.model(input_ids=ids, use_cache=False, **attention_inputs(model, doc)).last_hidden_state
+    loss, nll, _ = chunked_lm_loss(hidden[:, :-1], head.weight, targets, valid, z_loss)
+    return loss, nll, targets, valid
+
+
 class SodaModule(L.LightningModule):
     def __init__(self, model, cfg: TrainConfig, vocab: Vocabulary, steps: int, micro_per_step: int,
                  flops_per_token: float, audio_tokens_per_second: float | None = None, codec: dict | None = None):
@@ -89,10 +120,7 @@ class SodaModule(L.LightningModule):
 
     # --- loss ----------------------------------------------------------------------------------
     def _sums(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        nll, lse, targets, valid = token_nll(self.model, batch)
-        n = valid.sum().clamp(min=1)
-        ce = (nll * valid).sum() / n
-        loss = ce + self.cfg.z_loss * ((lse**2) * valid).sum() / n if self.cfg.z_loss else ce
+        loss, nll, targets, valid = lm_loss(self.model, batch, self.cfg.z_loss)
         g = target_groups(targets, self.vocab)[valid]
         sums = torch.zeros(2, len(self.groups), device=nll.device, dtype=torch.float64)
         sums[0].index_add_(0, g, nll.detach()[valid].double())

@@ -16,15 +16,22 @@ from .train import PREEMPTED_EXIT, batch_layout, is_rank_zero, save_config, worl
 
 
 def build_model(cfg: TrainConfig, vocab):
-    from .model import build_model as fresh, load_pretrained, shape_of
+    from .model import build_model as fresh, compile_model, default_attention, load_pretrained, shape_of
 
-    attention = "sdpa" if cfg.attention == "auto" else cfg.attention
+    attention = cfg.attention if cfg.attention != "auto" else default_attention("cuda" if cfg.uses_gpu() else "cpu")
+    if attention == "flex_attention" and not cfg.uses_gpu():
+        raise SodaError("--attention flex_attention: torch has no flex attention backward on the CPU; use sdpa (the "
+                        "CPU default) or train on a GPU")
     if cfg.init_from:
         model = load_pretrained(cfg.init_from, vocab, attention)
-        return model, shape_of(model)
-    shape = cfg.shape(vocab.size)
-    return fresh(shape, vocab, cfg.seed, rope_theta=cfg.rope_theta, rope_factor=cfg.rope_factor,
-                 attention=attention), shape
+        shape = shape_of(model)
+    else:
+        shape = cfg.shape(vocab.size)
+        model = fresh(shape, vocab, cfg.seed, rope_theta=cfg.rope_theta, rope_factor=cfg.rope_factor,
+                      attention=attention)
+    if cfg.compile:
+        compile_model(model)
+    return model, shape
 
 
 def strategy_for(cfg: TrainConfig):
@@ -40,8 +47,7 @@ def strategy_for(cfg: TrainConfig):
 def precision_for(cfg: TrainConfig) -> str:
     if cfg.precision != "auto":
         return cfg.precision
-    on_gpu = cfg.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-    return "bf16-mixed" if on_gpu else "32-true"
+    return "bf16-mixed" if cfg.uses_gpu() else "32-true"
 
 
 def run(cfg: TrainConfig, resume: bool) -> int:
@@ -70,6 +76,8 @@ def run(cfg: TrainConfig, resume: bool) -> int:
     if is_rank_zero():
         say = lambda msg: print(f"soda-train: {msg}", file=sys.stderr)  # noqa: E731
         say(f"model: {describe(shape)}")
+        say(f"kernels: {model.config._attn_implementation} attention"
+            f"{', torch.compile (layers and loss)' if cfg.compile else ''}")
         say(f"parameters: {counted['total']:,} total, {counted['non_embedding']:,} non-embedding")
         say("data: " + "; ".join(f"{s.name} {s.weight:.1%} ({len(s.train)} train / {len(s.validation)} "
                                  f"validation shards)" for s in sources))

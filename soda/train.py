@@ -77,7 +77,11 @@ def add_train_arguments(p: argparse.ArgumentParser, skip=frozenset()) -> argpars
         add(g, f"--{name}", type=int, help="override the preset's value")
     add(g, "--init-from", help="start from this Hugging Face directory or hub id (e.g. an export of "
                                        "another run, or soda-research/soda-600m-base)")
-    add(g, "--attention", help="auto (sdpa), sdpa, eager, flash_attention_2, flex_attention")
+    add(g, "--attention", help="auto (flex_attention on GPU: block-sparse document masks; sdpa on CPU), sdpa, "
+                               "eager, flash_attention_2 (if installed), flex_attention")
+    add(g, "--compile", action="store_true", default=None,
+        help="torch.compile each decoder layer and the loss's per-chunk arithmetic (fused kernels: faster on "
+             "GPU after a minute or two of compiling; off by default)")
     g = p.add_argument_group("data")
     add(g, "--data", action="append", help="[NAME=]LOCATION, repeatable: a soda-tokenize output "
                    "directory, a shard glob or brace pattern, or URLs (http://, s3 via pipe:, ...). "
@@ -193,8 +197,7 @@ def world_size(cfg: TrainConfig) -> int:
 
     devices = cfg.devices
     if devices in ("auto", None, "-1", -1):
-        on_gpu = cfg.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-        n = torch.cuda.device_count() if on_gpu else 1
+        n = torch.cuda.device_count() if cfg.uses_gpu() else 1
     else:
         try:
             n = int(devices)

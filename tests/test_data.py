@@ -137,6 +137,30 @@ def test_packed_documents_give_their_standalone_logits(sources):
         assert valid.tolist() == [[True] * 8 + [False] + [True] * 5]  # b's first token is not scored
 
 
+def test_flex_attention_block_mask_gives_the_dense_document_mask_results(sources):
+    """`--attention flex_attention` (the CUDA default): the same NLL as sdpa's dense mask, which the test above ties
+    to standalone documents. Forward only: torch has no flex attention backward on the CPU (soda-train refuses it
+    there); on the CPU flex attention compiles a C++ kernel first (tens of seconds)."""
+    from soda.model import attention_inputs, build_model, default_attention
+    from soda.module import lm_loss
+
+    _, vocab = sources
+    assert default_attention("cpu") == "sdpa" and default_attention("cuda") == "flex_attention"
+    g = torch.Generator().manual_seed(1)
+    batch = {"input_ids": torch.randint(0, vocab.size, (2, 40), generator=g),
+             "doc_ids": torch.tensor([[0] * 13 + [1] * 27, [0] * 30 + [1] * 4 + [2] * 6])}
+    results = {}
+    for attention in ("sdpa", "flex_attention"):
+        model = build_model(TrainConfig(size="tiny").shape(vocab.size), vocab, 0, attention=attention).eval()
+        assert type(attention_inputs(model, batch["doc_ids"])["attention_mask"]).__name__ == (
+            "BlockMask" if attention == "flex_attention" else "Tensor")
+        with torch.no_grad():
+            loss, nll, _, _ = lm_loss(model, batch, 1e-4)
+        results[attention] = loss.item(), nll
+    assert results["flex_attention"][0] == pytest.approx(results["sdpa"][0], rel=1e-6)
+    torch.testing.assert_close(results["flex_attention"][1], results["sdpa"][1], rtol=1e-5, atol=1e-5)
+
+
 # --- schedule and config ---------------------------------------------------------------------
 def test_wsd_schedule():
     f = [wsd_factor(s, 100, 0.1, 0.2) for s in range(101)]

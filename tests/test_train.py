@@ -197,6 +197,8 @@ def test_bad_flags_are_one_line_errors(train_tokens, tmp_path, capsys):
         args = tiny_args(train_tokens, tmp_path / "e", **{"--strategy": "fsdp"})
         assert "fsdp needs CUDA" in _error(capsys, args)
         assert not (tmp_path / "e" / "config.yaml").exists()  # a refused start leaves no run behind
+        args = tiny_args(train_tokens, tmp_path / "g", **{"--attention": "flex_attention"})
+        assert "no flex attention backward on the CPU" in _error(capsys, args)
     assert "Lightning refused" in _error(capsys, tiny_args(train_tokens, tmp_path / "f", **{"--strategy": "nope"}))
 
 
@@ -240,3 +242,17 @@ def test_inference_loader_finds_model_vocabulary_and_codec(trained):
     ids = torch.arange(40).unsqueeze(0) * 97 % from_run.vocab.size
     with torch.no_grad():
         assert torch.allclose(from_run.model(ids).logits, from_ckpt.model(ids).logits, atol=1e-5)
+
+
+def test_compile_trains_the_same_model(trained, train_tokens, tmp_path, capsys):
+    """--compile (each decoder layer and the loss's chunk arithmetic through torch.compile): the same losses as the
+    eager run, and checkpoints and exports keep their plain keys (compiled in place)."""
+    out = tmp_path / "compiled"
+    assert main(tiny_args(train_tokens, out, **{"--max-steps": "4", "--compile": ""})) == 0
+    assert "torch.compile" in capsys.readouterr().err
+    want, got = losses(trained), losses(out)
+    assert sorted(got) == [0, 1, 2, 3]
+    for step in got:
+        assert got[step] == pytest.approx(want[step], rel=1e-4), step
+    state = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert "model.model.layers.0.self_attn.q_proj.weight" in state and not any("_orig_mod" in k for k in state)

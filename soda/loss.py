@@ -1,0 +1,103 @@
+"""The training loss without materialising [batch, seq, vocab] logits.
+
+SODA's vocabulary has 144,644 ids, so the logits of one 8 x 4096 micro-batch are 19 GB in fp32
+(and the same again for their gradient): at 135m the LM head's memory traffic would cost more
+than its matrix products. `chunked_lm_loss` runs the head over chunks of tokens and, when
+gradients are needed, computes each chunk's gradient with respect to the hidden states and the
+head weight in the same pass (the approach of Liger's fused linear cross-entropy), so only one
+chunk's logits ever exist. It returns exactly what the full-logits path computes: the loss
+(mean NLL plus z-loss over the scored tokens) and the per-token NLL and log-sum-exp for metrics.
+
+`compile_loss()` swaps the per-chunk arithmetic for a torch.compile'd version (`--compile`): one
+fused reduction and one fused elementwise kernel instead of several passes over the chunk.
+"""
+
+from __future__ import annotations
+
+import torch
+
+CHUNK_ELEMENTS = 2**27  # logits per chunk (512 MiB in fp32): chunk rows = this // vocabulary size
+
+
+def chunk_terms(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, z_loss: float):
+    """log-sum-exp, NLL and d/dlogits of sum_i w_i (NLL_i + z lse_i^2) for one chunk ([c, V] logits).
+
+    The arithmetic is in fp32 whatever the logits' dtype; the gradient comes back in that dtype.
+    """
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=-1)
+    nll = lse - x.gather(-1, targets[:, None]).squeeze(-1)
+    scale = (weights * (1 + 2 * z_loss * lse))[:, None]
+    ids = torch.arange(x.shape[-1], device=x.device)[None, :]
+    grad = torch.exp(x - lse[:, None]) * scale - torch.where(ids == targets[:, None], weights[:, None], 0.0)
+    return lse, nll, grad.to(logits.dtype)
+
+
+_terms = chunk_terms
+
+
+def compile_loss() -> None:
+    """Use a torch.compile'd `chunk_terms` from now on (fused kernels; compiled on first use)."""
+    global _terms
+    _terms = torch.compile(chunk_terms, dynamic=False)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """loss = sum_i w_i (NLL_i + z lse_i^2) of logits = hidden @ weight.T, chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, weights, z_loss: float, chunk: int, grad_enabled: bool):
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        need_hidden, need_weight = (grad_enabled and ctx.needs_input_grad[i] for i in (0, 1))  # grad mode is off here
+        n = hidden.shape[0]
+        nll = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty_like(nll)
+        grad_hidden = torch.zeros_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+        w = weight.to(dtype)
+        with torch.autocast(device, enabled=False):  # the dtypes are chosen here, as autocast would
+            for start in range(0, n, chunk):
+                end = min(n, start + chunk)
+                h, t = hidden[start:end].to(dtype), targets[start:end]
+                logits = h @ w.T
+                if not (need_hidden or need_weight):
+                    x = logits.float()
+                    lse[start:end] = c_lse = torch.logsumexp(x, dim=-1)
+                    nll[start:end] = c_lse - x.gather(-1, t[:, None]).squeeze(-1)
+                    continue
+                lse[start:end], nll[start:end], g = _terms(logits, t, weights[start:end], z_loss)
+                if need_hidden:
+                    grad_hidden[start:end] = g @ w
+                if need_weight:
+                    grad_weight += (g.T @ h).float()
+        loss = (weights * (nll + z_loss * lse.square())).sum()
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        ctx.mark_non_differentiable(nll, lse)
+        return loss, nll, lse
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_nll, _grad_lse):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
+        if grad_weight is not None:
+            grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None, None, None, None
+
+
+def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor,
+                    z_loss: float, chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Loss, per-token NLL and log-sum-exp of `hidden` [..., D] through the head `weight` [V, D].
+
+    The loss is the mean NLL over the `valid` positions plus `z_loss` times their mean squared
+    log-sum-exp; NLL and log-sum-exp come back in `targets`' shape (detached).
+    """
+    shape = targets.shape
+    flat_valid = valid.reshape(-1)
+    weights = flat_valid.float() / flat_valid.sum().clamp(min=1)
+    chunk = chunk or max(1, CHUNK_ELEMENTS // weight.shape[0])
+    loss, nll, lse = _LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
+                                               weights, float(z_loss), chunk, torch.is_grad_enabled())
+    return loss, nll.view(shape), lse.view(shape)
