@@ -1,13 +1,14 @@
 """Training throughput: soda-train's Lightning step vs a bare PyTorch loop, and the data loader alone.
 
     python benchmarks/train_throughput.py --data runs/demo/tokens                       # CPU, tiny model
-    python benchmarks/train_throughput.py --data TOKENS --size 135m --seq-len 4096 --micro-batch 8   # GPU, bf16
+    python benchmarks/train_throughput.py --data TOKENS --size 135m --seq-len 4096 --micro-batch 8 --compile  # GPU
 
 Both loops run the same model, loss (next-token NLL + z-loss over packed windows with document
 masks), cautious AdamW, gradient clipping and data; the difference is the framework's overhead.
 The loader line shows how many tokens/s the streaming pipeline can supply, to compare with what
 the model consumes. On a GPU it also prints MFU (analytic FLOPs incl. attention and the LM head,
-over the bf16 dense peak from Lightning's device table, or --peak-flops).
+over the bf16 dense peak from Lightning's device table, or --peak-flops) and peak GPU memory.
+`--attention` and `--compile` are soda-train's own flags (auto attention: flex on GPU, sdpa on CPU).
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from scaling.accounting import training_flops_per_token  # noqa: E402
 from soda.config import make_config  # noqa: E402
 from soda.data import PackedStream, dataloader, resolve_sources  # noqa: E402
-from soda.model import build_model  # noqa: E402
-from soda.module import SodaModule, token_nll  # noqa: E402
+from soda.model import build_model, compile_model, default_attention  # noqa: E402
+from soda.module import SodaModule, lm_loss  # noqa: E402
 from soda.optim import CautiousAdamW, param_groups  # noqa: E402
 
 
@@ -39,6 +40,11 @@ def parse() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--peak-flops", type=float, help="per-device peak FLOP/s for MFU")
+    p.add_argument("--attention", default="auto", help="auto (flex_attention on GPU, sdpa on CPU), sdpa, ...")
+    p.add_argument("--compile", action="store_true", help="torch.compile the layers and the loss (soda-train --compile)")
+    p.add_argument("--vocab-size", type=int, help="model vocabulary (default: the data's; e.g. 144644, SODA's, "
+                                                  "whose LM head is much of a small model's FLOPs)")
+    p.add_argument("--skip-bare", action="store_true", help="time only the loader and soda-train's step")
     return p.parse_args()
 
 
@@ -47,7 +53,9 @@ def setup(args):
                                      None)
     cfg = make_config({"size": args.size, "seq_len": args.seq_len, "batch_tokens": args.micro_batch * args.seq_len,
                        "tokens": 10**12, "lr": 1e-3, "workers": args.workers, "data": [args.data]})
-    shape = cfg.shape(vocab.size)
+    if args.vocab_size is not None and args.vocab_size < vocab.size:
+        sys.exit(f"--vocab-size {args.vocab_size}: the data's vocabulary has {vocab.size:,} ids")
+    shape = cfg.shape(args.vocab_size or vocab.size)
     return cfg, sources, vocab, shape
 
 
@@ -69,8 +77,16 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def bench_bare(cfg, sources, vocab, shape, args, device, dtype) -> float:
-    model = build_model(shape, vocab, cfg.seed).to(device)
+def make_model(cfg, vocab, shape, args, device):
+    attention = args.attention if args.attention != "auto" else default_attention(device.type)
+    model = build_model(shape, vocab, cfg.seed, attention=attention)
+    if args.compile:
+        compile_model(model)
+    return model
+
+
+def bench_bare(cfg, sources, vocab, shape, args, device, dtype, precision) -> float:
+    model = make_model(cfg, vocab, shape, args, device).to(device)
     opt = CautiousAdamW(param_groups(model, cfg.weight_decay), lr=1e-3, betas=cfg.betas, eps=cfg.eps)
     it = iter(loader(cfg, sources, vocab, args.micro_batch))
     for i in range(args.warmup + args.steps):
@@ -79,9 +95,7 @@ def bench_bare(cfg, sources, vocab, shape, args, device, dtype) -> float:
             start = time.perf_counter()
         batch = {k: v.to(device, non_blocking=True) for k, v in next(it).items()}
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            nll, lse, _, valid = token_nll(model, batch)
-        n = valid.sum()
-        loss = (nll * valid).sum() / n + cfg.z_loss * ((lse**2) * valid).sum() / n
+            loss = lm_loss(model, batch, cfg.z_loss)[0]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
@@ -90,7 +104,7 @@ def bench_bare(cfg, sources, vocab, shape, args, device, dtype) -> float:
     return args.steps * args.micro_batch * cfg.seq_len / (time.perf_counter() - start)
 
 
-def bench_lightning(cfg, sources, vocab, shape, args, precision) -> float:
+def bench_lightning(cfg, sources, vocab, shape, args, device, dtype, precision) -> float:
     import lightning as L
 
     class Clock(L.Callback):
@@ -104,7 +118,7 @@ def bench_lightning(cfg, sources, vocab, shape, args, precision) -> float:
             self.end = time.perf_counter()
 
     clock = Clock()
-    model = build_model(shape, vocab, cfg.seed)
+    model = make_model(cfg, vocab, shape, args, device)
     module = SodaModule(model, cfg, vocab, steps=10**6, micro_per_step=1,
                         flops_per_token=training_flops_per_token(shape))
     trainer = L.Trainer(accelerator="auto", devices=1, precision=precision, max_steps=args.warmup + args.steps,
@@ -130,14 +144,24 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"device: {name}; model {args.size} ({shape.width}x{shape.layers}, vocab {shape.vocab:,}); seq "
           f"{cfg.seq_len}, micro-batch {args.micro_batch}; {precision}; {per_token / 1e6:.1f} MFLOP/token")
-    rows = [("data loader alone", bench_loader(cfg, sources, vocab, args.micro_batch, 50))]
-    rows.append(("bare PyTorch loop", bench_bare(cfg, sources, vocab, shape, args, device, dtype)))
-    rows.append(("soda-train (Lightning)", bench_lightning(cfg, sources, vocab, shape, args, precision)))
-    print(f"{'':<24}{'tokens/s':>12}{'MFU':>8}")
-    for label, tps in rows:
-        mfu = f"{tps * per_token / peak:.1%}" if peak and label != "data loader alone" else "-"
-        print(f"{label:<24}{tps:>12,.0f}{mfu:>8}")
-    print(f"Lightning / bare: {rows[2][1] / rows[1][1]:.2f}x; loader / model: {rows[0][1] / rows[2][1]:.1f}x")
+    attention = args.attention if args.attention != "auto" else default_attention(device.type)
+    print(f"attention: {attention}; {'torch.compile (layers and loss)' if args.compile else 'eager'}")
+    rows = [("data loader alone", bench_loader(cfg, sources, vocab, args.micro_batch, 50), None)]
+    runs = [] if args.skip_bare else [("bare PyTorch loop", bench_bare)]
+    runs.append(("soda-train (Lightning)", bench_lightning))
+    for label, bench in runs:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        tps = bench(cfg, sources, vocab, shape, args, device, dtype, precision)
+        rows.append((label, tps, torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None))
+    print(f"{'':<24}{'tokens/s':>12}{'MFU':>8}{'peak GiB':>10}")
+    for label, tps, mem in rows:
+        mfu = f"{tps * per_token / peak:.1%}" if peak and label != rows[0][0] else "-"
+        print(f"{label:<24}{tps:>12,.0f}{mfu:>8}{f'{mem:.1f}' if mem is not None else '-':>10}")
+    if len(rows) == 3:
+        print(f"Lightning / bare: {rows[2][1] / rows[1][1]:.2f}x", end="; ")
+    print(f"loader / model: {rows[0][1] / rows[-1][1]:.1f}x")
 
 
 if __name__ == "__main__":
