@@ -1,4 +1,4 @@
-"""Lightning pieces of a run: throughput and MFU, pre-emption checkpoints, atomic checkpoint files."""
+"""Lightning pieces of a run: per-step metrics rows (throughput, MFU), pre-emption checkpoints, atomic files."""
 
 from __future__ import annotations
 
@@ -17,12 +17,19 @@ from lightning.fabric.utilities.throughput import get_available_flops
 NAMED_GPUS = {"H100-SXM": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "B200": 2250e12}
 
 
-class Throughput(L.Callback):
-    """Logs tokens/s (all ranks together) and MFU once per optimizer step; tokens/s also in the progress bar."""
+class StepMetrics(L.Callback):
+    """Writes each logged optimizer step's row: the module's loss and NLL by type, LR, this step's gradient
+    norm, tokens/s (all ranks together, over the steps since the last row) and MFU.
+
+    It runs at the step's `on_train_batch_end`, after the optimizer step (so the gradient norm is this
+    step's) and before Lightning's ModelCheckpoint (which Lightning always runs last), and flushes the
+    loggers: a checkpoint on disk never precedes its step's row, so a kill cannot lose a row that a
+    resume will not re-run.
+    """
 
     def __init__(self, tokens_per_step: int, flops_per_token: float, peak_flops: float | None, every: int = 1):
         self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
-        self.peak_flops, self.every = peak_flops, every
+        self.peak_flops, self.every = peak_flops, max(1, every)
         self._t0 = None
         self._step0 = 0
 
@@ -41,19 +48,27 @@ class Throughput(L.Callback):
         self._restart(trainer)  # validation time is not training throughput
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        steps = trainer.global_step - self._step0
-        if steps < self.every or trainer.global_step % self.every:
+        metrics, pl_module.step_metrics = pl_module.step_metrics, None
+        if metrics is None:  # inside an accumulation, or a skipped batch
             return
-        if trainer.strategy.root_device.type == "cuda":
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - self._t0
-        tokens_per_s = steps * self.tokens_per_step / elapsed
-        metrics = {"tokens_per_s": tokens_per_s}
-        if self.peak_flops:
-            metrics["mfu"] = tokens_per_s * self.flops_per_token / (self.peak_flops * trainer.world_size)
-        pl_module.log_dict({k: float(v) for k, v in metrics.items()}, on_step=True, on_epoch=False,
-                           rank_zero_only=True)
-        pl_module.log("tok/s", float(tokens_per_s), prog_bar=True, logger=False, on_step=True, on_epoch=False)
+        step = trainer.global_step - 1  # rows are numbered from 0, as Lightning numbers them
+        if (step + 1) % self.every:
+            return
+        if pl_module.grad_norm is not None:
+            metrics["grad_norm"] = float(pl_module.grad_norm)
+        steps = trainer.global_step - self._step0
+        if steps > 0:
+            if trainer.strategy.root_device.type == "cuda":
+                torch.cuda.synchronize()
+            tokens_per_s = steps * self.tokens_per_step / (time.perf_counter() - self._t0)
+            metrics["tokens_per_s"] = tokens_per_s
+            if self.peak_flops:
+                metrics["mfu"] = tokens_per_s * self.flops_per_token / (self.peak_flops * trainer.world_size)
+            pl_module.log("tok/s", float(tokens_per_s), prog_bar=True, logger=False, on_step=True, on_epoch=False)
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=step)
+                logger.save()
         self._restart(trainer)
 
 

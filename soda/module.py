@@ -116,6 +116,7 @@ class SodaModule(L.LightningModule):
         self._val = None
         self._micro = 0
         self.grad_norm = None
+        self.step_metrics = None  # the last step's training metrics, until StepMetrics writes them
         self.skipped_batches = 0
 
     # --- loss ----------------------------------------------------------------------------------
@@ -152,22 +153,22 @@ class SodaModule(L.LightningModule):
         return loss
 
     def _log_step(self) -> None:
+        """The step's metrics, reduced over micro-batches and ranks, for `StepMetrics` to write after the optimizer
+        step (it adds that step's gradient norm and throughput)."""
         acc, self._acc = self._acc, None
         if self.trainer.world_size > 1:
             dist.all_reduce(acc)
         g = len(self.groups)
         nll, count = acc[:g], acc[g:2 * g]
         scored = count.sum().clamp(min=1)
-        metrics = {"train/loss": acc[2 * g] / acc[2 * g + 1], "train/nll": nll.sum() / scored}
+        loss = float(acc[2 * g] / acc[2 * g + 1])
+        metrics = {"train/loss": loss, "train/nll": float(nll.sum() / scored)}
         for i, name in enumerate(self.groups):
             if count[i] > 0:
-                metrics[f"train/nll_{name}"] = nll[i] / count[i]
-        metrics["lr"] = torch.tensor(self.trainer.optimizers[0].param_groups[0]["lr"])
-        if self.grad_norm is not None:
-            metrics["grad_norm"] = self.grad_norm
-        self.log_dict({k: torch.as_tensor(v, dtype=torch.float32) for k, v in metrics.items()}, on_step=True,
-                      on_epoch=False, sync_dist=False, rank_zero_only=True)
-        self.log("loss", metrics["train/loss"].float(), prog_bar=True, logger=False, on_step=True, on_epoch=False)
+                metrics[f"train/nll_{name}"] = float(nll[i] / count[i])
+        metrics["lr"] = float(self.trainer.optimizers[0].param_groups[0]["lr"])
+        self.step_metrics = metrics
+        self.log("loss", loss, prog_bar=True, logger=False, on_step=True, on_epoch=False)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         grads = [p.grad for p in self.parameters() if p.grad is not None]

@@ -56,7 +56,7 @@ def run(cfg: TrainConfig, resume: bool) -> int:
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
     from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-    from .callbacks import AtomicCheckpointIO, Preemption, Throughput
+    from .callbacks import AtomicCheckpointIO, Preemption, StepMetrics
     from .checkpoints import checkpoint_dir, export_hf, last_checkpoint, link_last
     from .data import OneAheadLoader, PackedStream, dataloader, resolve_sources
     from .model import count_parameters, describe
@@ -89,11 +89,12 @@ def run(cfg: TrainConfig, resume: bool) -> int:
     module = SodaModule(model, cfg, vocab, steps, accumulate, per_token, audio_rate, codec)
 
     ckpt_dir = checkpoint_dir(out)
+    log_every = max(1, min(cfg.log_every, max_steps // 2))  # a short run still logs a curve
     preemption = Preemption(ckpt_dir)
     callbacks = [
         ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:07d}", auto_insert_metric_name=False,
                         every_n_train_steps=cfg.ckpt_every, save_top_k=-1, save_last="link"),
-        Throughput(cfg.batch_sequences * cfg.seq_len, per_token, cfg.peak_flops),
+        StepMetrics(cfg.batch_sequences * cfg.seq_len, per_token, cfg.peak_flops, log_every),
         preemption,
         TQDMProgressBar(refresh_rate=1),
     ]
@@ -111,7 +112,7 @@ def run(cfg: TrainConfig, resume: bool) -> int:
             precision=precision_for(cfg), max_steps=max_steps, max_epochs=-1, accumulate_grad_batches=accumulate,
             val_check_interval=cfg.val_every * accumulate if has_val else None, check_val_every_n_epoch=None,
             limit_val_batches=cfg.val_batches if has_val else 0, num_sanity_val_steps=0,
-            log_every_n_steps=max(1, min(cfg.log_every, max_steps // 2)),  # a short run still logs a curve
+            log_every_n_steps=log_every,
             callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()],
             enable_model_summary=False, use_distributed_sampler=False, default_root_dir=out,
             gradient_clip_val=None,

@@ -89,23 +89,14 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
         time.sleep(0.02)
 
 
-def _wait_for_row(path: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
-    start = time.time()
-    while not (path.is_file() and str(step) in {r.get("step") for r in csv.DictReader(path.open(newline=""))}):
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() - start < timeout
-        time.sleep(0.02)
-
-
 def test_sigkill_then_resume_reproduces_the_uninterrupted_run(trained, train_tokens, tmp_path):
     out = tmp_path / "killed"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen([PY, "-m", "soda.train", *tiny_args(train_tokens, out)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _wait_for(out / "checkpoints" / "step0000016.ckpt", proc)
-    # Lightning saves a step's checkpoint (on_train_batch_end) just before it logs that step's metrics: wait
-    # for step 15's row, so the kill cannot fall in that gap and lose a row the resume will not re-run.
-    _wait_for_row(out / "logs" / "version_0" / "metrics.csv", 15, proc)
+    # Killed as soon as the checkpoint exists: step 15's row must already be on disk (StepMetrics writes it before
+    # ModelCheckpoint saves), since the resume starts at step 16 and will not log it again.
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "hf").exists()
@@ -256,3 +247,28 @@ def test_compile_trains_the_same_model(trained, train_tokens, tmp_path, capsys):
         assert got[step] == pytest.approx(want[step], rel=1e-4), step
     state = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert "model.model.layers.0.self_attn.q_proj.weight" in state and not any("_orig_mod" in k for k in state)
+
+
+def test_step_row_is_that_steps_loss_and_gradient_norm(trained):
+    """Row 0 of metrics.csv recomputed outside Lightning: the first batch's loss through the same model, and the
+    norm of its accumulated gradient (before clipping) — the step's own, not the previous step's."""
+    from soda.config import load_yaml, make_config
+    from soda.data import PackedStream, dataloader, resolve_sources
+    from soda.module import lm_loss
+    from soda.runner import build_model
+    from soda.train import batch_layout
+
+    cfg = make_config(load_yaml(trained / "config.yaml"))
+    sources, vocab = resolve_sources(cfg.data, cfg.val_data, cfg.mix, cfg.vocab)
+    micro, accumulate = batch_layout(cfg, 1)
+    model, _ = build_model(cfg, vocab)
+    batches = iter(dataloader(PackedStream(sources, cfg.seq_len, cfg.seed, vocab_size=vocab.size), micro, 0))
+    total = 0.0
+    for _ in range(accumulate):
+        loss = lm_loss(model, next(batches), cfg.z_loss)[0]
+        (loss / accumulate).backward()
+        total += loss.item() / accumulate
+    norm = torch.stack([p.grad.pow(2).sum() for p in model.parameters()]).sum().sqrt().item()
+    row = next(r for r in csv.DictReader(open(trained / "metrics.csv")) if r["step"] == "0")
+    assert float(row["train/loss"]) == pytest.approx(total, rel=1e-5)
+    assert float(row["grad_norm"]) == pytest.approx(norm, rel=1e-4)
