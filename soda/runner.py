@@ -131,6 +131,10 @@ def run(cfg: TrainConfig, resume: bool) -> int:
                                              split="validation", infinite=False, skip_bad=cfg.skip_bad_shards,
                                              vocab_size=vocab.size, loss_after=loss_after),
                                 micro, min(cfg.workers, 1), stateful=False)
+    for logger in loggers:  # hparams.yaml / TensorBoard's hparams: the settings and the model's size
+        logger.log_hyperparams({**cfg.to_dict(), "parameters_total": counted["total"],
+                                "parameters_non_embedding": counted["non_embedding"], "flops_per_token": per_token,
+                                "attention": model.config._attn_implementation, "steps": steps})
     ckpt_path = last_checkpoint(out) if resume else None
     trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=ckpt_path,
                 weights_only=True)

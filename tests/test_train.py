@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from transformers import AutoModelForCausalLM
 
 from conftest import tiny_args
 from soda.train import main
@@ -51,6 +53,11 @@ def test_loss_falls_and_run_directory_is_complete(trained):
     assert (trained / "loss.png").stat().st_size > 1000
     assert (trained / "checkpoints" / "last.ckpt").resolve().name == "step0000040.ckpt"
     assert (trained / "config.yaml").is_file() and (trained / "tensorboard").is_dir()
+    hparams = yaml.safe_load((trained / "logs" / "version_0" / "hparams.yaml").read_text())
+    model = AutoModelForCausalLM.from_pretrained(trained / "hf")
+    assert hparams["parameters_total"] == sum(p.numel() for p in model.parameters())
+    assert hparams["parameters_non_embedding"] == hparams["parameters_total"] - 2 * model.lm_head.weight.numel()
+    assert hparams["size"] == "tiny" and hparams["attention"] == "sdpa" and hparams["flops_per_token"] > 0
 
 
 def test_lr_follows_wsd_schedule(trained):
