@@ -7,9 +7,10 @@ cd "$(dirname "$0")/.."
 extras=""
 [ "${1:-}" = "--test" ] && extras="[test]"
 
-# Debian tools that make the demo corpus (demo/make_demo_corpus.py; a test re-runs it): command=package.
+# Debian tools that make the demo corpus (demo/make_demo_corpus.py; a test re-runs it), and curl, which
+# webdataset runs to stream http(s):// shards: command=package.
 need=()
-for pair in espeak-ng=espeak-ng sox=sox flite=flite bible=bible-kjv; do
+for pair in espeak-ng=espeak-ng sox=sox flite=flite bible=bible-kjv curl=curl; do
   command -v "${pair%%=*}" >/dev/null 2>&1 || need+=("${pair#*=}")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -107,6 +107,33 @@ def test_corrupt_shard_is_named_or_skipped(sources, tmp_path):
     assert len(list(stream)) > 0 and len(stream.skipped) == 1
 
 
+def test_remote_urls_and_pipes_stream_the_same_windows(sources, train_tokens):
+    """--data with http:// brace patterns (a local HTTP server) and pipe: commands, as a cluster's object store
+    would be read: the same windows as the local directory, validation shards included."""
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(train_tokens))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        remote, vocab = resolve_sources(
+            [f"speech={url}/train-speech-{{00000..00000}}.tar", f"text=pipe:cat {train_tokens}/train-text-00000.tar"],
+            [f"speech={url}/validation-speech-00000.tar"], {"speech": 0.8, "text": 0.2}, str(train_tokens))
+        assert remote[0].train == [f"{url}/train-speech-00000.tar"]
+        local, _ = sources
+        for split, mine, theirs in (("train", remote, local), ("validation", remote[:1], local[:1])):
+            got = take(PackedStream(mine, 64, seed=3, split=split, infinite=False), 6)
+            want = take(PackedStream(theirs, 64, seed=3, split=split, infinite=False), 6)
+            for a, b in zip(got, want, strict=True):
+                assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["doc_ids"], b["doc_ids"])
+    finally:
+        server.shutdown()
+
+
 def test_sources_need_a_vocabulary_and_matching_ones(train_tokens, tmp_path):
     with pytest.raises(SodaError, match="--vocab"):
         resolve_sources([str(train_tokens / "train-*.tar")], [], {}, None)
