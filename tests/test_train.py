@@ -26,8 +26,8 @@ def losses(out: Path, key: str = "train/loss") -> dict[int, float]:
         return {int(r["step"]): float(r[key]) for r in csv.DictReader(f) if r.get(key)}
 
 
-def run_cli(args: list[str], **kw) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+def run_cli(args: list[str], env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
     return subprocess.run([PY, "-m", "soda.train", *args], capture_output=True, text=True, env=env, timeout=600,
                           **kw)
 
@@ -279,3 +279,18 @@ def test_step_row_is_that_steps_loss_and_gradient_norm(trained):
     row = next(r for r in csv.DictReader(open(trained / "metrics.csv")) if r["step"] == "0")
     assert float(row["train/loss"]) == pytest.approx(total, rel=1e-5)
     assert float(row["grad_norm"]) == pytest.approx(norm, rel=1e-4)
+
+
+def test_wandb_logging_offline(train_tokens, tmp_path):
+    """--wandb PROJECT adds Lightning's WandbLogger; offline (WANDB_MODE=offline, no account, no network) the run
+    is written under OUT/wandb with the step metrics and the model's size, ready for `wandb sync`."""
+    pytest.importorskip("wandb")
+    out = tmp_path / "wb"
+    done = run_cli(tiny_args(train_tokens, out, **{"--max-steps": "3", "--wandb": "soda-test"}) + ["--no-export"],
+                   env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1
+    data = runs[0].read_bytes()
+    for key in (b"train/loss", b"grad_norm", b"tokens_per_s", b"parameters_non_embedding"):
+        assert key in data, key
