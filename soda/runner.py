@@ -102,7 +102,15 @@ def run(cfg: TrainConfig, resume: bool) -> int:
     if cfg.wandb:
         from lightning.pytorch.loggers import WandbLogger
 
-        loggers.append(WandbLogger(project=cfg.wandb, save_dir=str(out)))
+        # One W&B run per run directory: a --resume continues the same W&B run instead of starting another.
+        id_file = out / "wandb_run_id"
+        if is_rank_zero() and not id_file.is_file():
+            import secrets
+
+            out.mkdir(parents=True, exist_ok=True)
+            id_file.write_text(secrets.token_hex(4))
+        run_id = id_file.read_text().strip() if id_file.is_file() else None
+        loggers.append(WandbLogger(project=cfg.wandb, save_dir=str(out), id=run_id, resume="allow"))
     has_val = any(s.validation for s in sources)
     if cfg.strategy == "fsdp" and not torch.cuda.is_available():
         raise SodaError("--strategy fsdp needs CUDA GPUs (Lightning's FSDP does not run on CPU); use ddp on CPU")

@@ -294,3 +294,9 @@ def test_wandb_logging_offline(train_tokens, tmp_path):
     data = runs[0].read_bytes()
     for key in (b"train/loss", b"grad_norm", b"tokens_per_s", b"parameters_non_embedding"):
         assert key in data, key
+    run_id = (out / "wandb_run_id").read_text()
+    assert runs[0].name == f"run-{run_id}.wandb"
+    done = run_cli(tiny_args(train_tokens, out, **{"--max-steps": "5", "--wandb": "soda-test"}) + ["--no-export",
+                   "--resume"], env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert {p.name for p in (out / "wandb").glob("offline-run-*/run-*.wandb")} == {f"run-{run_id}.wandb"}
