@@ -141,15 +141,62 @@ def test_sigterm_checkpoints_at_a_step_boundary_and_resumes(train_tokens, tmp_pa
         assert got[s] == pytest.approx(want[s], rel=1e-5, abs=1e-6), s
 
 
-def test_two_process_ddp_on_cpu(train_tokens, tmp_path):
-    out = tmp_path / "ddp"
-    done = run_cli(tiny_args(train_tokens, out, steps=6, **{"--ckpt-every": "3", "--val-every": "3"})
-                   + ["--accelerator", "cpu", "--devices", "2", "--strategy", "ddp"])
+def ddp_args(train_tokens, out: Path) -> list[str]:
+    return tiny_args(train_tokens, out, steps=6, **{"--ckpt-every": "3", "--val-every": "3"}) + [
+        "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp"]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(train_tokens, tmp_path_factory) -> Path:
+    """Two CPU processes (gloo) that Lightning launches itself."""
+    out = tmp_path_factory.mktemp("ddp") / "run"
+    done = run_cli(ddp_args(train_tokens, out))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 devices x 4 sequences" in done.stderr
-    loss = losses(out)
-    assert sorted(loss) == list(range(6))
-    assert (out / "hf" / "model.safetensors").is_file()
+    return out
+
+
+def test_two_process_ddp_on_cpu(ddp_run):
+    assert sorted(losses(ddp_run)) == list(range(6))
+    assert (ddp_run / "hf" / "model.safetensors").is_file()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "slurm"])
+def test_ddp_under_torchrun_and_slurm_matches_lightnings_own_launch(ddp_run, train_tokens, tmp_path, launcher):
+    """The ranks come from the launcher, as on a cluster: torchrun's environment, or SLURM's (two tasks started as
+    srun would, with SLURM_* variables). Same data split, same losses as the run Lightning launched itself."""
+    out = tmp_path / "launched"
+    args = ddp_args(train_tokens, out) + ["--no-export"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(_free_port())}
+    if launcher == "torchrun":
+        procs = [subprocess.Popen([PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                                   "-m", "soda.train", *args], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True)]
+    else:
+        slurm = {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1", "SLURM_NODEID": "0",
+                 "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "soda", "SLURM_NODELIST": "localhost"}
+        procs = [subprocess.Popen([PY, "-m", "soda.train", *args],
+                                  env={**env, **slurm, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+    assert "2 devices x 4 sequences" in logs[0]
+    if launcher == "slurm":  # each task is its rank (had Lightning not seen SLURM, task 0 would spawn rank 1 itself)
+        for r, log in enumerate(logs):
+            assert f"GLOBAL_RANK: {r}, MEMBER: {r + 1}/2" in log and f"GLOBAL_RANK: {1 - r}," not in log, log[-2000:]
+    got, want = losses(out), losses(ddp_run)
+    assert sorted(got) == sorted(want) == list(range(6))
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-5), step
 
 
 # --- bad input -----------------------------------------------------------------------------------
