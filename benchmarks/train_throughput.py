@@ -42,6 +42,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--peak-flops", type=float, help="per-device peak FLOP/s for MFU")
     p.add_argument("--attention", default="auto", help="auto (flex_attention on GPU, sdpa on CPU), sdpa, ...")
     p.add_argument("--compile", action="store_true", help="torch.compile the layers and the loss (soda-train --compile)")
+    p.add_argument("--activation-checkpointing", action="store_true", help="recompute layers in the backward pass")
     p.add_argument("--vocab-size", type=int, help="model vocabulary (default: the data's; e.g. 144644, SODA's, "
                                                   "whose LM head is much of a small model's FLOPs)")
     p.add_argument("--skip-bare", action="store_true", help="time only the loader and soda-train's step")
@@ -80,6 +81,8 @@ def sync(device):
 def make_model(cfg, vocab, shape, args, device):
     attention = args.attention if args.attention != "auto" else default_attention(device.type)
     model = build_model(shape, vocab, cfg.seed, attention=attention)
+    if args.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.compile:
         compile_model(model)
     return model
@@ -145,7 +148,8 @@ def main() -> None:
     print(f"device: {name}; model {args.size} ({shape.width}x{shape.layers}, vocab {shape.vocab:,}); seq "
           f"{cfg.seq_len}, micro-batch {args.micro_batch}; {precision}; {per_token / 1e6:.1f} MFLOP/token")
     attention = args.attention if args.attention != "auto" else default_attention(device.type)
-    print(f"attention: {attention}; {'torch.compile (layers and loss)' if args.compile else 'eager'}")
+    print(f"attention: {attention}; {'torch.compile (layers and loss)' if args.compile else 'eager'}"
+          f"{'; activation checkpointing' if args.activation_checkpointing else ''}")
     rows = [("data loader alone", bench_loader(cfg, sources, vocab, args.micro_batch, 50), None)]
     runs = [] if args.skip_bare else [("bare PyTorch loop", bench_bare)]
     runs.append(("soda-train (Lightning)", bench_lightning))

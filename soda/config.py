@@ -69,6 +69,7 @@ class TrainConfig:
     init_from: str | None = None         # HF directory or hub id to start from
     attention: str = "auto"              # auto | sdpa | eager | flash_attention_2 | flex_attention
     compile: bool = False                # torch.compile each decoder layer and the loss's chunk arithmetic
+    activation_checkpointing: bool = False  # recompute each decoder layer's activations in the backward pass
     # --- data ---------------------------------------------------------------------------------
     data: list = field(default_factory=list)        # [NAME=]LOCATION strings or {name, path, kind, weight}
     val_data: list = field(default_factory=list)

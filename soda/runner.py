@@ -29,6 +29,8 @@ def build_model(cfg: TrainConfig, vocab):
         shape = cfg.shape(vocab.size)
         model = fresh(shape, vocab, cfg.seed, rope_theta=cfg.rope_theta, rope_factor=cfg.rope_factor,
                       attention=attention)
+    if cfg.activation_checkpointing:  # transformers' per-layer checkpointing; non-reentrant works under FSDP/compile
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.compile:
         compile_model(model)
     return model, shape
@@ -77,7 +79,8 @@ def run(cfg: TrainConfig, resume: bool) -> int:
         say = lambda msg: print(f"soda-train: {msg}", file=sys.stderr)  # noqa: E731
         say(f"model: {describe(shape)}")
         say(f"kernels: {model.config._attn_implementation} attention"
-            f"{', torch.compile (layers and loss)' if cfg.compile else ''}")
+            f"{', torch.compile (layers and loss)' if cfg.compile else ''}"
+            f"{', activation checkpointing' if cfg.activation_checkpointing else ''}")
         say(f"parameters: {counted['total']:,} total, {counted['non_embedding']:,} non-embedding")
         say("data: " + "; ".join(f"{s.name} {s.weight:.1%} ({len(s.train)} train / {len(s.validation)} "
                                  f"validation shards)" for s in sources))

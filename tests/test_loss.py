@@ -122,3 +122,32 @@ def test_compiled_chunk_arithmetic_matches_eager(monkeypatch):
     assert c_loss == pytest.approx(loss, rel=1e-6)
     for a, b in ((c_nll, nll), (c_gh, gh), (c_gw, gw)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_activation_checkpointing_recomputes_layers_with_the_same_gradients(train_tokens, monkeypatch):
+    from transformers.models.qwen3 import modeling_qwen3
+
+    from soda.config import TrainConfig
+    from soda.module import lm_loss
+    from soda.runner import build_model
+    from tokenize_audio.vocab import Vocabulary
+
+    calls = []
+    mlp_forward = modeling_qwen3.Qwen3MLP.forward
+    monkeypatch.setattr(modeling_qwen3.Qwen3MLP, "forward", lambda self, x: calls.append(1) or mlp_forward(self, x))
+    vocab = Vocabulary.load(train_tokens)
+    batch = {"input_ids": torch.randint(0, vocab.size, (2, 32), generator=torch.Generator().manual_seed(0)),
+             "doc_ids": torch.tensor([[0] * 12 + [1] * 20, [0] * 32])}
+    runs = []
+    for checkpointing in (False, True):
+        model, _ = build_model(TrainConfig(size="tiny", activation_checkpointing=checkpointing), vocab)
+        layers = len(model.model.layers)
+        calls.clear()
+        loss = lm_loss(model, batch, 1e-4)[0]
+        loss.backward()
+        runs.append((len(calls), loss.item(), {n: p.grad for n, p in model.named_parameters()}))
+    (plain_calls, plain_loss, plain_grads), (ckpt_calls, ckpt_loss, ckpt_grads) = runs
+    assert (plain_calls, ckpt_calls) == (layers, 2 * layers)  # each layer again in the backward pass
+    assert ckpt_loss == plain_loss
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(ckpt_grads[name], grad, msg=name)

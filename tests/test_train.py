@@ -289,12 +289,14 @@ def test_inference_loader_finds_model_vocabulary_and_codec(trained):
         assert torch.allclose(from_run.model(ids).logits, from_ckpt.model(ids).logits, atol=1e-5)
 
 
-def test_compile_trains_the_same_model(trained, train_tokens, tmp_path, capsys):
-    """--compile (each decoder layer and the loss's chunk arithmetic through torch.compile): the same losses as the
-    eager run, and checkpoints and exports keep their plain keys (compiled in place)."""
+def test_compile_and_activation_checkpointing_train_the_same_model(trained, train_tokens, tmp_path, capsys):
+    """--compile (each decoder layer and the loss's chunk arithmetic through torch.compile) with
+    --activation-checkpointing (layers recomputed in the backward pass): the same losses as the plain run, and
+    checkpoints and exports keep their plain keys (compiled in place)."""
     out = tmp_path / "compiled"
-    assert main(tiny_args(train_tokens, out, **{"--max-steps": "4", "--compile": ""})) == 0
-    assert "torch.compile" in capsys.readouterr().err
+    assert main(tiny_args(train_tokens, out, **{"--max-steps": "4", "--compile": "",
+                                                "--activation-checkpointing": ""})) == 0
+    assert "torch.compile (layers and loss), activation checkpointing" in capsys.readouterr().err
     want, got = losses(trained), losses(out)
     assert sorted(got) == [0, 1, 2, 3]
     for step in got:
