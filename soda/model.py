@@ -138,7 +138,9 @@ def document_block_mask(doc_ids: torch.Tensor):
         return (doc_ids[b, q] == doc_ids[b, kv]) & (q >= kv)
 
     b, s = doc_ids.shape
-    return create_block_mask(same_document_causal, B=b, H=None, Q_LEN=s, KV_LEN=s, device=doc_ids.device)
+    # compiled on GPUs (as transformers and torchtitan build theirs) so no dense [B, S, S] mask is materialised
+    return create_block_mask(same_document_causal, B=b, H=None, Q_LEN=s, KV_LEN=s, device=doc_ids.device,
+                             _compile=doc_ids.is_cuda)
 
 
 def default_attention(device_type: str) -> str:
