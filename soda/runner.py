@@ -43,6 +43,10 @@ def strategy_for(cfg: TrainConfig):
 
         # One FSDP unit per decoder layer; full state dicts so checkpoints and exports are single files.
         return FSDPStrategy(auto_wrap_policy={Qwen3DecoderLayer}, state_dict_type="full")
+    if cfg.strategy == "ddp":
+        from lightning.pytorch.strategies import DDPStrategy
+
+        return DDPStrategy(gradient_as_bucket_view=True)  # gradients live in DDP's buckets: no extra copy
     return cfg.strategy
 
 
@@ -70,6 +74,8 @@ def run(cfg: TrainConfig, resume: bool) -> int:
     world = world_size(cfg)
     micro, accumulate = batch_layout(cfg, world)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    if cfg.uses_gpu():
+        torch.set_float32_matmul_precision("high")  # TF32 for what autocast leaves in fp32 (Lightning's advice)
     model, shape = build_model(cfg, vocab)
     counted = count_parameters(model)
     per_token = training_flops_per_token(shape, "3x-forward")
