@@ -6,7 +6,10 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -297,3 +300,24 @@ def test_only_rank_zero_exports_the_initial_checkpoint(tiny_run, tmp_path, monke
     monkeypatch.setattr(rank_zero_only, "rank", 0, raising=False)
     assert finetune.init_model_dir(ckpt, tmp_path, vocab) == str(tmp_path / "init")
     assert (tmp_path / "init" / "config.json").is_file() and len(waited) == 1
+
+
+def test_s2st_finetune_under_torchrun_prepares_once_and_trains_on_two_ranks(tiny_run, s2st_corpus, tmp_path):
+    """Two processes under torchrun: rank 0 encodes the pairs and exports the .ckpt to RUN/init while rank 1 waits
+    for both; then both train one DDP run (CPU, gloo)."""
+    out = tmp_path / "ddp"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+         "soda.finetune", "s2st", "--init-from", str(tiny_run / "checkpoints" / "last.ckpt"), "--data",
+         str(s2st_corpus), "--out", str(out), "--validation-fraction", "0", "--seq-len", "256", "--batch-tokens",
+         "1024", "--tokens", "2048", "--workers", "0", "--log-every", "1", "--accelerator", "cpu", "--devices", "2",
+         "--strategy", "ddp", "--no-export", "--quiet"],
+        capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "2 devices x 2 sequences" in done.stderr
+    assert (out / "init" / "config.json").is_file()
+    report = json.loads((out / "data_report.json").read_text())
+    assert report["pairs"] == len(manifest_rows(s2st_corpus))
+    with open(out / "metrics.csv", newline="") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")] == [0, 1]
