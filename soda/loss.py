@@ -8,8 +8,8 @@ head weight in the same pass (the approach of Liger's fused linear cross-entropy
 chunk's logits ever exist. It returns exactly what the full-logits path computes: the loss
 (mean NLL plus z-loss over the scored tokens) and the per-token NLL and log-sum-exp for metrics.
 
-`compile_loss()` swaps the per-chunk arithmetic for a torch.compile'd version (`--compile`): one
-fused reduction and one fused elementwise kernel instead of several passes over the chunk.
+`compiled=True` (`--compile`) runs the per-chunk arithmetic through torch.compile: one fused
+reduction and one fused elementwise kernel instead of several passes over the chunk.
 """
 
 from __future__ import annotations
@@ -33,20 +33,22 @@ def chunk_terms(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tens
     return lse, nll, grad.to(logits.dtype)
 
 
-_terms = chunk_terms
+_compiled_terms = None
 
 
-def compile_loss() -> None:
-    """Use a torch.compile'd `chunk_terms` from now on (fused kernels; compiled on first use)."""
-    global _terms
-    _terms = torch.compile(chunk_terms, dynamic=False)
+def compiled_chunk_terms():
+    """`chunk_terms` through torch.compile (fused kernels), made once per process and compiled on first use."""
+    global _compiled_terms
+    if _compiled_terms is None:
+        _compiled_terms = torch.compile(chunk_terms, dynamic=False)
+    return _compiled_terms
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     """loss = sum_i w_i (NLL_i + z lse_i^2) of logits = hidden @ weight.T, chunk by chunk."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, weights, z_loss: float, chunk: int, grad_enabled: bool):
+    def forward(ctx, hidden, weight, targets, weights, z_loss: float, chunk: int, grad_enabled: bool, terms):
         device = hidden.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
         need_hidden, need_weight = (grad_enabled and ctx.needs_input_grad[i] for i in (0, 1))  # grad mode is off here
@@ -66,7 +68,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     lse[start:end] = c_lse = torch.logsumexp(x, dim=-1)
                     nll[start:end] = c_lse - x.gather(-1, t[:, None]).squeeze(-1)
                     continue
-                lse[start:end], nll[start:end], g = _terms(logits, t, weights[start:end], z_loss)
+                lse[start:end], nll[start:end], g = terms(logits, t, weights[start:end], z_loss)
                 if need_hidden:
                     grad_hidden[start:end] = g @ w
                 if need_weight:
@@ -84,20 +86,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
         if grad_weight is not None:
             grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
 def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor,
-                    z_loss: float, chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    z_loss: float, chunk: int | None = None,
+                    compiled: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Loss, per-token NLL and log-sum-exp of `hidden` [..., D] through the head `weight` [V, D].
 
     The loss is the mean NLL over the `valid` positions plus `z_loss` times their mean squared
     log-sum-exp; NLL and log-sum-exp come back in `targets`' shape (detached).
     """
+    terms = compiled_chunk_terms() if compiled else chunk_terms
     shape = targets.shape
     flat_valid = valid.reshape(-1)
     weights = flat_valid.float() / flat_valid.sum().clamp(min=1)
     chunk = chunk or max(1, CHUNK_ELEMENTS // weight.shape[0])
     loss, nll, lse = _LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
-                                               weights, float(z_loss), chunk, torch.is_grad_enabled())
+                                               weights, float(z_loss), chunk, torch.is_grad_enabled(), terms)
     return loss, nll.view(shape), lse.view(shape)

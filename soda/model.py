@@ -81,14 +81,12 @@ def load_pretrained(source: str, vocab: Vocabulary, attention: str = "sdpa"):
 
 
 def compile_model(model) -> None:
-    """torch.compile every decoder layer in place (state-dict keys, checkpoints and exports are unchanged) and the
-    loss's per-chunk arithmetic. Layer by layer, as torchtitan does: one graph serves all layers, and FSDP's
-    per-layer units wrap compiled layers."""
-    from .loss import compile_loss
-
+    """torch.compile every decoder layer in place (state-dict keys, checkpoints and exports are unchanged) and mark
+    the model so its training loss runs the compiled chunk arithmetic. Layer by layer, as torchtitan does: one
+    graph serves all layers, and FSDP's per-layer units wrap compiled layers."""
     for layer in model.model.layers:
         layer.compile(dynamic=False)
-    compile_loss()
+    model.soda_compiled_loss = True
 
 
 def shape_of(model) -> ModelShape:

@@ -98,7 +98,8 @@ def lm_loss(model, batch: dict, z_loss: float) -> tuple[torch.Tensor, torch.Tens
             loss = loss + z_loss * ((lse**2) * valid).sum() / n
         return loss, nll, targets, valid
     hidden = model.model(input_ids=ids, use_cache=False, **attention_inputs(model, doc)).last_hidden_state
-    loss, nll, _ = chunked_lm_loss(hidden[:, :-1], head.weight, targets, valid, z_loss)
+    loss, nll, _ = chunked_lm_loss(hidden[:, :-1], head.weight, targets, valid, z_loss,
+                                   compiled=getattr(model, "soda_compiled_loss", False))
     return loss, nll, targets, valid
 
 
