@@ -21,7 +21,7 @@ from tokenize_audio.vocab import Vocabulary
 from .config import TrainConfig
 from .loss import chunked_lm_loss
 from .model import attention_inputs
-from .optim import CautiousAdamW, lr_factor, param_groups
+from .optim import CautiousAdamW, clip_by_global_norm, lr_factor, param_groups
 
 
 class NonFiniteLoss(SodaError):
@@ -173,13 +173,9 @@ class SodaModule(L.LightningModule):
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if grads:
-            sq = torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum()
-            if "fsdp" in type(self.trainer.strategy).__name__.lower():
-                dist.all_reduce(sq)  # sharded gradients: the norm is over all shards
-            self.grad_norm = sq.sqrt()
-        if self.cfg.grad_clip:
-            self.clip_gradients(optimizer, gradient_clip_val=self.cfg.grad_clip, gradient_clip_algorithm="norm")
+        if grads:  # sharded (FSDP) gradients: the norm is over all shards
+            sharded = "fsdp" in type(self.trainer.strategy).__name__.lower()
+            self.grad_norm = clip_by_global_norm(grads, self.cfg.grad_clip, dist.all_reduce if sharded else None)
 
     # --- validation ----------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:

@@ -66,6 +66,19 @@ class CautiousAdamW(torch.optim.Optimizer):
         return loss
 
 
+def clip_by_global_norm(grads: list[torch.Tensor], max_norm: float | None, all_reduce=None) -> torch.Tensor:
+    """The global L2 norm of `grads` (summed over ranks by `all_reduce` when they are shards), then, with a
+    `max_norm`, the gradients scaled as `torch.nn.utils.clip_grad_norm_` scales them: by
+    min(1, max_norm / (norm + 1e-6)). Multi-tensor kernels: a handful of launches, not several per gradient."""
+    squares = torch.stack(torch._foreach_norm(grads)).float().square().sum()
+    if all_reduce is not None:
+        all_reduce(squares)
+    norm = squares.sqrt()
+    if max_norm:
+        torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0).to(grads[0].dtype))
+    return norm
+
+
 def wsd_factor(step: int, total: int, warmup: float, decay: float) -> float:
     """Warmup-stable-decay: linear warm-up over `warmup`*total steps, flat, linear to 0 over the last `decay`."""
     w = round(warmup * total)

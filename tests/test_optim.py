@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from soda.optim import CautiousAdamW, param_groups
+from soda.optim import CautiousAdamW, clip_by_global_norm, param_groups
 
 
 def params_and_grads(seed: int, steps: int):
@@ -97,3 +97,22 @@ def test_weight_decay_skips_norms_biases_and_the_input_embedding():
         "model.layers.0.post_attention_layernorm.weight", "model.layers.0.self_attn.q_norm.weight",
         "model.layers.0.self_attn.k_norm.weight"}
     assert "lm_head.weight" in {names[id(p)] for p in decay["params"]}
+
+
+@pytest.mark.parametrize("max_norm", [None, 0.5, 1e6])
+def test_clip_by_global_norm_is_torchs_clip_grad_norm(max_norm):
+    params, grads = params_and_grads(3, 1)
+    ours = [g.clone() for g in grads[0]]
+    norm = clip_by_global_norm(ours, max_norm)
+    ps = [p.clone().requires_grad_() for p in params]
+    for p, g in zip(ps, grads[0]):
+        p.grad = g.clone()
+    want = torch.nn.utils.clip_grad_norm_(ps, max_norm if max_norm else float("inf"))
+    assert norm.item() == pytest.approx(want.item(), rel=1e-6)
+    for a, p in zip(ours, ps):
+        torch.testing.assert_close(a, p.grad, rtol=1e-6, atol=0)
+    if max_norm == 0.5:
+        assert torch.linalg.vector_norm(torch.cat([g.flatten() for g in ours])).item() == pytest.approx(0.5, rel=1e-5)
+    halves = [g.clone() for g in grads[0]]  # two "shards" summed by the reduction: the norm of the whole
+    assert clip_by_global_norm(halves, None, all_reduce=lambda t: t.mul_(2)).item() == pytest.approx(
+        norm.item() * 2**0.5, rel=1e-6)
