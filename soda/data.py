@@ -442,8 +442,13 @@ def _renumber(doc_ids: np.ndarray) -> np.ndarray:
 
 
 class OneAheadLoader:
-    """A StatefulDataLoader as Lightning sees it: Lightning fetches one batch ahead of the step it trains,
-    so the position a checkpoint stores is the one before the last fetched batch, not after it."""
+    """A StatefulDataLoader as Lightning sees it.
+
+    Lightning fetches one batch ahead of the step it trains, so the position a checkpoint stores is
+    the one before the last fetched batch, not after it. Every rank reads its own part of the data,
+    but only rank 0 writes the checkpoint: `state_dict` gathers all ranks' positions (Lightning asks
+    every rank for it while saving) and `load_state_dict` gives each rank its own back.
+    """
 
     def __init__(self, loader):
         self.loader = loader
@@ -456,10 +461,33 @@ class OneAheadLoader:
             yield batch
 
     def state_dict(self) -> dict:
-        return self._states[0]
+        rank, world = _rank_and_world()
+        states = [self._states[0]]
+        if world > 1:
+            import torch.distributed as dist
+
+            states = [None] * world
+            dist.all_gather_object(states, self._states[0])
+        return {"ranks": states}
 
     def load_state_dict(self, state: dict) -> None:
-        self.loader.load_state_dict(state)
+        rank, world = _rank_and_world()
+        states = state.get("ranks", [state])  # checkpoints before per-rank positions held one rank's state
+        if len(states) != world:
+            if rank == 0:
+                print(f"soda-train: warning: the checkpoint's data position is for {len(states)} rank(s), this run "
+                      f"has {world}; the model, optimizer and schedule continue exactly, but each rank starts its "
+                      f"share of the data from the beginning", file=sys.stderr)
+            return
+        self.loader.load_state_dict(states[rank])
+
+
+def _rank_and_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def dataloader(stream: PackedStream, batch_size: int, workers: int, stateful: bool = True):

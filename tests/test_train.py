@@ -161,6 +161,28 @@ def test_two_process_ddp_on_cpu(ddp_run):
     assert (ddp_run / "hf" / "model.safetensors").is_file()
 
 
+def test_ddp_stop_and_resume_continues_every_ranks_data_exactly(ddp_run, train_tokens, tmp_path):
+    """Each rank reads its own share of the data; the checkpoint (written by rank 0) holds every rank's position,
+    so a two-process run stopped at step 3 and resumed trains exactly the uninterrupted run's steps 3-5."""
+    import shutil
+
+    out = tmp_path / "stopped"
+    done = run_cli(ddp_args(train_tokens, out) + ["--max-steps", "3", "--no-export"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    other = tmp_path / "one-rank"
+    shutil.copytree(out, other)
+    done = run_cli(ddp_args(train_tokens, out) + ["--resume", "--max-steps", "6", "--no-export"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    got, want = losses(out), losses(ddp_run)
+    assert sorted(got) == sorted(want) == list(range(6))
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-5), step
+    # another number of ranks cannot take over the positions: said in one line, and the run goes on
+    done = run_cli(["--out", str(other), "--resume", "--devices", "1", "--max-steps", "4", "--no-export"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "data position is for 2 rank(s), this run has 1" in done.stderr
+
+
 def _free_port() -> int:
     import socket
 
