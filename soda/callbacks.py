@@ -52,7 +52,7 @@ class StepMetrics(L.Callback):
         if metrics is None:  # inside an accumulation, or a skipped batch
             return
         step = trainer.global_step - 1  # rows are numbered from 0, as Lightning numbers them
-        if (step + 1) % self.every:
+        if (step + 1) % self.every and trainer.global_step < trainer.max_steps:  # the last step always has a row
             return
         if pl_module.grad_norm is not None:
             metrics["grad_norm"] = float(pl_module.grad_norm)
