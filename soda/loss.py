@@ -105,3 +105,17 @@ def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     loss, nll, lse = _LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
                                                weights, float(z_loss), chunk, torch.is_grad_enabled(), terms)
     return loss, nll.view(shape), lse.view(shape)
+
+
+class ChunkedHead(torch.nn.Linear):
+    """A bias-free LM head whose forward, given targets, returns `chunked_lm_loss` instead of logits.
+
+    The loss then runs through the head module's own call, so wrappers that act on module calls
+    (FSDP2 gathers a sharded weight there, and reduces its gradient after) see the head used.
+    Without targets it is the plain Linear: generation and exports are unchanged.
+    """
+
+    def forward(self, hidden, targets=None, valid=None, z_loss: float = 0.0, compiled: bool = False):
+        if targets is None:
+            return super().forward(hidden)
+        return chunked_lm_loss(hidden, self.weight, targets, valid, z_loss, compiled=compiled)

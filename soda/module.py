@@ -19,9 +19,9 @@ from tokenize_audio.errors import SodaError
 from tokenize_audio.vocab import Vocabulary
 
 from .config import TrainConfig
-from .loss import chunked_lm_loss
+from .loss import ChunkedHead
 from .model import attention_inputs
-from .optim import CautiousAdamW, clip_by_global_norm, lr_factor, param_groups
+from .optim import CautiousAdamW, clip_by_global_norm, is_sharded, local_tensors, lr_factor, param_groups
 
 
 class NonFiniteLoss(SodaError):
@@ -72,12 +72,15 @@ def token_nll(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return nll, lse, targets, valid
 
 
-def fused_head(model) -> torch.nn.Linear | None:
-    """The LM head when the logits are a plain `hidden @ head.T` (Qwen3 and kin), so the loss can be chunked."""
+def fused_head(model) -> ChunkedHead | None:
+    """The LM head, made a `ChunkedHead` in place, when the logits are a plain `hidden @ head.T` (Qwen3 and kin)
+    so the loss can be chunked; None otherwise."""
     head = model.get_output_embeddings()
     plain = isinstance(head, torch.nn.Linear) and head.bias is None and hasattr(model, "model")
     if not plain or getattr(model.config, "final_logit_softcapping", None) or getattr(model.config, "logit_scale", None):
         return None
+    if not isinstance(head, ChunkedHead):
+        head.__class__ = ChunkedHead  # same parameters and state-dict keys; only forward gains the loss
     return head
 
 
@@ -98,8 +101,7 @@ def lm_loss(model, batch: dict, z_loss: float) -> tuple[torch.Tensor, torch.Tens
             loss = loss + z_loss * ((lse**2) * valid).sum() / n
         return loss, nll, targets, valid
     hidden = model.model(input_ids=ids, use_cache=False, **attention_inputs(model, doc)).last_hidden_state
-    loss, nll, _ = chunked_lm_loss(hidden[:, :-1], head.weight, targets, valid, z_loss,
-                                   compiled=getattr(model, "soda_compiled_loss", False))
+    loss, nll, _ = head(hidden[:, :-1], targets, valid, z_loss, compiled=getattr(model, "soda_compiled_loss", False))
     return loss, nll, targets, valid
 
 
@@ -173,9 +175,24 @@ class SodaModule(L.LightningModule):
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if grads:  # sharded (FSDP) gradients: the norm is over all shards
-            sharded = "fsdp" in type(self.trainer.strategy).__name__.lower()
-            self.grad_norm = clip_by_global_norm(grads, self.cfg.grad_clip, dist.all_reduce if sharded else None)
+        if grads:  # sharded (FSDP) gradients: each rank holds a shard, the norm is over all of them
+            sharded = any(is_sharded(g) for g in grads)
+            self.grad_norm = clip_by_global_norm(local_tensors(grads), self.cfg.grad_clip,
+                                                 dist.all_reduce if sharded else None)
+
+    def configure_model(self) -> None:
+        """--strategy fsdp (Lightning's ModelParallelStrategy): shard with FSDP2, one unit per decoder layer, one for
+        the LM head and one for the rest (embedding, final norm). Other strategies need nothing here."""
+        if getattr(self, "_device_mesh", None) is None or getattr(self, "_sharded", False):
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for layer in self.model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(self.model.get_output_embeddings(), mesh=mesh)
+        fully_shard(self.model.model, mesh=mesh)
+        self._sharded = True
 
     # --- validation ----------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:

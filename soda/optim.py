@@ -13,6 +13,20 @@ import math
 import torch
 
 
+def is_sharded(t: torch.Tensor) -> bool:
+    """A DTensor: one rank's shard of a parameter or gradient (FSDP2)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return False
+    return isinstance(t, DTensor)
+
+
+def local_tensors(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """This rank's part of each tensor (DTensors' local shards, in place-updatable views; others as they are)."""
+    return [t.to_local() if is_sharded(t) else t for t in tensors]
+
+
 class CautiousAdamW(torch.optim.Optimizer):
     def __init__(self, params, lr: float, betas=(0.98, 0.98), eps: float = 1e-16, weight_decay: float = 0.0,
                  cautious: bool = True):
@@ -42,7 +56,11 @@ class CautiousAdamW(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1  # a CPU scalar: reading it never waits for the GPU
             t = [s["step"].item() for s in states]
-            exp_avg, exp_avg_sq = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+            sharded = is_sharded(params[0])  # FSDP2: update the local shards; the states stay DTensors
+            numels = [p.numel() for p in params]  # of the whole parameter
+            params, grads = local_tensors(params), local_tensors(grads)
+            exp_avg = local_tensors([s["exp_avg"] for s in states])
+            exp_avg_sq = local_tensors([s["exp_avg_sq"] for s in states])
             if wd:
                 torch._foreach_mul_(params, 1 - lr * wd)
             torch._foreach_lerp_(exp_avg, grads, 1 - b1)
@@ -58,8 +76,10 @@ class CautiousAdamW(torch.optim.Optimizer):
                 mask = torch._foreach_mul(update, grads)
                 torch._foreach_sign_(mask)
                 torch._foreach_clamp_min_(mask, 0.0)
-                kept = torch.stack(torch._foreach_norm(mask, 1)) / torch.tensor([m.numel() for m in mask],
-                                                                                device=mask[0].device)
+                kept = torch.stack(torch._foreach_norm(mask, 1))  # coordinates kept, per parameter
+                if sharded:  # counted over every shard: the fraction is the whole parameter's, as unsharded
+                    torch.distributed.all_reduce(kept)
+                kept /= torch.tensor(numels, dtype=kept.dtype, device=kept.device)
                 torch._foreach_mul_(mask, list(1 / kept.clamp_(min=1e-3)))
                 torch._foreach_mul_(update, mask)
             torch._foreach_add_(params, update, alpha=-lr)
@@ -70,7 +90,12 @@ def clip_by_global_norm(grads: list[torch.Tensor], max_norm: float | None, all_r
     """The global L2 norm of `grads` (summed over ranks by `all_reduce` when they are shards), then, with a
     `max_norm`, the gradients scaled as `torch.nn.utils.clip_grad_norm_` scales them: by
     min(1, max_norm / (norm + 1e-6)). Multi-tensor kernels: a handful of launches, not several per gradient."""
-    squares = torch.stack(torch._foreach_norm(grads)).float().square().sum()
+    from torch.utils._foreach_utils import _get_foreach_kernels_supported_devices
+
+    if grads[0].device.type in _get_foreach_kernels_supported_devices():  # GPUs: one fused, tree-reduced kernel
+        squares = torch.stack(torch._foreach_norm(grads)).float().square().sum()
+    else:  # the CPU's norm kernels sum naively in fp32 (5e-5 off at 4M elements); torch.sum does not
+        squares = torch.stack([g.float().square().sum() for g in grads]).sum()
     if all_reduce is not None:
         all_reduce(squares)
     norm = squares.sqrt()

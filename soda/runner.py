@@ -36,13 +36,14 @@ def build_model(cfg: TrainConfig, vocab):
     return model, shape
 
 
-def strategy_for(cfg: TrainConfig):
+def strategy_for(cfg: TrainConfig, world: int):
     if cfg.strategy == "fsdp":
-        from lightning.pytorch.strategies import FSDPStrategy
-        from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer
+        from lightning.pytorch.strategies import ModelParallelStrategy
 
-        # One FSDP unit per decoder layer; full state dicts so checkpoints and exports are single files.
-        return FSDPStrategy(auto_wrap_policy={Qwen3DecoderLayer}, state_dict_type="full")
+        # FSDP2 (fully_shard, applied per decoder layer in SodaModule.configure_model) over all ranks; full state
+        # dicts so checkpoints and exports are single files.
+        return ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1,
+                                     save_distributed_checkpoint=False)
     if cfg.strategy == "ddp":
         from lightning.pytorch.strategies import DDPStrategy
 
@@ -121,11 +122,9 @@ def run(cfg: TrainConfig, resume: bool) -> int:
         run_id = id_file.read_text().strip() if id_file.is_file() else None
         loggers.append(WandbLogger(project=cfg.wandb, save_dir=str(out), id=run_id, resume="allow"))
     has_val = any(s.validation for s in sources)
-    if cfg.strategy == "fsdp" and not torch.cuda.is_available():
-        raise SodaError("--strategy fsdp needs CUDA GPUs (Lightning's FSDP does not run on CPU); use ddp on CPU")
     try:
         trainer = L.Trainer(
-            accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=strategy_for(cfg),
+            accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=strategy_for(cfg, world),
             precision=precision_for(cfg), max_steps=max_steps, max_epochs=-1, accumulate_grad_batches=accumulate,
             val_check_interval=cfg.val_every * accumulate if has_val else None, check_val_every_n_epoch=None,
             limit_val_batches=cfg.val_batches if has_val else 0, num_sanity_val_steps=0,

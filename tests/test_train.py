@@ -183,6 +183,28 @@ def test_ddp_stop_and_resume_continues_every_ranks_data_exactly(ddp_run, train_t
     assert "data position is for 2 rank(s), this run has 1" in done.stderr
 
 
+def test_fsdp_on_cpu_trains_exactly_like_ddp_and_resumes(ddp_run, train_tokens, tmp_path):
+    """--strategy fsdp (FSDP2: every decoder layer, the LM head and the rest sharded over the two ranks; gloo on
+    the CPU): the same losses, gradient norms and validation as DDP; stopped and resumed from its single-file
+    checkpoint it still matches; the export is a whole model."""
+    out = tmp_path / "fsdp"
+    args = [a if a != "ddp" else "fsdp" for a in ddp_args(train_tokens, out)]
+    done = run_cli(args + ["--max-steps", "3"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"][
+        "model.lm_head.weight"].shape[0] == AutoModelForCausalLM.from_pretrained(ddp_run / "hf").config.vocab_size
+    done = run_cli(args + ["--resume", "--max-steps", "6"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    for key in ("train/loss", "grad_norm", "val/loss"):
+        got, want = losses(out, key), losses(ddp_run, key)
+        assert sorted(got) == sorted(want) and want, key
+        for step in want:
+            assert got[step] == pytest.approx(want[step], rel=1e-5), (key, step)
+    ours, theirs = (AutoModelForCausalLM.from_pretrained(d / "hf") for d in (out, ddp_run))
+    for (name, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def _free_port() -> int:
     import socket
 
@@ -261,11 +283,9 @@ def test_bad_flags_are_one_line_errors(train_tokens, tmp_path, capsys):
     assert "--mix" in _error(capsys, tiny_args(train_tokens, tmp_path / "d") + ["--mix", "speech=1,music=2"])
     assert "not found" in _error(capsys, ["--config", str(tmp_path / "none.yaml")])
     if not torch.cuda.is_available():
-        args = tiny_args(train_tokens, tmp_path / "e", **{"--strategy": "fsdp"})
-        assert "fsdp needs CUDA" in _error(capsys, args)
-        assert not (tmp_path / "e" / "config.yaml").exists()  # a refused start leaves no run behind
         args = tiny_args(train_tokens, tmp_path / "g", **{"--attention": "flex_attention"})
         assert "no flex attention backward on the CPU" in _error(capsys, args)
+        assert not (tmp_path / "g" / "config.yaml").exists()  # a refused start leaves no run behind
     assert "Lightning refused" in _error(capsys, tiny_args(train_tokens, tmp_path / "f", **{"--strategy": "nope"}))
 
 
@@ -349,7 +369,7 @@ def test_step_row_is_that_steps_loss_and_gradient_norm(trained):
     norm = torch.stack([p.grad.pow(2).sum() for p in model.parameters()]).sum().sqrt().item()
     row = next(r for r in csv.DictReader(open(trained / "metrics.csv")) if r["step"] == "0")
     assert float(row["train/loss"]) == pytest.approx(total, rel=1e-5)
-    assert float(row["grad_norm"]) == pytest.approx(norm, rel=1e-4)
+    assert float(row["grad_norm"]) == pytest.approx(norm, rel=1e-6)
 
 
 def test_wandb_logging_offline(train_tokens, tmp_path):
