@@ -121,7 +121,8 @@ def add_train_arguments(p: argparse.ArgumentParser, skip=frozenset()) -> argpars
     add(g, "--accelerator", help="auto, cpu, gpu")
     add(g, "--devices", help="devices per node (auto, or a count)")
     add(g, "--num-nodes", type=int)
-    add(g, "--strategy", help="auto, ddp, fsdp")
+    add(g, "--strategy", help="auto, ddp, fsdp (FSDP2: parameters, gradients and optimizer state sharded "
+                              "over the ranks; for models that do not fit one device with DDP)")
     add(g, "--precision", help="auto (bf16-mixed on GPU, 32-true on CPU), 32-true, bf16-mixed")
     add(g, "--peak-flops", type=float, help="peak FLOP/s per device for MFU (default: from the GPU name)")
     add(g, "--val-every", type=int, help="validate every N optimizer steps")
