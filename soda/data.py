@@ -461,7 +461,7 @@ class OneAheadLoader:
             yield batch
 
     def state_dict(self) -> dict:
-        rank, world = _rank_and_world()
+        _, world = _rank_and_world()
         states = [self._states[0]]
         if world > 1:
             import torch.distributed as dist

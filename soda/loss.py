@@ -19,14 +19,20 @@ import torch
 CHUNK_ELEMENTS = 2**27  # logits per chunk (512 MiB in fp32): chunk rows = this // vocabulary size
 
 
+def log_sum_exp_and_nll(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position log-sum-exp and next-token NLL of `logits` [..., V] for `targets` [...], in fp32."""
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=-1)
+    return lse, lse - x.gather(-1, targets[..., None]).squeeze(-1)
+
+
 def chunk_terms(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, z_loss: float):
     """log-sum-exp, NLL and d/dlogits of sum_i w_i (NLL_i + z lse_i^2) for one chunk ([c, V] logits).
 
     The arithmetic is in fp32 whatever the logits' dtype; the gradient comes back in that dtype.
     """
     x = logits.float()
-    lse = torch.logsumexp(x, dim=-1)
-    nll = lse - x.gather(-1, targets[:, None]).squeeze(-1)
+    lse, nll = log_sum_exp_and_nll(x, targets)
     scale = (weights * (1 + 2 * z_loss * lse))[:, None]
     ids = torch.arange(x.shape[-1], device=x.device)[None, :]
     grad = torch.exp(x - lse[:, None]) * scale - torch.where(ids == targets[:, None], weights[:, None], 0.0)
@@ -64,9 +70,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 h, t = hidden[start:end].to(dtype), targets[start:end]
                 logits = h @ w.T
                 if not (need_hidden or need_weight):
-                    x = logits.float()
-                    lse[start:end] = c_lse = torch.logsumexp(x, dim=-1)
-                    nll[start:end] = c_lse - x.gather(-1, t[:, None]).squeeze(-1)
+                    lse[start:end], nll[start:end] = log_sum_exp_and_nll(logits, t)
                     continue
                 lse[start:end], nll[start:end], g = terms(logits, t, weights[start:end], z_loss)
                 if need_hidden:

@@ -19,7 +19,7 @@ from tokenize_audio.errors import SodaError
 from tokenize_audio.vocab import Vocabulary
 
 from .config import TrainConfig
-from .loss import ChunkedHead
+from .loss import ChunkedHead, log_sum_exp_and_nll
 from .model import attention_inputs
 from .optim import CautiousAdamW, clip_by_global_norm, is_sharded, local_tensors, lr_factor, param_groups
 
@@ -64,12 +64,10 @@ def scored_targets(batch: dict) -> torch.Tensor:
 def token_nll(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-position NLL, log-sum-exp, targets and the mask of scored positions ([B, S-1] each)."""
     ids, doc = batch["input_ids"], batch["doc_ids"]
-    logits = model(input_ids=ids, use_cache=False, **attention_inputs(model, doc)).logits[:, :-1].float()
+    logits = model(input_ids=ids, use_cache=False, **attention_inputs(model, doc)).logits[:, :-1]
     targets = ids[:, 1:]
-    valid = scored_targets(batch)
-    lse = torch.logsumexp(logits, dim=-1)
-    nll = lse - logits.gather(-1, targets[..., None]).squeeze(-1)
-    return nll, lse, targets, valid
+    lse, nll = log_sum_exp_and_nll(logits, targets)
+    return nll, lse, targets, scored_targets(batch)
 
 
 def fused_head(model) -> ChunkedHead | None:
