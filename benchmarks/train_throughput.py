@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from scaling.accounting import training_flops_per_token  # noqa: E402
 from soda.config import make_config  # noqa: E402
 from soda.data import PackedStream, dataloader, resolve_sources  # noqa: E402
-from soda.model import build_model, compile_model, default_attention  # noqa: E402
+from soda.model import build_model, default_attention, prepare_for_training  # noqa: E402
 from soda.module import SodaModule, lm_loss  # noqa: E402
 from soda.optim import CautiousAdamW, param_groups  # noqa: E402
 
@@ -81,10 +81,7 @@ def sync(device):
 def make_model(cfg, vocab, shape, args, device):
     attention = args.attention if args.attention != "auto" else default_attention(device.type)
     model = build_model(shape, vocab, cfg.seed, attention=attention)
-    if args.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if args.compile:
-        compile_model(model)
+    prepare_for_training(model, args.activation_checkpointing, args.compile)
     return model
 
 

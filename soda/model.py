@@ -89,6 +89,15 @@ def compile_model(model) -> None:
     model.soda_compiled_loss = True
 
 
+def prepare_for_training(model, activation_checkpointing: bool = False, compile: bool = False) -> None:
+    """soda-train's --activation-checkpointing (transformers' non-reentrant per-layer checkpointing, which works
+    under FSDP and torch.compile) and --compile, in that order."""
+    if activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if compile:
+        compile_model(model)
+
+
 def shape_of(model) -> ModelShape:
     c = model.config
     return ModelShape(c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads,

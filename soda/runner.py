@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import torch
 
-from scaling.accounting import params, training_flops_per_token
+from scaling.accounting import training_flops_per_token
 from tokenize_audio.errors import SodaError
 
 from .config import TrainConfig
@@ -16,7 +15,7 @@ from .train import PREEMPTED_EXIT, batch_layout, is_rank_zero, save_config, worl
 
 
 def build_model(cfg: TrainConfig, vocab):
-    from .model import build_model as fresh, compile_model, default_attention, load_pretrained, shape_of
+    from .model import build_model as fresh, default_attention, load_pretrained, prepare_for_training, shape_of
 
     attention = cfg.attention if cfg.attention != "auto" else default_attention("cuda" if cfg.uses_gpu() else "cpu")
     if attention == "flex_attention" and not cfg.uses_gpu():
@@ -29,10 +28,7 @@ def build_model(cfg: TrainConfig, vocab):
         shape = cfg.shape(vocab.size)
         model = fresh(shape, vocab, cfg.seed, rope_theta=cfg.rope_theta, rope_factor=cfg.rope_factor,
                       attention=attention)
-    if cfg.activation_checkpointing:  # transformers' per-layer checkpointing; non-reentrant works under FSDP/compile
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.compile:
-        compile_model(model)
+    prepare_for_training(model, cfg.activation_checkpointing, cfg.compile)
     return model, shape
 
 

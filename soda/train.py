@@ -9,7 +9,6 @@ nodes with torchrun or SLURM, and `--resume` continues exactly where a run stopp
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
