@@ -21,7 +21,18 @@ def checkpoint_dir(out: Path) -> Path:
     return Path(out) / "checkpoints"
 
 
+def _step(path: Path) -> int | None:
+    digits = path.stem.removeprefix("step")
+    return int(digits) if path.stem.startswith("step") and digits.isdigit() else None
+
+
 def last_checkpoint(out: Path) -> Path | None:
+    """The run's newest checkpoint: the highest-numbered `stepN.ckpt` (each is written whole, then renamed), else
+    `last.ckpt`. Not `last.ckpt` first: a kill between saving a step's file and re-pointing the link would
+    otherwise resume from an older step, or find no checkpoint at all after the first save."""
+    steps = [(n, p) for p in checkpoint_dir(out).glob("step*.ckpt") if (n := _step(p)) is not None]
+    if steps:
+        return max(steps)[1]
     path = checkpoint_dir(out) / LAST
     return path if path.exists() else None
 

@@ -18,7 +18,7 @@ from tokenize_audio.codecs import resolve_device
 from tokenize_audio.errors import SodaError
 from tokenize_audio.vocab import Vocabulary
 
-from .checkpoints import LAST, SODA_META, checkpoint_dir, load_checkpoint
+from .checkpoints import LAST, SODA_META, last_checkpoint, load_checkpoint
 
 # SODA's released models were tokenized with Mimi's first 8 codebooks of 2048 codes.
 SODA_CODEC = "mimi"
@@ -85,8 +85,8 @@ def resolve_checkpoint(source: str) -> Path | str:
     if path.is_dir() and not (path / "config.json").is_file():  # a run directory
         if (path / "hf" / "config.json").is_file():
             return path / "hf"
-        if (checkpoint_dir(path) / LAST).exists():
-            return checkpoint_dir(path) / LAST
+        if (newest := last_checkpoint(path)) is not None:
+            return newest
         raise SodaError(f"{source}: neither a model directory (config.json) nor a soda-train run directory "
                         f"(hf/ or checkpoints/{LAST})")
     if path.exists():

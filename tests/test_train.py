@@ -107,12 +107,31 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(trained, train_tok
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "hf").exists()
+    # The kill may land before Lightning points last.ckpt at the new file: the resume must not depend on the link.
+    (out / "checkpoints" / "last.ckpt").unlink(missing_ok=True)
     done = run_cli(tiny_args(train_tokens, out) + ["--resume"])
     assert done.returncode == 0, done.stderr[-3000:]
     want, got = losses(trained), losses(out)
     assert set(got) == set(want)
     for step in range(16, 40):  # everything after the checkpoint: same data order, same losses
         assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-6), step
+
+
+def test_resume_takes_the_highest_step_file_not_a_stale_last_link(tmp_path):
+    from soda.checkpoints import last_checkpoint, link_last
+
+    ckpts = tmp_path / "checkpoints"
+    assert last_checkpoint(tmp_path) is None
+    ckpts.mkdir()
+    for name in ("step0000016.ckpt", "step0000100.ckpt", "step0000024.ckpt", "stepx.ckpt", ".step0000200.ckpt.tmp1"):
+        (ckpts / name).write_bytes(b"")
+    link_last(ckpts / "step0000024.ckpt")  # a kill left the link one save behind
+    assert last_checkpoint(tmp_path) == ckpts / "step0000100.ckpt"
+    for path in ckpts.glob("step0*.ckpt"):
+        path.unlink()
+    (ckpts / "last.ckpt").unlink()
+    (ckpts / "last.ckpt").write_bytes(b"")  # a copied (not linked) last.ckpt, the only checkpoint left
+    assert last_checkpoint(tmp_path) == ckpts / "last.ckpt"
 
 
 def test_sigterm_checkpoints_at_a_step_boundary_and_resumes(train_tokens, tmp_path):
