@@ -145,6 +145,19 @@ class TrainConfig:
         """Optimizer steps of the whole schedule (the LR schedule is laid out over these)."""
         return max(1, round(self.total_tokens / (self.batch_sequences * self.seq_len)))
 
+    @property
+    def device_count(self) -> int | None:
+        """Devices per node as a count; None for auto (all this node has)."""
+        if self.devices in ("auto", None, "-1", -1):
+            return None
+        try:
+            n = int(self.devices)
+        except ValueError:
+            raise SodaError(f"--devices {self.devices!r}: give a count or auto") from None
+        if n < 1:
+            raise SodaError(f"--devices {self.devices!r}: give a count of at least 1, or auto")
+        return n
+
     def uses_gpu(self) -> bool:
         """Whether this run trains on CUDA devices (`--accelerator auto|gpu|cuda` with CUDA present)."""
         import torch
@@ -182,21 +195,63 @@ def load_yaml(path: Path) -> dict:
     return values
 
 
+def _coerce(name: str, value, annotation: str):
+    """A setting from YAML as its field's type: YAML reads `lr: 3e-4` as a string, and `seq_len: 4096.0` as a
+    float. Anything else of the wrong type is a one-line error naming the setting."""
+    kind = annotation.removesuffix(" | None")
+    try:
+        if kind == "bool" and isinstance(value, bool):
+            return value
+        if kind == "int" and not isinstance(value, bool) and float(value) == int(float(value)):
+            return int(float(value))
+        if kind == "float" and not isinstance(value, bool):
+            return float(value)
+        if kind == "tuple" and isinstance(value, (list, tuple)):  # betas
+            return tuple(float(v) for v in value)
+    except (TypeError, ValueError, OverflowError):
+        pass
+    else:
+        if kind not in ("bool", "int", "float", "tuple"):
+            return value
+    want = {"bool": "true or false", "int": "a whole number", "float": "a number", "tuple": "a list of numbers"}
+    raise SodaError(f"setting {name}: {value!r} is not {want[kind]}")
+
+
 def make_config(*layers: dict) -> TrainConfig:
     """Later layers override earlier ones; None means 'not given'."""
     merged: dict = {}
     for layer in layers:
         merged.update({k: v for k, v in layer.items() if v is not None})
-    if "betas" in merged:
-        merged["betas"] = tuple(float(b) for b in merged["betas"])
+    types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    for name, value in merged.items():
+        if name in types:
+            merged[name] = _coerce(name, value, types[name])
     cfg = TrainConfig(**merged)
     validate(cfg)
     return cfg
 
 
+# Lowest allowed value of each numeric setting (None = not given, allowed). Zero where zero means "off".
+AT_LEAST = {"seq_len": 2, "max_steps": 1, "micro_batch": 1, "num_nodes": 1, "workers": 0, "val_every": 1,
+            "val_batches": 0, "ckpt_every": 1, "log_every": 1, "sweep_width": 1,
+            **{name: 1 for name in SHAPE_FIELDS}, "weight_decay": 0, "grad_clip": 0, "z_loss": 0}
+ABOVE_ZERO = ("lr", "eps", "peak_flops")
+
+
 def validate(cfg: TrainConfig) -> None:
-    if cfg.seq_len < 2:
-        raise SodaError(f"--seq-len {cfg.seq_len}: must be at least 2")
+    """Refuse a nonsensical setting before anything starts, naming its flag (a negative clip would flip every
+    gradient; a zero interval would divide by zero mid-run)."""
+    for name, low in AT_LEAST.items():
+        value = getattr(cfg, name)
+        if value is not None and not value >= low:
+            raise SodaError(f"--{name.replace('_', '-')} {value}: must be at least {low}")
+    for name in ABOVE_ZERO:
+        value = getattr(cfg, name)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise SodaError(f"--{name.replace('_', '-')} {value}: must be positive")
+    if len(cfg.betas) != 2 or not all(0 <= b < 1 for b in cfg.betas):
+        raise SodaError(f"betas {list(cfg.betas)}: give two numbers in [0, 1)")
+    cfg.device_count  # parse now: "--devices 0" fails here, not as a division by zero
     if not 0 <= cfg.warmup <= 1 or not 0 <= cfg.decay <= 1 or cfg.warmup + cfg.decay > 1:
         raise SodaError(f"warmup {cfg.warmup} and decay {cfg.decay} must be fractions summing to at most 1")
     if cfg.schedule not in SCHEDULES:
@@ -205,6 +260,4 @@ def validate(cfg: TrainConfig) -> None:
         raise SodaError(f"loss_after {cfg.loss_after!r}: choose one of {', '.join(LOSS_MARKERS)}")
     if cfg.on_nonfinite not in ("stop", "skip"):
         raise SodaError(f"on_nonfinite {cfg.on_nonfinite!r}: choose stop or skip")
-    if cfg.max_steps is not None and cfg.max_steps < 1:
-        raise SodaError(f"--max-steps {cfg.max_steps}: must be positive")
     cfg.total_tokens, cfg.batch_sequences  # parse now: a bad count fails before anything starts

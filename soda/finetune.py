@@ -136,6 +136,8 @@ def main(argv=None) -> int:
     out = run_directory(flags, args.config, default="")
     if not str(out) or str(out) == ".":
         raise SodaError("give --out RUN_DIR")
+    if not getattr(args, "epochs", 1.0) > 0:
+        raise SodaError(f"--epochs {args.epochs:g}: must be positive (e.g. 0.5 for half the data)")
     if not args.resume:
         data = args.manifest if args.command == "s2st" else args.data
         missing = [f for f, v in (("--init-from", args.init_from), ("--data", data)) if not v]

@@ -87,6 +87,9 @@ class Settings:
             raise SodaError(f"top_p {self.top_p}: must be in (0, 1]")
         if self.top_k < 0 or self.batch_size < 1 or self.max_text_tokens < 1 or self.max_seconds <= 0:
             raise SodaError("top_k must be >= 0; batch_size, max_text_tokens and max_seconds must be positive")
+        if min(self.cap_base_seconds, self.cap_seconds_per_char, self.silence_seconds) < 0:
+            raise SodaError("cap_base_seconds, cap_seconds_per_char and silence_seconds must be >= 0 "
+                            "(silence_seconds 0: no silence stop)")
 
 
 @dataclass

@@ -21,13 +21,19 @@ def build_model(cfg: TrainConfig, vocab):
     if attention == "flex_attention" and not cfg.uses_gpu():
         raise SodaError("--attention flex_attention: torch has no flex attention backward on the CPU; use sdpa (the "
                         "CPU default) or train on a GPU")
-    if cfg.init_from:
-        model = load_pretrained(cfg.init_from, vocab, attention)
-        shape = shape_of(model)
-    else:
-        shape = cfg.shape(vocab.size)
-        model = fresh(shape, vocab, cfg.seed, rope_theta=cfg.rope_theta, rope_factor=cfg.rope_factor,
-                      attention=attention)
+    try:
+        if cfg.init_from:
+            model = load_pretrained(cfg.init_from, vocab, attention)
+            shape = shape_of(model)
+        else:
+            shape = cfg.shape(vocab.size)
+            model = fresh(shape, vocab, cfg.seed, rope_theta=cfg.rope_theta, rope_factor=cfg.rope_factor,
+                          attention=attention)
+    except (ValueError, ImportError) as e:  # transformers refuses an unknown or uninstalled attention kernel
+        if "attn_implementation" not in str(e) and "Attention" not in str(e):
+            raise
+        raise SodaError(f"--attention {attention}: transformers cannot use it here ({str(e).splitlines()[0][:300]})"
+                        ) from None
     prepare_for_training(model, cfg.activation_checkpointing, cfg.compile)
     return model, shape
 

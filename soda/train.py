@@ -198,14 +198,9 @@ def resolve_config(flags: dict, out: Path, resume: bool, config: Path | None, de
 def world_size(cfg: TrainConfig) -> int:
     import torch
 
-    devices = cfg.devices
-    if devices in ("auto", None, "-1", -1):
+    n = cfg.device_count
+    if n is None:
         n = torch.cuda.device_count() if cfg.uses_gpu() else 1
-    else:
-        try:
-            n = int(devices)
-        except ValueError:
-            raise SodaError(f"--devices {devices!r}: give a count or auto") from None
     return n * cfg.num_nodes
 
 
@@ -233,6 +228,8 @@ def dry_run(cfg: TrainConfig, mfu: float) -> int:
     from .callbacks import NAMED_GPUS
     from .model import describe
 
+    if not 0 < mfu <= 1:
+        raise SodaError(f"--mfu {mfu}: give a fraction in (0, 1], e.g. 0.4")
     vocab_size = SODA_VOCAB
     if cfg.data:
         from .data import resolve_sources

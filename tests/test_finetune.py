@@ -281,6 +281,12 @@ def test_user_mistakes_are_one_line_errors(tiny_run, s2st_corpus, tmp_path, caps
     assert "bad.tsv" in err and "source_text" in err
     assert "--init-from" in _error(capsys, ["s2st", "--data", str(s2st_corpus), "--out", str(tmp_path / "r")])
     assert "no checkpoint" in _error(capsys, ["s2st", "--out", str(tmp_path / "r"), "--resume"])
+    assert "--epochs 0: must be positive" in _error(capsys, ["docs", "--init-from", str(tiny_run), "--data",
+                                                             str(tmp_path), "--out", str(tmp_path / "r"),
+                                                             "--epochs", "0"])
+    assert "--grad-clip -1.0: must be at least 0" in _error(capsys, ["s2st", "--init-from", str(tiny_run), "--data",
+                                                                     str(s2st_corpus), "--out", str(tmp_path / "r"),
+                                                                     "--grad-clip", "-1"])
 
 
 def test_only_rank_zero_exports_the_initial_checkpoint(tiny_run, tmp_path, monkeypatch):

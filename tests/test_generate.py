@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -252,3 +253,17 @@ def test_cli_bad_task_and_missing_inputs(tiny_run, tmp_path, capsys):
         with pytest.raises(SystemExit):
             main(argv)
         assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad, said", [
+    ({"temperature": -1}, "temperature must be >= 0"),
+    ({"top_p": 2.0}, "top_p 2.0: must be in (0, 1]"),
+    ({"batch_size": 0}, "batch_size, max_text_tokens and max_seconds must be positive"),
+    ({"cap_seconds_per_char": -0.1}, "cap_seconds_per_char and silence_seconds must be >= 0"),
+    ({"silence_seconds": -1}, "cap_seconds_per_char and silence_seconds must be >= 0"),
+])
+def test_nonsense_settings_are_refused(bad, said):
+    from tokenize_audio.errors import SodaError
+
+    with pytest.raises(SodaError, match=re.escape(said)):
+        Settings(**bad)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 import os
 import signal
 import subprocess
@@ -17,6 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import tiny_args
 from soda.train import main
+from tokenize_audio.errors import SodaError
 
 PY = sys.executable
 
@@ -306,6 +308,34 @@ def test_bad_flags_are_one_line_errors(train_tokens, tmp_path, capsys):
         assert "no flex attention backward on the CPU" in _error(capsys, args)
         assert not (tmp_path / "g" / "config.yaml").exists()  # a refused start leaves no run behind
     assert "Lightning refused" in _error(capsys, tiny_args(train_tokens, tmp_path / "f", **{"--strategy": "nope"}))
+    # nonsense values are refused before anything starts: a negative clip would flip every gradient, a zero
+    # interval would divide by zero mid-run, an unknown attention kernel would be a transformers traceback
+    for flag, value, said in [("--devices", "0", "--devices '0': give a count of at least 1"),
+                              ("--num-nodes", "0", "--num-nodes 0: must be at least 1"),
+                              ("--micro-batch", "0", "--micro-batch 0: must be at least 1"),
+                              ("--val-every", "0", "--val-every 0: must be at least 1"),
+                              ("--workers", "-1", "--workers -1: must be at least 0"),
+                              ("--grad-clip", "-1", "--grad-clip -1.0: must be at least 0"),
+                              ("--lr", "-1", "--lr -1.0: must be positive"),
+                              ("--width", "0", "--width 0: must be at least 1"),
+                              ("--attention", "nope", "--attention nope: transformers cannot use it")]:
+        out = tmp_path / f"bad{flag}"
+        assert said in _error(capsys, tiny_args(train_tokens, out, **{flag: value})), flag
+        assert not (out / "checkpoints").exists(), flag
+    assert "--mfu 0.0: give a fraction" in _error(capsys, ["--size", "1b", "--dry-run", "--mfu", "0"])
+
+
+def test_yaml_settings_are_read_as_their_types_or_refused_by_name(tmp_path):
+    from soda.config import make_config
+
+    cfg = make_config({"lr": "3e-4", "seq_len": "128", "micro_batch": 8.0, "betas": ["0.9", 0.95]})
+    assert (cfg.lr, cfg.seq_len, cfg.micro_batch, cfg.betas) == (3e-4, 128, 8, (0.9, 0.95))  # YAML: lr: 3e-4 is a str
+    for bad, said in [({"lr": "fast"}, "setting lr: 'fast' is not a number"),
+                      ({"seq_len": 12.5}, "setting seq_len: 12.5 is not a whole number"),
+                      ({"cautious": "maybe"}, "setting cautious: 'maybe' is not true or false"),
+                      ({"betas": [0.9]}, "betas [0.9]: give two numbers in [0, 1)")]:
+        with pytest.raises(SodaError, match=re.escape(said)):
+            make_config(bad)
 
 
 def test_init_from_with_another_vocabulary_is_refused(trained, tmp_path, capsys):
