@@ -199,22 +199,23 @@ def _coerce(name: str, value, annotation: str):
     """A setting from YAML as its field's type: YAML reads `lr: 3e-4` as a string, and `seq_len: 4096.0` as a
     float. Anything else of the wrong type is a one-line error naming the setting."""
     kind = annotation.removesuffix(" | None")
+    wants = {"bool": "true or false", "int": "a whole number", "float": "a number", "tuple": "a list of numbers"}
+    if kind not in wants:
+        return value
     try:
-        if kind == "bool" and isinstance(value, bool):
+        if isinstance(value, bool) != (kind == "bool"):  # true is not 1, and 1 is not true
+            raise ValueError
+        if kind == "bool":
             return value
-        if kind == "int" and not isinstance(value, bool) and float(value) == int(float(value)):
+        if kind == "int" and float(value) == int(float(value)):
             return int(float(value))
-        if kind == "float" and not isinstance(value, bool):
+        if kind == "float":
             return float(value)
         if kind == "tuple" and isinstance(value, (list, tuple)):  # betas
             return tuple(float(v) for v in value)
     except (TypeError, ValueError, OverflowError):
         pass
-    else:
-        if kind not in ("bool", "int", "float", "tuple"):
-            return value
-    want = {"bool": "true or false", "int": "a whole number", "float": "a number", "tuple": "a list of numbers"}
-    raise SodaError(f"setting {name}: {value!r} is not {want[kind]}")
+    raise SodaError(f"setting {name}: {value!r} is not {wants[kind]}")
 
 
 def make_config(*layers: dict) -> TrainConfig:
