@@ -27,6 +27,10 @@ def local_tensors(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return [t.to_local() if is_sharded(t) else t for t in tensors]
 
 
+# What each trained parameter holds for the whole run: its fp32 weight and gradient and AdamW's two fp32 moments.
+STATE_BYTES_PER_PARAMETER = 4 + 4 + 2 * 4
+
+
 class CautiousAdamW(torch.optim.Optimizer):
     def __init__(self, params, lr: float, betas=(0.98, 0.98), eps: float = 1e-16, weight_decay: float = 0.0,
                  cautious: bool = True):

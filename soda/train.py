@@ -19,7 +19,7 @@ from tokenize_audio.errors import SodaError, cli_errors
 from tokenize_audio.shards import atomic_write_text
 
 from .config import LOSS_MARKERS, SCHEDULES, SIZES, TrainConfig, config_fields, load_yaml, make_config
-from .optim import schedule_phases
+from .optim import STATE_BYTES_PER_PARAMETER, schedule_phases
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CORPUS = REPO / "demo" / "corpus"
@@ -224,6 +224,15 @@ def model_label(cfg: TrainConfig) -> str:
     return f"sweep width {cfg.sweep_width}" if cfg.sweep_width else (cfg.size or "custom shape")
 
 
+def memory_line(parameters: int, world: int) -> str:
+    """Memory per device for the model's state under DDP (replicated) and FSDP (sharded over the ranks)."""
+    state = parameters * STATE_BYTES_PER_PARAMETER / 2**30
+    split = f" with DDP, {state / world:,.1f} GiB with --strategy fsdp over {world} devices" if world > 1 else ""
+    return (f"memory per device for weights, gradients and AdamW moments (fp32, {STATE_BYTES_PER_PARAMETER} B per "
+            f"parameter): {state:,.1f} GiB{split}; activations and bf16 working copies come on top (they "
+            f"grow with --micro-batch x --seq-len; --activation-checkpointing shrinks them)")
+
+
 def dry_run(cfg: TrainConfig, mfu: float) -> int:
     from .callbacks import NAMED_GPUS
     from .model import describe
@@ -253,6 +262,7 @@ def dry_run(cfg: TrainConfig, mfu: float) -> int:
         f"{cfg.batch_sequences * cfg.seq_len:,} tokens",
         f"total training FLOPs: {total:.4g}",
         f"devices: {world}; micro-batch {micro} sequences, gradient accumulation {accumulate}",
+        memory_line(params(shape, "total"), world),
         f"LR: peak {cfg.peak_lr(shape.width):.3g} ({'given' if cfg.lr is not None else 'SODA rule'}); "
         f"{cfg.schedule.upper()}: warm-up {phases['warmup']:,} steps, stable {phases['stable']:,}, "
         f"{'cosine ' if cfg.schedule == 'cosine' else ''}decay to 0 over {phases['decay']:,}",

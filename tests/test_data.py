@@ -243,6 +243,15 @@ def test_dry_run_reports_soda_sizes(capsys, size, total, non_embedding):
                                                                                                   abs=0.005)
     assert "238,419 steps of 512 x 4096" in out  # 500B / (512 x 4096)
     assert "H100" in out and "days" in out
+    assert f"AdamW moments (fp32, 16 B per parameter): {got_total * 16 / 2**30:,.1f} GiB;" in out
+
+
+def test_dry_run_gives_model_state_memory_per_device_for_ddp_and_fsdp(capsys):
+    from soda.train import main
+
+    assert main(["--size", "4b", "--dry-run", "--devices", "8"]) == 0
+    # 4,374,089,216 parameters x 16 bytes: 65.2 GiB on every DDP rank, an eighth of it on each FSDP rank
+    assert ": 65.2 GiB with DDP, 8.1 GiB with --strategy fsdp over 8 devices;" in capsys.readouterr().out
 
 
 def test_dry_run_matches_the_real_model(capsys):

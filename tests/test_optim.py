@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from soda.optim import CautiousAdamW, clip_by_global_norm, param_groups
+from soda.optim import STATE_BYTES_PER_PARAMETER, CautiousAdamW, clip_by_global_norm, param_groups
 
 
 def params_and_grads(seed: int, steps: int):
@@ -116,3 +116,19 @@ def test_clip_by_global_norm_is_torchs_clip_grad_norm(max_norm):
     halves = [g.clone() for g in grads[0]]  # two "shards" summed by the reduction: the norm of the whole
     assert clip_by_global_norm(halves, None, all_reduce=lambda t: t.mul_(2)).item() == pytest.approx(
         norm.item() * 2**0.5, rel=1e-6)
+
+
+def test_state_bytes_per_parameter_is_what_training_holds():
+    """The figure --dry-run's memory line multiplies by: a real (tiny) Qwen3 after one optimiser step holds exactly
+    that many bytes per parameter in weights, gradients and optimiser state (less the per-tensor step counters)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    model = Qwen3ForCausalLM(Qwen3Config(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1, head_dim=16))
+    opt = CautiousAdamW(param_groups(model, 0.033), lr=1e-3)
+    model(torch.randint(0, 300, (2, 8)), labels=torch.randint(0, 300, (2, 8))).loss.backward()
+    opt.step()
+    n = sum(p.numel() for p in model.parameters())
+    held = sum(p.nbytes + p.grad.nbytes for p in model.parameters())
+    held += sum(t.nbytes for state in opt.state.values() for key, t in state.items() if key != "step")
+    assert held == STATE_BYTES_PER_PARAMETER * n
