@@ -46,10 +46,11 @@ def link_last(target: Path) -> None:
     os.replace(tmp, target.parent / LAST)
 
 
-def load_checkpoint(path: Path) -> dict:
-    """Load with `weights_only=True`: tensors and plain data only, no arbitrary pickled code."""
+def load_checkpoint(path: Path, mmap: bool = False) -> dict:
+    """Load with `weights_only=True`: tensors and plain data only, no arbitrary pickled code. `mmap`: tensors are
+    mapped from the file, read only when touched (for reading a checkpoint's metadata)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise SodaError(f"{path}: checkpoint not found") from None
     except Exception as e:  # a truncated or foreign file

@@ -232,7 +232,7 @@ def prepare_s2st(args, out: Path) -> dict:
     if not pairs.pairs:
         reasons = "; ".join(sorted({s["reason"].split(":")[0] for s in pairs.skipped})) or "no rows"
         raise SodaError(f"{args.manifest}: no usable pairs ({len(pairs.skipped)} rows skipped: {reasons})")
-    loaded = load_model(args.init_from, device=args.device, codec=args.codec)
+    loaded = load_model(args.init_from, device=args.device, codec=args.codec, weights=False)  # training loads them
     codec = loaded.load_codec()
     say(f"encoding {len(pairs.pairs):,} pairs of {args.manifest} with {loaded.codec_label} into {data}")
     manifest, skipped = write_s2st_shards(pairs, loaded, codec, data, args.validation_fraction, args.pairs_per_shard,
@@ -260,7 +260,7 @@ def prepare_docs(args, cfg, out: Path, tokens_given: bool) -> dict:
     if args.resume:
         return {"report": None}
     sources, vocab = resolve_sources(cfg.data, cfg.val_data, cfg.mix, cfg.vocab)
-    loaded = load_model(args.init_from, device="cpu")
+    loaded = load_model(args.init_from, device="cpu", weights=False)  # training loads the weights
     if not vocab.matches(loaded.vocab):
         raise SodaError(f"--data {cfg.data[0]}: its vocabulary ({vocab.size:,} ids, {vocab.n_codebooks} codebooks "
                         f"of {vocab.codebook_size}, text {vocab.text_tokenizer_source or '?'}) differs from "

@@ -27,7 +27,7 @@ SODA_CODEBOOKS, SODA_CODEBOOK_SIZE = 8, 2048
 
 @dataclass
 class LoadedModel:
-    model: torch.nn.Module  # Qwen3ForCausalLM (or any causal LM), in eval mode on `device`
+    model: torch.nn.Module | None  # Qwen3ForCausalLM (or any causal LM), in eval mode on `device`; None: weights=False
     vocab: Vocabulary
     codec_spec: str | None  # e.g. "mimi", "mimi:random"; None when unknown (pass --codec)
     codec_label: str  # how to describe the codec in outputs (says RANDOM for offline codecs)
@@ -55,26 +55,28 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 def load_model(source: str, device: str = "auto", codec: str | None = None, dtype: torch.dtype | None = None,
-               attention: str = "sdpa") -> LoadedModel:
-    """Resolve CHECKPOINT (see module docstring); `codec` overrides the recorded codec."""
+               attention: str = "sdpa", weights: bool = True) -> LoadedModel:
+    """Resolve CHECKPOINT (see module docstring); `codec` overrides the recorded codec. `weights=False` reads only
+    the config, vocabulary and codec (`model` is None): what checking and encoding data against a model needs,
+    without loading gigabytes of weights that training will load again."""
     dev = resolve_device(device)
     dtype = dtype or default_dtype(dev)
     path = resolve_checkpoint(source)
     if isinstance(path, str):
-        model, vocab, meta = _from_hf(path, None, dtype, attention)
+        model, config, vocab, meta = _from_hf(path, None, dtype, attention, weights)
     elif path.is_file():
-        model, vocab, meta = _from_checkpoint(path, dtype, attention)
+        model, config, vocab, meta = _from_checkpoint(path, dtype, attention, weights)
     else:
-        model, vocab, meta = _from_hf(str(path), path, dtype, attention)
-    if model.config.vocab_size < vocab.size:
-        raise SodaError(f"{source}: the model has {model.config.vocab_size:,} ids but its vocabulary needs "
-                        f"{vocab.size:,}")
+        model, config, vocab, meta = _from_hf(str(path), path, dtype, attention, weights)
+    if config.vocab_size < vocab.size:
+        raise SodaError(f"{source}: the model has {config.vocab_size:,} ids but its vocabulary needs {vocab.size:,}")
     recorded = meta.get("codec") or {}
     spec = codec or recorded.get("spec") or meta.get("default_codec")
     label = recorded.get("label") if not codec and recorded.get("label") else (spec or "unknown")
     if spec and spec.endswith(("random", "random-full")) and "RANDOM" not in label:
         label = f"{spec}: RANDOM weights, an offline test codec"
-    model.to(dev).eval()
+    if model is not None:
+        model.to(dev).eval()
     return LoadedModel(model, vocab, spec, label, str(source), dev)
 
 
@@ -96,18 +98,22 @@ def resolve_checkpoint(source: str) -> Path | str:
     return str(source)
 
 
-def _from_hf(name: str, path: Path | None, dtype, attention):
-    from transformers import AutoModelForCausalLM
+def _from_hf(name: str, path: Path | None, dtype, attention, weights: bool = True):
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation=attention)
+        if weights:
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation=attention)
+            config = model.config
+        else:
+            model, config = None, AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as e:
         raise SodaError(f"{name}: cannot load the model ({str(e).strip().splitlines()[0][:200]})") from None
     meta: dict = {}
     if path is not None and (path / SODA_META).is_file():
         meta = json.loads((path / SODA_META).read_text())
     if path is not None and (path / "vocab.json").is_file():
-        return model, Vocabulary.load(path), meta
+        return model, config, Vocabulary.load(path), meta
     # SODA's release layout: one tokenizer.json holding text, the four specials and the audio tokens.
     from tokenizers import Tokenizer
 
@@ -117,24 +123,26 @@ def _from_hf(name: str, path: Path | None, dtype, attention):
         raise SodaError(f"{name}: no usable tokenizer.json ({str(e).strip().splitlines()[0][:200]})") from None
     vocab = Vocabulary.build(tok, SODA_CODEBOOKS, SODA_CODEBOOK_SIZE, source=name)
     meta.setdefault("default_codec", SODA_CODEC)
-    return model, vocab, meta
+    return model, config, vocab, meta
 
 
-def _from_checkpoint(path: Path, dtype, attention):
+def _from_checkpoint(path: Path, dtype, attention, weights: bool = True):
     """A soda-train checkpoint: the model from its stored config; the vocabulary from the run's data."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, mmap=not weights)  # mapped: the tensors are not read unless used
     if "soda" not in ckpt:
         raise SodaError(f"{path}: not a soda-train checkpoint (no model config inside)")
     config = Qwen3Config.from_dict(ckpt["soda"]["model_config"])
     config._attn_implementation = attention
-    model = Qwen3ForCausalLM(config)
-    model.load_state_dict({k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}, strict=True)
-    model.to(dtype)
+    model = None
+    if weights:
+        model = Qwen3ForCausalLM(config)
+        model.load_state_dict({k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}, strict=True)
+        model.to(dtype)
     run = path.resolve().parent.parent
     vocab = _run_vocabulary(run, ckpt["soda"]["vocab"], path)
-    return model, vocab, {"codec": ckpt["soda"].get("codec")}
+    return model, config, vocab, {"codec": ckpt["soda"].get("codec")}
 
 
 def _run_vocabulary(run: Path, expected: dict, ckpt: Path) -> Vocabulary:

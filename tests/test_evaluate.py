@@ -351,6 +351,8 @@ def test_soda_layout_directory_loads_and_scores(demo_waves, tmp_path, capsys):
     loaded = load_model(str(release), device="cpu", codec="mimi:random")
     assert loaded.vocab.to_dict() | {"text_tokenizer": ""} == vocab.to_dict() | {"text_tokenizer": ""}
     assert loaded.vocab.audio_base == 262 and loaded.vocab.size == 16646
+    light = load_model(str(release), device="cpu", codec="mimi:random", weights=False)  # config + tokenizer only
+    assert light.model is None and light.vocab.matches(loaded.vocab) and light.codec_spec == "mimi:random"
     pairs = tmp_path / "pairs" / "pairs.jsonl"
     for i in range(2):
         write_wave(pairs.parent / f"g{i}.wav", demo_waves[i], 24000)

@@ -252,7 +252,12 @@ def test_eval_s2st_reports_asr_bleu_text_bleu_similarity_and_termination(finetun
 # The general path and user errors
 # --------------------------------------------------------------------------------------------
 def test_docs_path_trains_on_tokenized_shards_and_refuses_another_vocabulary(tiny_run, train_tokens, tmp_path,
-                                                                            capsys):
+                                                                            capsys, monkeypatch):
+    import soda.inference
+
+    loads = []  # checking the data against the model reads no weights: only training loads them
+    real = soda.inference.load_model
+    monkeypatch.setattr(soda.inference, "load_model", lambda *a, **kw: loads.append(kw.get("weights")) or real(*a, **kw))
     out = tmp_path / "asr"
     assert main(["docs", "--init-from", str(tiny_run / "checkpoints" / "last.ckpt"), "--data",
                  f"speech={train_tokens}", "--out", str(out), "--seq-len", "128", "--batch-tokens", "256",
@@ -261,6 +266,7 @@ def test_docs_path_trains_on_tokenized_shards_and_refuses_another_vocabulary(tin
     assert config["init_from"] == str(out / "init") and (out / "init" / "vocab.json").is_file()  # the .ckpt exported
     assert config["lr"] == 2e-5 and config["schedule"] == "cosine" and config["loss_after"] == "audio_end"
     assert (out / "checkpoints" / "step0000002.ckpt").is_file()  # it trained
+    assert loads == [False]
     other = tmp_path / "other"
     shutil.copytree(train_tokens, other)
     Vocabulary.build(byte_tokenizer(), 4, 2048).save(other)

@@ -378,6 +378,11 @@ def test_inference_loader_finds_model_vocabulary_and_codec(trained):
     ids = torch.arange(40).unsqueeze(0) * 97 % from_run.vocab.size
     with torch.no_grad():
         assert torch.allclose(from_run.model(ids).logits, from_ckpt.model(ids).logits, atol=1e-5)
+    # weights=False (fine-tuning's data preparation): the same vocabulary and codec, no model
+    for source, full in ((trained, from_run), (trained / "checkpoints" / "last.ckpt", from_ckpt)):
+        light = load_model(str(source), device="cpu", weights=False)
+        assert light.model is None and light.vocab.matches(full.vocab)
+        assert (light.codec_spec, light.codec_label) == (full.codec_spec, full.codec_label)
 
 
 def test_compile_and_activation_checkpointing_train_the_same_model(trained, train_tokens, tmp_path, capsys):
