@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tokenize_audio.shards import atomic_write_text
 
-from .sweep import CHECKPOINT, DONE, PREEMPTED, TRAIN_CONFIG, PlannedRun, train_command, write_run_config
+from .sweep import CHECKPOINTS, DONE, PREEMPTED, TRAIN_CONFIG, PlannedRun, train_command, write_run_config
 
 SBATCH_FILE, COMMANDS_FILE = "sweep.sbatch", "commands.txt"
 
@@ -23,7 +23,7 @@ TASK = """\
 run=${{RUNS[$((SLURM_ARRAY_TASK_ID - 1))]}}
 command=$(sed -n "${{SLURM_ARRAY_TASK_ID}}p" {commands})
 if [[ -e $run/{done} ]]; then echo "$run: finished earlier"; exit 0; fi
-if [[ -e $run/{checkpoint} ]]; then command+=" --resume"
+if compgen -G "$run/{checkpoints[0]}" > /dev/null || [[ -e $run/{checkpoints[1]} ]]; then command+=" --resume"
 elif [[ -e $run/{config} ]]; then rm -rf -- "$run"; fi  # died before its first checkpoint: start again
 eval "srun $command"
 code=$?
@@ -65,7 +65,7 @@ def emit_slurm(runs: list[PlannedRun], sweep: Path, data: list[str], extra: list
         "RUNS=(",
         *(f"  {shlex.quote(str(r.run_dir(sweep)))}" for r in runs),
         ")",
-        TASK.format(commands=shlex.quote(str(commands)), done=DONE, checkpoint=CHECKPOINT, config=TRAIN_CONFIG,
+        TASK.format(commands=shlex.quote(str(commands)), done=DONE, checkpoints=CHECKPOINTS, config=TRAIN_CONFIG,
                     preempted=PREEMPTED),
     ])
     sbatch = sweep / SBATCH_FILE

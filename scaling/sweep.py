@@ -39,7 +39,10 @@ RESERVED_FLAGS = {"--out", "--resume", "--config", "--data", "--size", "--sweep-
                   "--heads", "--kv-heads", "--head-dim", "--ffn", "--seq-len", "--tokens", "--batch-tokens",
                   "--lr", "--max-steps", "--init-from", "--dry-run"}
 DEFAULT_VAL_TOKENS = 2**22
-DONE, CHECKPOINT, TRAIN_CONFIG = "sweep-done.json", "checkpoints/last.ckpt", "config.yaml"
+DONE, TRAIN_CONFIG = "sweep-done.json", "config.yaml"
+# soda-train resumes from its highest-numbered checkpoints/stepN.ckpt, else checkpoints/last.ckpt: a run holding
+# either can continue (the link alone may lag behind when a kill lands between a save and the link).
+CHECKPOINTS = ("checkpoints/step*.ckpt", "checkpoints/last.ckpt")
 RESULTS_FILE = "results.csv"
 RESULT_COLUMNS = ("name", "budget", "width", "params", "tokens", "steps", "flops", "loss", "loss_source")
 TRAIN_LOSS_WINDOW = 5  # logged train losses averaged when a run has no final validation loss
@@ -162,7 +165,7 @@ def state(run: PlannedRun, sweep: Path) -> str:
     d = run.run_dir(sweep)
     if (d / DONE).is_file():
         return "done"
-    if (d / CHECKPOINT).exists():
+    if any(any(d.glob(pattern)) for pattern in CHECKPOINTS):
         return "resume"
     return "stale" if (d / TRAIN_CONFIG).exists() else "new"
 

@@ -209,7 +209,7 @@ def test_emit_slurm_and_its_tasks(fake, tmp_path, capsys):
     assert "finished earlier" in task(1).stdout
     second = runs[1].run_dir(out)
     (second / "checkpoints").mkdir(parents=True)
-    (second / "checkpoints" / "last.ckpt").write_text("")
+    (second / "checkpoints" / "step0000008.ckpt").write_text("")  # killed before last.ckpt pointed at it
     (second / "config.yaml").write_text("x")
     assert task(2).returncode == 0
     assert [(c["name"], c["resume"]) for c in fake()] == [(runs[0].name, False), (runs[1].name, True)]
