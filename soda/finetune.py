@@ -26,7 +26,7 @@ from tokenize_audio.errors import SodaError, cli_errors
 from tokenize_audio.shards import atomic_write_json
 
 from .config import validate
-from .train import add_train_arguments, flag_values, is_rank_zero, resolve_config, run_directory, train
+from .train import add_train_arguments, flag_values, is_rank_zero, resolve_config, resolve_resume, run_directory, train
 
 # SODA's S2ST fine-tuning recipe (configs/finetune-s2st.yaml spells it out); other settings keep soda-train's.
 FINETUNE_DEFAULTS = {"seq_len": 2048, "batch_tokens": 64 * 2048, "lr": 2e-5, "schedule": "cosine", "warmup": 0.03,
@@ -136,6 +136,7 @@ def main(argv=None) -> int:
     out = run_directory(flags, args.config, default="")
     if not str(out) or str(out) == ".":
         raise SodaError("give --out RUN_DIR")
+    args.resume = resolve_resume(args.resume, out)
     if not getattr(args, "epochs", 1.0) > 0:
         raise SodaError(f"--epochs {args.epochs:g}: must be positive (e.g. 0.5 for half the data)")
     if not args.resume:
@@ -149,6 +150,8 @@ def main(argv=None) -> int:
         raise SodaError(f"--resume: no checkpoint in {checkpoint_dir(out)} yet; start the run again without --resume")
     if not args.resume and last_checkpoint(out) is not None:
         raise SodaError(f"{out} already holds a run; continue it with --resume, or choose another --out")
+    if args.resume and flags.get("init_from"):  # the same command line again: its .ckpt was trained from RUN/init
+        flags["init_from"] = init_target(flags["init_from"], out)[0]
     cfg = resolve_config(flags, out, args.resume, args.config, [] if args.resume else [FINETUNE_DEFAULTS])
     tokens_given = "tokens" in flags or bool(args.config and "tokens" in _yaml(args.config))
     if args.command == "s2st":
@@ -174,21 +177,28 @@ def _yaml(path) -> dict:
     return load_yaml(path)
 
 
-def init_model_dir(source: str, out: Path, vocab) -> str:
-    """What soda-train's --init-from loads (a Hugging Face directory or hub id): a `.ckpt` (or a run without an
-    export) is exported to RUN/init first."""
-    from .checkpoints import export_hf
+def init_target(source: str, out: Path) -> tuple[str, Path | None]:
+    """(what soda-train's --init-from loads, the `.ckpt` to export there first or None): a Hugging Face directory
+    or hub id as it is; a `.ckpt` (or a run without an export) becomes RUN/init."""
     from .inference import resolve_checkpoint
 
     target = resolve_checkpoint(source)
     if isinstance(target, Path) and target.is_file():
-        init = out / "init"
+        return str(out / "init"), target
+    return str(target), None
+
+
+def init_model_dir(source: str, out: Path, vocab) -> str:
+    """init_target's directory, with a `.ckpt` exported to it (by rank 0; the other ranks wait for it)."""
+    from .checkpoints import export_hf
+
+    init, checkpoint = init_target(source, out)
+    if checkpoint is not None:
         if not is_rank_zero():  # rank 0 exports (atomically: the directory appears whole)
-            _wait_for(init / "config.json")
-        elif not (init / "config.json").is_file():
-            export_hf(target, init, vocab=vocab)
-        return str(init)
-    return str(target)
+            _wait_for(Path(init) / "config.json")
+        elif not (Path(init) / "config.json").is_file():
+            export_hf(checkpoint, Path(init), vocab=vocab)
+    return init
 
 
 def _wait_for(path: Path, timeout: float = 24 * 3600) -> None:

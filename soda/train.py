@@ -62,7 +62,9 @@ def add_train_arguments(p: argparse.ArgumentParser, skip=frozenset()) -> argpars
     g = p.add_argument_group("run")
     add(g, "--config", type=Path, help="YAML file of settings (see configs/)")
     add(g, "--out", help="run directory (checkpoints, logs, metrics.csv, loss.png, hf/); default runs/demo")
-    add(g, "--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    add(g, "--resume", nargs="?", const="yes", choices=("yes", "auto"),
+        help="continue the run in --out from its last checkpoint; --resume auto: continue if --out holds a "
+             "checkpoint, else start (one command line for a job's first start and its re-queued restarts)")
     add(g, "--dry-run", action="store_true", help="print the plan (sizes, FLOPs, steps, schedule, "
                                                           "wall-clock estimates) and exit")
     add(g, "--max-steps", type=int, help="stop after this many optimizer steps (the schedule still "
@@ -157,6 +159,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     flags = flag_values(args)
     out = run_directory(flags, args.config)
+    args.resume = resolve_resume(args.resume, out)
     defaults = []
     if not args.resume and not args.dry_run and not flags.get("data") and not (
             args.config and load_yaml(args.config).get("data")):
@@ -165,6 +168,13 @@ def main(argv=None) -> int:
     if args.dry_run:
         return dry_run(cfg, args.mfu)
     return train(cfg, resume=args.resume)
+
+
+def resolve_resume(resume: str | None, out: Path) -> bool:
+    """--resume (yes) / --resume auto (whether OUT holds a checkpoint) / absent, as a yes or no."""
+    from .checkpoints import last_checkpoint
+
+    return resume == "yes" or (resume == "auto" and last_checkpoint(out) is not None)
 
 
 def run_directory(flags: dict, config: Path | None, default: str = "runs/demo") -> Path:

@@ -24,6 +24,7 @@ from soda.generate import Request, Settings, build_plan, translate
 from soda.module import scored_targets
 from soda.optim import lr_factor
 from test_evaluate import speaker_encoder  # noqa: F401 -- fixture: a tiny offline WavLM speaker model
+from test_train import losses
 from tokenize_audio.documents import s2st_document
 from tokenize_audio.shards import write_shard
 from tokenize_audio.vocab import Vocabulary, byte_tokenizer
@@ -267,6 +268,12 @@ def test_docs_path_trains_on_tokenized_shards_and_refuses_another_vocabulary(tin
     assert config["lr"] == 2e-5 and config["schedule"] == "cosine" and config["loss_after"] == "audio_end"
     assert (out / "checkpoints" / "step0000002.ckpt").is_file()  # it trained
     assert loads == [False]
+    # the same command line again with --resume auto (a re-queued job) continues the run
+    assert main(["docs", "--init-from", str(tiny_run / "checkpoints" / "last.ckpt"), "--data",
+                 f"speech={train_tokens}", "--out", str(out), "--seq-len", "128", "--batch-tokens", "256",
+                 "--max-steps", "3", "--loss-after", "audio_end", "--workers", "0", "--no-export", "--quiet",
+                 "--resume", "auto"]) == 0
+    assert sorted(losses(out)) == [0, 1, 2] and (out / "checkpoints" / "step0000003.ckpt").is_file()
     other = tmp_path / "other"
     shutil.copytree(train_tokens, other)
     Vocabulary.build(byte_tokenizer(), 4, 2048).save(other)
@@ -319,13 +326,12 @@ def test_s2st_finetune_under_torchrun_prepares_once_and_trains_on_two_ranks(tiny
     for both; then both train one DDP run (CPU, gloo)."""
     out = tmp_path / "ddp"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
-         "soda.finetune", "s2st", "--init-from", str(tiny_run / "checkpoints" / "last.ckpt"), "--data",
-         str(s2st_corpus), "--out", str(out), "--validation-fraction", "0", "--seq-len", "256", "--batch-tokens",
-         "1024", "--tokens", "2048", "--workers", "0", "--log-every", "1", "--accelerator", "cpu", "--devices", "2",
-         "--strategy", "ddp", "--no-export", "--quiet"],
-        capture_output=True, text=True, env=env, timeout=600)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+               "soda.finetune", "s2st", "--init-from", str(tiny_run / "checkpoints" / "last.ckpt"), "--data",
+               str(s2st_corpus), "--out", str(out), "--validation-fraction", "0", "--seq-len", "256",
+               "--batch-tokens", "1024", "--tokens", "4096", "--workers", "0", "--log-every", "1", "--accelerator",
+               "cpu", "--devices", "2", "--strategy", "ddp", "--no-export", "--quiet", "--resume", "auto"]
+    done = subprocess.run(command + ["--max-steps", "2"], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert "2 devices x 2 sequences" in done.stderr
     assert (out / "init" / "config.json").is_file()
@@ -333,3 +339,7 @@ def test_s2st_finetune_under_torchrun_prepares_once_and_trains_on_two_ranks(tiny
     assert report["pairs"] == len(manifest_rows(s2st_corpus))
     with open(out / "metrics.csv", newline="") as f:
         assert [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")] == [0, 1]
+    # the same command line again (a re-queued job): both ranks find the checkpoint and continue, from RUN/init
+    done = subprocess.run(command + ["--max-steps", "4"], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert sorted(losses(out)) == [0, 1, 2, 3]

@@ -119,6 +119,18 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(trained, train_tok
         assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-6), step
 
 
+def test_resume_auto_starts_a_new_run_and_continues_an_interrupted_one(trained, train_tokens, tmp_path):
+    """One command line for a job's first start and its re-queued restarts: the second call continues the first
+    run (the same losses as the uninterrupted run), it is not refused as "already holds a run"."""
+    out = tmp_path / "auto"
+    assert main(tiny_args(train_tokens, out, **{"--max-steps": "9"}) + ["--resume", "auto", "--no-export"]) == 0
+    assert main(tiny_args(train_tokens, out, **{"--max-steps": "12"}) + ["--resume", "auto", "--no-export"]) == 0
+    got, want = losses(out), losses(trained)
+    assert sorted(got) == list(range(12))
+    for step in got:
+        assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-6), step
+
+
 def test_resume_takes_the_highest_step_file_not_a_stale_last_link(tmp_path):
     from soda.checkpoints import last_checkpoint, link_last
 
