@@ -26,7 +26,8 @@ from tokenize_audio.errors import SodaError, cli_errors
 from tokenize_audio.shards import atomic_write_json
 
 from .config import validate
-from .train import add_train_arguments, flag_values, is_rank_zero, resolve_config, resolve_resume, run_directory, train
+from .train import (add_train_arguments, check_run_directory, flag_values, is_rank_zero, resolve_config,
+                    resolve_resume, run_directory, train)
 
 # SODA's S2ST fine-tuning recipe (configs/finetune-s2st.yaml spells it out); other settings keep soda-train's.
 FINETUNE_DEFAULTS = {"seq_len": 2048, "batch_tokens": 64 * 2048, "lr": 2e-5, "schedule": "cosine", "warmup": 0.03,
@@ -137,19 +138,14 @@ def main(argv=None) -> int:
     if not str(out) or str(out) == ".":
         raise SodaError("give --out RUN_DIR")
     args.resume = resolve_resume(args.resume, out)
-    if not getattr(args, "epochs", 1.0) > 0:
+    if not args.epochs > 0:
         raise SodaError(f"--epochs {args.epochs:g}: must be positive (e.g. 0.5 for half the data)")
     if not args.resume:
         data = args.manifest if args.command == "s2st" else args.data
         missing = [f for f, v in (("--init-from", args.init_from), ("--data", data)) if not v]
         if missing:
             raise SodaError(f"{args.command}: give {' and '.join(missing)} (or --resume a run)")
-    from .checkpoints import checkpoint_dir, last_checkpoint
-
-    if args.resume and last_checkpoint(out) is None:
-        raise SodaError(f"--resume: no checkpoint in {checkpoint_dir(out)} yet; start the run again without --resume")
-    if not args.resume and last_checkpoint(out) is not None:
-        raise SodaError(f"{out} already holds a run; continue it with --resume, or choose another --out")
+    check_run_directory(out, args.resume)  # before preparing any data
     if args.resume and flags.get("init_from"):  # the same command line again: its .ckpt was trained from RUN/init
         flags["init_from"] = init_target(flags["init_from"], out)[0]
     cfg = resolve_config(flags, out, args.resume, args.config, [] if args.resume else [FINETUNE_DEFAULTS])

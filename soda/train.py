@@ -311,16 +311,20 @@ def save_config(cfg: TrainConfig) -> None:
     atomic_write_text(Path(cfg.out) / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
-def train(cfg: TrainConfig, resume: bool) -> int:
-    out = Path(cfg.out)
+def check_run_directory(out: Path, resume: bool) -> None:
+    """A resume needs a checkpoint in OUT; a new run needs OUT free of one."""
     from .checkpoints import checkpoint_dir, last_checkpoint
 
+    if resume and last_checkpoint(out) is None:
+        raise SodaError(f"--resume: no checkpoint in {checkpoint_dir(out)} yet; start the run again without --resume")
+    if not resume and last_checkpoint(out) is not None:
+        raise SodaError(f"{out} already holds a run; continue it with --resume, or choose another --out")
+
+
+def train(cfg: TrainConfig, resume: bool) -> int:
+    out = Path(cfg.out)
     if is_rank_zero():
-        if resume and last_checkpoint(out) is None:
-            raise SodaError(f"--resume: no checkpoint in {checkpoint_dir(out)} yet; start the run again without "
-                            f"--resume")
-        if not resume and last_checkpoint(out) is not None:
-            raise SodaError(f"{out} already holds a run; continue it with --resume, or choose another --out")
+        check_run_directory(out, resume)
         out.mkdir(parents=True, exist_ok=True)
         if not cfg.data:
             prepare_demo_data(out)
