@@ -18,6 +18,8 @@ import yaml
 from scaling.accounting import ModelShape
 from tokenize_audio.errors import SodaError
 
+from .optim import WEIGHT_DECAY_MODES
+
 # name -> (width, layers, heads, kv_heads, head_dim, ffn). SODA's released shapes are Qwen3's;
 # "1b" is ours: a Qwen3-family shape between 600m and 1.7b (1536 wide, 28 layers, GQA 16/8).
 SIZES: dict[str, tuple[int, int, int, int, int, int]] = {
@@ -86,6 +88,7 @@ class TrainConfig:
     betas: tuple = (0.98, 0.98)
     eps: float = 1e-16
     weight_decay: float = 0.033
+    weight_decay_mode: str = "adamc"     # adamc (SODA: decay scaled by lr_t / lr_peak) | adamw (plain decoupled)
     cautious: bool = True
     grad_clip: float = 1.0
     z_loss: float = 1e-4
@@ -95,6 +98,7 @@ class TrainConfig:
     loss_after: str | None = None        # score only targets after a document's first such marker (e.g.
                                          # text_end: an S2ST document's target); None = every token
     seed: int = 0
+    epochs: float | None = None          # soda-finetune: passes over its data that --tokens was derived from
     # --- run ----------------------------------------------------------------------------------
     out: str = "runs/demo"
     max_steps: int | None = None         # stop early (the schedule still follows --tokens)
@@ -236,7 +240,7 @@ def make_config(*layers: dict) -> TrainConfig:
 AT_LEAST = {"seq_len": 2, "max_steps": 1, "micro_batch": 1, "num_nodes": 1, "workers": 0, "val_every": 1,
             "val_batches": 0, "ckpt_every": 1, "log_every": 1, "sweep_width": 1,
             **{name: 1 for name in SHAPE_FIELDS}, "weight_decay": 0, "grad_clip": 0, "z_loss": 0}
-ABOVE_ZERO = ("lr", "eps", "peak_flops")
+ABOVE_ZERO = ("lr", "eps", "peak_flops", "epochs")
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -259,6 +263,8 @@ def validate(cfg: TrainConfig) -> None:
         raise SodaError(f"schedule {cfg.schedule!r}: choose {' or '.join(SCHEDULES)}")
     if cfg.loss_after is not None and cfg.loss_after not in LOSS_MARKERS:
         raise SodaError(f"loss_after {cfg.loss_after!r}: choose one of {', '.join(LOSS_MARKERS)}")
+    if cfg.weight_decay_mode not in WEIGHT_DECAY_MODES:
+        raise SodaError(f"weight_decay_mode {cfg.weight_decay_mode!r}: choose {' or '.join(WEIGHT_DECAY_MODES)}")
     if cfg.on_nonfinite not in ("stop", "skip"):
         raise SodaError(f"on_nonfinite {cfg.on_nonfinite!r}: choose stop or skip")
     cfg.total_tokens, cfg.batch_sequences  # parse now: a bad count fails before anything starts

@@ -9,8 +9,9 @@ checkpoint's own codec and vocabulary: `soda.s2st`) in RUN/data, then trains on 
 shards made by `soda-tokenize` (e.g. `--formats audio-first` for ASR-only or `text-first` for TTS-only
 fine-tuning), after checking they share the checkpoint's vocabulary and codec. Both hand a `TrainConfig`
 to `soda.train.train`: the same Lightning run as pre-training (resume, logging, strategies, checkpoints,
-HF export), only with fine-tuning defaults (SODA's S2ST recipe: seq 2048, batch 64, LR 2e-5 with a
-cosine schedule and 3% warm-up, one epoch of the data unless --tokens or --epochs say otherwise).
+HF export), only with fine-tuning defaults: SODA's CVSS-T recipe (`FINETUNE_DEFAULTS`, spelled out in
+configs/finetune-s2st.yaml), five epochs of the data for s2st and one for docs unless --tokens or --epochs
+say otherwise.
 """
 
 from __future__ import annotations
@@ -29,9 +30,15 @@ from .config import validate
 from .train import (add_train_arguments, check_run_directory, flag_values, is_rank_zero, resolve_config,
                     resolve_resume, run_directory, train)
 
-# SODA's S2ST fine-tuning recipe (configs/finetune-s2st.yaml spells it out); other settings keep soda-train's.
+# SODA's S2ST fine-tuning recipe (CVSS-T; configs/finetune-s2st.yaml spells it out): sequences of 2048, batch 64,
+# LR 2e-5 cosine to 0 after 3% warm-up, cautious AdamW (0.9, 0.999), eps 1e-8, AdamC weight decay 0.01, clip 1,
+# z-loss 1e-4, 5 epochs. Other settings keep soda-train's.
 FINETUNE_DEFAULTS = {"seq_len": 2048, "batch_tokens": 64 * 2048, "lr": 2e-5, "schedule": "cosine", "warmup": 0.03,
+                     "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01, "weight_decay_mode": "adamc",
+                     "cautious": True, "grad_clip": 1.0, "z_loss": 1e-4, "epochs": 5.0,
                      "val_every": 200, "val_batches": 20, "ckpt_every": 500, "log_every": 10}
+# `docs` takes the same recipe over one pass of its data (any soda-tokenize output: often far larger than CVSS-T).
+DOCS_DEFAULTS = FINETUNE_DEFAULTS | {"epochs": 1.0}
 # soda-train flags that do not apply: the model comes from --init-from, which soda-finetune defines itself.
 MODEL_FLAGS = {"--size", "--sweep-width", "--width", "--layers", "--heads", "--kv-heads", "--head-dim", "--ffn",
                "--init-from", "--dry-run", "--mfu", "--vocab"}
@@ -48,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="soda-finetune",
         description="Fine-tune a checkpoint (run directory, .ckpt, Hugging Face directory or hub id) with "
                     "soda-train's machinery and SODA's fine-tuning recipe (seq 2048, batch 64, LR 2e-5 cosine, "
-                    "3% warm-up); every soda-train recipe, hardware and logging flag applies.",
+                    "3% warm-up, cautious AdamW betas 0.9/0.999, eps 1e-8, AdamC weight decay 0.01, clip 1, z-loss "
+                    "1e-4; 5 epochs for s2st); every soda-train recipe, hardware and logging flag applies.",
         epilog="examples:\n"
                "  soda-finetune s2st --init-from runs/600m --data cvss_t/fr/train.tsv --out runs/s2st-fr "
                "--target-only-loss\n"
@@ -62,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Build SODA's S2ST documents from a manifest (TSV with a header, or JSONL: "
                                    "source_audio, source_text, source_language, target_text, target_audio; paths "
                                    "relative to the manifest) into RUN/data and fine-tune on them.")
-    _common(s, "MANIFEST")
+    _common(s, "MANIFEST", FINETUNE_DEFAULTS)
     g = s.add_argument_group("S2ST data")
     g.add_argument("--data", dest="manifest", metavar="MANIFEST", help="CVSS-style pairs manifest (.tsv or .jsonl)")
     g.add_argument("--codec", help="codec to encode audio with (default: the one recorded with the checkpoint)")
@@ -76,14 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prepare-only", action="store_true", help="write RUN/data and stop (e.g. before a multi-node "
                                                                "launch)")
     add_train_arguments(s, skip=MODEL_FLAGS | S2ST_ONLY)
-    _finetune_help(s)
+    _finetune_help(s, FINETUNE_DEFAULTS)
 
     d = sub.add_parser("docs", help="any soda-tokenize shards (e.g. ASR-only or TTS-only documents)",
                        description="Fine-tune on soda-tokenize output (--data as in soda-train); the data must share "
                                    "the checkpoint's vocabulary and codec.")
-    _common(d, "DIR")
+    _common(d, "DIR", DOCS_DEFAULTS)
     add_train_arguments(d, skip=MODEL_FLAGS)
-    _finetune_help(d)
+    _finetune_help(d, DOCS_DEFAULTS)
 
     e = sub.add_parser("eval-s2st", help="ASR-BLEU, text BLEU, speaker similarity and termination rate "
                                          "(soda-eval --tasks s2st)")
@@ -105,20 +113,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _finetune_help(p) -> None:
+def _finetune_help(p, defaults: dict) -> None:
     """soda-train's help, with the defaults soda-finetune changes."""
     for action in p._actions:
-        if action.dest in FINETUNE_DEFAULTS:
-            action.help = f"{action.help or ''} (soda-finetune default: {FINETUNE_DEFAULTS[action.dest]})".strip()
+        if action.dest in defaults and action.dest != "epochs":
+            action.help = f"{action.help or ''} (soda-finetune default: {defaults[action.dest]})".strip()
         elif action.dest == "out":
             action.help = "run directory (required): data/, checkpoints, logs, metrics.csv, loss.png, hf/"
 
 
-def _common(p, data_name: str) -> None:
+def _common(p, data_name: str, defaults: dict) -> None:
     p.add_argument("--init-from", metavar="CHECKPOINT",
                    help="the model to fine-tune: run directory, .ckpt, Hugging Face directory or hub id")
-    p.add_argument("--epochs", type=float, default=1.0,
-                   help="passes over the training data the schedule spans (default 1; --tokens overrides)")
+    p.add_argument("--epochs", type=float, help=f"passes over the training data the schedule spans (default "
+                                                f"{defaults['epochs']:g}; --tokens overrides)")
     p.add_argument("--quiet", action="store_true", help="no progress bar while encoding")
 
 
@@ -138,7 +146,7 @@ def main(argv=None) -> int:
     if not str(out) or str(out) == ".":
         raise SodaError("give --out RUN_DIR")
     args.resume = resolve_resume(args.resume, out)
-    if not args.epochs > 0:
+    if args.epochs is not None and not args.epochs > 0:
         raise SodaError(f"--epochs {args.epochs:g}: must be positive (e.g. 0.5 for half the data)")
     if not args.resume:
         data = args.manifest if args.command == "s2st" else args.data
@@ -148,17 +156,20 @@ def main(argv=None) -> int:
     check_run_directory(out, args.resume)  # before preparing any data
     if args.resume and flags.get("init_from"):  # the same command line again: its .ckpt was trained from RUN/init
         flags["init_from"] = init_target(flags["init_from"], out)[0]
-    cfg = resolve_config(flags, out, args.resume, args.config, [] if args.resume else [FINETUNE_DEFAULTS])
+    defaults = FINETUNE_DEFAULTS if args.command == "s2st" else DOCS_DEFAULTS
+    cfg = resolve_config(flags, out, args.resume, args.config, [] if args.resume else [defaults])
     tokens_given = "tokens" in flags or bool(args.config and "tokens" in _yaml(args.config))
     if args.command == "s2st":
-        prepared = prepare_s2st(args, out)
+        prepared = prepare_s2st(args, out, cfg.epochs or defaults["epochs"])
         if args.prepare_only:
             return 0
     else:
         prepared = prepare_docs(args, cfg, out, tokens_given)
     if not args.resume:
         cfg.init_from, cfg.data = prepared["init_from"], prepared["data"]
-        if not tokens_given:
+        if tokens_given:
+            cfg.epochs = None  # --tokens, not a number of passes, sets the schedule's length
+        else:
             cfg.tokens = max(prepared["train_tokens"], cfg.batch_sequences * cfg.seq_len)
         validate(cfg)
     code = train(cfg, resume=args.resume)
@@ -211,7 +222,7 @@ def summarize_skips(skipped: list[dict]) -> dict:
     return {"skipped_count": len(skipped), "skipped_reasons": dict(reasons.most_common()), "skipped": skipped}
 
 
-def prepare_s2st(args, out: Path) -> dict:
+def prepare_s2st(args, out: Path, epochs: float) -> dict:
     """RUN/data from the manifest (kept on --resume), RUN/data_report.json; what training needs from it."""
     from .data import MANIFEST
     from .s2st import epochs_to_tokens, read_pairs, write_s2st_shards
@@ -229,7 +240,7 @@ def prepare_s2st(args, out: Path) -> dict:
                             f"({report['manifest']})")
         manifest = json.loads((data / MANIFEST).read_text())
         return {"data": [str(data)], "init_from": report["init_from"],
-                "train_tokens": epochs_to_tokens(manifest, args.epochs), "report": None}
+                "train_tokens": epochs_to_tokens(manifest, epochs), "report": None}
     if not 0 <= args.validation_fraction < 1 or args.pairs_per_shard < 1:
         raise SodaError("--validation-fraction must be in [0, 1) and --pairs-per-shard positive")
     from .inference import load_model
@@ -254,7 +265,7 @@ def prepare_s2st(args, out: Path) -> dict:
             + (f" ({', '.join(f'{n} {r}' for r, n in report['skipped_reasons'].items())})" if skipped else "")
             + f"; details in {report_file}")
     say(line)
-    return {"data": [str(data)], "init_from": init, "train_tokens": epochs_to_tokens(manifest, args.epochs),
+    return {"data": [str(data)], "init_from": init, "train_tokens": epochs_to_tokens(manifest, epochs),
             "report": line}
 
 
@@ -282,7 +293,7 @@ def prepare_docs(args, cfg, out: Path, tokens_given: bool) -> dict:
     tokens = sum(s.train_tokens or 0 for s in sources)
     if not tokens and not tokens_given:
         raise SodaError("--data gives shard patterns without token counts: give --tokens")
-    return {"data": list(cfg.data), "init_from": init, "train_tokens": max(1, round(tokens * args.epochs)),
+    return {"data": list(cfg.data), "init_from": init, "train_tokens": max(1, round(tokens * cfg.epochs)),
             "report": None}
 
 

@@ -219,7 +219,7 @@ class SodaModule(L.LightningModule):
         cfg = self.cfg
         peak = cfg.peak_lr(self.model.config.hidden_size)
         opt = CautiousAdamW(param_groups(self.model, cfg.weight_decay), lr=peak, betas=cfg.betas, eps=cfg.eps,
-                            cautious=cfg.cautious)
+                            cautious=cfg.cautious, weight_decay_mode=cfg.weight_decay_mode)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda step: lr_factor(cfg.schedule, step, self.steps, cfg.warmup, cfg.decay))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}

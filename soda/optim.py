@@ -1,9 +1,13 @@
 """SODA's optimiser and schedule: AdamW with optional "cautious" masking, and warmup-stable-decay.
 
 Cautious masking (Liang et al., 2024) zeroes the update where it disagrees in sign with the
-current gradient and rescales the rest so the update's mean size is kept. Weight decay is
-decoupled and multiplied by the scheduled LR, as in `torch.optim.AdamW` and optax's adamw, so
-it follows the schedule down to zero.
+current gradient and rescales the rest so the update's mean size is kept.
+
+Weight decay is decoupled. SODA's (Levanter's `adamc_weight_decay`, Defazio 2025: "AdamC") scales
+the decay coefficient with the schedule, wd_t = wd * lr_t / lr_peak, so each step shrinks the
+weights by lr_t * wd_t = wd * lr_t^2 / lr_peak: the ratio of decay to LR stays constant. Plain
+decoupled AdamW (`torch.optim.AdamW`, optax's adamw) shrinks by lr_t * wd, twice as strongly at
+half the peak LR; it is kept as `weight_decay_mode="adamw"`.
 """
 
 from __future__ import annotations
@@ -27,16 +31,37 @@ def local_tensors(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return [t.to_local() if is_sharded(t) else t for t in tensors]
 
 
+WEIGHT_DECAY_MODES = ("adamc", "adamw")
+
 # What each trained parameter holds for the whole run: its fp32 weight and gradient and AdamW's two fp32 moments.
 STATE_BYTES_PER_PARAMETER = 4 + 4 + 2 * 4
 
 
 class CautiousAdamW(torch.optim.Optimizer):
+    """AdamW with cautious masking and AdamC or plain decoupled weight decay (see the module docstring).
+
+    `lr` is the peak LR: a scheduler (LambdaLR) scales each group's "lr" from it, and AdamC divides by
+    the group's "peak_lr", which stays the constructor's `lr` unless a group gives its own.
+    """
+
     def __init__(self, params, lr: float, betas=(0.98, 0.98), eps: float = 1e-16, weight_decay: float = 0.0,
-                 cautious: bool = True):
+                 cautious: bool = True, weight_decay_mode: str = "adamc"):
         if lr < 0 or eps < 0 or not all(0 <= b < 1 for b in betas):
             raise ValueError(f"invalid AdamW settings lr={lr} betas={betas} eps={eps}")
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, cautious=cautious))
+        if weight_decay_mode not in WEIGHT_DECAY_MODES:
+            raise ValueError(f"weight_decay_mode {weight_decay_mode!r}: choose {' or '.join(WEIGHT_DECAY_MODES)}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, cautious=cautious,
+                                      weight_decay_mode=weight_decay_mode, peak_lr=lr))
+
+    @staticmethod
+    def decay_factor(group: dict) -> float:
+        """What this step multiplies the group's weights by: 1 - lr_t * wd (adamw) or 1 - lr_t * wd * lr_t / lr_peak
+        (adamc). Groups saved before the mode existed decayed as adamw, and keep doing so."""
+        lr, wd = group["lr"], group["weight_decay"]
+        if group.get("weight_decay_mode", "adamw") == "adamc":
+            peak = group.get("peak_lr") or group.get("initial_lr") or lr
+            wd = wd * lr / peak if peak else 0.0
+        return 1 - lr * wd
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -66,7 +91,7 @@ class CautiousAdamW(torch.optim.Optimizer):
             exp_avg = local_tensors([s["exp_avg"] for s in states])
             exp_avg_sq = local_tensors([s["exp_avg_sq"] for s in states])
             if wd:
-                torch._foreach_mul_(params, 1 - lr * wd)
+                torch._foreach_mul_(params, self.decay_factor(group))
             torch._foreach_lerp_(exp_avg, grads, 1 - b1)
             torch._foreach_mul_(exp_avg_sq, b2)
             torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1 - b2)

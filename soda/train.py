@@ -19,7 +19,7 @@ from tokenize_audio.errors import SodaError, cli_errors
 from tokenize_audio.shards import atomic_write_text
 
 from .config import LOSS_MARKERS, SCHEDULES, SIZES, TrainConfig, config_fields, load_yaml, make_config
-from .optim import STATE_BYTES_PER_PARAMETER, schedule_phases
+from .optim import STATE_BYTES_PER_PARAMETER, WEIGHT_DECAY_MODES, schedule_phases
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CORPUS = REPO / "demo" / "corpus"
@@ -30,6 +30,8 @@ RESUMABLE_CHANGES = {"max_steps", "val_every", "val_batches", "ckpt_every", "log
                      "num_nodes", "strategy", "accelerator", "micro_batch", "precision", "wandb",
                      "skip_bad_shards", "on_nonfinite", "peak_flops", "export", "out"}
 PREEMPTED_EXIT = 143
+# Settings added after runs were saved without them: the value those runs were trained with.
+PREDATES = {"weight_decay_mode": "adamw"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,7 +105,11 @@ def add_train_arguments(p: argparse.ArgumentParser, skip=frozenset()) -> argpars
     add(g, "--micro-batch", type=int, help="sequences per device per forward; gradients accumulate "
                                                     "to the global batch")
     add(g, "--lr", type=float, help="peak LR (default: SODA's rule)")
-    add(g, "--weight-decay", type=float)
+    add(g, "--weight-decay", type=float, help="decoupled weight decay of matrices (default 0.033; not norms, biases "
+                                               "or the input embedding)")
+    add(g, "--weight-decay-mode", choices=WEIGHT_DECAY_MODES,
+        help="adamc (default, SODA's: the decay follows the schedule, each step shrinks weights by "
+             "lr_t * wd * lr_t / lr_peak) or adamw (plain decoupled: lr_t * wd)")
     add(g, "--no-cautious", dest="cautious", action="store_false", default=None,
                    help="plain AdamW instead of cautious masking")
     add(g, "--z-loss", type=float)
@@ -160,14 +166,44 @@ def main(argv=None) -> int:
     flags = flag_values(args)
     out = run_directory(flags, args.config)
     args.resume = resolve_resume(args.resume, out)
+    given = {**(load_yaml(args.config) if args.config else {}), **flags}
     defaults = []
-    if not args.resume and not args.dry_run and not flags.get("data") and not (
-            args.config and load_yaml(args.config).get("data")):
-        defaults.append(load_yaml(DEMO_CONFIG))
+    if not args.resume and not args.dry_run and not given.get("data"):
+        beyond = beyond_demo(given)
+        if beyond:
+            return plan_without_data(flags, out, args.config, args.mfu, beyond)
+        defaults.append(load_yaml(DEMO_CONFIG))  # under the user's settings: flags and --config still win
     cfg = resolve_config(flags, out, args.resume, args.config, defaults)
     if args.dry_run:
         return dry_run(cfg, args.mfu)
     return train(cfg, resume=args.resume)
+
+
+def beyond_demo(given: dict) -> str | None:
+    """The setting (as its flag) that asks for more than the demo can be, or None: a model other than `tiny`, or
+    more tokens than the demo's. Such a run without data would train a real shape on 0.2M demo tokens."""
+    from .config import SHAPE_FIELDS, parse_count
+
+    for key in ("size", "sweep_width", *SHAPE_FIELDS, "init_from"):
+        value = given.get(key)
+        if value is not None and not (key == "size" and value == "tiny"):
+            return f"--{key.replace('_', '-')} {value}"
+    if given.get("tokens") is not None and parse_count(given["tokens"], "--tokens") > parse_count(
+            load_yaml(DEMO_CONFIG)["tokens"]):
+        return f"--tokens {given['tokens']}"
+    return None
+
+
+def plan_without_data(flags: dict, out: Path, config: Path | None, mfu: float, beyond: str) -> int:
+    """The plan of the run asked for (SODA's defaults under the user's settings, never the demo's), then how to give
+    it data; exit code 2, nothing trained."""
+    try:
+        dry_run(resolve_config(flags, out, False, config, []), mfu)
+    except SodaError as e:  # e.g. --tokens alone: no model shape to plan
+        print(f"soda-train: {e}", file=sys.stderr)
+    print(f"soda-train: {beyond} without --data: nothing was trained. Tokenize a corpus first (soda-tokenize CORPUS "
+          f"--out tok), then run this again with --data tok; plain soda-train runs the bundled demo", file=sys.stderr)
+    return 2
 
 
 def resolve_resume(resume: str | None, out: Path) -> bool:
@@ -190,6 +226,8 @@ def resolve_config(flags: dict, out: Path, resume: bool, config: Path | None, de
         if not saved.is_file():
             raise SodaError(f"--resume: {out} has no {CONFIG_FILE}; nothing to resume")
         base = load_yaml(saved)
+        for key, value in PREDATES.items():  # a run saved before the setting existed continues as it was trained
+            base.setdefault(key, value)
         changed = sorted(k for k, v in {**(load_yaml(config) if config else {}), **flags}.items()
                          if k not in RESUMABLE_CHANGES and base.get(k) != v)
         if changed:
@@ -277,7 +315,7 @@ def dry_run(cfg: TrainConfig, mfu: float) -> int:
         f"{cfg.schedule.upper()}: warm-up {phases['warmup']:,} steps, stable {phases['stable']:,}, "
         f"{'cosine ' if cfg.schedule == 'cosine' else ''}decay to 0 over {phases['decay']:,}",
         f"optimizer: {'cautious ' if cfg.cautious else ''}AdamW betas {tuple(cfg.betas)}, eps {cfg.eps:g}, "
-        f"weight decay {cfg.weight_decay:g}, clip {cfg.grad_clip:g}, z-loss {cfg.z_loss:g}",
+        f"weight decay {cfg.weight_decay:g} ({cfg.weight_decay_mode}), clip {cfg.grad_clip:g}, z-loss {cfg.z_loss:g}",
         f"wall-clock at {mfu:.0%} MFU (bf16 dense peak):",
     ]
     for name, peak in NAMED_GPUS.items():

@@ -18,6 +18,7 @@ import torch
 import yaml
 
 from conftest import REPO
+from soda.config import make_config
 from soda.data import PackedStream, Source, loss_mask
 from soda.finetune import FINETUNE_DEFAULTS, main
 from soda.generate import Request, Settings, build_plan, translate
@@ -144,7 +145,30 @@ def test_cosine_schedule_and_recipe_file():
     assert all(a >= b for a, b in zip(factors[2:], factors[3:])) and factors[100] == pytest.approx(0)
     assert factors[3 + 48] == pytest.approx(0.5, abs=0.02)  # half-way through the cosine
     recipe = yaml.safe_load((REPO / "configs" / "finetune-s2st.yaml").read_text())
-    assert {k: recipe[k] for k in FINETUNE_DEFAULTS} == FINETUNE_DEFAULTS
+    assert set(recipe) == set(FINETUNE_DEFAULTS)
+    assert make_config(recipe).to_dict() == make_config(FINETUNE_DEFAULTS).to_dict()  # YAML lists vs tuples
+
+
+# SODA's CVSS-T fine-tuning (DESIGN.md §2, written out independently of soda.finetune).
+SODA_S2ST_RECIPE = {"lr": 2e-5, "schedule": "cosine", "warmup": 0.03, "betas": [0.9, 0.999], "eps": 1e-8,
+                    "weight_decay": 0.01, "weight_decay_mode": "adamc", "cautious": True, "grad_clip": 1.0,
+                    "z_loss": 1e-4, "epochs": 5.0}
+
+
+def test_fresh_s2st_run_records_sodas_finetuning_recipe(tiny_run, s2st_corpus, tmp_path):
+    """Only the batch's shape is made small here; every optimiser and schedule setting is the default, and the
+    run's config.yaml holds SODA's recipe, with --tokens = 5 passes over the prepared pairs."""
+    from soda.s2st import epochs_to_tokens
+
+    out = tmp_path / "run"
+    assert main(["s2st", "--init-from", str(tiny_run), "--data", str(s2st_corpus), "--out", str(out),
+                 "--validation-fraction", "0", "--seq-len", "256", "--batch-tokens", "512", "--max-steps", "1",
+                 "--workers", "0", "--no-export", "--quiet"]) == 0
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert {k: config[k] for k in SODA_S2ST_RECIPE} == SODA_S2ST_RECIPE
+    manifest = json.loads((out / "data" / "manifest.json").read_text())
+    assert int(config["tokens"]) == epochs_to_tokens(manifest, 5) > epochs_to_tokens(manifest, 1)
+    assert yaml.safe_load((REPO / "configs" / "finetune-s2st.yaml").read_text())["batch_tokens"] == 64 * 2048
 
 
 # --------------------------------------------------------------------------------------------

@@ -132,3 +132,107 @@ def test_state_bytes_per_parameter_is_what_training_holds():
     held = sum(p.nbytes + p.grad.nbytes for p in model.parameters())
     held += sum(t.nbytes for state in opt.state.values() for key, t in state.items() if key != "step")
     assert held == STATE_BYTES_PER_PARAMETER * n
+
+
+# --------------------------------------------------------------------------------------------
+# AdamC weight decay (SODA: Levanter's adamc_weight_decay): wd_t = wd * lr_t / lr_peak
+# --------------------------------------------------------------------------------------------
+PEAK, WD, TOTAL = 1e-2, 0.25, 100  # a large wd so the two decay rules differ far above float noise
+
+
+def one_scheduled_step(mode: str, step: int, p0: torch.Tensor, grad: torch.Tensor, cautious: bool = False):
+    """A fresh optimiser whose LambdaLR (SODA's WSD over TOTAL steps) stands at `step`, then one update."""
+    import warnings
+
+    from soda.optim import wsd_factor
+
+    p = p0.clone().requires_grad_()
+    opt = CautiousAdamW([{"params": [p], "weight_decay": WD}], lr=PEAK, cautious=cautious, weight_decay_mode=mode)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: wsd_factor(s, TOTAL, 0.1, 0.2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # stepping the schedule before the optimiser, on purpose
+        for _ in range(step):
+            sched.step()
+    lr_t = opt.param_groups[0]["lr"]
+    p.grad = grad.clone()
+    opt.step()
+    return p.detach(), lr_t
+
+
+@pytest.mark.parametrize("step,factor", [(50, 1.0), (90, 0.5), (2, 0.3)])  # peak, half-way down the decay, warm-up
+def test_adamc_decay_follows_the_schedule(step, factor):
+    """The first update of Adam is lr_t * sign(g) (m/sqrt(v) = g/|g| after bias correction), so one step is exactly
+    p * (1 - lr_t * wd_t) - lr_t * sign(g), with wd_t = wd * lr_t / lr_peak for AdamC and wd for plain AdamW."""
+    g = torch.Generator().manual_seed(4)
+    p0, grad = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
+    adamc, lr_t = one_scheduled_step("adamc", step, p0, grad)
+    adamw, _ = one_scheduled_step("adamw", step, p0, grad)
+    assert lr_t == pytest.approx(PEAK * factor)
+    wd_t = WD * lr_t / PEAK
+    torch.testing.assert_close(adamc, p0 * (1 - lr_t * wd_t) - lr_t * grad.sign(), rtol=0, atol=1e-7)
+    torch.testing.assert_close(adamw, p0 * (1 - lr_t * WD) - lr_t * grad.sign(), rtol=0, atol=1e-7)
+    if factor == 1.0:
+        assert torch.equal(adamc, adamw)  # identical at peak LR
+    else:  # AdamC shrinks by factor^2 of the peak step's decay, AdamW by factor
+        shrink_c, shrink_w = (((p0 - lr_t * grad.sign()) - x).norm() / p0.norm() for x in (adamc, adamw))
+        assert shrink_c.item() == pytest.approx(factor * shrink_w.item(), rel=1e-3)
+
+
+def test_adamc_is_the_default_and_groups_saved_without_a_mode_keep_plain_decay():
+    params, grads = params_and_grads(5, 1)
+    assert CautiousAdamW([torch.zeros(1, requires_grad=True)], lr=1.0).defaults["weight_decay_mode"] == "adamc"
+    p = params[0].clone().requires_grad_()
+    old = CautiousAdamW([{"params": [p], "weight_decay": 0.5}], lr=1e-2, weight_decay_mode="adamw")
+    state = old.state_dict()
+    for group in state["param_groups"]:  # what a checkpoint written before AdamC holds
+        del group["weight_decay_mode"], group["peak_lr"]
+    new = CautiousAdamW([{"params": [p], "weight_decay": 0.5}], lr=1e-2)
+    new.load_state_dict(state)
+    new.param_groups[0]["lr"] = 5e-3
+    assert CautiousAdamW.decay_factor(new.param_groups[0]) == pytest.approx(1 - 5e-3 * 0.5)
+    with pytest.raises(ValueError, match="weight_decay_mode"):
+        CautiousAdamW([p], lr=1e-2, weight_decay_mode="adam")
+
+
+def _fsdp_adamc_worker(rank: int, world: int, port: int, results) -> None:
+    """One rank of a two-process FSDP2 (fully_shard) model whose AdamC step at half LR must equal the unsharded one."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 6, bias=False), torch.nn.Linear(6, 4, bias=False))
+        reference = [p.detach().clone() for p in model.parameters()]
+        grads = [torch.randn_like(p, generator=torch.Generator().manual_seed(i)) for i, p in enumerate(reference)]
+        fully_shard(model)
+        for p, g in zip(model.parameters(), grads):
+            p.grad = torch.distributed.tensor.distribute_tensor(g, p.device_mesh, p.placements)
+        opt = CautiousAdamW(model.parameters(), lr=PEAK, weight_decay=WD)
+        opt.param_groups[0]["lr"] = PEAK / 2  # as the schedule sets it
+        opt.step()
+        full = [p.full_tensor() for p in model.parameters()]
+        if rank == 0:
+            ps = [p.clone().requires_grad_() for p in reference]
+            plain = CautiousAdamW(ps, lr=PEAK, weight_decay=WD)
+            plain.param_groups[0]["lr"] = PEAK / 2
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+            plain.step()
+            results.put([float((a - b.detach()).abs().max()) for a, b in zip(full, ps)])
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_sharded_adamc_step_equals_the_unsharded_one():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    results = ctx.SimpleQueue()
+    mp.start_processes(_fsdp_adamc_worker, args=(2, port, results), nprocs=2, start_method="spawn")
+    assert max(results.get()) < 1e-7

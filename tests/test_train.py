@@ -337,6 +337,57 @@ def test_bad_flags_are_one_line_errors(train_tokens, tmp_path, capsys):
     assert "--mfu 0.0: give a fraction" in _error(capsys, ["--size", "1b", "--dry-run", "--mfu", "0"])
 
 
+@pytest.mark.parametrize("argv,named", [(["--size", "1b", "--tokens", "500B"], "--size 1b"),
+                                        (["--size", "600m"], "--size 600m"),
+                                        (["--size", "tiny", "--tokens", "500B"], "--tokens 500B"),
+                                        (["--sweep-width", "768"], "--sweep-width 768"),
+                                        (["--config", "configs/soda-1b.yaml"], "--size 1b")])
+def test_a_real_run_without_data_prints_its_plan_and_trains_nothing(argv, named, tmp_path, capsys, monkeypatch):
+    """The README's headline command without --data: the plan of what was asked for (SODA's sequence length and
+    batch, not the demo's), then one line on how to give data; exit code 2, no run directory, no demo tokenized."""
+    import soda.train
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    monkeypatch.setattr(soda.train, "train", lambda *a, **kw: pytest.fail("trained without data"))
+    out = tmp_path / "run"
+    capsys.readouterr()
+    assert main(argv + ["--out", str(out)]) == 2
+    plan, err = capsys.readouterr()
+    assert "steps of 512 x 4096 = 2,097,152 tokens" in plan and "FLOPs per token" in plan
+    assert f"{named} without --data: nothing was trained" in err and "soda-tokenize" in err and "--data" in err
+    assert not out.exists()
+
+
+def test_plain_soda_train_is_the_demo_under_the_users_own_settings(tmp_path, monkeypatch):
+    """No --data and nothing beyond the demo: the demo's settings, with every flag the user gave kept."""
+    import soda.train
+
+    runs = []
+    monkeypatch.setattr(soda.train, "train", lambda cfg, resume: runs.append(cfg) or 0)
+    assert main(["--out", str(tmp_path / "a")]) == 0
+    assert main(["--out", str(tmp_path / "b"), "--seq-len", "128", "--lr", "0.01", "--size", "tiny",
+                 "--mix", "speech=0.5,text=0.5"]) == 0
+    demo, mine = runs
+    assert (demo.size, demo.seq_len, demo.lr, demo.mix) == ("tiny", 256, 0.003, {"speech": 0.95, "text": 0.05})
+    assert (mine.size, mine.seq_len, mine.lr, mine.mix) == ("tiny", 128, 0.01, {"speech": 0.5, "text": 0.5})
+    assert mine.tokens == demo.tokens == 409600
+
+
+def test_weight_decay_mode_is_recorded_and_old_runs_resume_with_their_own(tmp_path, capsys):
+    from soda.train import resolve_config
+
+    assert main(["--size", "135m", "--dry-run"]) == 0
+    assert "weight decay 0.033 (adamc)" in capsys.readouterr().out
+    assert main(["--size", "135m", "--dry-run", "--weight-decay-mode", "adamw"]) == 0
+    assert "weight decay 0.033 (adamw)" in capsys.readouterr().out
+    cfg = resolve_config({"weight_decay_mode": "adamw"}, tmp_path / "new", False, None, [])
+    assert cfg.to_dict()["weight_decay_mode"] == "adamw"
+    old = tmp_path / "old"  # a run saved before the setting existed was trained with plain decoupled decay
+    old.mkdir()
+    (old / "config.yaml").write_text(yaml.safe_dump({"size": "tiny", "data": ["x"]}))
+    assert resolve_config({}, old, True, None, []).weight_decay_mode == "adamw"
+
+
 def test_yaml_settings_are_read_as_their_types_or_refused_by_name(tmp_path):
     from soda.config import make_config
 
