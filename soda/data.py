@@ -3,12 +3,14 @@
 A *source* is a list of shards (a `soda-tokenize` output directory, a local glob or brace
 pattern, or URLs webdataset can open) with a mixture weight. Every rank and dataloader worker
 (a *slot*) reads its own deterministic part of each source: whole shards when there are enough
-of them, otherwise every n-th document of every shard. Documents are drawn from the sources by
-weight (a seeded draw per document), concatenated and cut into `seq_len` windows; each window
-carries document ids, so attention and positions restart at document boundaries.
+of them, otherwise every n-th document of every shard. Each source's documents are concatenated
+and cut into `seq_len` windows of their own; the mixture picks the source of every window by
+weight, so the weights are shares of *tokens* (as SODA's trainer mixes packed sequences), not
+of documents, whatever the sources' document lengths. Each window carries document ids, so
+attention and positions restart at document boundaries.
 
-The position of a slot is a small dict (per source: epoch, shard, document; the draw count;
-where the document cut by the last window continues). torchdata's `StatefulDataLoader` gathers
+The position of a slot is a small dict (per source: epoch, shard, document, the windows taken
+from it, and where the document cut by its last window continues). torchdata's `StatefulDataLoader` gathers
 it from the workers and Lightning stores it in checkpoints, so a resumed run sees exactly the
 windows it would have seen without the interruption.
 """
@@ -168,6 +170,18 @@ def _apply_mix(sources: list[Source], mix: dict) -> None:
         s.weight /= total
 
 
+def repeat_warnings(sources: list[Source], run_tokens: int) -> list[str]:
+    """One line per source of a mixture whose weight takes more tokens over `run_tokens` than it holds: a weight is
+    a share of tokens, so such a source's documents repeat (its size is known for soda-tokenize directories)."""
+    lines = []
+    for s in sources if len(sources) > 1 else []:
+        if s.train_tokens and s.weight * run_tokens > s.train_tokens:
+            lines.append(f"source {s.name!r} holds {s.train_tokens:,} tokens, but its weight {s.weight:.1%} takes "
+                         f"{s.weight * run_tokens:,.0f} of this run's {run_tokens:,}: its documents repeat about "
+                         f"{s.weight * run_tokens / s.train_tokens:,.1f} times")
+    return lines
+
+
 def parse_mix(text: str | None) -> dict:
     if not text:
         return {}
@@ -296,13 +310,47 @@ def loss_mask(tokens: np.ndarray, after: int | None) -> np.ndarray:
     return mask
 
 
-class PackedStream(IterableDataset):
-    """Windows `{"input_ids": [S], "doc_ids": [S]}` from the sources (see the module docstring).
+class _Packer:
+    """One source's documents concatenated and cut into windows: a window holds the tokens of one source only
+    (Levanter, SODA's trainer, mixes packed sequences), so a source's share of windows is its share of tokens."""
 
-    `infinite=True` (training) cycles epochs with a new shard order each; `infinite=False`
-    (validation) makes one pass over every source in turn, without shuffling or weights.
-    `loss_after` (a marker id, e.g. `<|text_end|>`) adds `"loss_mask": [S]` (see `loss_mask`): fine-tuning
-    on the part of each document after it, such as an S2ST document's target.
+    def __init__(self):
+        self.tokens: list[np.ndarray] = []
+        self.docs: list[np.ndarray] = []
+        self.masks: list[np.ndarray] = []
+        self.buffered = 0
+        self.last = None  # (position, offset in its document) of the newest piece in the buffer
+        self.pending = None  # where the document cut by the last window continues, for the saved state
+
+    def add(self, pos: tuple, tokens: np.ndarray, mask: np.ndarray, doc_id: int, offset: int = 0) -> None:
+        self.tokens.append(tokens)
+        self.docs.append(np.full(len(tokens), doc_id, np.int64))
+        self.masks.append(mask)
+        self.buffered += len(tokens)
+        self.last = (pos, offset)
+
+    def window(self, seq_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The next `seq_len` tokens, their document ids and loss mask; the rest stays for the next window."""
+        flat, docs, masks = np.concatenate(self.tokens), np.concatenate(self.docs), np.concatenate(self.masks)
+        rest = len(flat) - seq_len
+        if rest > 0:  # the newest document continues in the next window
+            pos, offset = self.last
+            self.last = self.pending = (pos, offset + len(self.tokens[-1]) - rest)
+            self.tokens, self.docs, self.masks = [flat[seq_len:]], [docs[seq_len:]], [masks[seq_len:]]
+            self.buffered = rest
+        else:
+            self.tokens, self.docs, self.masks, self.buffered, self.pending = [], [], [], 0, None
+        return flat[:seq_len], docs[:seq_len], masks[:seq_len]
+
+
+class PackedStream(IterableDataset):
+    """Windows `{"input_ids": [S], "doc_ids": [S], "source": index}` from the sources (see the module docstring).
+
+    `infinite=True` (training) cycles epochs with a new shard order each, and picks the source of every window
+    so that each source's share of the windows, and so of the tokens, follows its weight whatever its documents'
+    lengths (`_choose`). `infinite=False` (validation) makes one pass over every source in turn, without
+    shuffling or weights. `loss_after` (a marker id, e.g. `<|text_end|>`) adds `"loss_mask": [S]` (see
+    `loss_mask`): fine-tuning on the part of each document after it, such as an S2ST document's target.
     """
 
     def __init__(self, sources: list[Source], seq_len: int, seed: int = 0, rank: int = 0, world_size: int = 1,
@@ -332,16 +380,28 @@ class PackedStream(IterableDataset):
     def _shards(self, source: Source) -> list[str]:
         return source.train if self.split == "train" else source.validation
 
+    def _position(self) -> tuple[dict, list]:
+        """The loaded position, and where each source's cut document continues. A position saved before windows
+        were packed per source held one `pending` (source, position, offset) and no per-source counts."""
+        loaded = dict(self._loaded or {})
+        if "emitted" in loaded:
+            return loaded, list(loaded["pending"])
+        pending = [None] * len(self.sources)
+        if loaded.get("pending"):
+            src, pos, offset = loaded["pending"]
+            pending[src] = (pos, offset)
+        return loaded, pending
+
     def __iter__(self):
         slot, n_slots = self._slot()
-        loaded = self._loaded or {}
+        loaded, pending = self._position()
         cursors = [_Cursor(self._shards(s), slot, n_slots, self.seed * 1000 + i, self.infinite,
                            tuple(loaded["cursors"][i]) if loaded else None, self.vocab_size)
                    for i, s in enumerate(self.sources)]
-        draws = loaded.get("draws", 0)
         windows = loaded.get("windows", 0)
+        emitted = np.array(loaded.get("emitted", [0] * len(self.sources)), dtype=np.int64)
         self.skipped = list(loaded.get("skipped", []))
-        active = [i for i, s in enumerate(self.sources) if self._shards(s)]
+        active = [i for i, s in enumerate(self.sources) if self._shards(s) and (self.weights[i] > 0 or not self.infinite)]
         if not active:
             return
 
@@ -349,79 +409,69 @@ class PackedStream(IterableDataset):
             self.skipped.append(message)
             print(f"soda-train: warning: skipping {message}", file=sys.stderr)
 
-        tokens: list[np.ndarray] = []
-        docs: list[np.ndarray] = []
-        masks: list[np.ndarray] = []
-        buffered = 0
-        # `last` locates the newest piece in the buffer: (source, position, offset in its document).
-        last = pending = loaded.get("pending")
-        if pending:
-            src, pos, offset = pending
-            whole = self._read_at(src, pos, cursors[src])
-            rest = whole[offset:]
-            tokens, docs, buffered = [rest], [np.zeros(len(rest), np.int64)], len(rest)
-            masks = [loss_mask(whole, self.loss_after)[offset:]]
+        packers = [_Packer() for _ in self.sources]
+        for src, where in enumerate(pending):
+            if where:  # the document the last window cut continues this source's next window
+                pos, offset = where
+                whole = self._read_at(src, pos, cursors[src])
+                packers[src].add(pos, whole[offset:], loss_mask(whole, self.loss_after)[offset:], 0, offset)
+                packers[src].pending = (pos, offset)
         doc_counter = 1
         exhausted: set[int] = set()
-        empty_epochs = {i: 0 for i in active}
+        phase = np.random.default_rng([self.seed, slot, 7]).random(len(self.sources))
         while True:
-            while buffered < self.seq_len:  # fill the buffer to one window
-                src = self._choose(active, exhausted, draws, slot)
-                if src is None:
-                    break
-                draws += 1
+            src = self._choose(active, exhausted, emitted, phase)
+            if src is None:
+                return
+            packer, empty_epochs = packers[src], 0
+            while packer.buffered < self.seq_len:  # fill this source's buffer to one window
                 got = cursors[src].next_document(self.skip_bad, on_skip)
-                if got is None:  # this source's epoch is over (for this slot)
-                    draws -= 1  # the same draw picks again, from the next epoch
-                    empty_epochs[src] += 1
-                    if not self.infinite:
-                        exhausted.add(src)
-                    elif empty_epochs[src] > 1:
-                        raise SodaError(f"source {self.sources[src].name!r}: no documents for rank {self.rank} "
-                                        f"(slot {slot} of {n_slots}); give it more shards or documents, or use "
-                                        f"fewer workers/devices")
-                    else:
-                        cursors[src].next_epoch()
+                if got is not None:
+                    empty_epochs = 0
+                    pos, doc = got
+                    packer.add(pos, doc, loss_mask(doc, self.loss_after), doc_counter)
+                    doc_counter += 1
                     continue
-                empty_epochs[src] = 0
-                pos, doc = got
-                tokens.append(doc)
-                docs.append(np.full(len(doc), doc_counter, np.int64))
-                masks.append(loss_mask(doc, self.loss_after))
-                doc_counter += 1
-                buffered += len(doc)
-                last = (src, pos, 0)
-            if buffered < self.seq_len:
-                return  # validation: the last partial window is dropped
-            flat, flat_docs, flat_mask = np.concatenate(tokens), np.concatenate(docs), np.concatenate(masks)
-            rest = len(flat) - self.seq_len
-            if rest > 0:  # the newest document continues in the next window
-                src, pos, offset = last
-                last = pending = (src, pos, offset + len(tokens[-1]) - rest)
-                tokens, docs, buffered = [flat[self.seq_len:]], [np.zeros(rest, np.int64)], rest
-                masks = [flat_mask[self.seq_len:]]
-            else:
-                pending, tokens, docs, masks, buffered = None, [], [], [], 0
+                if not self.infinite:  # validation: this source is done; its last partial window is dropped
+                    exhausted.add(src)
+                    break
+                empty_epochs += 1
+                if empty_epochs > 1:
+                    raise SodaError(f"source {self.sources[src].name!r}: no documents for rank {self.rank} "
+                                    f"(slot {slot} of {n_slots}); give it more shards or documents, or use "
+                                    f"fewer workers/devices")
+                cursors[src].next_epoch()
+                if slot == 0:
+                    print(f"soda-train: warning: source {self.sources[src].name!r} starts epoch "
+                          f"{cursors[src].epoch + 1}: its documents repeat (it holds fewer tokens than its weight "
+                          f"takes)", file=sys.stderr)
+            if src in exhausted:
+                continue
+            flat, flat_docs, flat_mask = packer.window(self.seq_len)
             windows += 1
-            self._state = {"cursors": [c.state() for c in cursors], "draws": draws, "pending": pending,
-                           "windows": windows, "skipped": list(self.skipped)}
-            window = {"input_ids": torch.from_numpy(flat[: self.seq_len].copy()),
-                      "doc_ids": torch.from_numpy(_renumber(flat_docs[: self.seq_len]))}
+            emitted[src] += 1
+            self._state = {"cursors": [c.state() for c in cursors], "pending": [p.pending for p in packers],
+                           "windows": windows, "emitted": emitted.tolist(), "skipped": list(self.skipped)}
+            window = {"input_ids": torch.from_numpy(flat.copy()), "doc_ids": torch.from_numpy(_renumber(flat_docs)),
+                      "source": torch.tensor(src)}
             if self.loss_after is not None:
-                window["loss_mask"] = torch.from_numpy(flat_mask[: self.seq_len].copy())
+                window["loss_mask"] = torch.from_numpy(flat_mask.copy())
             yield window
 
-    def _choose(self, active: list[int], exhausted: set, draws: int, slot: int) -> int | None:
+    def _choose(self, active: list[int], exhausted: set, emitted: np.ndarray, phase: np.ndarray) -> int | None:
+        """The source of the next window. Training: the source furthest below its share of the windows so far
+        (weight x windows + a per-slot phase in [0, 1) - its windows), so every source's count stays within about
+        one window of weight x windows at any point, deterministically and from the counts alone (exact resume).
+        The phase keeps the slots (ranks and workers) from all picking the small source at the same step.
+        Validation: the sources in turn."""
         live = [i for i in active if i not in exhausted]
         if not live:
             return None
         if not self.infinite:
             return live[0]
-        w = self.weights[live]
-        if w.sum() <= 0:
-            return live[0]
-        rng = np.random.default_rng([self.seed, slot, draws])
-        return live[int(rng.choice(len(live), p=w / w.sum()))]
+        total = emitted.sum() + 1
+        deficit = [self.weights[i] * total + phase[i] - emitted[i] for i in live]
+        return live[int(np.argmax(deficit))]
 
     def _read_at(self, src: int, pos: tuple, cursor: _Cursor) -> np.ndarray:
         epoch, shard, index = pos

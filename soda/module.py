@@ -3,7 +3,7 @@
 Targets that would cross a document boundary (the first token of a document, predicted from
 the previous one) are not scored. Per optimizer step the module logs the loss and the NLL of
 text, special markers, the semantic codebook and each acoustic codebook, averaged over all
-micro-batches and ranks.
+micro-batches and ranks, and with several data sources each one's share of the step's tokens.
 """
 
 from __future__ import annotations
@@ -105,8 +105,11 @@ def lm_loss(model, batch: dict, z_loss: float) -> tuple[torch.Tensor, torch.Tens
 
 class SodaModule(L.LightningModule):
     def __init__(self, model, cfg: TrainConfig, vocab: Vocabulary, steps: int, micro_per_step: int,
-                 flops_per_token: float, audio_tokens_per_second: float | None = None, codec: dict | None = None):
+                 flops_per_token: float, audio_tokens_per_second: float | None = None, codec: dict | None = None,
+                 source_names: list[str] | None = None):
         super().__init__()
+        # with several data sources, each step logs the share of its tokens that came from each (data/share_NAME)
+        self.source_names = list(source_names or []) if len(source_names or []) > 1 else []
         self.codec = codec  # the data's codec description: generation and evaluation decode/encode with it
         self.model = model
         self.cfg, self.vocab, self.steps, self.micro_per_step = cfg, vocab, steps, micro_per_step
@@ -146,7 +149,11 @@ class SodaModule(L.LightningModule):
             raise NonFiniteLoss(f"loss is {loss.item()} at step {self.global_step}; stopped, the last good checkpoint "
                                 f"is kept in {self.cfg.out}/checkpoints (resume with --resume, e.g. with a lower "
                                 f"--lr, or pass --on-nonfinite skip)")
-        stats = torch.cat([sums.flatten(), torch.tensor([loss.item(), 1.0], dtype=torch.float64, device=sums.device)])
+        stats = [sums.flatten(), torch.tensor([loss.item(), 1.0], dtype=torch.float64, device=sums.device)]
+        if self.source_names:  # tokens per source: a window holds one source's tokens
+            windows = torch.bincount(batch["source"].flatten(), minlength=len(self.source_names))
+            stats.append(windows.to(sums.device, torch.float64) * batch["input_ids"].shape[1])
+        stats = torch.cat(stats)
         self._acc = stats if self._acc is None else self._acc + stats
         self._micro += 1
         if self._micro % self.micro_per_step == 0:
@@ -167,6 +174,10 @@ class SodaModule(L.LightningModule):
         for i, name in enumerate(self.groups):
             if count[i] > 0:
                 metrics[f"train/nll_{name}"] = float(nll[i] / count[i])
+        if self.source_names:
+            tokens = acc[2 * g + 2:]
+            for name, n in zip(self.source_names, tokens):
+                metrics[f"data/share_{name}"] = float(n / tokens.sum())
         metrics["lr"] = float(self.trainer.optimizers[0].param_groups[0]["lr"])
         self.step_metrics = metrics
         self.log("loss", loss, prog_bar=True, logger=False, on_step=True, on_epoch=False)

@@ -67,7 +67,7 @@ def run(cfg: TrainConfig, resume: bool) -> int:
 
     from .callbacks import AtomicCheckpointIO, Preemption, StepMetrics
     from .checkpoints import checkpoint_dir, export_hf, last_checkpoint, link_last
-    from .data import OneAheadLoader, PackedStream, dataloader, resolve_sources
+    from .data import OneAheadLoader, PackedStream, dataloader, repeat_warnings, resolve_sources
     from .model import count_parameters, describe
     from .module import SodaModule
     from .report import write_reports
@@ -91,14 +91,17 @@ def run(cfg: TrainConfig, resume: bool) -> int:
             f"{', torch.compile (layers and loss)' if cfg.compile else ''}"
             f"{', activation checkpointing' if cfg.activation_checkpointing else ''}")
         say(f"parameters: {counted['total']:,} total, {counted['non_embedding']:,} non-embedding")
-        say("data: " + "; ".join(f"{s.name} {s.weight:.1%} ({len(s.train)} train / {len(s.validation)} "
-                                 f"validation shards)" for s in sources))
+        say("data (weights are shares of tokens): " + "; ".join(
+            f"{s.name} {s.weight:.1%} ({len(s.train)} train / {len(s.validation)} validation shards)" for s in sources))
+        for line in repeat_warnings(sources, max_steps * cfg.batch_sequences * cfg.seq_len):
+            say(f"warning: {line}")
         say(f"batch: {cfg.batch_sequences} x {cfg.seq_len} tokens = {world} devices x {micro} sequences x "
             f"{accumulate} accumulation; {max_steps:,} of {steps:,} steps; peak LR {cfg.peak_lr(shape.width):.3g}")
     loss_after = getattr(vocab, cfg.loss_after) if cfg.loss_after else None
     audio_rate = next((s.audio_tokens_per_second for s in sources if s.audio_tokens_per_second), None)
     codec = next((s.codec for s in sources if s.codec), None)
-    module = SodaModule(model, cfg, vocab, steps, accumulate, per_token, audio_rate, codec)
+    module = SodaModule(model, cfg, vocab, steps, accumulate, per_token, audio_rate, codec,
+                        source_names=[s.name for s in sources])
 
     ckpt_dir = checkpoint_dir(out)
     log_every = max(1, min(cfg.log_every, max_steps // 2))  # a short run still logs a curve

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from soda.config import TrainConfig, make_config, parse_count, soda_peak_lr
-from soda.data import PackedStream, dataloader, resolve_sources, shard_documents
+from soda.data import PackedStream, dataloader, repeat_warnings, resolve_sources, shard_documents
 from soda.optim import wsd_factor
 from tokenize_audio.errors import SodaError
 
@@ -47,6 +47,97 @@ def test_mixture_follows_the_weights(sources):
     ids = torch.cat([w["input_ids"] for w in windows]).numpy()
     audio = (ids >= vocab.audio_base).mean()
     assert audio > 0.5  # 80% of draws are speech documents (mostly audio tokens); text has none
+
+
+def synthetic_source(tmp_path, name: str, docs: int, length: int, first_id: int):
+    """A source of `docs` documents of `length` ids each, every id telling its source (first_id...)."""
+    from soda.data import Source
+    from tokenize_audio.shards import write_shard
+
+    shard = tmp_path / f"train-{name}-00000.tar"
+    write_shard(shard, [(f"{name}{i}", np.full(length, first_id + i % 7, np.uint32), {}) for i in range(docs)])
+    return Source(name, [str(shard)])
+
+
+def token_shares(windows, n_sources: int) -> np.ndarray:
+    tokens = np.zeros(n_sources)
+    for w in windows:
+        tokens[int(w["source"])] += len(w["input_ids"])
+    return tokens / tokens.sum()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_mix_weights_are_token_shares_whatever_the_document_lengths(tmp_path, seed):
+    """SODA's 95/5 is a share of tokens. Speech documents of 20,000 tokens against text documents of 1,000: drawing
+    documents by weight gave text 0.24% of the tokens; the windows' token shares must be the weights (+-0.5 pp)."""
+    from soda.data import _apply_mix
+
+    speech = synthetic_source(tmp_path, "speech", 30, 20_000, 1000)
+    text = synthetic_source(tmp_path, "text", 400, 1_000, 10)
+    _apply_mix([speech, text], {"speech": 0.95, "text": 0.05})
+    windows = take(PackedStream([speech, text], seq_len=512, seed=seed), 400)
+    for w in windows:  # the ids say where each token came from: a window holds one source's tokens
+        ids = w["input_ids"].numpy()
+        assert ((ids >= 1000) == (int(w["source"]) == 0)).all()
+    share = token_shares(windows, 2)
+    assert share[1] == pytest.approx(0.05, abs=0.005) and share[0] == pytest.approx(0.95, abs=0.005)
+    for n in (100, 200, 300):  # at every point of the run, not only at the end
+        assert token_shares(windows[:n], 2)[1] == pytest.approx(0.05, abs=0.01)
+
+
+def test_token_shares_hold_for_three_sources_over_workers_and_across_resume(tmp_path):
+    from soda.data import _apply_mix
+
+    srcs = [synthetic_source(tmp_path, "long", 20, 9_000, 1000), synthetic_source(tmp_path, "mid", 60, 700, 500),
+            synthetic_source(tmp_path, "short", 400, 90, 10)]
+    _apply_mix(srcs, {"long": 0.6, "mid": 0.3, "short": 0.1})
+
+    def batches(n, state=None):
+        loader = dataloader(PackedStream(srcs, seq_len=256, seed=5), batch_size=4, workers=2)
+        if state:
+            loader.load_state_dict(state)
+        it = iter(loader)
+        got = [next(it) for _ in range(n)]
+        return got, loader.state_dict()
+
+    straight, _ = batches(100)
+    tokens = np.bincount(torch.cat([b["source"] for b in straight]).numpy(), minlength=3)
+    np.testing.assert_allclose(tokens / tokens.sum(), [0.6, 0.3, 0.1], atol=0.005)
+    first, state = batches(37)
+    rest, _ = batches(63, state)
+    for a, b in zip(straight, first + rest):
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["source"], b["source"])
+
+
+def test_a_source_smaller_than_its_weight_repeats_with_a_warning_naming_it(tmp_path, capfd):
+    from soda.data import _apply_mix
+
+    big = synthetic_source(tmp_path, "speech", 40, 5_000, 1000)
+    small = synthetic_source(tmp_path, "text", 3, 300, 10)  # 900 tokens; a 30% weight takes far more
+    _apply_mix([big, small], {"speech": 0.7, "text": 0.3})
+    windows = take(PackedStream([big, small], seq_len=256, seed=0), 200)
+    assert token_shares(windows, 2)[1] == pytest.approx(0.3, abs=0.005)  # the share holds: its documents repeat
+    err = capfd.readouterr().err
+    assert "source 'text' starts epoch 2: its documents repeat" in err and "'speech'" not in err
+    big.train_tokens, small.train_tokens = 200_000, 900  # as a soda-tokenize manifest gives them
+    assert repeat_warnings([big, small], 100_000) == [  # said at start, before any repeat
+        "source 'text' holds 900 tokens, but its weight 30.0% takes 30,000 of this run's 100,000: its documents "
+        "repeat about 33.3 times"]
+    assert repeat_warnings([small], 100_000) == []  # one source: repeating is the epochs asked for
+
+
+def test_a_position_saved_before_per_source_packing_still_resumes(sources):
+    """Checkpoints of earlier versions held one pending (source, position, offset) and a draw count."""
+    srcs, _ = sources
+    stream = PackedStream(srcs, seq_len=48, seed=3)
+    take(stream, 5)
+    state = stream.state_dict()
+    src = next(i for i, p in enumerate(state["pending"]) if p)
+    old = {"cursors": state["cursors"], "draws": 9, "pending": (src, *state["pending"][src]), "windows": 5,
+           "skipped": []}
+    resumed = PackedStream(srcs, seq_len=48, seed=3)
+    resumed.load_state_dict(old)
+    assert len(take(resumed, 20)) == 20
 
 
 def test_ranks_partition_the_documents(sources):

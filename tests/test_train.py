@@ -52,6 +52,10 @@ def test_loss_falls_and_run_directory_is_complete(trained):
     for key in ("train/nll_text", "train/nll_semantic", "train/nll_acoustic_cb7", "lr", "grad_norm", "tokens_per_s",
                 "val/bits_per_audio_second"):
         assert any(r.get(key) for r in rows), key
+    shares = {name: [float(r[f"data/share_{name}"]) for r in rows if r.get(f"data/share_{name}")]
+              for name in ("speech", "text")}  # the mixture actually trained on: --mix speech=0.9,text=0.1
+    assert len(shares["text"]) == 40 and all(a + b == pytest.approx(1) for a, b in zip(*shares.values()))
+    assert sum(shares["text"]) / 40 == pytest.approx(0.1, abs=0.005)
     assert (trained / "loss.png").stat().st_size > 1000
     assert (trained / "checkpoints" / "last.ckpt").resolve().name == "step0000040.ckpt"
     assert (trained / "config.yaml").is_file() and (trained / "tensorboard").is_dir()
