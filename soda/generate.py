@@ -26,10 +26,16 @@ Prompts are SODA's (each starts with BOS, as the training documents do):
     tts       [<|text_start|> Tv <|text_end|> <|audio_start|> Av <|audio_end|>]   (voice prompt, optional)
               <|text_start|> T <|text_end|> <|audio_start|>           -> audio until <|audio_end|>
     asr       <|audio_start|> A <|audio_end|> <|text_start|>          -> text until <|text_end|>
-    s2st      <|audio_start|> SRC <|audio_end|> <|text_start|><language>xx</language> src text <|text_end|>
+    s2st      <|audio_start|> SRC <|audio_end|> <|text_start|><language>xx</language>src text <|text_end|>
               <|text_start|><language>en</language>                   -> target text, <|text_end|>,
               then <|audio_start|> is forced                          -> target audio until <|audio_end|>
               (without a source text the model first writes it, as ASR, before the translation)
+
+S2ST prompts are prefixes of SODA's documents tokenized whole, where the tag and its text are one string:
+a given source text is encoded with its tag, and a prompt that stops before a text the model writes stops
+before the tag's last pre-tokenizer piece when the text can join it (Llama-3: `>Bonjour` is one piece), so
+the model writes `>` with the text's first token (`tokenize_audio.documents.language_prompt`; with a byte
+tokenizer nothing joins and the prompt keeps the whole tag). That `>` is not part of `Result.text`.
 
 Decoding is constrained: in audio, the k-th token of each frame may only be a codebook-k id and
 `<|audio_end|>` may only come between frames (so frames are always whole); in text, only text ids (not
@@ -53,7 +59,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from tokenize_audio.documents import language_tag
+from tokenize_audio.documents import language_prompt, s2st_text
 from tokenize_audio.errors import SodaError
 
 TASKS = ("continue", "tts", "asr", "s2st")
@@ -139,16 +145,13 @@ class _Phase:
     spoken: str | None = None   # audio: the text it speaks (for the length cap); None: no text cap
     max_seconds: float | None = None
     speaks_previous: bool = False  # audio: it speaks the text generated just before (S2ST)
+    rest: str = ""              # text: tag text the model writes before the text itself (`language_prompt`)
 
 
 @dataclass
 class _Plan:
     prompt: list
     phases: list
-
-
-def _language(vocab, code: str) -> list:
-    return language_tag(vocab, code).tolist()  # as in the S2ST training documents
 
 
 def build_plan(vocab, request: Request, codes: dict) -> _Plan:
@@ -165,14 +168,24 @@ def build_plan(vocab, request: Request, codes: dict) -> _Plan:
         return _Plan(p + text(r.text) + [v.audio_start], [_Phase("audio", [], r.text, r.max_seconds)])
     if r.task == "asr":
         return _Plan(p + audio(codes["audio"]) + [v.audio_end, v.text_start], [_Phase("text", [])])
-    # s2st: [source text,] target text, target audio (its length cap follows the generated translation)
-    p += audio(codes["audio"]) + [v.audio_end, v.text_start] + _language(v, r.source_language)
-    target = [v.text_start] + _language(v, r.target_language)
+    # s2st: [source text,] target text, target audio (its length cap follows the generated translation);
+    # prefixes of SODA's whole-string tokenization (module docstring)
+    p += audio(codes["audio"]) + [v.audio_end, v.text_start]
+    target_tag, target_rest = language_prompt(v, r.target_language)
+    target = [v.text_start, *target_tag.tolist()]
     audio_phase = _Phase("audio", [v.audio_start], None, r.max_seconds, speaks_previous=True)
     if r.source_text is not None:
-        p += v.encode_text(r.source_text).tolist() + [v.text_end] + target
-        return _Plan(p, [_Phase("text", []), audio_phase])
-    return _Plan(p, [_Phase("text", []), _Phase("text", target), audio_phase])
+        p += s2st_text(v, r.source_language, r.source_text).tolist() + [v.text_end] + target
+        return _Plan(p, [_Phase("text", [], rest=target_rest), audio_phase])
+    source_tag, source_rest = language_prompt(v, r.source_language)
+    return _Plan(p + source_tag.tolist(), [_Phase("text", [], rest=source_rest),
+                                           _Phase("text", target, rest=target_rest), audio_phase])
+
+
+def _text(vocab, ids: list, phase: _Phase) -> str:
+    """A generated text segment, without the tag text the model wrote first (`_Phase.rest`)."""
+    text = vocab.decode_text(ids)
+    return text[len(phase.rest):] if text.startswith(phase.rest) else text
 
 
 def check_request(r: Request) -> None:
@@ -227,7 +240,7 @@ class _Sequence:
         seconds = min(self.s.max_seconds, ph.max_seconds or math.inf)
         self.cap_reason = "max_seconds"
         if ph.spoken is not None or ph.speaks_previous:
-            spoken = self.v.decode_text(self.segments[-2]) if ph.speaks_previous else ph.spoken
+            spoken = _text(self.v, self.segments[-2], self.phases[i - 1]) if ph.speaks_previous else ph.spoken
             text_cap = self.s.cap_base_seconds + self.s.cap_seconds_per_char * len(spoken)
             if text_cap < seconds:
                 seconds, self.cap_reason = text_cap, "text_length_cap"
@@ -426,7 +439,7 @@ def generate(loaded, requests: list[Request], settings: Settings | None = None, 
 def _result(r: Request, plan: _Plan, s: _Sequence, vocab, codec, frame_rate: float) -> Result:
     out = Result(r.id, r.task, s.endings[-1], ids=s.generated, prompt_tokens=len(plan.prompt),
                  phase_endings=list(s.endings))
-    texts = [vocab.decode_text(seg) for seg, ph in zip(s.segments, s.phases) if ph.mode == "text"]
+    texts = [_text(vocab, seg, ph) for seg, ph in zip(s.segments, s.phases) if ph.mode == "text"]
     if texts:
         out.text = texts[-1]
         out.source_text = texts[0] if len(texts) > 1 else ""

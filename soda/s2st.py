@@ -209,9 +209,8 @@ def _write_shard(out: Path, name: str, split: str, chunk: list[Pair], ctx, vocab
         if bad:
             skipped.append({"item": pair.id, "reason": "; ".join(bad)})
             continue
-        ids, target_start = s2st_document(vocab, vocab.codes_to_ids(src), pair.source_language,
-                                          vocab.encode_text(pair.source_text), pair.target_language,
-                                          vocab.encode_text(pair.target_text), vocab.codes_to_ids(tgt))
+        ids, target_start = s2st_document(vocab, vocab.codes_to_ids(src), pair.source_language, pair.source_text,
+                                          pair.target_language, pair.target_text, vocab.codes_to_ids(tgt))
         counts = vocab.count_types(ids)
         for k, v in counts.items():
             totals[k] = totals.get(k, 0) + v

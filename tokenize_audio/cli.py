@@ -28,7 +28,8 @@ codecs:
 
 text tokenizers:
   llama3 (SODA's ids exactly), a tokenizer.json file or directory, a hub id, or offline: bytes (256 byte
-  ids + BOS/EOS) or bpe:N (byte-level BPE with N ids trained on the corpus text).
+  ids + BOS/EOS) or bpe:N (byte-level BPE with N ids trained on the corpus text, split
+  by Llama-3's pre-tokenizer regex).
 
 Re-running with the same --out resumes: finished shards are kept. Unusable items (unreadable audio, empty
 transcripts, missing files, ...) are skipped and listed in manifest.json under "skipped".

@@ -7,12 +7,14 @@ text-only:   BOS (<|text_start|> T <|text_end|>)* EOS
 A plain text corpus document (the text share of the mixture) is BOS T EOS, as in SODA.
 
 Speech-to-speech translation (SODA's fine-tuning on CVSS-T), one document per pair:
-s2st:        BOS <|audio_start|> SRC <|audio_end|> <|text_start|> <language>xx</language> S <|text_end|>
-             <|text_start|> <language>en</language> T <|text_end|> <|audio_start|> TGT <|audio_end|> EOS
+s2st:        BOS <|audio_start|> SRC <|audio_end|> <|text_start|> <language>xx</language>S <|text_end|>
+             <|text_start|> <language>en</language>T <|text_end|> <|audio_start|> TGT <|audio_end|> EOS
+             (each `<language>xx</language>S` is encoded as one string, as SODA does)
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 
@@ -48,21 +50,65 @@ def build_document(vocab: Vocabulary, utterances: list[tuple[np.ndarray, np.ndar
     return np.concatenate([np.asarray(p, dtype=np.int64) for p in parts]).astype(np.uint32)
 
 
-def language_tag(vocab: Vocabulary, code: str) -> np.ndarray:
-    """`<language>xx</language>` as text ids, encoded on its own (the S2ST documents and prompts share it)."""
-    return vocab.encode_text(f"<language>{code}</language>").astype(np.int64)
+def language_tag(code: str) -> str:
+    """SODA's language tag, `<language>xx</language>`: plain text, written straight before the text it labels."""
+    return f"<language>{code}</language>"
 
 
-def s2st_document(vocab: Vocabulary, source_audio: np.ndarray, source_language: str, source_text: np.ndarray,
-                  target_language: str, target_text: np.ndarray, target_audio: np.ndarray) -> tuple[np.ndarray, int]:
-    """One S2ST pair (audio ids, text ids) -> (uint32 document ids, index of the first target token).
+def s2st_text(vocab: Vocabulary, code: str, text: str) -> np.ndarray:
+    """One S2ST text segment's ids: the tag and the text encoded as one string, as SODA tokenizes its documents.
 
-    The target is everything after the source text's `<|text_end|>`: the target text segment, the target
-    audio segment and EOS (what `--target-only-loss` scores).
+    Not the tag's ids followed by the text's: under Llama-3's pre-tokenizer `</language>Bonjour` ends in the
+    piece `>Bonjour`, which the tag encoded alone would end as `>`.
     """
+    return vocab.encode_text(language_tag(code) + text).astype(np.int64)
+
+
+def language_prompt(vocab: Vocabulary, code: str) -> tuple[np.ndarray, str]:
+    """(ids, rest): the ids that begin `s2st_text(vocab, code, text)` for every text, and the tag's remainder.
+
+    A prompt that stops at a language tag (the model writes the text after it) must still be a prefix of
+    the training documents. Tokens never cross a pre-tokenizer split, so all the tag's pieces but the last
+    are fixed; the last (`>` under Llama-3's regex) can join the text (`>Bonjour`), so when some vocabulary
+    entry could run past it the prompt stops before it and `rest` (`">"`) is the tag text the model writes
+    with its first token. Where nothing can (a byte tokenizer) the whole tag is fixed and `rest` is "".
+    """
+    tag, tok = language_tag(code), vocab.text_tokenizer
+    normalized = tok.normalizer.normalize_str(tag) if tok.normalizer else tag
+    if tok.pre_tokenizer is None or normalized != tag:  # offsets unknown: only the empty prefix is safe
+        pieces = [(tag, (0, len(tag)))]
+    else:
+        pieces = tok.pre_tokenizer.pre_tokenize_str(tag)
+    last, (start, _) = pieces[-1]
+    if not _may_join_next(tok, last):
+        return vocab.encode_text(tag), ""
+    return vocab.encode_text(tag[:start]), tag[start:]
+
+
+@functools.lru_cache(maxsize=8)  # per tokenizer object: Llama-3's scan is 128k entries, and prompts ask per request
+def _may_join_next(tokenizer, piece: str) -> bool:
+    """Whether a vocabulary entry starts inside `piece` (pre-tokenized form) and runs past its end.
+
+    A token crossing the piece's end must start inside it, so without one the piece's tokens are fixed.
+    """
+    ends = [piece[i:] for i in range(len(piece))]
+    return any(len(t) > len(e) and t.startswith(e) for t in tokenizer.get_vocab(with_added_tokens=False) for e in ends)
+
+
+def s2st_document(vocab: Vocabulary, source_audio: np.ndarray, source_language: str, source_text: str | np.ndarray,
+                  target_language: str, target_text: str | np.ndarray, target_audio: np.ndarray) -> tuple[np.ndarray, int]:
+    """One S2ST pair (audio ids, texts) -> (uint32 document ids, index of the first target token).
+
+    Token for token SODA's document string tokenized whole: specials and audio atomic, each text segment
+    (`<language>xx</language>text`) one string (`s2st_text`). Texts given as ids are decoded first (exact
+    where decoding is lossless, as with byte-level BPEs). The target is everything after the source text's
+    `<|text_end|>`: the target text segment, the target audio segment and EOS (what `--target-only-loss`
+    scores).
+    """
+    text = lambda t: t if isinstance(t, str) else vocab.decode_text(t)  # noqa: E731
     source = [[vocab.bos_id, vocab.audio_start], source_audio, [vocab.audio_end, vocab.text_start],
-              language_tag(vocab, source_language), source_text, [vocab.text_end]]
-    target = [[vocab.text_start], language_tag(vocab, target_language), target_text,
+              s2st_text(vocab, source_language, text(source_text)), [vocab.text_end]]
+    target = [[vocab.text_start], s2st_text(vocab, target_language, text(target_text)),
               [vocab.text_end, vocab.audio_start], target_audio, [vocab.audio_end, vocab.eos_id]]
     ids = np.concatenate([np.asarray(p, dtype=np.int64) for p in source + target]).astype(np.uint32)
     return ids, sum(len(p) for p in source)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from .errors import SodaError
 
@@ -29,6 +29,10 @@ TEXT_START, TEXT_END, AUDIO_START, AUDIO_END = SPECIALS = (
 )
 AUDIO_CHAR_BASE = 0xE000
 LLAMA3_HUB_ID = "meta-llama/Meta-Llama-3-8B"
+# Llama-3's pre-tokenizer regex (from its tokenizer.json). `bpe:N` splits text with it too, so an offline BPE
+# cuts SODA's strings where Llama-3 does (e.g. `</language>Bonjour` -> `</`, `language`, `>Bonjour`).
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
 TEXT_TOKENIZER_CHOICES = "bytes, bpe:N (trained on the corpus text), llama3, a tokenizer.json file, a tokenizer directory, or a hub id"
 
 # Token types used for counting and for the NLL vector.
@@ -69,12 +73,19 @@ def _byte_level(tok: Tokenizer) -> None:
     tok.decoder = decoders.ByteLevel()
 
 
+def llama3_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
+    """Llama-3's pre-tokenizer: its regex split (pieces kept whole), then the byte-level map without GPT-2's regex."""
+    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
 def train_bpe_tokenizer(texts, vocab_size: int) -> Tokenizer:
-    """A byte-level BPE trained on the corpus text (offline alternative to Llama-3's tokenizer)."""
+    """A byte-level BPE trained on the corpus text: an offline stand-in for Llama-3's, pre-tokenized as it is."""
     if vocab_size < 260:
         raise SodaError(f"bpe:{vocab_size}: a byte-level BPE needs a vocabulary of at least 260")
     tok = Tokenizer(models.BPE())
-    _byte_level(tok)
+    tok.pre_tokenizer = llama3_pre_tokenizer()
+    tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=[BOS, EOS],
