@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 SODA_VOCAB = 144_644
 PARAM_DEFINITIONS = ("total", "non-embedding")
 FLOP_DEFINITIONS = ("3x-forward", "6ND", "6ND+attention")
@@ -37,6 +39,15 @@ class ModelShape:
             raise ValueError(f"width must be positive, got {width}")
         layers = max(1, round(width / (64 + 4 * math.log2(width) - 7)))
         heads = max(1, width // 128)
+        return cls(width, layers, heads, heads, 128, 4 * width, vocab, seq_len)
+
+    @classmethod
+    def sweep_continuous(cls, width, vocab: int = SODA_VOCAB, seq_len: int = 4096) -> "ModelShape":
+        """The same rule with width real and layers, heads left unrounded (numpy arrays welcome): a smooth
+        curve through the family for `soda-scaling fit` to minimise along, not a model one can build."""
+        width = np.asarray(width, float)
+        layers = np.maximum(1.0, width / (64 + 4 * np.log2(width) - 7))
+        heads = np.maximum(1.0, width / 128)
         return cls(width, layers, heads, heads, 128, 4 * width, vocab, seq_len)
 
 

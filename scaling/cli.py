@@ -15,23 +15,29 @@ from tokenize_audio.errors import SodaError, cli_errors
 from tokenize_audio.shards import atomic_write_json, atomic_write_text
 
 from .accounting import SODA_VOCAB
-from .fit import FIT_FILE, fit_scaling, human_count, load_results, summary
+from .fit import FIT_FILE, FRONTIER_COSTS, fit_scaling, human_count, load_results, summary
 from .plan import MIN_BATCH, PAPER_BUDGETS, as_rows, plan_sweep
 from .sweep import DEFAULT_VAL_TOKENS, PREEMPTED, check_data, check_extra, gather, load_plan, run_sweep, state
 
 FIT_HELP = """Approach 2: per budget, loss is fitted as a parabola in ln N (and in ln D) by Huber-weighted
 least squares; the minima give N* = k C^a and D* = k C^b (and, for predictions, a pure power law
 of the minimum loss). Approach 3: L = E + A/N^alpha + B/D^beta, with E, A, B >= 0 solved by
-non-negative least squares over an (alpha, beta) grid, then a Huber fit on log L; with C = k N D
-(k = median FLOPs/(N D) of the runs), a = beta/(alpha+beta), b = alpha/(alpha+beta). 95% intervals
+non-negative least squares over an (alpha, beta) grid, then a Huber fit on log L; a = beta/(alpha+beta),
+b = alpha/(alpha+beta). Its N*, D* at a budget minimise L along what the budget really buys (--cost).
+FLOPs/(N D) is not a constant (3.6 to 6.4 on SODA's grid), so when a `width` column holds SODA
+sweep-rule shapes (vocab and seq_len from their columns, or solved from params and FLOPs) the optimum
+walks that shape family, width continuous, D = C/(3 x forward FLOPs per token) ("shape-family");
+otherwise ln(FLOPs/(N D)) is fitted as a quadratic in ln N over the runs ("fitted"); "constant" is
+C = k N D with k the runs' median. fit.json says which (approach3.frontier_cost). 95% intervals
 come from resampling runs within each budget (--bootstrap, --seed).
 
 RESULTS.csv needs columns flops, params, tokens, loss. An optional `budget` column groups the runs
 (its value is C); without it, runs whose FLOPs agree within 5% form one budget (C = their median).
-Other columns are ignored. A run with an empty, nan or inf loss (diverged or unfinished) is
-excluded and listed in fit.json and the summary. Any other bad value (a missing column, a
-non-positive or non-numeric flops/params/tokens/budget, a loss <= 0), fewer than 3 budgets or a
-budget with fewer than 3 usable runs stops with an error. Writes OUT/fit.json; see `plot`."""
+Optional `width`, `vocab`, `seq_len` give the shapes; other columns are ignored. A run with an
+empty, nan or inf loss (diverged or unfinished) is excluded and listed in fit.json and the summary.
+Any other bad value (a missing column, a non-positive or non-numeric flops/params/tokens/budget, a
+loss <= 0), fewer than 3 budgets or a budget with fewer than 3 usable runs stops with an error.
+Writes OUT/fit.json; see `plot`."""
 
 RUN_HELP = """Trains each usable row of PLAN with soda-train, one run after another, in OUT/runs/NAME (its
 log in OUT/logs/NAME.log), then writes OUT/results.csv (name, budget, width, params, tokens, steps,
@@ -97,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
                                             "(default: 10x and 100x the largest budget)")
     fit.add_argument("--bootstrap", type=int, default=1000, help="resamples for the 95%% intervals (0: none)")
     fit.add_argument("--seed", type=int, default=0, help="bootstrap seed (same seed, same intervals)")
+    fit.add_argument("--cost", choices=FRONTIER_COSTS, default="auto",
+                     help="what a budget buys along Approach 3's frontier: shape-family (SODA's sweep rule at the "
+                          "runs' widths), fitted (FLOPs/(N D) as a function of N from the runs), constant "
+                          "(median FLOPs/(N D)); default auto: shape-family when the runs are sweep-rule shapes, "
+                          "else fitted")
 
     run = sub.add_parser("run", help="train a plan's runs with soda-train (here, or as a SLURM job array) and "
                                      "gather their results.csv", description=RUN_HELP,
@@ -162,7 +173,7 @@ def fit_command(args) -> int:
     if args.out.exists() and not args.out.is_dir():
         raise SodaError(f"--out {args.out} is a file; give a directory")
     targets = _floats(args.target_flops, "--target-flops") if args.target_flops else None
-    fit = fit_scaling(load_results(args.results), args.bootstrap, args.seed, targets)
+    fit = fit_scaling(load_results(args.results), args.bootstrap, args.seed, targets, args.cost)
     atomic_write_json(args.out / FIT_FILE, fit)
     print(summary(fit))
     print(f"wrote {args.out / FIT_FILE}; draw it with `soda-scaling plot {args.out}`")

@@ -7,8 +7,11 @@ Two estimators, each with seeded bootstrap 95% intervals (points resampled withi
   then give power laws N* = k_N C^a and D* = k_D C^b, fitted in log space.
 - Approach 3: L = E + A/N^alpha + B/D^beta. E, A, B enter linearly, so a grid over (alpha, beta)
   solves them by non-negative least squares (no bad local minima, no negative terms); the best
-  grid point starts a Huber fit on log L. With C = k N D (k = median FLOPs / (N D) of the runs),
-  N* = G (C/k)^a, D* = (C/k)^b / G, a = beta/(alpha+beta), b = alpha/(alpha+beta).
+  grid point starts a Huber fit on log L. Its exponents a = beta/(alpha+beta), b = alpha/(alpha+beta)
+  are those of a constant C = k N D, but the real FLOPs per parameter-token k vary with N (3.6 to 6.4
+  on SODA's grid: small models spend theirs on the embeddings, large ones on attention), so N*, D*
+  at a budget minimise L along the real cost curve (the frontier, see `frontier`): SODA's sweep
+  shapes when the runs have them, else k(N) fitted to the runs, or a constant k on request.
 
 Input problems: a missing column, a run whose `flops`, `params`, `tokens` or `budget` is not a
 positive finite number, or a loss that is zero, negative or not a number at all means the file is
@@ -24,14 +27,18 @@ import csv
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from scipy.optimize import least_squares, nnls
 
 from tokenize_audio.errors import SodaError
 
+from .accounting import ModelShape, attention_flops_per_token, forward_flops_per_token, params, training_flops_per_token
+
 FIT_FILE = "fit.json"
 REQUIRED = ("flops", "params", "tokens", "loss")
+SHAPE_COLUMNS = ("width", "vocab", "seq_len")  # optional: SODA's sweep rule at `width` gives the frontier's cost
 GROUP_TOLERANCE = 0.05  # runs whose FLOPs agree within 5% form one budget when there is no `budget` column
 MIN_BUDGETS = MIN_POINTS = 3
 HUBER_K = 1.345  # Huber threshold in robust standard deviations (95% efficiency for normal errors)
@@ -54,6 +61,7 @@ class Results:
     budget: np.ndarray  # the budget C of each run's group
     excluded: list[dict] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    shapes: dict[str, np.ndarray] = field(default_factory=dict)  # SHAPE_COLUMNS present; nan where not a number
 
     @property
     def budgets(self) -> np.ndarray:
@@ -67,8 +75,16 @@ def _number(text, path, line, column) -> float:
         raise SodaError(f"{path}: line {line}: {column} is {text!r}, not a number") from None
 
 
+def _optional_number(text) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
+
+
 def _read_rows(path: Path):
-    """Parse and check every row: (line, flops, params, tokens, loss, budget) tuples and the excluded runs."""
+    """Parse and check every row: (line, flops, params, tokens, loss, budget, shape values) tuples, the
+    excluded runs, whether there is a budget column, and the shape columns present."""
     with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark
         reader = csv.DictReader(f)
         columns = [c.strip() for c in reader.fieldnames or []]
@@ -77,6 +93,7 @@ def _read_rows(path: Path):
             raise SodaError(f"{path}: missing column{'s' * (len(missing) > 1)} {', '.join(missing)} "
                             f"(found: {', '.join(columns) or 'no header'}); need {', '.join(REQUIRED)}")
         grouped = "budget" in columns
+        shape_columns = [c for c in SHAPE_COLUMNS if c in columns]
         rows, excluded = [], []
         for raw in reader:
             row = {(k or "").strip(): (v or "").strip() for k, v in raw.items()}
@@ -95,23 +112,26 @@ def _read_rows(path: Path):
                 continue
             if loss <= 0:
                 raise SodaError(f"{path}: line {line}: loss is {row['loss']!r}; a cross-entropy must be positive")
-            rows.append((line, values["flops"], values["params"], values["tokens"], loss, values.get("budget")))
-    return rows, excluded, grouped
+            rows.append((line, values["flops"], values["params"], values["tokens"], loss, values.get("budget"),
+                         tuple(_optional_number(row[c]) for c in shape_columns)))
+    return rows, excluded, grouped, shape_columns
 
 
 def load_results(path, tolerance: float = GROUP_TOLERANCE) -> Results:
-    """Read a results CSV (`flops`, `params`, `tokens`, `loss`, optional `budget`; other columns ignored)."""
+    """Read a results CSV (`flops`, `params`, `tokens`, `loss`, optional `budget` and SHAPE_COLUMNS; other
+    columns ignored)."""
     path = Path(path)
     if not path.is_file():
         raise SodaError(f"results file {path} not found")
     try:
-        rows, excluded, grouped = _read_rows(path)
+        rows, excluded, grouped, shape_columns = _read_rows(path)
     except UnicodeDecodeError as err:
         raise SodaError(f"{path}: not a UTF-8 CSV ({err.reason} at byte {err.start})") from None
     if not rows:
         note = f" ({len(excluded)} excluded: no finite loss)" if excluded else ""
         raise SodaError(f"{path}: no usable runs{note}")
-    line, flops, n, d, loss, budget = (np.array(c) for c in zip(*rows))
+    line, flops, n, d, loss, budget = (np.array(c) for c in list(zip(*rows))[:6])
+    shapes = dict(zip(shape_columns, np.array([r[6] for r in rows], float).reshape(len(rows), -1).T))
     warnings = []
     if grouped:
         budget = budget.astype(float)
@@ -122,7 +142,7 @@ def load_results(path, tolerance: float = GROUP_TOLERANCE) -> Results:
     else:
         budget = group_budgets(flops, tolerance, path)
     results = Results(str(path), line.astype(int), flops, n.astype(float), d.astype(float), loss, budget,
-                      excluded, warnings)
+                      excluded, warnings, shapes)
     _check_groups(results)
     return results
 
@@ -387,8 +407,9 @@ def approach3(r: Results, bootstrap: int, rng: np.random.Generator) -> tuple[dic
     k = float(np.median(r.flops / (r.params * r.tokens)))
     main = _surface_terms(sol.x, ref_n, ref_d)
     out = {name: float(v) for name, v in main.items()}
-    n_1, d_1 = (_num(v.squeeze()) for v in _approach3_predict(main, k, 1.0)[:2])  # N*, D* = coefficient * C^a, ^b
-    out.update(params_coefficient=n_1, tokens_coefficient=d_1)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # the constant-k law N* = G (C/k)^a
+        g = (main["alpha"] * main["A"] / (main["beta"] * main["B"])) ** (1 / (main["alpha"] + main["beta"]))
+        out.update(params_coefficient=_num(g * k ** -main["a"]), tokens_coefficient=_num(k ** -main["b"] / g))
     out.update(flops_per_param_token=k, huber_delta=delta, exponent_bounds=list(EXPONENT_BOUNDS),
                at_bound=[n for n, v in zip(("alpha", "beta"), sol.x[3:]) if np.isclose(v, EXPONENT_BOUNDS).any()])
     reps = None
@@ -409,13 +430,124 @@ def _surface_terms(theta, ref_n, ref_d) -> dict:
             "a": beta / (alpha + beta), "b": alpha / (alpha + beta)}
 
 
-def _approach3_predict(terms: dict, k: float, flops):
-    """Minimise E + A/N^alpha + B/D^beta subject to k N D = C: N* = G (C/k)^a, D* = (C/k)/N*."""
-    e, A, B, alpha, beta, a = (np.asarray(terms[n])[..., None] for n in ("E", "A", "B", "alpha", "beta", "a"))
+# --- Approach 3's frontier: minimise the surface along what a budget really buys ------------------
+
+FRONTIER_COSTS = ("auto", "shape-family", "fitted", "constant")
+FITTED_DEGREE = 2  # ln k as a quadratic in ln N follows SODA's grid (k 3.6 to 6.4) to about 1%
+FAMILY_WIDTHS = (1.0, 2.0**24)  # where the optimum is searched along the shape family
+SEARCH_SPAN = 25.0  # otherwise ln N is searched this far beyond the sampled sizes
+
+
+@dataclass
+class Frontier:
+    """What a budget C buys: `curve(u)` gives ln N and ln(training FLOPs per token) along a path u in
+    `bounds`, so D = C / FLOPs per token. `info` (how the cost was obtained) goes to fit.json."""
+
+    cost: str
+    curve: Callable
+    bounds: tuple[float, float]
+    info: dict
+
+
+def sweep_family(r: Results) -> tuple[tuple[int, int] | None, str]:
+    """(vocab, seq_len) with which SODA's sweep rule at each run's `width` gives its params and FLOPs, or
+    None and why not. Without `vocab` / `seq_len` columns (a sweep's results.csv has only `width`) they are
+    solved from the runs: N is linear in the vocabulary, forward FLOPs per token in the sequence length."""
+    if "width" not in r.shapes:
+        return None, f"{r.path} has no `width` column"
+    width = r.shapes["width"]
+    bad = ~(np.isfinite(width) & (width >= 1) & (width == np.round(width)))
+    if bad.any():
+        return None, f"{r.path}: line {r.line[bad][0]}: width is not a positive whole number"
+    bare = [ModelShape.sweep(int(w), vocab=0, seq_len=0) for w in width]
+    vocab = r.shapes.get("vocab", (r.params - np.array([params(s) for s in bare])) / (2 * width))
+    per_position = np.array([attention_flops_per_token(ModelShape.sweep(int(w), seq_len=1)) for w in width])
+    fwd = r.flops / (3 * r.tokens) - np.array([forward_flops_per_token(s) for s in bare]) - 2 * width * vocab
+    seq_len = r.shapes.get("seq_len", fwd / per_position)
+    if not (np.isfinite(vocab).all() and np.isfinite(seq_len).all()):
+        return None, f"{r.path}: `vocab` or `seq_len` is not a number on every run"
+    v, s = int(round(float(np.median(vocab)))), int(round(float(np.median(seq_len))))
+    if v < 1 or s < 1:
+        return None, f"{r.path}: no SODA sweep-rule vocabulary and sequence length fit the runs' params and FLOPs"
+    for line, w, n, d, f in zip(r.line, width, r.params, r.tokens, r.flops):
+        shape = ModelShape.sweep(int(w), v, s)
+        if abs(params(shape) / n - 1) > 1e-6 or abs(training_flops_per_token(shape) * d / f - 1) > 1e-3:
+            return None, (f"{r.path}: line {line}: SODA's sweep rule at width {int(w)} (vocab {v}, seq_len {s}) "
+                          f"gives {params(shape)} parameters and {training_flops_per_token(shape) * d:.4g} FLOPs, "
+                          f"the run has {n:.0f} and {f:.4g}: not that shape family")
+    return (v, s), "the runs are SODA sweep-rule shapes"
+
+
+def frontier(r: Results, cost: str = "auto") -> Frontier:
+    """The cost curve Approach 3's optima lie on. `shape-family`: SODA's sweep rule with width continuous
+    (ModelShape.sweep_continuous; the rounded layer count makes a staircase whose best step jumps by ~6% in
+    N for a <0.1% change in loss). `fitted`: ln(FLOPs / (N D)) quadratic in ln N over the runs, held at its
+    edge values beyond the sampled sizes (the real ratio levels off towards 6 for large models, where a
+    polynomial's trend would run away). `constant`: the runs' median FLOPs / (N D). `auto`: shape-family
+    when the runs are SODA-rule shapes, else fitted."""
+    if cost not in FRONTIER_COSTS:
+        raise SodaError(f"--cost {cost!r}: choose from {', '.join(FRONTIER_COSTS)}")
+    k = r.flops / (r.params * r.tokens)
+    info = {"flops_per_param_token_range": [float(k.min()), float(k.max())]}
+    reason = "requested"
+    if cost in ("auto", "shape-family"):
+        family, reason = sweep_family(r)
+        if family:
+            vocab, seq_len = family
+
+            def curve(u):
+                shape = ModelShape.sweep_continuous(np.exp(u), vocab, seq_len)
+                return np.log(params(shape)), np.log(training_flops_per_token(shape))
+            return Frontier("shape-family", curve, tuple(np.log(FAMILY_WIDTHS)),
+                            {"vocab": vocab, "seq_len": seq_len, "reason": reason, **info})
+        if cost == "shape-family":
+            raise SodaError(f"--cost shape-family: {reason}; use --cost fitted")
+    ln_n = np.log(r.params)
+    bounds = (float(ln_n.min() - SEARCH_SPAN), float(ln_n.max() + SEARCH_SPAN))
+    if cost == "constant":
+        ln_k = math.log(float(np.median(k)))
+        return Frontier("constant", lambda u: (u, u + ln_k), bounds,
+                        {"flops_per_param_token": math.exp(ln_k), "reason": reason, **info})
+    lo, hi, center = float(ln_n.min()), float(ln_n.max()), float(ln_n.mean())
+    coef = np.polyfit(ln_n - center, np.log(k), min(FITTED_DEGREE, len(np.unique(r.params)) - 1))
+    return Frontier("fitted", lambda u: (u, u + np.polyval(coef, np.clip(u, lo, hi) - center)), bounds,
+                    {"ln_k_polynomial": coef.tolist(), "center_ln_params": center,
+                     "params_range": [math.exp(lo), math.exp(hi)], "reason": reason, **info})
+
+
+def _golden_minimum(f, lo: np.ndarray, hi: np.ndarray, iterations: int = 50) -> np.ndarray:
+    """Elementwise minimiser of a unimodal f on [lo, hi] by golden-section search (50 steps shrink the
+    bracket 3e10-fold): scipy's scalar minimisers take one problem at a time, and the bootstrap asks
+    resamples x budgets of them."""
+    r = (math.sqrt(5) - 1) / 2
+    a, b = lo.astype(float), hi.astype(float)
+    c, d = b - r * (b - a), a + r * (b - a)
+    fc, fd = f(c), f(d)
+    for _ in range(iterations):
+        left = fc < fd  # the minimum lies in [a, d]: old c becomes the new d
+        a, b = np.where(left, a, c), np.where(left, d, b)
+        new = np.where(left, b - r * (b - a), a + r * (b - a))
+        f_new = f(new)
+        c, d, fc, fd = (np.where(left, new, d), np.where(left, c, new),
+                        np.where(left, f_new, fd), np.where(left, fc, f_new))
+    return (a + b) / 2
+
+
+def _frontier_optimum(terms: dict, front: Frontier, flops):
+    """N*, D*, L* minimising E + A/N^alpha + B/D^beta along the frontier: (..., budgets) for terms of shape
+    (...); nan where A or B is 0 (the loss does not depend on N or D, so no allocation is best)."""
+    e, A, B, alpha, beta = (np.asarray(terms[n], float)[..., None] for n in ("E", "A", "B", "alpha", "beta"))
+    log_c = np.log(np.asarray(flops, float))
+
+    def loss(u):
+        ln_n, ln_t = front.curve(u)
+        return e + A * np.exp(-alpha * ln_n) + B * np.exp(-beta * (log_c - ln_t))
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        g = (alpha * A / (beta * B)) ** (1 / (alpha + beta))
-        n = g * (np.asarray(flops) / k) ** a
-        d = np.asarray(flops) / k / n
+        shape = np.broadcast_shapes(e.shape, log_c.shape)
+        u = _golden_minimum(loss, np.full(shape, front.bounds[0]), np.full(shape, front.bounds[1]))
+        ln_n, ln_t = front.curve(u)
+        defined = np.isfinite(e + A + B + alpha + beta) & (A > 0) & (B > 0)
+        n, d = np.where(defined, np.exp(ln_n), np.nan), np.where(defined, np.exp(log_c - ln_t), np.nan)
         return n, d, e + A * n ** -alpha + B * d ** -beta
 
 
@@ -470,37 +602,40 @@ def _warnings(r: Results, a2: dict, a3: dict, bootstrap: int, n_star3) -> list[s
     warnings += [f"Approach 3: {term} = 0, the loss does not fall with {what} here: no compute-optimal allocation"
                  for term, what in (("A", "N"), ("B", "D")) if a3[term] <= 0]
     outside = [f"{c:.3g}" for c, n in zip(r.budgets, n_star3)
-               if not r.params[r.budget == c].min() <= n <= r.params[r.budget == c].max()]
+               if np.isfinite(n) and not r.params[r.budget == c].min() <= n <= r.params[r.budget == c].max()]
     if outside:
         warnings.append(f"Approach 3: N* lies outside the sampled model sizes at budget(s) {', '.join(outside)} "
                         "(extrapolated)")
     return warnings
 
 
-def fit_scaling(results: Results, bootstrap: int = 1000, seed: int = 0, target_flops=None) -> dict:
+def fit_scaling(results: Results, bootstrap: int = 1000, seed: int = 0, target_flops=None,
+                cost: str = "auto") -> dict:
     """Both approaches, bootstrap intervals, predictions at `target_flops` (default 10x and 100x the
-    largest budget) and the per-point data the plots need, as one JSON-ready dict."""
+    largest budget) with Approach 3's optima along the `cost` frontier (see `frontier`), and the
+    per-point data the plots need, as one JSON-ready dict."""
     if bootstrap < 0:
         raise SodaError(f"--bootstrap must be >= 0, got {bootstrap}")
     rng = np.random.default_rng(seed)
     r = results
+    front = frontier(r, cost)
     a2, laws, reps2 = approach2(r, bootstrap, rng)
     a3, terms, reps3 = approach3(r, bootstrap, rng)
-    k = a3["flops_per_param_token"]
+    a3.update(frontier_cost=front.cost, frontier=front.info)
     targets = sorted(float(t) for t in (target_flops or r.budgets.max() * np.array([10.0, 100.0])))
     curve = np.geomspace(r.budgets.min() / 2, max(targets + [r.budgets.max() * 2]), 60)
     grid = np.concatenate([targets, curve])
     p2 = _approach2_predict(laws, grid) if laws else np.full((3, len(grid)), np.nan)
-    p3 = _approach3_predict(terms, k, grid)
+    p3 = _frontier_optimum(terms, front, grid)
     rp2 = _approach2_predict({n: v[:, None] for n, v in reps2.items()}, grid) if reps2 else None
-    rp3 = _approach3_predict(reps3, k, grid) if reps3 else None
-    warnings = r.warnings + _warnings(r, a2, a3, bootstrap, _approach3_predict(terms, k, r.budgets)[0])
+    rp3 = _frontier_optimum(reps3, front, grid) if reps3 else None
+    warnings = r.warnings + _warnings(r, a2, a3, bootstrap, _frontier_optimum(terms, front, r.budgets)[0])
     e, A, B, alpha, beta = (terms[n] for n in ("E", "A", "B", "alpha", "beta"))
     surface = e + A * r.params ** -alpha + B * r.tokens ** -beta
     tail = slice(len(targets), None)
     return {
         "input": {"path": r.path, "runs": int(len(r.loss)), "budgets": [float(c) for c in r.budgets]},
-        "settings": {"bootstrap": bootstrap, "seed": seed, "confidence": CONFIDENCE,
+        "settings": {"bootstrap": bootstrap, "seed": seed, "confidence": CONFIDENCE, "cost": cost,
                      "group_tolerance": GROUP_TOLERANCE, "huber_k": HUBER_K},
         "points": [{"line": int(ln), "budget": float(c), "flops": float(f), "params": float(n), "tokens": float(d),
                     "loss": float(lv), "approach3_loss": float(s)}
@@ -508,7 +643,9 @@ def fit_scaling(results: Results, bootstrap: int = 1000, seed: int = 0, target_f
         "excluded": r.excluded,
         "approach2": a2,
         "approach3": a3,
-        "predictions": [{"flops": t, "approach2": _prediction(p2, rp2, i), "approach3": _prediction(p3, rp3, i)}
+        "predictions": [{"flops": t, "approach2": _prediction(p2, rp2, i),
+                         "approach3": {**_prediction(p3, rp3, i),  # k at the optimum, for comparison with the runs'
+                                       "flops_per_param_token": _num(t / (p3[0][..., i] * p3[1][..., i]).squeeze())}}
                         for i, t in enumerate(targets)],
         "curves": {"flops": curve.tolist(), "approach2": _curve(p2, rp2, tail), "approach3": _curve(p3, rp3, tail)},
         "warnings": warnings,
@@ -532,6 +669,17 @@ def _with_ci(fit_part: dict, key: str, fmt=lambda v: f"{v:.3f}") -> str:
     return fmt(fit_part[key]) + (f" [{fmt(ci[0])}, {fmt(ci[1])}]" if ci else "")
 
 
+def _frontier_text(a3: dict) -> str:
+    f, cost = a3["frontier"], a3["frontier_cost"]
+    if cost == "shape-family":
+        return f"SODA's sweep shapes (vocab {f['vocab']:,}, seq_len {f['seq_len']:,}; C = 3 x forward FLOPs)"
+    if cost == "fitted":
+        lo, hi = f["flops_per_param_token_range"]
+        why = "" if f["reason"] == "requested" else f"; not the shape family: {f['reason']}"
+        return f"C = k(N) N D, ln k quadratic in ln N fitted to the runs (k {lo:.3g} to {hi:.3g}{why})"
+    return f"C = {f['flops_per_param_token']:.3g} N D (the runs' median FLOPs/(N D))"
+
+
 def summary(fit: dict) -> str:
     """The exponents of both approaches with 95% intervals, SODA's for reference, and the predictions."""
     a2, a3 = fit["approach2"], fit["approach3"]
@@ -544,8 +692,8 @@ def summary(fit: dict) -> str:
         f"Approach 2 (IsoFLOP parabolas): N* ~ C^{_with_ci(a2, 'a')}  D* ~ C^{_with_ci(a2, 'b')}"
         + (f"  ({a2['bootstrap_valid']}/{n} resamples)" if n and "error" not in a2 else ""),
         f"Approach 3 (L = E + A/N^alpha + B/D^beta): N* ~ C^{_with_ci(a3, 'a')}  D* ~ C^{_with_ci(a3, 'b')}",
-        f"  E {_with_ci(a3, 'E')}  alpha {_with_ci(a3, 'alpha')}  beta {_with_ci(a3, 'beta')}"
-        f"  (C = {a3['flops_per_param_token']:.3g} N D)",
+        f"  E {_with_ci(a3, 'E')}  alpha {_with_ci(a3, 'alpha')}  beta {_with_ci(a3, 'beta')}",
+        f"  optima along {_frontier_text(a3)}",
         f"SODA (published, Approach 2): N* ~ C^{SODA_PUBLISHED['a']}  D* ~ C^{SODA_PUBLISHED['b']}",
     ]
     for p in fit["predictions"]:

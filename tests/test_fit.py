@@ -8,11 +8,12 @@ import math
 
 import numpy as np
 import pytest
-from scipy.optimize import least_squares
+from scipy.optimize import least_squares, minimize_scalar
 
 from scaling import fit as F
 from scaling.cli import main
-from scaling.plan import PAPER_BUDGETS
+from scaling.accounting import ModelShape, params, training_flops_per_token
+from scaling.plan import PAPER_BUDGETS, plan_sweep
 from tokenize_audio.errors import SodaError
 
 TRUTH = {"E": 1.7, "A": 400.0, "B": 1500.0, "alpha": 0.34, "beta": 0.28}  # Chinchilla-like
@@ -276,3 +277,130 @@ def test_cli_usage_errors(args, message, tmp_path, monkeypatch, capsys):
     write(tmp_path / "r.csv", sweep(budgets=PAPER_BUDGETS[:3]))
     assert run(*args) == 2
     assert message in capsys.readouterr().err
+
+
+# --- Approach 3's frontier: optima along the real cost of (N, D), not C = k N D -------------------
+
+SODA_TRUTH = {"E": 1.6, "A": 7430.0, "B": 609.0, "alpha": 0.5, "beta": 0.3}  # optimum inside SODA's grid
+FAR = (3e22, 1e24)  # 100x SODA's largest budget, and further
+
+
+def soda_loss(n, d):
+    t = SODA_TRUTH
+    return t["E"] + t["A"] / n ** t["alpha"] + t["B"] / d ** t["beta"]
+
+
+def soda_grid_rows(noise=0.0, seed=0) -> list[dict]:
+    """SODA's 66 planned runs (7 budgets, its widths and target runs, vocab 144,644, seq 4096): their real
+    params, tokens and FLOPs (3 x forward, so FLOPs/(N D) runs from 3.6 to 6.3) and the surface's loss."""
+    rng = np.random.default_rng(seed)
+    return [{"name": r.name, "budget": r.budget, "width": r.shape.width, "params": r.params, "tokens": r.tokens,
+             "flops": r.flops, "loss": soda_loss(r.params, r.tokens) * math.exp(noise * rng.standard_normal())}
+            for r in plan_sweep(PAPER_BUDGETS, paper_targets=True) if not r.skipped]
+
+
+def family_optimum(c: float) -> tuple[float, float]:
+    """The truth: the surface minimised along SODA's sweep rule, width continuous (scipy, one budget)."""
+    def along(log_w):
+        shape = ModelShape.sweep_continuous(math.exp(log_w))
+        return params(shape), c / training_flops_per_token(shape)
+    log_w = minimize_scalar(lambda u: soda_loss(*along(u)), bounds=(math.log(64), math.log(2**17)),
+                            method="bounded", options={"xatol": 1e-10}).x
+    return tuple(float(v) for v in along(log_w))
+
+
+def errors(prediction, truth) -> np.ndarray:
+    """|ln| errors of N* and D* against the truth."""
+    return np.abs(np.log([prediction["params"] / truth[0], prediction["tokens"] / truth[1]]))
+
+
+def test_continuous_sweep_family_runs_through_the_real_shapes():
+    """What the frontier walks: at SODA's widths the unrounded rule is within 4% of the real shapes' N and
+    FLOPs per token, and the best real shape at a far budget is a near neighbour of its optimum."""
+    for width in range(128, 8193, 128):
+        real, smooth = ModelShape.sweep(width), ModelShape.sweep_continuous(width)
+        assert params(smooth) == pytest.approx(params(real), rel=0.04), width
+        assert training_flops_per_token(smooth) == pytest.approx(training_flops_per_token(real), rel=0.04), width
+    n_true, _ = family_optimum(FAR[0])
+    shapes = [ModelShape.sweep(w) for w in range(128, 32769, 128)]
+    best = min(shapes, key=lambda s: soda_loss(params(s), FAR[0] / training_flops_per_token(s)))
+    assert params(best) == pytest.approx(n_true, rel=0.08)
+
+
+def test_frontier_follows_the_sweep_shapes_not_a_constant_k(tmp_path):
+    """The runs carry `width` only (as a sweep's results.csv does): vocab and seq_len are solved from their
+    params and FLOPs, Approach 3 walks the shape family, and its far optima land within 0.5% of the truth
+    where the constant-k conversion (k = 5.46, the median) misses N* or D* by 7-10%."""
+    path = write(tmp_path / "results.csv", soda_grid_rows())
+    fits = {}
+    for cost in ("auto", "constant"):
+        out = tmp_path / cost
+        assert run("fit", path, "--out", out, "--bootstrap", "10", "--target-flops", ",".join(map(str, FAR)),
+                   "--cost", cost) == 0
+        fits[cost] = json.loads((out / "fit.json").read_text())
+    a3 = fits["auto"]["approach3"]
+    assert a3["frontier_cost"] == "shape-family" and fits["auto"]["settings"]["cost"] == "auto"
+    assert (a3["frontier"]["vocab"], a3["frontier"]["seq_len"]) == (144_644, 4096)
+    assert fits["constant"]["approach3"]["frontier_cost"] == "constant"
+    assert fits["constant"]["approach3"]["frontier"]["flops_per_param_token"] == pytest.approx(5.46, abs=0.01)
+    lo, hi = a3["frontier"]["flops_per_param_token_range"]
+    assert lo < 3.7 and hi > 6.2
+    for name in ("alpha", "beta", "E"):
+        assert a3[name] == pytest.approx(SODA_TRUTH[name], rel=1e-3)
+    for shapes, constant in zip(fits["auto"]["predictions"], fits["constant"]["predictions"]):
+        truth = family_optimum(shapes["flops"])
+        new, old = errors(shapes["approach3"], truth), errors(constant["approach3"], truth)
+        assert (new < 0.005).all() and (new < old).all() and old.max() > 0.05, (shapes["flops"], new, old)
+    assert "optima along SODA's sweep shapes (vocab 144,644, seq_len 4,096" in F.summary(fits["auto"])
+
+
+def test_frontier_bootstrap_intervals_cover_the_truth(tmp_path):
+    """0.5% noise on SODA's grid: the intervals of the shape-family optima at 100x the largest budget hold
+    the truth, and every resample gives an optimum."""
+    fit = fit_rows(tmp_path, soda_grid_rows(noise=0.005, seed=6), bootstrap=200, target_flops=[FAR[0]])
+    p = fit["predictions"][0]["approach3"]
+    n_true, d_true = family_optimum(FAR[0])
+    assert p["params_ci"][0] < n_true < p["params_ci"][1] and p["tokens_ci"][0] < d_true < p["tokens_ci"][1]
+    assert fit["approach3"]["bootstrap_valid"] == 200
+    bands = fit["curves"]["approach3"]["params_band"]
+    assert all(lo < hi for lo, hi in zip(*bands))
+
+
+def test_without_shapes_the_frontier_fits_k_of_n(tmp_path):
+    """No `width` column: FLOPs/(N D) is fitted as a function of N from the runs (said in fit.json and the
+    summary), which still beats the constant k at far budgets."""
+    rows = soda_grid_rows()
+    path = write(tmp_path / "results.csv", rows, ["name", "budget", "params", "tokens", "flops", "loss"])
+    fitted, constant = (F.fit_scaling(F.load_results(path), bootstrap=0, target_flops=FAR, cost=c)
+                        for c in ("auto", "constant"))
+    a3 = fitted["approach3"]
+    assert a3["frontier_cost"] == "fitted" and "no `width` column" in a3["frontier"]["reason"]
+    assert "fitted to the runs" in F.summary(fitted)
+    for new_p, old_p in zip(fitted["predictions"], constant["predictions"]):
+        truth = family_optimum(new_p["flops"])
+        new, old = errors(new_p["approach3"], truth), errors(old_p["approach3"], truth)
+        assert (new < 0.03).all() and new.max() < old.max(), (new_p["flops"], new, old)
+
+
+def test_widths_that_are_not_the_sweep_rule_fall_back_to_fitted(tmp_path):
+    rows = soda_grid_rows()
+    for r in rows:
+        r["params"] *= 1.1  # some other family: the rule's counts no longer match
+    fit = fit_rows(tmp_path, rows)
+    assert fit["approach3"]["frontier_cost"] == "fitted"
+    assert "not that shape family" in fit["approach3"]["frontier"]["reason"]
+
+
+def test_constant_cost_is_the_old_closed_form(tmp_path):
+    fit = fit_rows(tmp_path, soda_grid_rows(), cost="constant")
+    a3, p = fit["approach3"], fit["predictions"][-1]
+    assert p["approach3"]["params"] == pytest.approx(a3["params_coefficient"] * p["flops"] ** a3["a"], rel=1e-6)
+    assert p["approach3"]["tokens"] == pytest.approx(a3["tokens_coefficient"] * p["flops"] ** a3["b"], rel=1e-6)
+
+
+def test_shape_family_without_widths_is_a_one_line_error(tmp_path, capsys):
+    path = write(tmp_path / "results.csv", soda_grid_rows(), ["budget", "params", "tokens", "flops", "loss"])
+    assert run("fit", path, "--out", tmp_path / "fit", "--cost", "shape-family") == 2
+    err = capsys.readouterr().err
+    assert err == f"soda-scaling: error: --cost shape-family: {path} has no `width` column; use --cost fitted\n"
+    assert not (tmp_path / "fit").exists()
