@@ -188,21 +188,23 @@ def last_line(log: Path) -> str:
 
 
 def train(command: list[str], log: Path) -> int:
-    """Run soda-train, output appended to `log`. SIGTERM is passed on so the run checkpoints (exit 143);
+    """Run soda-train, output appended to `log`. SIGTERM and SIGUSR1 are passed on so the run checkpoints (exit 143);
     on Ctrl-C the run got the same signal: wait for it to stop cleanly rather than kill it."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("a") as out:
         out.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')}: {shlex.join(command)}\n")
         out.flush()
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-        previous = signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM))
+        forward = lambda signum, _: proc.send_signal(signum)  # noqa: E731
+        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1)}
         try:
             return proc.wait()
         except KeyboardInterrupt:
             proc.wait()
             raise
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def run_sweep(runs: list[PlannedRun], sweep: Path, data: list[str], extra: list[str],

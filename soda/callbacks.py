@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.throughput import get_available_flops
 
@@ -72,23 +75,51 @@ class StepMetrics(L.Callback):
         self._restart(trainer)
 
 
-class Preemption(L.Callback):
-    """On SIGTERM or SIGUSR1 (schedulers' pre-emption notices): finish the step, checkpoint, stop.
+class StepCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint (a `stepN.ckpt` every `every_n_train_steps`), with `last.ckpt` always a link.
 
-    Lightning's own SIGTERM handling stops mid-accumulation without a checkpoint; this replaces
-    it for the duration of training and restores the previous handlers afterwards.
+    Its own `save_last` writes a *full* file `last-v1.ckpt` beside an existing `last.ckpt` whenever it has not
+    saved that link itself (after a resume, or a pre-emption checkpoint): one full-size copy per requeue at real
+    scale. Here "saving last" only points `last.ckpt` at the newest step file, and is nothing otherwise.
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    def _save_last_checkpoint(self, trainer, monitor_candidates) -> None:
+        from .checkpoints import link_last
+
+        if trainer.global_rank == 0 and self._last_checkpoint_saved and Path(self._last_checkpoint_saved).is_file():
+            link_last(Path(self._last_checkpoint_saved))
+
+
+class Preemption(L.Callback):
+    """On SIGTERM or SIGUSR1 (schedulers' pre-emption notices) or SIGINT (Ctrl-C): finish the step, checkpoint,
+    stop; `exit_code` is then 128 + the signal (143 for SIGTERM, 130 for Ctrl-C). A second Ctrl-C stops at once.
+
+    Lightning's own SIGTERM handling stops mid-accumulation without a checkpoint; this replaces it for the
+    duration of training and restores the previous handlers afterwards. Data-loader workers ignore these
+    signals (`soda.data.dataloader`): a signal sent to the whole process group, as SLURM and `timeout` send it,
+    must not kill them before the main process has checkpointed.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self, checkpoint_dir: Path):
         self.dir = Path(checkpoint_dir)
-        self.requested = False
+        self.requested: int | None = None  # the signal received
         self.saved_at: int | None = None
         self._previous: dict = {}
 
+    @property
+    def exit_code(self) -> int:
+        return 128 + (self.requested or signal.SIGTERM)
+
     def _handler(self, signum, frame) -> None:
-        self.requested = True
+        if signum == signal.SIGINT and self.requested == signal.SIGINT:
+            raise KeyboardInterrupt  # Ctrl-C twice: stop now, without waiting for the step's checkpoint
+        if self.requested is None:
+            self.requested = signum
+            if signum == signal.SIGINT:
+                print("\nsoda: interrupted: saving a checkpoint at the end of this step (Ctrl-C again to stop "
+                      "without it)", file=sys.stderr)
 
     def on_train_start(self, trainer, pl_module) -> None:
         for sig in self.SIGNALS:
@@ -102,7 +133,7 @@ class Preemption(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if (batch_idx + 1) % trainer.accumulate_grad_batches:
             return  # only between optimizer steps: a checkpoint must not hold half an accumulation
-        if trainer.strategy.reduce_boolean_decision(self.requested, all=False):
+        if trainer.strategy.reduce_boolean_decision(self.requested is not None, all=False):
             from .checkpoints import link_last
 
             path = self.dir / f"step{trainer.global_step:07d}.ckpt"
@@ -110,18 +141,27 @@ class Preemption(L.Callback):
                 trainer.save_checkpoint(path, weights_only=False)
             if trainer.global_rank == 0:
                 link_last(path)
+            for callback in trainer.checkpoint_callbacks:  # this step is saved: ModelCheckpoint must not save
+                callback._last_global_step_saved = trainer.global_step  # it again
             self.saved_at = trainer.global_step
             trainer.should_stop = True
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write each checkpoint to a temporary name, then rename: a kill never leaves half a file."""
+    """Write each checkpoint straight into a temporary file beside its destination, then rename: a kill never
+    leaves half a file, and nothing is staged elsewhere. (Lightning's own save builds the whole checkpoint in
+    memory, then copies it through fsspec's temporary file in $TMPDIR: a node-local /tmp too small for a 70 GB
+    4B checkpoint fails with ENOSPC although the run directory has room.)"""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
-            super().save_checkpoint(checkpoint, tmp, storage_options)
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(tmp, path)
         finally:
-            tmp.unlink(missing_ok=True)
+            Path(tmp).unlink(missing_ok=True)

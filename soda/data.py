@@ -547,4 +547,33 @@ def dataloader(stream: PackedStream, batch_size: int, workers: int, stateful: bo
     else:
         from torch.utils.data import DataLoader as Loader
     return Loader(stream, batch_size=batch_size, num_workers=workers, pin_memory=torch.cuda.is_available(),
-                  persistent_workers=False, **({"prefetch_factor": 2} if workers else {}))
+                  persistent_workers=False,
+                  **({"prefetch_factor": 2, "worker_init_fn": ignore_stop_signals} if workers else {}))
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """In a loader worker: ignore SIGTERM, SIGINT and SIGUSR1. Sent to the whole process group (SLURM, `timeout`,
+    Ctrl-C), they would kill the workers before the main process checkpoints, and the main process would then die
+    of "DataLoader worker killed"; the main process shuts its workers down itself."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def stop_loader_workers() -> None:
+    """End this process's loader workers (after training; they ignore SIGTERM, which is how torch and
+    multiprocessing would otherwise stop them, so the process would wait for them at exit forever). The run's
+    state is already saved, and workers only read: killing them loses nothing. torch's SIGCHLD watch, which
+    reports a dying worker as an error, is switched off first."""
+    import multiprocessing
+    import signal
+
+    workers = [p for p in multiprocessing.active_children() if p.daemon]
+    if not workers:
+        return
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for p in workers:
+        p.kill()
+    for p in workers:
+        p.join(timeout=10)

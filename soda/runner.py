@@ -11,7 +11,7 @@ from scaling.accounting import training_flops_per_token
 from tokenize_audio.errors import SodaError
 
 from .config import TrainConfig
-from .train import PREEMPTED_EXIT, batch_layout, is_rank_zero, save_config, world_size
+from .train import INTERRUPTED_EXIT, batch_layout, is_rank_zero, save_config, world_size
 
 
 def build_model(cfg: TrainConfig, vocab):
@@ -61,13 +61,13 @@ def precision_for(cfg: TrainConfig) -> str:
 
 def run(cfg: TrainConfig, resume: bool) -> int:
     import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+    from lightning.pytorch.callbacks import TQDMProgressBar
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
     from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-    from .callbacks import AtomicCheckpointIO, Preemption, StepMetrics
+    from .callbacks import AtomicCheckpointIO, Preemption, StepCheckpoint, StepMetrics
     from .checkpoints import checkpoint_dir, export_hf, last_checkpoint, link_last
-    from .data import OneAheadLoader, PackedStream, dataloader, repeat_warnings, resolve_sources
+    from .data import OneAheadLoader, PackedStream, dataloader, repeat_warnings, resolve_sources, stop_loader_workers
     from .model import count_parameters, describe
     from .module import SodaModule
     from .report import write_reports
@@ -107,7 +107,7 @@ def run(cfg: TrainConfig, resume: bool) -> int:
     log_every = max(1, min(cfg.log_every, max_steps // 2))  # a short run still logs a curve
     preemption = Preemption(ckpt_dir)
     callbacks = [
-        ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:07d}", auto_insert_metric_name=False,
+        StepCheckpoint(dirpath=ckpt_dir, filename="step{step:07d}", auto_insert_metric_name=False,
                         every_n_train_steps=cfg.ckpt_every, save_top_k=-1, save_last="link"),
         StepMetrics(cfg.batch_sequences * cfg.seq_len, per_token, cfg.peak_flops, log_every),
         preemption,
@@ -157,15 +157,19 @@ def run(cfg: TrainConfig, resume: bool) -> int:
                                 "parameters_non_embedding": counted["non_embedding"], "flops_per_token": per_token,
                                 "attention": model.config._attn_implementation, "steps": steps})
     ckpt_path = last_checkpoint(out) if resume else None
-    trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=ckpt_path,
-                weights_only=True)
+    try:
+        trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=ckpt_path,
+                    weights_only=True)
+    finally:
+        stop_loader_workers()
 
     if preemption.saved_at is not None:
         if is_rank_zero():
             write_reports(out)
-            print(f"soda-train: pre-empted at step {preemption.saved_at}; checkpoint saved in {ckpt_dir}; "
+            how = "interrupted" if preemption.exit_code == INTERRUPTED_EXIT else "pre-empted"
+            print(f"soda-train: {how} at step {preemption.saved_at}; checkpoint saved in {ckpt_dir}; "
                   f"continue with: soda-train --out {out} --resume", file=sys.stderr)
-        return PREEMPTED_EXIT
+        return preemption.exit_code
     final = ckpt_dir / f"step{trainer.global_step:07d}.ckpt"
     if not final.exists():
         trainer.save_checkpoint(final, weights_only=False)

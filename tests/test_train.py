@@ -123,6 +123,28 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(trained, train_tok
         assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-6), step
 
 
+def test_checkpoints_are_written_beside_their_destination_never_through_tmpdir(train_tokens, tmp_path, monkeypatch):
+    """A cluster node's /tmp is often far smaller than a checkpoint (about 70 GB at 4B): a temporary file made
+    without a directory (in $TMPDIR) fails with ENOSPC here, as it would there; the run must not need one."""
+    import errno
+    import tempfile
+
+    real = tempfile.mkstemp
+
+    def node_local_tmp_is_full(*args, **kwargs):
+        if kwargs.get("dir") is None and len(args) < 3:
+            raise OSError(errno.ENOSPC, "No space left on device (the node-local $TMPDIR)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", node_local_tmp_is_full)
+    out = tmp_path / "run"
+    assert main(tiny_args(train_tokens, out, steps=4, **{"--ckpt-every": "2", "--workers": "0"})
+                + ["--no-export"]) == 0
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == ["last.ckpt", "step0000002.ckpt", "step0000004.ckpt"]  # no temporary or last-v1 files left
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+
+
 def test_resume_auto_starts_a_new_run_and_continues_an_interrupted_one(trained, train_tokens, tmp_path):
     """One command line for a job's first start and its re-queued restarts: the second call continues the first
     run (the same losses as the uninterrupted run), it is not refused as "already holds a run"."""
@@ -152,27 +174,47 @@ def test_resume_takes_the_highest_step_file_not_a_stale_last_link(tmp_path):
     assert last_checkpoint(tmp_path) == ckpts / "last.ckpt"
 
 
-def test_sigterm_checkpoints_at_a_step_boundary_and_resumes(train_tokens, tmp_path):
-    # Micro-batch 4 with 2 accumulation steps: the checkpoint must fall between optimizer steps.
-    extra = {"--micro-batch": "4", "--ckpt-every": "100"}
-    reference = tmp_path / "reference"
-    assert main(tiny_args(train_tokens, reference, steps=20, **extra) + ["--no-export"]) == 0
+PREEMPT_EXTRA = {"--micro-batch": "4", "--ckpt-every": "100", "--workers": "2"}  # loader workers, as by default
+
+
+@pytest.fixture(scope="module")
+def preempt_reference(train_tokens, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("preempt") / "reference"
+    assert main(tiny_args(train_tokens, out, steps=20, **PREEMPT_EXTRA) + ["--no-export"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("target,sig,code", [("process", signal.SIGTERM, 143), ("group", signal.SIGTERM, 143),
+                                             ("group", signal.SIGINT, 130)])
+def test_a_signal_checkpoints_at_a_step_boundary_and_resumes(preempt_reference, train_tokens, tmp_path, target, sig,
+                                                             code):
+    """SIGTERM as a scheduler sends it: to the main process, or to the whole process group (SLURM at a time limit,
+    `timeout`, `kill -- -PGID`), data-loader workers included; and Ctrl-C (SIGINT to the terminal's group). The
+    workers must outlive the checkpoint: the run saves at the end of the current optimizer step (micro-batch 4 with
+    2 accumulation steps: never half an accumulation), exits 143 (130 for Ctrl-C), and --resume trains exactly
+    the uninterrupted run's remaining steps."""
     out = tmp_path / "preempted"
-    args = tiny_args(train_tokens, out, steps=20, **extra)
+    args = tiny_args(train_tokens, out, steps=20, **PREEMPT_EXTRA)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen([PY, "-m", "soda.train", *args], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     metrics = out / "logs" / "version_0" / "metrics.csv"
     _wait_for(metrics, proc)
-    proc.send_signal(signal.SIGTERM)
+    if target == "group":
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
     _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 143, err[-2000:]
-    assert "pre-empted at step" in err and "--resume" in err
+    assert proc.returncode == code, err[-2000:]
+    assert "Traceback" not in err and "killed by signal" not in err, err[-2000:]
+    assert "checkpoint saved" in err and "--resume" in err
     step = int((out / "checkpoints" / "last.ckpt").resolve().stem.removeprefix("step"))
     assert 0 < step < 20
+    assert not list((out / "checkpoints").glob("last-v*"))  # no duplicate full-size copies beside the link
     done = run_cli(args + ["--resume"])
     assert done.returncode == 0, done.stderr[-3000:]
-    want, got = losses(reference), losses(out)
+    assert not list((out / "checkpoints").glob("last-v*"))
+    want, got = losses(preempt_reference), losses(out)
     assert set(got) == set(want) == set(range(20))
     for s in range(20):
         assert got[s] == pytest.approx(want[s], rel=1e-5, abs=1e-6), s
