@@ -398,7 +398,6 @@ class PackedStream(IterableDataset):
         cursors = [_Cursor(self._shards(s), slot, n_slots, self.seed * 1000 + i, self.infinite,
                            tuple(loaded["cursors"][i]) if loaded else None, self.vocab_size)
                    for i, s in enumerate(self.sources)]
-        windows = loaded.get("windows", 0)
         emitted = np.array(loaded.get("emitted", [0] * len(self.sources)), dtype=np.int64)
         self.skipped = list(loaded.get("skipped", []))
         active = [i for i, s in enumerate(self.sources) if self._shards(s) and (self.weights[i] > 0 or not self.infinite)]
@@ -448,10 +447,9 @@ class PackedStream(IterableDataset):
             if src in exhausted:
                 continue
             flat, flat_docs, flat_mask = packer.window(self.seq_len)
-            windows += 1
             emitted[src] += 1
             self._state = {"cursors": [c.state() for c in cursors], "pending": [p.pending for p in packers],
-                           "windows": windows, "emitted": emitted.tolist(), "skipped": list(self.skipped)}
+                           "emitted": emitted.tolist(), "skipped": list(self.skipped)}
             window = {"input_ids": torch.from_numpy(flat.copy()), "doc_ids": torch.from_numpy(_renumber(flat_docs)),
                       "source": torch.tensor(src)}
             if self.loss_after is not None:

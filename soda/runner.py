@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from scaling.accounting import training_flops_per_token
 from tokenize_audio.errors import SodaError
 
 from .config import TrainConfig
-from .train import INTERRUPTED_EXIT, batch_layout, is_rank_zero, save_config, world_size
+from .train import batch_layout, is_rank_zero, save_config, world_size
 
 
 def build_model(cfg: TrainConfig, vocab):
@@ -166,7 +167,7 @@ def run(cfg: TrainConfig, resume: bool) -> int:
     if preemption.saved_at is not None:
         if is_rank_zero():
             write_reports(out)
-            how = "interrupted" if preemption.exit_code == INTERRUPTED_EXIT else "pre-empted"
+            how = "interrupted" if preemption.requested == signal.SIGINT else "pre-empted"
             print(f"soda-train: {how} at step {preemption.saved_at}; checkpoint saved in {ckpt_dir}; "
                   f"continue with: soda-train --out {out} --resume", file=sys.stderr)
         return preemption.exit_code

@@ -29,8 +29,6 @@ CONFIG_FILE = "config.yaml"
 RESUMABLE_CHANGES = {"max_steps", "val_every", "val_batches", "ckpt_every", "log_every", "workers", "devices",
                      "num_nodes", "strategy", "accelerator", "micro_batch", "precision", "wandb",
                      "skip_bad_shards", "on_nonfinite", "peak_flops", "export", "out"}
-PREEMPTED_EXIT = 143  # SIGTERM/SIGUSR1: checkpointed, run again to continue (a job script requeues on it)
-INTERRUPTED_EXIT = 130  # Ctrl-C (SIGINT): checkpointed too
 # Settings added after runs were saved without them: the value those runs were trained with.
 PREDATES = {"weight_decay_mode": "adamw"}
 
