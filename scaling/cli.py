@@ -35,8 +35,12 @@ RESULTS.csv needs columns flops, params, tokens, loss. An optional `budget` colu
 (its value is C); without it, runs whose FLOPs agree within 5% form one budget (C = their median).
 Optional `width`, `vocab`, `seq_len` give the shapes; other columns are ignored. A run with an
 empty, nan or inf loss (diverged or unfinished) is excluded and listed in fit.json and the summary.
-Any other bad value (a missing column, a non-positive or non-numeric flops/params/tokens/budget, a
-loss <= 0), fewer than 3 budgets or a budget with fewer than 3 usable runs stops with an error.
+Any other bad value stops with an error naming the line and column: a missing column, a non-numeric,
+non-positive or implausible flops/params/tokens/budget (e.g. 1e300, or params in millions: FLOPs /
+(N D) should be about 6), a loss <= 0 or above 100 nats (2 ln V with a `vocab` column). So do fewer
+than 3 budgets or a budget with fewer than 3 usable runs. A row that repeats an earlier one would
+count twice and narrow the intervals: exact duplicates are dropped (--keep-duplicates keeps them),
+and every repeat is counted in fit.json and named in a warning.
 Writes OUT/fit.json; see `plot`."""
 
 RUN_HELP = """Trains each usable row of PLAN with soda-train, one run after another, in OUT/runs/NAME (its
@@ -108,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "runs' widths), fitted (FLOPs/(N D) as a function of N from the runs), constant "
                           "(median FLOPs/(N D)); default auto: shape-family when the runs are sweep-rule shapes, "
                           "else fitted")
+    fit.add_argument("--keep-duplicates", action="store_true",
+                     help="keep rows that repeat an earlier row exactly (default: drop them, with a warning; "
+                          "a run listed twice narrows the bootstrap intervals)")
 
     run = sub.add_parser("run", help="train a plan's runs with soda-train (here, or as a SLURM job array) and "
                                      "gather their results.csv", description=RUN_HELP,
@@ -173,7 +180,8 @@ def fit_command(args) -> int:
     if args.out.exists() and not args.out.is_dir():
         raise SodaError(f"--out {args.out} is a file; give a directory")
     targets = _floats(args.target_flops, "--target-flops") if args.target_flops else None
-    fit = fit_scaling(load_results(args.results), args.bootstrap, args.seed, targets, args.cost)
+    results = load_results(args.results, keep_duplicates=args.keep_duplicates)
+    fit = fit_scaling(results, args.bootstrap, args.seed, targets, args.cost)
     atomic_write_json(args.out / FIT_FILE, fit)
     print(summary(fit))
     print(f"wrote {args.out / FIT_FILE}; draw it with `soda-scaling plot {args.out}`")
