@@ -101,13 +101,17 @@ def resolve_checkpoint(source: str) -> Path | str:
 def _from_hf(name: str, path: Path | None, dtype, attention, weights: bool = True):
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from safetensors import SafetensorError
+
     try:
         if weights:
+            if path is not None:
+                check_weight_files(path)
             model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation=attention)
             config = model.config
         else:
             model, config = None, AutoConfig.from_pretrained(name)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:  # SafetensorError: a damaged file in the hub cache
         raise SodaError(f"{name}: cannot load the model ({str(e).strip().splitlines()[0][:200]})") from None
     meta: dict = {}
     if path is not None and (path / SODA_META).is_file():
@@ -124,6 +128,21 @@ def _from_hf(name: str, path: Path | None, dtype, attention, weights: bool = Tru
     vocab = Vocabulary.build(tok, SODA_CODEBOOKS, SODA_CODEBOOK_SIZE, source=name)
     meta.setdefault("default_codec", SODA_CODEC)
     return model, config, vocab, meta
+
+
+def check_weight_files(directory: Path) -> None:
+    """Refuse a model directory whose safetensors file is truncated or damaged, naming the file (safetensors
+    itself raises a bare SafetensorError that names none). Reads only each file's header: cheap at any size."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in sorted(Path(directory).glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            raise SodaError(f"{file}: not a loadable weights file ({type(e).__name__}: "
+                            f"{str(e).strip().splitlines()[0][:200]}); truncated or damaged? export or copy it "
+                            f"again") from None
 
 
 def _from_checkpoint(path: Path, dtype, attention, weights: bool = True):
