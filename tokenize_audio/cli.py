@@ -43,6 +43,8 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .codecs import DEFAULT_ENCODE_CHUNK_SECONDS
+
     p = argparse.ArgumentParser(
         prog="soda-tokenize",
         description="Turn speech corpora (audio + transcripts) and text into interleaved semantic/acoustic/text "
@@ -65,6 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-seconds", type=float, default=None,
                    help="padded audio seconds per encoder batch (default: 120 on CUDA, 5 on CPU, where "
                         "large batches measured slower; see benchmarks/RESULTS.md)")
+    p.add_argument("--encode-chunk-seconds", type=float, default=DEFAULT_ENCODE_CHUNK_SECONDS,
+                   help=f"encode audio longer than this in chunks of this length (default "
+                        f"{DEFAULT_ENCODE_CHUNK_SECONDS:g}; rounded down to whole codec frames), so memory does not "
+                        f"grow with the file; Mimi's codes are identical to encoding in one pass")
+    p.add_argument("--keep-truncated", action="store_true",
+                   help="keep audio files holding less audio than their header declares (by default they are "
+                        "skipped: their transcript covers audio that is missing)")
     p.add_argument("--recordings-per-shard", type=int, default=64, help="speech recordings per shard (default 64)")
     p.add_argument("--texts-per-shard", type=int, default=1000, help="text documents per shard (default 1000)")
     p.add_argument("--text-column", help="hf: inputs: transcript column (default: text, transcript, sentence, ...)")
@@ -123,16 +132,18 @@ def tokenize(args) -> int:
     for name in ("codebooks", "recordings_per_shard", "texts_per_shard", "workers"):
         if getattr(args, name) < 1:
             raise SodaError(f"--{name.replace('_', '-')} must be at least 1")
+    if not args.encode_chunk_seconds > 0:
+        raise SodaError(f"--encode-chunk-seconds {args.encode_chunk_seconds}: must be positive")
     if args.out.exists() and not args.out.is_dir():
         raise SodaError(f"--out {args.out} exists and is not a directory")
 
     corpus = read_inputs(args.inputs, text_column=args.text_column, audio_column=args.audio_column,
                          recording_column=args.recording_column)
-    codec = load_codec(args.codec, args.codebooks, args.device)
+    codec = load_codec(args.codec, args.codebooks, args.device, encode_chunk_seconds=args.encode_chunk_seconds)
     if codec.random:
         print(f"note: {codec.describe()['label']}", file=sys.stderr)
     settings = Settings(codec.describe(), args.text_tokenizer, formats, args.validation_fraction,
-                        args.recordings_per_shard, args.texts_per_shard)
+                        args.recordings_per_shard, args.texts_per_shard, args.keep_truncated)
     args.out.mkdir(parents=True, exist_ok=True)
     same = check_settings(args.out, settings, args.overwrite)
 
@@ -168,12 +179,16 @@ def _remove_stale_shards(out: Path, planned: set[str]) -> None:
 
 def _print_summary(m: dict, out: Path, reused: int, planned: int) -> None:
     tok = m["tokens"]
+    documents = {split: sum(s["documents"] for s in m["shard_stats"] if s["split"] == split)
+                 for split in ("train", "validation")}
+    empty = [kind for kind, lists in m["shards_by_kind"].items() if lists["train"] and not lists["validation"]]
     lines = [
         f"wrote {out}: {m['documents']} documents from {m['recordings']} recordings/texts, "
         f"{m['utterances']} utterances, {m['audio_seconds'] / 3600:.2f} h audio",
         f"tokens: {tok['total']:,} (text {tok['text']:,}, semantic {tok['semantic']:,}, "
         f"acoustic {tok['acoustic']:,}, special {tok['special']:,}); vocabulary {m['vocab_size']:,}",
-        f"shards: {len(m['shards']['train'])} train, {len(m['shards']['validation'])} validation"
+        "shards: " + ", ".join(f"{len(m['shards'][split])} {split} ({documents[split]} documents)"
+                               for split in ("train", "validation"))
         + (f" ({reused} of {planned} kept from an earlier run)" if reused else ""),
         f"codec: {m['codec']['label']}",
     ]
@@ -182,12 +197,23 @@ def _print_summary(m: dict, out: Path, reused: int, planned: int) -> None:
                      f"{m['skipped'][0]['path']}: {m['skipped'][0]['reason']}")
     if not m["documents"]:
         lines.append("warning: no documents were written")
+    elif empty and m["validation_fraction"] > 0:  # held-out items exist whenever a kind has any, so all were skipped
+        what = f" of the {' and '.join(empty)} documents" if m["shards"]["validation"] else ""
+        lines.append(f"warning: the validation split{what} is empty (every held-out item was skipped); "
+                     "soda-train will report no validation loss on it")
     print("\n".join(lines))
 
 
 # --------------------------------------------------------------------------------------------
 # decode
 # --------------------------------------------------------------------------------------------
+def _safe_name(text, default: str) -> str:
+    """A file-name part from shard contents: letters, digits, `_` and `-` only, so no `../` or `/`
+    in a shard made by someone else can place a file outside --out."""
+    name = re.sub(r"[^A-Za-z0-9_-]+", "_", str(text or "")).strip("_")[:64]
+    return name or default
+
+
 def decode_main(argv) -> int:
     import soundfile as sf
 
@@ -225,7 +251,7 @@ def decode_main(argv) -> int:
 
     codec = None
     for index, key, ids, meta in wanted:
-        folder = args.out / f"doc-{index:06d}-{meta.get('format', 'doc')}"
+        folder = args.out / f"doc-{index:06d}-{_safe_name(meta.get('format'), 'doc')}"
         folder.mkdir(parents=True, exist_ok=True)
         texts = []
         segments = split_segments(vocab, ids)

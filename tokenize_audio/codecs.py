@@ -21,6 +21,8 @@ from .errors import SodaError
 HUB_DEFAULTS = {"mimi": "kyutai/mimi", "encodec": "facebook/encodec_24khz"}
 CODEC_CHOICES = "mimi, mimi:random, encodec, encodec:random, FAMILY:PATH_OR_HUB_ID, or a local model directory"
 RANDOM_SEED = 0
+DEFAULT_ENCODE_CHUNK_SECONDS = 60.0  # SODA cut YODAS segments at 60 s; longer audio is encoded in chunks
+LEFT_CONTEXT_SECONDS = 5.0  # re-encoded before each chunk by codecs without streaming state (EnCodec)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -41,12 +43,16 @@ class Codec:
     `wave` is float32 mono at `sample_rate`. Encoding trims the wave to whole frames
     (`samples_per_frame`) so that right-padding cannot change earlier frames of a causal codec: batched
     and one-by-one Mimi codes are identical; EnCodec in fp32 differs on rare near-ties (<1%).
+    A wave longer than `encode_chunk_seconds` is encoded chunk by chunk (`_encode_long`), so memory is
+    bounded by the chunk, not the file.
     """
 
     family: str = ""
 
-    def __init__(self, model, spec: str, source: str, n_codebooks: int, device: torch.device, random: bool):
+    def __init__(self, model, spec: str, source: str, n_codebooks: int, device: torch.device, random: bool,
+                 encode_chunk_seconds: float = DEFAULT_ENCODE_CHUNK_SECONDS):
         self.model = model.eval().to(device)
+        self.encode_chunk_seconds = encode_chunk_seconds
         self.spec = spec
         self.source = source
         self.random = random
@@ -97,23 +103,60 @@ class Codec:
     def whole_frames(self, n_samples: int) -> int:
         return n_samples // self.samples_per_frame
 
+    @property
+    def chunk_samples(self) -> int:
+        """The most samples one encoder call sees: `encode_chunk_seconds` in whole frames (at least one)."""
+        frames = max(1, self.whole_frames(int(self.encode_chunk_seconds * self.sample_rate)))
+        return frames * self.samples_per_frame
+
     def encode(self, wave: np.ndarray) -> np.ndarray:
         return self.encode_batch([wave])[0]
 
     @torch.inference_mode()
     def encode_batch(self, waves: list[np.ndarray]) -> list[np.ndarray]:
-        """Encode several waves at once: trim to whole frames, right-pad, encode, cut codes to true length."""
+        """Encode several waves at once: trim to whole frames, right-pad, encode, cut codes to true length.
+
+        Waves longer than `chunk_samples` are encoded one at a time in chunks (`_encode_long`).
+        """
         spf = self.samples_per_frame
         frames = [self.whole_frames(len(w)) for w in waves]
         if min(frames, default=1) < 1:
             raise ValueError("every wave must hold at least one whole codec frame")
-        longest = max(frames) * spf
-        batch = np.zeros((len(waves), 1, longest), dtype=np.float32)
+        result: list = [None] * len(waves)
+        short = []
         for i, (w, f) in enumerate(zip(waves, frames)):
-            batch[i, 0, : f * spf] = w[: f * spf]
-        codes = self._encode(torch.from_numpy(batch).to(self.device))  # [B, K, F]
-        codes = codes.to("cpu", torch.int64).numpy()
-        return [codes[i, :, :f].astype(np.int32) for i, f in enumerate(frames)]
+            if f * spf > self.chunk_samples:
+                result[i] = self._encode_long(np.ascontiguousarray(w[: f * spf], dtype=np.float32))
+            else:
+                short.append(i)
+        if short:
+            longest = max(frames[i] for i in short) * spf
+            batch = np.zeros((len(short), 1, longest), dtype=np.float32)
+            for row, i in enumerate(short):
+                batch[row, 0, : frames[i] * spf] = waves[i][: frames[i] * spf]
+            codes = self._encode(torch.from_numpy(batch).to(self.device))  # [B, K, F]
+            codes = codes.to("cpu", torch.int64).numpy()
+            for row, i in enumerate(short):
+                result[i] = codes[row, :, : frames[i]].astype(np.int32)
+        return result
+
+    def _encode_long(self, wave: np.ndarray) -> np.ndarray:
+        """Codes [K, F] of a whole-frame wave, from encoder calls of at most `chunk_samples` samples.
+
+        For a codec whose transformers model keeps no streaming state (EnCodec's LSTM), each call
+        re-encodes up to LEFT_CONTEXT_SECONDS (at most half a chunk) before its new samples and drops
+        those codes: the codes equal one pass except where the lost older state tips a near-tie.
+        """
+        spf, chunk = self.samples_per_frame, self.chunk_samples
+        context = min(self.whole_frames(int(LEFT_CONTEXT_SECONDS * self.sample_rate)), chunk // spf // 2) * spf
+        out, start = [], 0
+        while start < len(wave):
+            lo = max(0, start - context)
+            hi = min(len(wave), lo + chunk)
+            codes = self._encode(torch.from_numpy(wave[None, None, lo:hi]).to(self.device))[0]
+            out.append(codes[:, (start - lo) // spf:].to("cpu", torch.int64))
+            start = hi
+        return torch.cat(out, dim=1).numpy().astype(np.int32)
 
     @torch.inference_mode()
     def decode(self, codes: np.ndarray) -> np.ndarray:
@@ -147,6 +190,20 @@ class MimiCodec(Codec):
 
     def _encode(self, batch):
         return self.model.encode(batch, num_quantizers=self.n_codebooks).audio_codes
+
+    def _encode_long(self, wave: np.ndarray) -> np.ndarray:
+        """Exact chunking: each call continues Mimi's streaming state (the causal convolutions' padding
+        cache and the encoder transformer's KV cache, kept to its sliding window), so the codes equal
+        one-pass encoding and memory is bounded by the chunk length plus that window (10 s)."""
+        encoder_cache = padding_cache = None
+        out = []
+        for lo in range(0, len(wave), self.chunk_samples):
+            chunk = torch.from_numpy(wave[None, None, lo: lo + self.chunk_samples]).to(self.device)
+            step = self.model.encode(chunk, num_quantizers=self.n_codebooks, encoder_cache=encoder_cache,
+                                     padding_cache=padding_cache, use_streaming=True)
+            encoder_cache, padding_cache = step.encoder_cache, step.padding_cache
+            out.append(step.audio_codes[0].to("cpu", torch.int64))
+        return torch.cat(out, dim=1).numpy().astype(np.int32)
 
     def _decode(self, codes):
         return self.model.decode(codes).audio_values
@@ -298,7 +355,8 @@ def parse_codec_spec(spec: str) -> tuple[str, str]:
     raise SodaError(f"unknown codec {spec!r}; choose {CODEC_CHOICES}")
 
 
-def load_codec(spec: str = "mimi", codebooks: int = 8, device: str = "auto") -> Codec:
+def load_codec(spec: str = "mimi", codebooks: int = 8, device: str = "auto",
+               encode_chunk_seconds: float = DEFAULT_ENCODE_CHUNK_SECONDS) -> Codec:
     """Build a codec from a spec: `mimi`, `encodec`, `mimi:random[-full]`, `FAMILY:DIR_OR_HUB_ID`, or a directory."""
     family, source = parse_codec_spec(spec)
     dev = resolve_device(device)
@@ -310,7 +368,8 @@ def load_codec(spec: str = "mimi", codebooks: int = 8, device: str = "auto") -> 
         torch.manual_seed(RANDOM_SEED)
         model = (MimiModel if family == "mimi" else EncodecModel)(config)
         # Codebooks are randomised on CPU so the codec is identical whatever the device.
-        codec = cls(model, spec, source, codebooks, torch.device("cpu"), random=True)
+        codec = cls(model, spec, source, codebooks, torch.device("cpu"), random=True,
+                    encode_chunk_seconds=encode_chunk_seconds)
         randomize_codebooks(codec)
         codec.model.to(dev)
         codec.device = dev
@@ -329,7 +388,7 @@ def load_codec(spec: str = "mimi", codebooks: int = 8, device: str = "auto") -> 
         model = model_cls.from_pretrained(source)
     except Exception as err:  # hub/network/format problems become one clear line
         raise _hub_error(family, source, err) from None
-    return cls(model, spec, source, codebooks, dev, random=False)
+    return cls(model, spec, source, codebooks, dev, random=False, encode_chunk_seconds=encode_chunk_seconds)
 
 
 def _looks_like_hub_id(name: str) -> bool:

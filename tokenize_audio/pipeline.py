@@ -39,12 +39,15 @@ class Settings:
     validation_fraction: float
     recordings_per_shard: int = 64
     texts_per_shard: int = 1000
+    keep_truncated: bool = False  # keep audio shorter than its header says (skipped by default)
 
     def to_dict(self) -> dict:
         codec = {k: v for k, v in self.codec.items() if k != "label"}
+        # keep_truncated only when set: runs made before the flag existed keep their fingerprints.
         return {"codec": codec, "text_tokenizer": self.text_tokenizer, "formats": list(self.formats),
                 "validation_fraction": self.validation_fraction,
-                "recordings_per_shard": self.recordings_per_shard, "texts_per_shard": self.texts_per_shard}
+                "recordings_per_shard": self.recordings_per_shard, "texts_per_shard": self.texts_per_shard,
+                **({"keep_truncated": True} if self.keep_truncated else {})}
 
 
 @dataclass
@@ -100,7 +103,8 @@ class ShardEncoder:
     # --- audio ---------------------------------------------------------------------------------
     def _load(self, utt: Utterance):
         try:
-            wave = load_audio(utt.audio, self.codec.sample_rate, utt.start, utt.end)
+            wave = load_audio(utt.audio, self.codec.sample_rate, utt.start, utt.end,
+                              keep_truncated=self.settings.keep_truncated)
             if self.codec.whole_frames(len(wave)) < 1:
                 raise SkipItem(f"shorter than one codec frame ({1000 / self.codec.frame_rate:.0f} ms)")
             return wave[: self.codec.whole_frames(len(wave)) * self.codec.samples_per_frame]
@@ -142,7 +146,7 @@ class ShardEncoder:
         buffer.clear()
 
     # --- shards --------------------------------------------------------------------------------
-    def run_speech_shard(self, plan: ShardPlan, bar) -> dict:
+    def run_speech_shard(self, plan: ShardPlan, bar) -> tuple[list, dict]:
         skipped: list[dict] = []
         codes: dict[int, np.ndarray] = {}
         utts = [u for rec in plan.recordings for u in rec]
@@ -180,10 +184,9 @@ class ShardEncoder:
                 meta = {"recording": kept[0].recording, "format": fmt, "kind": "speech",
                         "audio_seconds": round(sum(seconds), 3), "tokens": counts, "utterances": utt_meta}
                 samples.append((_sample_key(kept[0].recording, fmt), ids, meta))
-        write_shard(self.out / f"{plan.name}.tar", samples)
-        return stats.to_dict() | {"skipped": skipped}
+        return samples, stats.to_dict() | {"skipped": skipped}
 
-    def run_text_shard(self, plan: ShardPlan, bar) -> dict:
+    def run_text_shard(self, plan: ShardPlan, bar) -> tuple[list, dict]:
         samples, stats = [], _Stats()
         doc: TextDocument
         for doc in plan.recordings:
@@ -194,8 +197,7 @@ class ShardEncoder:
             samples.append((_sample_key(doc.id, "text"), ids,
                             {"recording": doc.id, "format": "text", "kind": "text", "tokens": counts}))
             bar.update(1)
-        write_shard(self.out / f"{plan.name}.tar", samples)
-        return stats.to_dict() | {"skipped": []}
+        return samples, stats.to_dict() | {"skipped": []}
 
     def run(self, plans: list[ShardPlan]) -> tuple[list[dict], int]:
         """Encode every planned shard that is not already finished; return (sidecars, shards reused)."""
@@ -213,8 +215,14 @@ class ShardEncoder:
                 bar.set_description(plan.name)
                 started = time.perf_counter()
                 run = self.run_speech_shard if plan.kind == "speech" else self.run_text_shard
-                stats = run(plan, bar)
-                sidecar = {"name": plan.name, "file": f"{plan.name}.tar", "split": plan.split, "kind": plan.kind,
+                samples, stats = run(plan, bar)
+                tar = self.out / f"{plan.name}.tar"
+                if samples:
+                    write_shard(tar, samples)
+                else:  # every item was skipped: no empty shard to count or to train on
+                    tar.unlink(missing_ok=True)
+                sidecar = {"name": plan.name, "file": tar.name if samples else None, "split": plan.split,
+                           "kind": plan.kind,
                            "fingerprint": plan.fingerprint(self.settings),
                            "seconds": round(time.perf_counter() - started, 3), **stats}
                 atomic_write_json(self.out / f"{plan.name}.json", sidecar)
@@ -245,14 +253,14 @@ def _sample_key(recording: str, fmt: str) -> str:
 
 
 def _finished_sidecar(out: Path, plan: ShardPlan, settings: Settings):
-    side, tar = out / f"{plan.name}.json", out / f"{plan.name}.tar"
-    if not (side.is_file() and tar.is_file()):
-        return None
+    """The sidecar of a finished shard of this plan; its .tar must exist unless it holds no documents."""
     try:
-        sidecar = json.loads(side.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        sidecar = json.loads((out / f"{plan.name}.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
         return None
-    return sidecar if sidecar.get("fingerprint") == plan.fingerprint(settings) else None
+    if sidecar.get("fingerprint") != plan.fingerprint(settings):
+        return None
+    return sidecar if not sidecar.get("file") or (out / f"{plan.name}.tar").is_file() else None
 
 
 def check_settings(out: Path, settings: Settings, overwrite: bool) -> bool:
@@ -283,8 +291,9 @@ def write_manifest(out: Path, codec: Codec, vocab: Vocabulary, settings: Setting
         totals.audio_seconds += s["audio_seconds"]
         for k, v in s["tokens"].items():
             totals.tokens[k] += v
-    shards = {split: [s["file"] for s in sidecars if s["split"] == split] for split in ("train", "validation")}
-    by_kind = {kind: {split: [s["file"] for s in sidecars if s["split"] == split and s["kind"] == kind]
+    written = [s for s in sidecars if s.get("file") and s["documents"]]  # a planned shard may end up empty
+    shards = {split: [s["file"] for s in written if s["split"] == split] for split in ("train", "validation")}
+    by_kind = {kind: {split: [s["file"] for s in written if s["split"] == split and s["kind"] == kind]
                       for split in ("train", "validation")} for kind in ("speech", "text")}
     skipped = list(corpus.skipped) + [item for s in sidecars for item in s.get("skipped", [])]
     from . import __version__
@@ -302,7 +311,7 @@ def write_manifest(out: Path, codec: Codec, vocab: Vocabulary, settings: Setting
         "shards": shards,
         "shards_by_kind": by_kind,
         "shard_stats": [{k: s[k] for k in ("file", "split", "kind", "documents", "utterances", "audio_seconds")}
-                        | {"tokens": sum(s["tokens"].values())} for s in sidecars],
+                        | {"tokens": sum(s["tokens"].values())} for s in written],
         "tool": f"soda-tokenize {__version__}",
     }
     manifest["audio_seconds"] = round(manifest["audio_seconds"], 3)

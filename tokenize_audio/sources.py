@@ -96,13 +96,14 @@ def clean_transcript(text: str) -> str:
     return text
 
 
-def load_audio(source, sample_rate: int, start: float | None = None, end: float | None = None) -> np.ndarray:
+def load_audio(source, sample_rate: int, start: float | None = None, end: float | None = None,
+               keep_truncated: bool = False) -> np.ndarray:
     """Read audio (path or HFAudio), cut [start, end) seconds, mix to mono, resample; float32.
 
-    Raises SkipItem for missing, unreadable, empty, or non-finite audio.
+    Raises SkipItem for missing, unreadable, empty, or non-finite audio, and for a file holding fewer
+    frames than its header declares (a cut-off download or copy: its transcript covers audio that is
+    not there) unless `keep_truncated`.
     """
-    import soundfile as sf
-
     try:
         if isinstance(source, HFAudio):
             item = source.dataset[source.index][source.column]
@@ -115,17 +116,11 @@ def load_audio(source, sample_rate: int, start: float | None = None, end: float 
                 handle = io.BytesIO(raw) if raw else item.get("path")
                 if not handle:
                     raise SkipItem("no audio bytes or path in this row")
-                data, sr = sf.read(handle, dtype="float32", always_2d=True)
+                data, sr = _read_frames(handle, None, None, keep_truncated)
         else:
             if not os.path.exists(source):
                 raise SkipItem("audio file not found")
-            info = sf.info(str(source))
-            sr = info.samplerate
-            first = int(round((start or 0.0) * sr))
-            last = int(round(end * sr)) if end is not None else -1
-            if end is not None and last <= first:
-                raise SkipItem(f"empty segment (start {start}, end {end})")
-            data, sr = sf.read(str(source), start=first, stop=None if last < 0 else last, dtype="float32", always_2d=True)
+            data, sr = _read_frames(str(source), start, end, keep_truncated)
     except SkipItem:
         raise
     except Exception as err:  # soundfile/libsndfile errors on corrupt or unsupported files
@@ -139,6 +134,64 @@ def load_audio(source, sample_rate: int, start: float | None = None, end: float 
     if not np.isfinite(wave).all():
         raise SkipItem("audio contains NaN or Inf samples")
     return resample(wave, sr, sample_rate)
+
+
+def _read_frames(handle, start: float | None, end: float | None, keep_truncated: bool) -> tuple[np.ndarray, int]:
+    """Read frames [start, end) seconds of a file or file object with soundfile; check for truncation."""
+    import soundfile as sf
+
+    info = sf.info(handle)
+    sr = info.samplerate
+    first = int(round((start or 0.0) * sr))
+    last = int(round(end * sr)) if end is not None else -1
+    if end is not None and last <= first:
+        raise SkipItem(f"empty segment (start {start}, end {end})")
+    declared = _declared_frames(handle, info)
+    if hasattr(handle, "seek"):
+        handle.seek(0)
+    data, sr = sf.read(handle, start=first, stop=None if last < 0 else last, dtype="float32", always_2d=True)
+    wanted = (declared if last < 0 else min(last, declared)) - first
+    if len(data) < wanted and not keep_truncated:
+        raise SkipItem(f"truncated audio (header says {declared / sr:.2f} s, file holds {(first + len(data)) / sr:.2f} s)")
+    return data, sr
+
+
+def _declared_frames(handle, info) -> int:
+    """The frames a file's header promises. libsndfile reports the frames a WAV really holds (it
+    shortens a data chunk that runs past the end of the file), so a WAV's data chunk is read here."""
+    if info.format in ("WAV", "WAVEX"):
+        if hasattr(handle, "seek"):
+            handle.seek(0)
+            frames = _wav_data_frames(handle)
+        else:
+            with open(handle, "rb") as f:
+                frames = _wav_data_frames(f)
+        if frames is not None:
+            return max(frames, info.frames)
+    return info.frames
+
+
+def _wav_data_frames(f) -> int | None:
+    """Frames the `data` chunk of a RIFF/WAVE header declares; None if unknown (RF64, streamed WAVs)."""
+    head = f.read(12)
+    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return None
+    block_align = 0
+    while True:
+        chunk = f.read(8)
+        if len(chunk) < 8:
+            return None
+        name, size = chunk[:4], int.from_bytes(chunk[4:], "little")
+        if name == b"data":
+            # 0 and 0xFFFFFFFF are what writers leave when they cannot seek back to fill in the size.
+            return size // block_align if block_align and size not in (0, 0xFFFFFFFF) else None
+        if name == b"fmt ":
+            body = f.read(size + (size & 1))
+            if len(body) < 14:
+                return None
+            block_align = int.from_bytes(body[12:14], "little")  # bytes per frame, all channels
+        else:
+            f.seek(size + (size & 1), 1)  # chunks are padded to an even size
 
 
 def resample(wave: np.ndarray, sr: int, target: int) -> np.ndarray:
