@@ -15,6 +15,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.throughput import get_available_flops
 
+from tokenize_audio.errors import SodaError
+
 # Dense bf16 peak FLOP/s per GPU, for --dry-run wall-clock estimates (MFU during training uses
 # Lightning's table for the device it finds, or --peak-flops).
 NAMED_GPUS = {"H100-SXM": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "B200": 2250e12}
@@ -151,17 +153,42 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Write each checkpoint straight into a temporary file beside its destination, then rename: a kill never
     leaves half a file, and nothing is staged elsewhere. (Lightning's own save builds the whole checkpoint in
     memory, then copies it through fsspec's temporary file in $TMPDIR: a node-local /tmp too small for a 70 GB
-    4B checkpoint fails with ENOSPC although the run directory has room.)"""
+    4B checkpoint fails with ENOSPC although the run directory has room.)
+
+    A checkpoint holding a NaN or Inf is refused (the module never applies such an update; this is the last
+    guard), and a failed write (disk full, read-only or vanished directory) is one line naming the file, with the
+    temporary file removed and the previous checkpoints untouched."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        from .checkpoints import first_nonfinite
+
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        if (bad := first_nonfinite({"state_dict": checkpoint.get("state_dict", {}),
+                                    "optimizer_states": checkpoint.get("optimizer_states", [])})) is not None:
+            raise SodaError(f"{path}: not saved: {bad} holds a NaN or Inf; the previous checkpoints are kept")
+        tmp = None
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
             with os.fdopen(fd, "wb") as f:
                 torch.save(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+        except OSError as e:
+            raise SodaError(f"{path}: cannot write the checkpoint ({e.strerror or e}); nothing was written and the "
+                            f"previous checkpoints are kept") from None
         finally:
-            Path(tmp).unlink(missing_ok=True)
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+
+    def load_checkpoint(self, path, *args, **kwargs):
+        from .checkpoints import unreadable_reason
+
+        try:
+            return super().load_checkpoint(path, *args, **kwargs)
+        except Exception as e:
+            if isinstance(e, SodaError):
+                raise
+            reason = unreadable_reason(Path(path)) or f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
+            raise SodaError(f"{path}: cannot load the checkpoint ({reason})") from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -30,11 +31,71 @@ def last_checkpoint(out: Path) -> Path | None:
     """The run's newest checkpoint: the highest-numbered `stepN.ckpt` (each is written whole, then renamed), else
     `last.ckpt`. Not `last.ckpt` first: a kill between saving a step's file and re-pointing the link would
     otherwise resume from an older step, or find no checkpoint at all after the first save."""
-    steps = [(n, p) for p in checkpoint_dir(out).glob("step*.ckpt") if (n := _step(p)) is not None]
+    return next(iter(_candidates(out)), None)
+
+
+def _candidates(out: Path) -> list[Path]:
+    """Step files, newest first; `last.ckpt` (resolved) only when there are none."""
+    steps = sorted(((n, p) for p in checkpoint_dir(out).glob("step*.ckpt") if (n := _step(p)) is not None),
+                   reverse=True)
     if steps:
-        return max(steps)[1]
+        return [p for _, p in steps]
     path = checkpoint_dir(out) / LAST
-    return path if path.exists() else None
+    return [path] if path.exists() else []
+
+
+def first_nonfinite(tree, name: str = "") -> str | None:
+    """The name of the first tensor in a (nested) checkpoint or state dict that holds a NaN or Inf, else None. Saving
+    and exporting refuse such state: a run that diverged must never leave a "last good" file that is not."""
+    if isinstance(tree, torch.Tensor):
+        if tree.is_floating_point() or tree.is_complex():
+            data = tree.to_local() if hasattr(tree, "to_local") else tree  # a DTensor: this rank's shard
+            if not bool(torch.isfinite(data).all()):
+                return name or "tensor"
+        return None
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
+    for key, value in items:
+        if (found := first_nonfinite(value, f"{name}.{key}" if name else str(key))) is not None:
+            return found
+    return None
+
+
+def unreadable_reason(path: Path) -> str | None:
+    """Why `path` cannot be resumed from (truncated, not a checkpoint), or None. Cheap: the archive's index and
+    pickle are read, the tensor data only mapped."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except FileNotFoundError:
+        return "it is gone"
+    except Exception as e:  # a truncated or foreign file: torch says why in its first line
+        return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160]}" if str(e).strip() else type(e).__name__
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "global_step" not in ckpt:
+        return "not a soda-train checkpoint (no state_dict or global_step)"
+    return None
+
+
+def resumable_checkpoint(out: Path, move_aside: bool, say=print) -> Path | None:
+    """The newest checkpoint of the run that loads, for --resume. A newer one that does not (cut short outside our
+    atomic writes: a copy, a sync, a disk fault) is named in one line and, by `move_aside` (rank zero only: the
+    other ranks skip it untouched), renamed to `NAME.corrupt` beside it: kept for inspection, never deleted, and
+    skipped by every later requeue."""
+    for path in _candidates(out):
+        reason = unreadable_reason(path)
+        if reason is None:
+            return path
+        if move_aside:
+            real = path.resolve()
+            aside, n = real.with_name(real.name + ".corrupt"), 1
+            while aside.exists():
+                n += 1
+                aside = real.with_name(f"{real.name}.corrupt{n}")
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(real, aside)
+            if path.is_symlink():
+                path.unlink()
+            say(f"checkpoint {path} cannot be read ({reason}); moved aside to {aside.name}; resuming from the "
+                f"newest readable one before it")
+    return None
 
 
 def link_last(target: Path) -> None:
@@ -71,6 +132,8 @@ def export_hf(checkpoint: Path, out_dir: Path, vocab_dir: Path | None = None, vo
     with torch.device("meta"):
         model = Qwen3ForCausalLM(config)
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
+    if (bad := first_nonfinite(state)) is not None:
+        raise SodaError(f"{checkpoint}: not exported: {bad} holds a NaN or Inf")
     model.load_state_dict(state, assign=True, strict=True)
     with atomic_directory(Path(out_dir)) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)

@@ -77,6 +77,11 @@ def load_pretrained(source: str, vocab: Vocabulary, attention: str = "sdpa"):
     if saved.is_file() and not Vocabulary.load(path).matches(vocab):
         raise SodaError(f"--init-from {source}: its vocab.json differs from the data's vocabulary (ids would mean "
                         f"other tokens)")
+    from .checkpoints import first_nonfinite
+
+    if (bad := first_nonfinite(model.state_dict())) is not None:
+        raise SodaError(f"--init-from {source}: {bad} holds a NaN or Inf; a model that diverged cannot be trained "
+                        f"from (take an earlier checkpoint's export)")
     return model.train()  # from_pretrained returns eval mode; training starts from train mode as a fresh model
 
 

@@ -121,7 +121,8 @@ class SodaModule(L.LightningModule):
         self._micro = 0
         self.grad_norm = None
         self.step_metrics = None  # the last step's training metrics, until StepMetrics writes them
-        self.skipped_batches = 0
+        self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss or gradient norm
+        self._nonfinite = None  # why the current step must not update the weights
 
     # --- loss ----------------------------------------------------------------------------------
     def _sums(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,35 +136,32 @@ class SodaModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         loss, sums = self._sums(batch)
         finite = torch.isfinite(loss.detach())
-        if self.trainer.world_size > 1:
+        if self.trainer.world_size > 1:  # every rank decides alike: all skip the update, or none
             flag = finite.float()
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)
             finite = flag.bool()
-        if not finite:
-            if self.cfg.on_nonfinite == "skip":
-                self.skipped_batches += 1
-                if self.global_rank == 0:
-                    print(f"soda-train: warning: non-finite loss at step {self.global_step}; batch skipped",
-                          file=sys.stderr)
-                return None
-            raise NonFiniteLoss(f"loss is {loss.item()} at step {self.global_step}; stopped, the last good checkpoint "
-                                f"is kept in {self.cfg.out}/checkpoints (resume with --resume, e.g. with a lower "
-                                f"--lr, or pass --on-nonfinite skip)")
-        stats = [sums.flatten(), torch.tensor([loss.item(), 1.0], dtype=torch.float64, device=sums.device)]
-        if self.source_names:  # tokens per source: a window holds one source's tokens
-            windows = torch.bincount(batch["source"].flatten(), minlength=len(self.source_names))
-            stats.append(windows.to(sums.device, torch.float64) * batch["input_ids"].shape[1])
-        stats = torch.cat(stats)
-        self._acc = stats if self._acc is None else self._acc + stats
         self._micro += 1
+        if finite:
+            stats = [sums.flatten(), torch.tensor([loss.item(), 1.0], dtype=torch.float64, device=sums.device)]
+            if self.source_names:  # tokens per source: a window holds one source's tokens
+                windows = torch.bincount(batch["source"].flatten(), minlength=len(self.source_names))
+                stats.append(windows.to(sums.device, torch.float64) * batch["input_ids"].shape[1])
+            stats = torch.cat(stats)
+            self._acc = stats if self._acc is None else self._acc + stats
+        elif self._nonfinite is None:  # no backward for it; the whole optimizer step is then skipped
+            self._nonfinite = f"loss is {loss.item()}"
         if self._micro % self.micro_per_step == 0:
             self._log_step()
-        return loss
+        return loss if finite else None
 
     def _log_step(self) -> None:
         """The step's metrics, reduced over micro-batches and ranks, for `StepMetrics` to write after the optimizer
-        step (it adds that step's gradient norm and throughput)."""
+        step (it adds that step's gradient norm and throughput). A step whose every micro-batch was non-finite has
+        no loss to report, only its skip."""
         acc, self._acc = self._acc, None
+        if acc is None:
+            self.step_metrics = {"lr": float(self.trainer.optimizers[0].param_groups[0]["lr"])}
+            return
         if self.trainer.world_size > 1:
             dist.all_reduce(acc)
         g = len(self.groups)
@@ -183,11 +181,40 @@ class SodaModule(L.LightningModule):
         self.log("loss", loss, prog_bar=True, logger=False, on_step=True, on_epoch=False)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """Clip to --grad-clip, and guard the update: a step whose loss or gradient norm is not finite changes
+        nothing. Its gradients are dropped, so the optimizer skips every parameter (weights, moments and step
+        counts stay as they were); the skip is counted and logged, or with --on-nonfinite stop the run stops here
+        and keeps the last checkpoint, which therefore never holds a non-finite value."""
         grads = [p.grad for p in self.parameters() if p.grad is not None]
+        self.grad_norm = None
         if grads:  # sharded (FSDP) gradients: each rank holds a shard, the norm is over all of them
             sharded = any(is_sharded(g) for g in grads)
             self.grad_norm = clip_by_global_norm(local_tensors(grads), self.cfg.grad_clip,
                                                  dist.all_reduce if sharded else None)
+        reason, self._nonfinite = self._nonfinite, None
+        if reason is None and self.grad_norm is not None and not torch.isfinite(self.grad_norm):
+            reason = f"gradient norm is {float(self.grad_norm)}"
+        if reason is not None:
+            for p in self.parameters():
+                p.grad = None
+            self._skip_step(reason)
+
+    def _skip_step(self, reason: str) -> None:
+        step = self.trainer.global_step
+        if self.cfg.on_nonfinite == "stop":
+            from .checkpoints import last_checkpoint
+
+            kept = last_checkpoint(self.cfg.out)
+            kept = f"the last checkpoint, {kept}, holds only finite values" if kept else "no checkpoint was saved yet"
+            raise NonFiniteLoss(f"{reason} at step {step}; stopped before updating the weights; {kept}. Continue "
+                                f"with: soda-train --out {self.cfg.out} --resume --lr LOWER (or --on-nonfinite skip "
+                                f"to skip such steps)")
+        self.skipped_steps += 1
+        if self.step_metrics is not None:
+            self.step_metrics["train/skipped_steps"] = self.skipped_steps
+        if self.global_rank == 0:
+            print(f"soda-train: warning: {reason} at step {step}; update skipped (weights and optimizer state "
+                  f"unchanged; {self.skipped_steps} skipped so far)", file=sys.stderr)
 
     def configure_model(self) -> None:
         """--strategy fsdp (Lightning's ModelParallelStrategy): shard with FSDP2, one unit per decoder layer, one for
@@ -233,7 +260,21 @@ class SodaModule(L.LightningModule):
                             cautious=cfg.cautious, weight_decay_mode=cfg.weight_decay_mode)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda step: lr_factor(cfg.schedule, step, self.steps, cfg.warmup, cfg.decay))
+        self._weight_decays = [group["weight_decay"] for group in opt.param_groups]
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    def on_train_start(self) -> None:
+        """After a resume restored the optimizer and scheduler, which carry the LR and weight decay they were saved
+        with: this run's settings replace them (a resume may lower --lr or change --weight-decay; see
+        soda.train.ADJUSTABLE_ON_RESUME). A fresh run is unchanged by this."""
+        cfg, opt = self.cfg, self.trainer.optimizers[0]
+        sched = self.trainer.lr_scheduler_configs[0].scheduler
+        peak = cfg.peak_lr(self.model.config.hidden_size)
+        factor = lr_factor(cfg.schedule, self.trainer.global_step, self.steps, cfg.warmup, cfg.decay)
+        for group, wd in zip(opt.param_groups, self._weight_decays):
+            group.update(lr=peak * factor, peak_lr=peak, initial_lr=peak, weight_decay=wd)
+        sched.base_lrs = [peak] * len(opt.param_groups)
+        sched._last_lr = [group["lr"] for group in opt.param_groups]
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Enough to rebuild the model for an HF export without the run's config (primitives only).

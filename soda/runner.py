@@ -67,7 +67,7 @@ def run(cfg: TrainConfig, resume: bool) -> int:
     from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
     from .callbacks import AtomicCheckpointIO, Preemption, StepCheckpoint, StepMetrics
-    from .checkpoints import checkpoint_dir, export_hf, last_checkpoint, link_last
+    from .checkpoints import checkpoint_dir, export_hf, link_last, resumable_checkpoint
     from .data import OneAheadLoader, PackedStream, dataloader, repeat_warnings, resolve_sources, stop_loader_workers
     from .model import count_parameters, describe
     from .module import SodaModule
@@ -157,7 +157,12 @@ def run(cfg: TrainConfig, resume: bool) -> int:
         logger.log_hyperparams({**cfg.to_dict(), "parameters_total": counted["total"],
                                 "parameters_non_embedding": counted["non_embedding"], "flops_per_token": per_token,
                                 "attention": model.config._attn_implementation, "steps": steps})
-    ckpt_path = last_checkpoint(out) if resume else None
+    ckpt_path = None
+    if resume:  # the newest that loads (rank zero moved unreadable ones aside in resolve_resume)
+        ckpt_path = resumable_checkpoint(out, move_aside=False, say=lambda msg: None)
+        if ckpt_path is None:
+            raise SodaError(f"--resume: no readable checkpoint in {ckpt_dir}; start the run again without --resume "
+                            f"(into another --out to keep this one)")
     try:
         trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=ckpt_path,
                     weights_only=True)
@@ -182,7 +187,8 @@ def run(cfg: TrainConfig, resume: bool) -> int:
                               if isinstance(d, str) and (Path(str(d).split("=", 1)[-1]) / "vocab.json").is_file()),
                              Path(cfg.vocab) if cfg.vocab else None)
             export_hf(final, out / "hf", vocab_dir)
-        skipped = f" ({module.skipped_batches} batches skipped for a non-finite loss)" if module.skipped_batches else ""
+        skipped = (f" ({module.skipped_steps} skipped for a non-finite loss or gradient norm)"
+                   if module.skipped_steps else "")
         print(f"soda-train: done: {trainer.global_step} steps{skipped}; {reports}; checkpoint {final}"
               f"{'; Hugging Face export ' + str(out / 'hf') if cfg.export else ''}", file=sys.stderr)
     return 0

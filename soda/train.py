@@ -29,6 +29,10 @@ CONFIG_FILE = "config.yaml"
 RESUMABLE_CHANGES = {"max_steps", "val_every", "val_batches", "ckpt_every", "log_every", "workers", "devices",
                      "num_nodes", "strategy", "accelerator", "micro_batch", "precision", "wandb",
                      "skip_bad_shards", "on_nonfinite", "peak_flops", "export", "out"}
+# Recipe settings a resumed run may change to recover (a lower LR after a divergence, tighter clipping): the change
+# is printed, written to config.yaml and appended to config_changes.jsonl with the step it took effect at.
+ADJUSTABLE_ON_RESUME = ("lr", "grad_clip", "z_loss", "weight_decay")
+CHANGES_FILE = "config_changes.jsonl"
 # Settings added after runs were saved without them: the value those runs were trained with.
 PREDATES = {"weight_decay_mode": "adamw"}
 
@@ -65,7 +69,11 @@ def add_train_arguments(p: argparse.ArgumentParser, skip=frozenset()) -> argpars
     add(g, "--out", help="run directory (checkpoints, logs, metrics.csv, loss.png, hf/); default runs/demo")
     add(g, "--resume", nargs="?", const="yes", choices=("yes", "auto"),
         help="continue the run in --out from its last checkpoint; --resume auto: continue if --out holds a "
-             "checkpoint, else start (one command line for a job's first start and its re-queued restarts)")
+             "checkpoint, else start (one command line for a job's first start and its re-queued restarts). A "
+             "resumed run computes what it started to: only how it runs may change (devices, workers, logging, "
+             "--max-steps...) and, to recover from a divergence, " + ", ".join(f"--{k.replace('_', '-')}" for k in
+                                                                             ADJUSTABLE_ON_RESUME) +
+             " (each change is printed and recorded in the run's config.yaml and " + CHANGES_FILE + ")")
     add(g, "--dry-run", action="store_true", help="print the plan (sizes, FLOPs, steps, schedule, "
                                                           "wall-clock estimates) and exit")
     add(g, "--max-steps", type=int, help="stop after this many optimizer steps (the schedule still "
@@ -207,8 +215,11 @@ def plan_without_data(flags: dict, out: Path, config: Path | None, mfu: float, b
 
 def resolve_resume(resume: str | None, out: Path) -> bool:
     """--resume (yes) / --resume auto (whether OUT holds a checkpoint) / absent, as a yes or no."""
-    from .checkpoints import last_checkpoint
+    from .checkpoints import last_checkpoint, resumable_checkpoint
 
+    if resume and last_checkpoint(out) is not None:  # a newest checkpoint that does not load is moved aside here
+        say = lambda msg: print(f"soda-train: warning: {msg}", file=sys.stderr)  # noqa: E731
+        resumable_checkpoint(out, move_aside=is_rank_zero(), say=say if is_rank_zero() else lambda msg: None)
     return resume == "yes" or (resume == "auto" and last_checkpoint(out) is not None)
 
 
@@ -228,7 +239,7 @@ def resolve_config(flags: dict, out: Path, resume: bool, config: Path | None, de
         for key, value in PREDATES.items():  # a run saved before the setting existed continues as it was trained
             base.setdefault(key, value)
         changed = sorted(k for k, v in {**(load_yaml(config) if config else {}), **flags}.items()
-                         if k not in RESUMABLE_CHANGES and base.get(k) != v)
+                         if k not in RESUMABLE_CHANGES and k not in ADJUSTABLE_ON_RESUME and base.get(k) != v)
         if changed:
             raise SodaError(f"--resume: {', '.join(changed)} differ from the run in {out}; a resumed run must "
                             f"compute the same thing (start a new --out, or --init-from its export)")
@@ -348,11 +359,41 @@ def save_config(cfg: TrainConfig) -> None:
     atomic_write_text(Path(cfg.out) / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
+def record_resume_changes(cfg: TrainConfig) -> None:
+    """A resume that changes an ADJUSTABLE_ON_RESUME setting: say so, append it (with the step it applies from) to
+    the run's change history, and save the config so later resumes continue with the new value."""
+    import json
+    import time
+
+    from .checkpoints import last_checkpoint
+
+    out = Path(cfg.out)
+    saved, now = load_yaml(out / CONFIG_FILE), cfg.to_dict()
+    changes = {k: (saved.get(k), now[k]) for k in ADJUSTABLE_ON_RESUME if saved.get(k) != now[k]}
+    if not changes:
+        return
+    ckpt = last_checkpoint(out)
+    step = int(ckpt.stem.removeprefix("step")) if ckpt and ckpt.stem.removeprefix("step").isdigit() else None
+    history = out / CHANGES_FILE
+    lines = history.read_text() if history.is_file() else ""
+    for key, (old, new) in changes.items():
+        print(f"soda-train: --resume: {key} changed from {old} to {new} from step {step} on (recorded in {history})",
+              file=sys.stderr)
+        lines += json.dumps({"step": step, "setting": key, "from": old, "to": new,
+                             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n"
+    atomic_write_text(history, lines)
+    save_config(cfg)
+
+
 def check_run_directory(out: Path, resume: bool) -> None:
     """A resume needs a checkpoint in OUT; a new run needs OUT free of one."""
     from .checkpoints import checkpoint_dir, last_checkpoint
 
     if resume and last_checkpoint(out) is None:
+        aside = sorted(p.name for p in checkpoint_dir(out).glob("*.corrupt*"))
+        if aside:
+            raise SodaError(f"--resume: no readable checkpoint in {checkpoint_dir(out)} (unreadable, moved aside: "
+                            f"{', '.join(aside)}); start the run again without --resume, into another --out")
         raise SodaError(f"--resume: no checkpoint in {checkpoint_dir(out)} yet; start the run again without --resume")
     if not resume and last_checkpoint(out) is not None:
         raise SodaError(f"{out} already holds a run; continue it with --resume, or choose another --out")
@@ -363,6 +404,8 @@ def train(cfg: TrainConfig, resume: bool) -> int:
     if is_rank_zero():
         check_run_directory(out, resume)
         out.mkdir(parents=True, exist_ok=True)
+        if resume:
+            record_resume_changes(cfg)
         if not cfg.data:
             prepare_demo_data(out)
     if not cfg.data:  # the demo: its speech and text shards as two sources (weights from configs/demo.yaml)

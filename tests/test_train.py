@@ -459,7 +459,8 @@ def test_init_from_with_another_vocabulary_is_refused(trained, tmp_path, capsys)
     assert "vocabulary" in err and "--init-from" in err
 
 
-def test_nonfinite_loss_stops_with_one_line_or_is_skipped(trained, train_tokens, tmp_path, capsys):
+def test_training_from_a_model_holding_nan_is_refused(trained, train_tokens, tmp_path, capsys):
+    """A diverged model's export (e.g. from before this check existed) is no start: every step would be skipped."""
     from transformers import AutoModelForCausalLM
 
     broken = tmp_path / "nan-model"
@@ -468,13 +469,12 @@ def test_nonfinite_loss_stops_with_one_line_or_is_skipped(trained, train_tokens,
         model.lm_head.weight.fill_(float("nan"))
     model.save_pretrained(broken)
     capsys.readouterr()
-    args = tiny_args(train_tokens, tmp_path / "stop", steps=3, **{"--size": None, "--init-from": str(broken)})
-    err = _error(capsys, args)
-    assert "loss is nan at step 0" in err and "last good checkpoint" in err
-    args = tiny_args(train_tokens, tmp_path / "skip", steps=3, **{"--size": None, "--init-from": str(broken),
-                                                                  "--on-nonfinite": "skip", "--no-export": ""})
-    assert main(args) == 0
-    assert "batch skipped" in capsys.readouterr().err
+    for extra in ({}, {"--on-nonfinite": "skip"}):
+        args = tiny_args(train_tokens, tmp_path / "run", steps=3, **{"--size": None, "--init-from": str(broken),
+                                                                     **extra})
+        err = _error(capsys, args)
+        assert "lm_head.weight holds a NaN or Inf; a model that diverged cannot be trained from" in err
+    assert not list(tmp_path.glob("run/checkpoints/*"))
 
 
 def test_inference_loader_finds_model_vocabulary_and_codec(trained):

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import sys
+
+# Errors of the file system a user can fix (free space, choose a writable --out), reported as one line.
+_DISK_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.ENOTDIR, errno.EISDIR,
+                errno.EFBIG}
 
 
 class SodaError(Exception):
@@ -35,6 +40,12 @@ def cli_errors(prog: str, interrupted: str = ""):
                 return main(argv)
             except SodaError as err:
                 print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
+                raise SystemExit(2) from None
+            except OSError as err:  # the disk, not the program: full, read-only, no permission, gone
+                if err.errno not in _DISK_ERRORS:
+                    raise
+                where = f"{err.filename}: " if err.filename else ""
+                print(f"{prog}: error: {where}{err.strerror or err}", file=sys.stderr)
                 raise SystemExit(2) from None
             except KeyboardInterrupt:
                 print(f"{prog}: interrupted" + (f"; {interrupted}" if interrupted else ""), file=sys.stderr)
