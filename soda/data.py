@@ -109,9 +109,11 @@ def _from_directory(directory: Path, name: str, kind: str | None) -> tuple[Sourc
 
 
 def resolve_sources(data: list, val_data: list, mix: dict, vocab_dir: str | None) -> tuple[list[Source], Vocabulary]:
-    """Turn `--data`/`--val-data`/`--mix` (or their YAML forms) into sources and the shared vocabulary."""
+    """Turn `--data`/`--val-data`/`--mix` (or their YAML forms) into sources and the shared vocabulary; every
+    shard, however named, is checked against it (`ShardVocabularies`)."""
     sources: list[Source] = []
     vocabs: list[tuple[str, Vocabulary]] = []
+    named: list[tuple[str, list[str]]] = []  # (the flag and value that named them, shards) for the check
     for i, entry in enumerate(data):
         e = _parse_entry(entry)
         location, name = str(e["path"]), e.get("name") or ""
@@ -121,6 +123,7 @@ def resolve_sources(data: list, val_data: list, mix: dict, vocab_dir: str | None
             vocabs.append((location, vocab))
         else:
             source = Source(name or f"source{i}", _expand(location))
+        named.append((f"--data {location}", source.train + source.validation))
         if e.get("weight") is not None:
             source.weight = float(e["weight"])
         sources.append(source)
@@ -133,6 +136,7 @@ def resolve_sources(data: list, val_data: list, mix: dict, vocab_dir: str | None
         if target is None:
             raise SodaError(f"--val-data {entry}: no --data source named {e['name']!r}")
         target.validation = _expand(str(e["path"]))
+        named.append((f"--val-data {e['path']}", target.validation))
     _apply_mix(sources, mix)
     if vocab_dir:
         vocabs.insert(0, (vocab_dir, Vocabulary.load(Path(vocab_dir))))
@@ -143,7 +147,87 @@ def resolve_sources(data: list, val_data: list, mix: dict, vocab_dir: str | None
         if not other.matches(vocab):
             raise SodaError(f"--data {other_where}: its vocabulary differs from {where}'s (tokenized with another "
                             f"text tokenizer or codec)")
+    check = ShardVocabularies(vocab, "the run's", where)
+    for flag, shards in named:
+        check(shards, flag)
+    check.warn()
     return sources, vocab
+
+
+def describe_vocabulary(vocab: Vocabulary) -> str:
+    """How a vocabulary is named in messages: what differs when shards and model disagree."""
+    k = vocab.n_codebooks
+    return (f"{vocab.size:,} ids: {k} codebook{'s' * (k != 1)} of {vocab.codebook_size:,}, text "
+            f"{vocab.text_tokenizer_source or '?'}")
+
+
+class ShardVocabularies:
+    """Checks shards against one vocabulary (the run's or the model's), whatever named them: a directory,
+    manifest, glob, brace pattern, single tar or URL.
+
+    A shard's vocabulary is that of the soda-tokenize directory holding it (its vocab.json and
+    text_tokenizer.json; neither the shards' sidecars nor their samples record one): read once per directory,
+    for a URL from beside it through the same opener. Equal means `Vocabulary.matches`. A shard whose
+    directory has no vocabulary (copied alone, or read through a `pipe:` command) cannot be checked: it is
+    used, and `warn` says so once."""
+
+    def __init__(self, vocab: Vocabulary, whose: str, where: str):
+        self.vocab, self.whose, self.where = vocab, whose, where  # e.g. "the run's", "--vocab DIR"
+        self.found: dict[str, tuple[str, Vocabulary] | None] = {}  # directory -> (where, its vocabulary)
+        self.unchecked: list[str] = []
+
+    def __call__(self, shards: list[str], what: str) -> None:
+        """Raise a SodaError naming the first of `shards` (named by `what`, e.g. "--data DIR/*.tar") whose
+        vocabulary differs."""
+        for shard in shards:
+            found = self._beside(shard)
+            if found is None:
+                self.unchecked.append(shard)
+            elif not found[1].matches(self.vocab):
+                raise SodaError(f"{what}: shard {shard} was tokenized with another vocabulary "
+                                f"({describe_vocabulary(found[1])}; {found[0]}) than {self.whose} "
+                                f"({describe_vocabulary(self.vocab)}; {self.where}); tokenize it with the same "
+                                f"codec, codebooks and text tokenizer")
+
+    def warn(self) -> None:
+        unchecked = list(dict.fromkeys(self.unchecked))
+        if unchecked:
+            print(f"warning: cannot check the vocabulary of {len(unchecked)} shard{'s' * (len(unchecked) != 1)} "
+                  f"(no vocab.json beside them, e.g. {unchecked[0]}); they must have been tokenized with "
+                  f"{self.whose} vocabulary ({describe_vocabulary(self.vocab)}; {self.where})", file=sys.stderr)
+
+    def _beside(self, shard: str) -> tuple[str, Vocabulary] | None:
+        if shard.startswith("pipe:"):
+            return None
+        directory = shard.rsplit("/", 1)[0] if _is_url(shard) else str(Path(shard).resolve().parent)
+        if directory not in self.found:
+            self.found[directory] = _remote_vocabulary(directory) if _is_url(shard) else _local_vocabulary(directory)
+        return self.found[directory]
+
+
+def _local_vocabulary(directory: str) -> tuple[str, Vocabulary] | None:
+    path = Path(directory) / "vocab.json"
+    if not path.is_file():
+        return None
+    try:
+        return str(path), Vocabulary.load(Path(directory))
+    except (ValueError, KeyError, OSError, SodaError) as e:  # a damaged vocab.json cannot vouch for the shards
+        raise SodaError(f"{path}: unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200]}); it gives the "
+                        f"vocabulary of the shards beside it") from None
+
+
+def _remote_vocabulary(directory: str) -> tuple[str, Vocabulary] | None:
+    """The vocabulary beside remote shards, or None when it cannot be read (not there, no network)."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in ("vocab.json", "text_tokenizer.json"):
+                with _open(f"{directory}/{name}") as stream:
+                    (Path(tmp) / name).write_bytes(stream.read())
+            return f"{directory}/vocab.json", Vocabulary.load(Path(tmp))
+    except Exception:  # noqa: BLE001 -- whatever the scheme's opener raises, the shards are just unchecked
+        return None
 
 
 def _apply_mix(sources: list[Source], mix: dict) -> None:

@@ -38,7 +38,7 @@ def _run_directory(source: str) -> Path | None:
 
 
 def load_held_out(ctx, spec: str | None) -> HeldOut:
-    from soda.data import _expand, resolve_sources
+    from soda.data import ShardVocabularies, _expand, resolve_sources
 
     if spec is None:
         run = _run_directory(ctx.loaded.source)
@@ -51,8 +51,12 @@ def load_held_out(ctx, spec: str | None) -> HeldOut:
         data, val_data, vocab_dir, where = cfg.get("data") or [], cfg.get("val_data") or [], cfg.get("vocab"), str(run)
     elif Path(spec).expanduser().is_dir():
         data, val_data, vocab_dir, where = [str(Path(spec).expanduser())], [], None, spec
-    else:  # shard files or a glob: every document in them is held out
-        return HeldOut(_expand(spec), spec, None)
+    else:  # shard files, a glob or brace pattern: every document in them is held out
+        shards = _expand(spec)
+        check = ShardVocabularies(ctx.vocab, "the model's", ctx.loaded.source)
+        check(shards, f"nll: {spec}")
+        check.warn()
+        return HeldOut(shards, spec, None)
     sources, vocab = resolve_sources(data, val_data, {}, vocab_dir)
     if not vocab.matches(ctx.vocab):
         raise SodaError(f"nll: the shards in {where} were tokenized with another vocabulary than the model's (other "
