@@ -190,8 +190,13 @@ class ShardVocabularies:
                                 f"codec, codebooks and text tokenizer")
 
     def warn(self) -> None:
+        """One line for the shards that could not be checked (on the first rank only: every rank resolves --data)."""
         unchecked = list(dict.fromkeys(self.unchecked))
         if unchecked:
+            from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+            if getattr(rank_zero_only, "rank", 0) != 0:
+                return
             print(f"warning: cannot check the vocabulary of {len(unchecked)} shard{'s' * (len(unchecked) != 1)} "
                   f"(no vocab.json beside them, e.g. {unchecked[0]}); they must have been tokenized with "
                   f"{self.whose} vocabulary ({describe_vocabulary(self.vocab)}; {self.where})", file=sys.stderr)
