@@ -1,4 +1,5 @@
-"""Damaged model files met by soda-eval and soda-generate: one line naming the file, no traceback (issue 14, item 13)."""
+"""Damaged model files met by soda-eval and soda-generate: one line naming the file, no traceback (issue 14,
+item 13)."""
 
 from __future__ import annotations
 
