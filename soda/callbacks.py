@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -16,6 +14,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.throughput import get_available_flops
 
 from tokenize_audio.errors import SodaError
+from tokenize_audio.shards import atomic_file
 
 # Dense bf16 peak FLOP/s per GPU, for --dry-run wall-clock estimates (MFU during training uses
 # Lightning's table for the device it finds, or --peak-flops).
@@ -166,21 +165,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if (bad := first_nonfinite({"state_dict": checkpoint.get("state_dict", {}),
                                     "optimizer_states": checkpoint.get("optimizer_states", [])})) is not None:
             raise SodaError(f"{path}: not saved: {bad} holds a NaN or Inf; the previous checkpoints are kept")
-        tmp = None
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            with os.fdopen(fd, "wb") as f:
+            with atomic_file(path) as f:
                 torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
         except OSError as e:
             raise SodaError(f"{path}: cannot write the checkpoint ({e.strerror or e}); nothing was written and the "
                             f"previous checkpoints are kept") from None
-        finally:
-            if tmp is not None:
-                Path(tmp).unlink(missing_ok=True)
 
     def load_checkpoint(self, path, *args, **kwargs):
         from .checkpoints import unreadable_reason

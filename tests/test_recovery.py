@@ -213,3 +213,20 @@ def test_exporting_a_nonfinite_checkpoint_is_refused(tiny_run, tmp_path):
     with pytest.raises(SodaError, match=f"not exported: {key.removeprefix('model.')} holds a NaN"):
         export_hf(bad, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+
+def test_run_outputs_honour_the_umask(train_tokens, tmp_path, capsys):
+    """Checkpoints, the export, config and metrics are shared the way the user's umask says (a project group reads
+    them under 027), not 0600 from a temporary file's creation mode."""
+    out = tmp_path / "run"
+    old = os.umask(0o027)
+    try:
+        code, err = _run(tiny_args(train_tokens, out, steps=2, **{"--ckpt-every": "1"}), capsys)
+    finally:
+        os.umask(old)
+    assert code == 0, err[-2000:]
+    modes = {p.relative_to(out).as_posix(): p.stat().st_mode & 0o777 for p in out.rglob("*") if not p.is_symlink()}
+    assert {"checkpoints/step0000002.ckpt", "hf/model.safetensors", "config.yaml", "metrics.csv"} <= set(modes)
+    wrong = {name: oct(mode) for name, mode in modes.items()
+             if mode != (0o750 if (out / name).is_dir() else 0o640)}
+    assert not wrong

@@ -46,6 +46,14 @@ def _set_umask_mode(fd_or_path, directory: bool = False) -> None:
             os.chmod(fd_or_path, mode)
 
 
+def apply_umask_tree(root: Path) -> None:
+    """Give every file and folder under `root` the umask's mode: for what a library wrote into an atomic directory
+    through temporary files of its own (safetensors' weights come out 0600)."""
+    for p in Path(root).rglob("*"):
+        if not p.is_symlink():
+            _set_umask_mode(p, directory=p.is_dir())
+
+
 @contextlib.contextmanager
 def atomic_file(path: Path):
     """Yield a binary file open on a temporary name beside `path`; on success it replaces `path`.
@@ -92,6 +100,7 @@ def atomic_directory(path: Path):
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         yield tmp
+        apply_umask_tree(tmp)
         _set_umask_mode(tmp, directory=True)
         if path.exists():
             old = path.with_name(f".{path.name}.old")
