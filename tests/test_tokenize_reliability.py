@@ -113,6 +113,13 @@ def test_whole_wav_is_not_called_truncated(tmp_path):
     for subtype in ("PCM_16", "PCM_24", "FLOAT"):
         path = write_wave(tmp_path / f"{subtype}.wav", np.zeros((16000, 2)), 16000, subtype)  # stereo too
         assert len(load_audio(str(path), 16000)) == 16000
+    # A WAV streamed through a pipe has a placeholder size in its header: length unknown, not truncated.
+    path = write_wave(tmp_path / "piped.wav", np.zeros(16000), 16000, "PCM_16")
+    data = bytearray(path.read_bytes())
+    assert data[36:40] == b"data"
+    data[40:44] = (0xFFFFFFFF).to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+    assert len(load_audio(str(path), 16000)) == 16000
 
 
 def test_tokenize_skips_truncated_audio_unless_kept(tmp_path):

@@ -31,8 +31,9 @@ text tokenizers:
   ids + BOS/EOS) or bpe:N (byte-level BPE with N ids trained on the corpus text, split
   by Llama-3's pre-tokenizer regex).
 
-Re-running with the same --out resumes: finished shards are kept. Unusable items (unreadable audio, empty
-transcripts, missing files, ...) are skipped and listed in manifest.json under "skipped".
+Re-running with the same --out resumes: finished shards are kept. Unusable items (unreadable or truncated
+audio, empty transcripts, missing files, ...) are skipped and listed in manifest.json under "skipped".
+Shards are read as data only (token arrays and JSON, never pickles), so decoding a shard from elsewhere is safe.
 
 examples:
   soda-tokenize demo/corpus/speech demo/corpus/text/kjv_proverbs.txt --out runs/demo-tokens \\
@@ -70,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encode-chunk-seconds", type=float, default=DEFAULT_ENCODE_CHUNK_SECONDS,
                    help=f"encode audio longer than this in chunks of this length (default "
                         f"{DEFAULT_ENCODE_CHUNK_SECONDS:g}; rounded down to whole codec frames), so memory does not "
-                        f"grow with the file; Mimi's codes are identical to encoding in one pass")
+                        f"grow with the file; Mimi's codes are identical to one pass, EnCodec's differ only on "
+                        f"rare near-ties")
     p.add_argument("--keep-truncated", action="store_true",
                    help="keep audio files holding less audio than their header declares (by default they are "
                         "skipped: their transcript covers audio that is missing)")

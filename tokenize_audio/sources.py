@@ -183,8 +183,8 @@ def _wav_data_frames(f) -> int | None:
             return None
         name, size = chunk[:4], int.from_bytes(chunk[4:], "little")
         if name == b"data":
-            # 0 and 0xFFFFFFFF are what writers leave when they cannot seek back to fill in the size.
-            return size // block_align if block_align and size not in (0, 0xFFFFFFFF) else None
+            # Writers that cannot seek back (pipes) leave 0, 0xFFFFFFFF or sox's 0x7FFFF000: length unknown.
+            return size // block_align if block_align and 0 < size < 0x7FFFF000 else None
         if name == b"fmt ":
             body = f.read(size + (size & 1))
             if len(body) < 14:
