@@ -93,7 +93,7 @@ class StepCheckpoint(ModelCheckpoint):
 
 class Preemption(L.Callback):
     """On SIGTERM or SIGUSR1 (schedulers' pre-emption notices) or SIGINT (Ctrl-C): finish the step, checkpoint,
-    stop; `exit_code` is then 128 + the signal (143 for SIGTERM, 130 for Ctrl-C). A second Ctrl-C stops at once.
+    stop; `exit_code` is then 143 (130 for Ctrl-C). A second Ctrl-C stops at once.
 
     Lightning's own SIGTERM handling stops mid-accumulation without a checkpoint; this replaces it for the
     duration of training and restores the previous handlers afterwards. Data-loader workers ignore these
@@ -111,7 +111,9 @@ class Preemption(L.Callback):
 
     @property
     def exit_code(self) -> int:
-        return 128 + (self.requested or signal.SIGTERM)
+        """143 (128 + SIGTERM) for a scheduler's notice, SIGUSR1 included: job scripts requeue on one code; 130 for
+        Ctrl-C."""
+        return 128 + (signal.SIGINT if self.requested == signal.SIGINT else signal.SIGTERM)
 
     def _handler(self, signum, frame) -> None:
         if signum == signal.SIGINT and self.requested == signal.SIGINT:

@@ -118,6 +118,21 @@ def load_checkpoint(path: Path, mmap: bool = False) -> dict:
         raise SodaError(f"{path}: not a loadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
 
 
+def check_weight_files(directory: Path) -> None:
+    """Refuse a model directory whose safetensors file is truncated or damaged, naming the file (safetensors
+    itself raises a bare SafetensorError that names none). Reads only each file's header: cheap at any size."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in sorted(Path(directory).glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            raise SodaError(f"{file}: not a loadable weights file ({type(e).__name__}: "
+                            f"{str(e).strip().splitlines()[0][:200]}); truncated or damaged? export or copy it "
+                            f"again") from None
+
+
 def export_hf(checkpoint: Path, out_dir: Path, vocab_dir: Path | None = None, vocab: Vocabulary | None = None) -> Path:
     """Write config, safetensors weights and tokenizer files that `AutoModelForCausalLM` loads.
 

@@ -18,7 +18,7 @@ from tokenize_audio.codecs import resolve_device
 from tokenize_audio.errors import SodaError
 from tokenize_audio.vocab import Vocabulary
 
-from .checkpoints import LAST, SODA_META, last_checkpoint, load_checkpoint
+from .checkpoints import LAST, SODA_META, check_weight_files, last_checkpoint, load_checkpoint
 
 # SODA's released models were tokenized with Mimi's first 8 codebooks of 2048 codes.
 SODA_CODEC = "mimi"
@@ -128,21 +128,6 @@ def _from_hf(name: str, path: Path | None, dtype, attention, weights: bool = Tru
     vocab = Vocabulary.build(tok, SODA_CODEBOOKS, SODA_CODEBOOK_SIZE, source=name)
     meta.setdefault("default_codec", SODA_CODEC)
     return model, config, vocab, meta
-
-
-def check_weight_files(directory: Path) -> None:
-    """Refuse a model directory whose safetensors file is truncated or damaged, naming the file (safetensors
-    itself raises a bare SafetensorError that names none). Reads only each file's header: cheap at any size."""
-    from safetensors import SafetensorError, safe_open
-
-    for file in sorted(Path(directory).glob("*.safetensors")):
-        try:
-            with safe_open(str(file), framework="pt"):
-                pass
-        except (SafetensorError, OSError) as e:
-            raise SodaError(f"{file}: not a loadable weights file ({type(e).__name__}: "
-                            f"{str(e).strip().splitlines()[0][:200]}); truncated or damaged? export or copy it "
-                            f"again") from None
 
 
 def _from_checkpoint(path: Path, dtype, attention, weights: bool = True):

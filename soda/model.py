@@ -66,6 +66,10 @@ def load_pretrained(source: str, vocab: Vocabulary, attention: str = "sdpa"):
         if size is not None and size != vocab.size:
             raise SodaError(f"--init-from {source}: the model's vocabulary has {size:,} ids but the data's has "
                             f"{vocab.size:,}; tokenize with the same text tokenizer and codec as the model")
+    if (path / "config.json").is_file():
+        from .checkpoints import check_weight_files
+
+        check_weight_files(path)  # a truncated safetensors file: one line naming it, not safetensors' traceback
     try:
         model = AutoModelForCausalLM.from_pretrained(source, attn_implementation=attention, dtype=torch.float32)
     except OSError as e:

@@ -70,3 +70,17 @@ def test_a_damaged_shard_of_a_sharded_export_is_the_one_named(tmp_path):
 def test_an_intact_export_still_loads(tmp_path):
     loaded = load_model(str(export_tiny(tmp_path / "hf")), device="cpu")
     assert loaded.model is not None and loaded.vocab.size == 258 + 4 + 2 * 64  # bytes + BOS/EOS, specials, codes
+
+
+def test_init_from_a_truncated_export_is_one_line(train_tokens, tmp_path, capsys):
+    """soda-train --init-from (and so soda-finetune) reads the same files."""
+    from conftest import tiny_args
+    from soda.train import main as train_main
+
+    model = export_tiny(tmp_path / "hf")
+    (tmp_path / "hf" / "config.json").write_text((tmp_path / "hf" / "config.json").read_text().replace(
+        f'"vocab_size": {Vocabulary.build(byte_tokenizer(), 2, 64).size}', '"vocab_size": 16646'))
+    truncate(model / "model.safetensors")
+    args = tiny_args(train_tokens, tmp_path / "run", steps=2, **{"--size": None, "--init-from": str(model)})
+    err = _one_line(capsys, train_main, args, "soda-train")
+    assert f"{model / 'model.safetensors'}:" in err and "truncated" in err

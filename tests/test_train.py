@@ -185,13 +185,14 @@ def preempt_reference(train_tokens, tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("target,sig,code", [("process", signal.SIGTERM, 143), ("group", signal.SIGTERM, 143),
-                                             ("group", signal.SIGINT, 130)])
+                                             ("group", signal.SIGUSR1, 143), ("group", signal.SIGINT, 130)])
 def test_a_signal_checkpoints_at_a_step_boundary_and_resumes(preempt_reference, train_tokens, tmp_path, target, sig,
                                                              code):
     """SIGTERM as a scheduler sends it: to the main process, or to the whole process group (SLURM at a time limit,
-    `timeout`, `kill -- -PGID`), data-loader workers included; and Ctrl-C (SIGINT to the terminal's group). The
-    workers must outlive the checkpoint: the run saves at the end of the current optimizer step (micro-batch 4 with
-    2 accumulation steps: never half an accumulation), exits 143 (130 for Ctrl-C), and --resume trains exactly
+    `timeout`, `kill -- -PGID`), data-loader workers included; SIGUSR1 (`#SBATCH --signal=USR1@120`), and Ctrl-C
+    (SIGINT to the terminal's group). The workers must outlive the checkpoint: the run saves at the end of the
+    current optimizer step (micro-batch 4 with 2 accumulation steps: never half an accumulation), exits 143 (the
+    code job scripts requeue on; 130 for Ctrl-C), and --resume trains exactly
     the uninterrupted run's remaining steps."""
     out = tmp_path / "preempted"
     args = tiny_args(train_tokens, out, steps=20, **PREEMPT_EXTRA)
