@@ -96,6 +96,9 @@ def run(cfg: TrainConfig, resume: bool) -> int:
             f"{s.name} {s.weight:.1%} ({len(s.train)} train / {len(s.validation)} validation shards)" for s in sources))
         for line in repeat_warnings(sources, max_steps * cfg.batch_sequences * cfg.seq_len):
             say(f"warning: {line}")
+        if not any(s.validation for s in sources):
+            say("warning: the data has no validation shards: this run will report no validation loss (tokenize with "
+                "--validation-fraction above 0, or give --val-data)")
         say(f"batch: {cfg.batch_sequences} x {cfg.seq_len} tokens = {world} devices x {micro} sequences x "
             f"{accumulate} accumulation; {max_steps:,} of {steps:,} steps; peak LR {cfg.peak_lr(shape.width):.3g}")
     loss_after = getattr(vocab, cfg.loss_after) if cfg.loss_after else None

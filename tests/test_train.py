@@ -356,6 +356,18 @@ def test_missing_and_corrupt_shards_are_named(train_tokens, tmp_path, capsys):
     assert "train-speech-00000.tar" in err and "unreadable" in err
 
 
+def test_data_without_validation_shards_is_said_at_start(small_corpus, tmp_path, capsys):
+    from tokenize_audio.cli import main as tokenize_main
+
+    tokens = tmp_path / "tokens"
+    assert tokenize_main([str(small_corpus), "--out", str(tokens), "--codec", "mimi:random", "--text-tokenizer",
+                          "bytes", "--validation-fraction", "0", "--quiet"]) == 0
+    capsys.readouterr()
+    args = tiny_args(tokens, tmp_path / "run", steps=1, **{"--no-export": ""})
+    assert main(args[: args.index("--data", args.index("--data") + 1)]) == 0  # speech only
+    assert "no validation shards: this run will report no validation loss" in capsys.readouterr().err
+
+
 def test_bad_flags_are_one_line_errors(train_tokens, tmp_path, capsys):
     assert "--tokens" in _error(capsys, tiny_args(train_tokens, tmp_path / "a", **{"--tokens": "lots"}))
     assert "unknown --size" in _error(capsys, tiny_args(train_tokens, tmp_path / "b", **{"--size": "huge"}))
