@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.throughput import get_available_flops
 
-from tokenize_audio.errors import SodaError
+from tokenize_audio.errors import SodaError, Stopped
 from tokenize_audio.shards import atomic_file
 
 # Dense bf16 peak FLOP/s per GPU, for --dry-run wall-clock estimates (MFU during training uses
@@ -116,8 +116,10 @@ class Preemption(L.Callback):
         return 128 + (signal.SIGINT if self.requested == signal.SIGINT else signal.SIGTERM)
 
     def _handler(self, signum, frame) -> None:
-        if signum == signal.SIGINT and self.requested == signal.SIGINT:
-            raise KeyboardInterrupt  # Ctrl-C twice: stop now, without waiting for the step's checkpoint
+        if signum == signal.SIGINT and self.requested == signal.SIGINT:  # Ctrl-C twice: stop now, without the
+            from .checkpoints import kept_message  # step's checkpoint (not KeyboardInterrupt: Lightning exits 1)
+
+            raise Stopped(f"interrupted: {kept_message(self.dir.parent)}", 128 + signal.SIGINT, "soda-train")
         if self.requested is None:
             self.requested = signum
             if signum == signal.SIGINT:

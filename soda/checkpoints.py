@@ -44,6 +44,18 @@ def _candidates(out: Path) -> list[Path]:
     return [path] if path.exists() else []
 
 
+def kept_message(out: Path, prog: str = "soda-train") -> str:
+    """What a stopped run leaves, said truthfully: its newest checkpoint and the command that continues it, or that
+    there is none (a stop during start-up, before the first save)."""
+    import shlex
+
+    ckpt = last_checkpoint(out)
+    if ckpt is None:
+        return "no checkpoint was saved yet: nothing to resume; run the same command again to start over"
+    return (f"checkpoint {ckpt.resolve() if ckpt.is_symlink() else ckpt} is kept; continue with: "
+            f"{prog} --out {shlex.quote(str(out))} --resume")
+
+
 def first_nonfinite(tree, name: str = "") -> str | None:
     """The name of the first tensor in a (nested) checkpoint or state dict that holds a NaN or Inf, else None. Saving
     and exporting refuse such state: a run that diverged must never leave a "last good" file that is not."""

@@ -28,7 +28,7 @@ from tokenize_audio.shards import atomic_write_json
 
 from .config import validate
 from .train import (add_train_arguments, check_run_directory, flag_values, is_rank_zero, resolve_config,
-                    resolve_resume, run_directory, train)
+                    resolve_resume, run_directory, stop_on_signals, train)
 
 # SODA's S2ST fine-tuning recipe (CVSS-T; configs/finetune-s2st.yaml spells it out): sequences of 2048, batch 64,
 # LR 2e-5 cosine to 0 after 3% warm-up, cautious AdamW (0.9, 0.999), eps 1e-8, AdamC weight decay 0.01, clip 1,
@@ -52,7 +52,7 @@ def say(message: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="soda-finetune",
+        prog="soda-finetune", allow_abbrev=False,
         description="Fine-tune a checkpoint (run directory, .ckpt, Hugging Face directory or hub id) with "
                     "soda-train's machinery and SODA's fine-tuning recipe (seq 2048, batch 64, LR 2e-5 cosine, "
                     "3% warm-up, cautious AdamW betas 0.9/0.999, eps 1e-8, AdamC weight decay 0.01, clip 1, z-loss "
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="{s2st,docs,eval-s2st}")
 
-    s = sub.add_parser("s2st", help="speech-to-speech translation from a CVSS-style manifest",
+    s = sub.add_parser("s2st", allow_abbrev=False, help="speech-to-speech translation from a CVSS-style manifest",
                        description="Build SODA's S2ST documents from a manifest (TSV with a header, or JSONL: "
                                    "source_audio, source_text, source_language, target_text, target_audio; paths "
                                    "relative to the manifest) into RUN/data and fine-tune on them.")
@@ -86,14 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_arguments(s, skip=MODEL_FLAGS | S2ST_ONLY)
     _finetune_help(s, FINETUNE_DEFAULTS)
 
-    d = sub.add_parser("docs", help="any soda-tokenize shards (e.g. ASR-only or TTS-only documents)",
+    d = sub.add_parser("docs", allow_abbrev=False,
+                       help="any soda-tokenize shards (e.g. ASR-only or TTS-only documents)",
                        description="Fine-tune on soda-tokenize output (--data as in soda-train); the data must share "
                                    "the checkpoint's vocabulary and codec.")
     _common(d, "DIR", DOCS_DEFAULTS)
     add_train_arguments(d, skip=MODEL_FLAGS)
     _finetune_help(d, DOCS_DEFAULTS)
 
-    e = sub.add_parser("eval-s2st", help="ASR-BLEU, text BLEU, speaker similarity and termination rate "
+    e = sub.add_parser("eval-s2st", allow_abbrev=False,
+                       help="ASR-BLEU, text BLEU, speaker similarity and termination rate "
                                          "(soda-eval --tasks s2st)")
     e.add_argument("checkpoint", help="run directory, .ckpt, Hugging Face directory or hub id")
     e.add_argument("--data", required=True, metavar="MANIFEST", help="CVSS-style manifest of test pairs (TSV/JSONL)")
@@ -130,7 +132,7 @@ def _common(p, data_name: str, defaults: dict) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar while encoding")
 
 
-@cli_errors("soda-finetune", interrupted="the last checkpoint is kept; continue with --resume")
+@cli_errors("soda-finetune")
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "eval-s2st":
@@ -145,6 +147,7 @@ def main(argv=None) -> int:
     out = run_directory(flags, args.config, default="")
     if not str(out) or str(out) == ".":
         raise SodaError("give --out RUN_DIR")
+    stop_on_signals(out, "soda-finetune " + args.command)
     args.resume = resolve_resume(args.resume, out)
     if args.epochs is not None and not args.epochs > 0:
         raise SodaError(f"--epochs {args.epochs:g}: must be positive (e.g. 0.5 for half the data)")

@@ -28,7 +28,7 @@ AUDIO_FIELDS = ("audio", "voice")
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="soda-generate",
+        prog="soda-generate", allow_abbrev=False,
         description="Generate with a trained model: audio continuation, TTS (optionally in the voice of a "
                     "prompt), ASR, or speech-to-speech translation (SODA's prompt: source speech and text, "
                     "then the target text, then the target speech). Decoding is codebook-aware and always "

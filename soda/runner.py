@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -177,7 +178,7 @@ def run(cfg: TrainConfig, resume: bool) -> int:
             write_reports(out)
             how = "interrupted" if preemption.requested == signal.SIGINT else "pre-empted"
             print(f"soda-train: {how} at step {preemption.saved_at}; checkpoint saved in {ckpt_dir}; "
-                  f"continue with: soda-train --out {out} --resume", file=sys.stderr)
+                  f"continue with: soda-train --out {shlex.quote(str(out))} --resume", file=sys.stderr)
         return preemption.exit_code
     final = ckpt_dir / f"step{trainer.global_step:07d}.ckpt"
     if not final.exists():

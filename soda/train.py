@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from scaling.accounting import SODA_VOCAB, params, training_flops_per_token
-from tokenize_audio.errors import SodaError, cli_errors
+from tokenize_audio.errors import SodaError, Stopped, cli_errors
 from tokenize_audio.shards import atomic_write_text
 
 from .config import LOSS_MARKERS, SCHEDULES, SIZES, TrainConfig, config_fields, load_yaml, make_config
@@ -39,7 +39,7 @@ PREDATES = {"weight_decay_mode": "adamw"}
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="soda-train",
+        prog="soda-train", allow_abbrev=False,
         description="Pre-train a native discrete-audio model (transformers Qwen3ForCausalLM) by next-token "
                     "prediction on soda-tokenize shards, with SODA's recipe as the defaults: cautious AdamW "
                     "(0.98, 0.98, eps 1e-16, wd 0.033), WSD schedule (10% warm-up, 20% decay), z-loss 1e-4, "
@@ -167,11 +167,12 @@ def is_rank_zero() -> bool:
     return getattr(rank_zero_only, "rank", 0) == 0
 
 
-@cli_errors("soda-train", interrupted="the last checkpoint is kept; continue with --resume")
+@cli_errors("soda-train")
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     flags = flag_values(args)
     out = run_directory(flags, args.config)
+    stop_on_signals(out, "soda-train")
     args.resume = resolve_resume(args.resume, out)
     given = {**(load_yaml(args.config) if args.config else {}), **flags}
     defaults = []
@@ -211,6 +212,22 @@ def plan_without_data(flags: dict, out: Path, config: Path | None, mfu: float, b
     print(f"soda-train: {beyond} without --data: nothing was trained. Tokenize a corpus first (soda-tokenize CORPUS "
           f"--out tok), then run this again with --data tok; plain soda-train runs the bundled demo", file=sys.stderr)
     return 2
+
+
+def stop_on_signals(out: Path, prog: str) -> None:
+    """Until training takes the signals over (`Preemption`): SIGTERM/SIGUSR1 (a scheduler's notice) stop at once with
+    143, Ctrl-C with 130, each saying what the run directory actually holds. Without this, SIGTERM during start-up
+    (data preparation, model build) killed the run silently and Ctrl-C claimed a checkpoint that did not exist."""
+    import signal
+
+    from .checkpoints import kept_message
+
+    def stop(signum, frame):
+        raise Stopped(f"{'interrupted' if signum == signal.SIGINT else 'stopped'} before training: "
+                      f"{kept_message(out, prog)}", 130 if signum == signal.SIGINT else 143, prog.split()[0])
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, stop)
 
 
 def resolve_resume(resume: str | None, out: Path) -> bool:

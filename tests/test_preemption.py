@@ -71,3 +71,22 @@ def test_sweep_stopped_by_a_group_sigterm_checkpoints_its_run_and_continues(trai
         (row,) = list(csv.DictReader(f))
     steps = int(row["steps"])
     assert sorted(losses(run_dir)) == list(range(steps)) and float(row["loss"]) > 0
+
+
+@pytest.mark.parametrize("sig,code,word", [(signal.SIGTERM, 143, "stopped"), (signal.SIGINT, 130, "interrupted")])
+def test_a_signal_during_start_up_says_no_checkpoint_was_saved(tmp_path, sig, code, word):
+    """Plain soda-train first tokenizes the demo corpus: a pre-emption notice (or Ctrl-C) then must exit with the
+    code a job script requeues on and must not claim a checkpoint that does not exist."""
+    out = tmp_path / "demo run"
+    proc = subprocess.Popen([PY, "-m", "soda.train", "--out", str(out)], env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    for line in proc.stderr:
+        if "tokenizing the bundled demo corpus" in line:
+            break
+    os.killpg(proc.pid, sig)
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == code, err[-2000:]
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (f"soda-train: {word} before training: no checkpoint was saved yet: "
+                                            f"nothing to resume; run the same command again to start over")
+    assert not (out / "checkpoints").exists() and not list(out.rglob("*.tmp"))

@@ -368,6 +368,15 @@ def test_data_without_validation_shards_is_said_at_start(small_corpus, tmp_path,
     assert "no validation shards: this run will report no validation loss" in capsys.readouterr().err
 
 
+def test_abbreviated_flags_are_refused(train_tokens, tmp_path, capsys):
+    """argparse would read --max-st as --max-steps: a sweep's reserved-flag check and a reader of the command line
+    would not see it."""
+    with pytest.raises(SystemExit) as exc:
+        main(tiny_args(train_tokens, tmp_path / "run", steps=2) + ["--max-st", "1"])
+    assert exc.value.code == 2 and "unrecognized arguments: --max-st 1" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_bad_flags_are_one_line_errors(train_tokens, tmp_path, capsys):
     assert "--tokens" in _error(capsys, tiny_args(train_tokens, tmp_path / "a", **{"--tokens": "lots"}))
     assert "unknown --size" in _error(capsys, tiny_args(train_tokens, tmp_path / "b", **{"--size": "huge"}))

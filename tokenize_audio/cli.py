@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .codecs import DEFAULT_ENCODE_CHUNK_SECONDS
 
     p = argparse.ArgumentParser(
-        prog="soda-tokenize",
+        prog="soda-tokenize", allow_abbrev=False,
         description="Turn speech corpora (audio + transcripts) and text into interleaved semantic/acoustic/text "
                     "token shards (webdataset .tar) with a vocabulary and manifest.json. "
                     "Subcommand: `soda-tokenize decode --help` turns shard documents back into WAV and text.",
@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def build_decode_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="soda-tokenize decode",
+        prog="soda-tokenize decode", allow_abbrev=False,
         description="Turn documents of a tokenized corpus back into WAV files and transcripts "
                     "(one folder per document: NNN-audio.wav / NNN-text.txt per segment, plus document.json).",
     )

@@ -19,6 +19,15 @@ class SkipItem(Exception):
     """One input item (utterance, file, row) cannot be used; it is skipped and listed with this reason."""
 
 
+class Stopped(Exception):
+    """Work stopped by a signal (pre-emption, Ctrl-C): shown as `prog: message` (what was kept), exit `code`. `prog`
+    names the command the user ran when the stop came from inside another one's work (soda-train tokenizing)."""
+
+    def __init__(self, message: str, code: int, prog: str | None = None):
+        super().__init__(message)
+        self.code, self.prog = code, prog
+
+
 def one_line(err: BaseException) -> str:
     """The user-facing line of an error; one re-raised from a DataLoader worker carries a traceback."""
     msg = str(err)
@@ -41,6 +50,9 @@ def cli_errors(prog: str, interrupted: str = ""):
             except SodaError as err:
                 print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
                 raise SystemExit(2) from None
+            except Stopped as err:
+                print(f"{err.prog or prog}: {err}", file=sys.stderr)
+                raise SystemExit(err.code) from None
             except OSError as err:  # the disk, not the program: full, read-only, no permission, gone
                 if err.errno not in _DISK_ERRORS:
                     raise

@@ -16,7 +16,7 @@ from .tasks import Context, Settings, available
 
 def build_parser(tasks: dict) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="soda-eval",
+        prog="soda-eval", allow_abbrev=False,
         description="Evaluate a checkpoint (soda-train run directory, .ckpt, Hugging Face directory, SODA release "
                     "or hub id): likelihood benchmarks, the NLL vector, multiple-choice audio QA. Writes "
                     "OUT/results.json, OUT/results.md (beside SODA's published numbers for the same size) and "
