@@ -129,8 +129,9 @@ def add_train_arguments(p: argparse.ArgumentParser, skip=frozenset()) -> argpars
                                                      "marker (e.g. text_end: an S2ST document's target); "
                                                      "default: every token")
     add(g, "--seed", type=int)
-    add(g, "--on-nonfinite", choices=("stop", "skip"), help="on a NaN/Inf loss: stop (keeping the last "
-                                                                    "good checkpoint) or skip the batch")
+    add(g, "--on-nonfinite", choices=("stop", "skip"),
+        help="a step whose loss or gradient norm is NaN/Inf never updates the weights; then stop (default; the last "
+             "checkpoint is finite: resume with a lower --lr) or skip the update and go on (train/skipped_steps)")
     g = p.add_argument_group("hardware and logging")
     add(g, "--accelerator", help="auto, cpu, gpu")
     add(g, "--devices", help="devices per node (auto, or a count)")
