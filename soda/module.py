@@ -9,6 +9,7 @@ micro-batches and ranks, and with several data sources each one's share of the s
 from __future__ import annotations
 
 import math
+import shlex
 import sys
 
 import lightning as L
@@ -204,11 +205,11 @@ class SodaModule(L.LightningModule):
         if self.cfg.on_nonfinite == "stop":
             from .checkpoints import last_checkpoint
 
-            kept = last_checkpoint(self.cfg.out)
-            kept = f"the last checkpoint, {kept}, holds only finite values" if kept else "no checkpoint was saved yet"
-            raise NonFiniteLoss(f"{reason} at step {step}; stopped before updating the weights; {kept}. Continue "
-                                f"with: soda-train --out {self.cfg.out} --resume --lr LOWER (or --on-nonfinite skip "
-                                f"to skip such steps)")
+            kept, out = last_checkpoint(self.cfg.out), shlex.quote(str(self.cfg.out))
+            how = (f"the last checkpoint, {kept}, holds only finite values. Continue with: soda-train --out {out} "
+                   f"--resume --lr LOWER" if kept else "no checkpoint was saved yet: run again with a lower --lr")
+            raise NonFiniteLoss(f"{reason} at step {step}; stopped before updating the weights; {how} (or "
+                                f"--on-nonfinite skip to skip such steps)")
         self.skipped_steps += 1
         if self.step_metrics is not None:
             self.step_metrics["train/skipped_steps"] = self.skipped_steps

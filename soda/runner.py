@@ -5,6 +5,7 @@ from __future__ import annotations
 import shlex
 import signal
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -74,6 +75,8 @@ def run(cfg: TrainConfig, resume: bool) -> int:
     from .module import SodaModule
     from .report import write_reports
 
+    # a non-finite step returns no loss on purpose (SodaModule skips its update and says so)
+    warnings.filterwarnings("ignore", message=".*`training_step` returned `None`")
     out = Path(cfg.out)
     sources, vocab = resolve_sources(cfg.data, cfg.val_data, cfg.mix, cfg.vocab)
     world = world_size(cfg)

@@ -230,3 +230,13 @@ def test_run_outputs_honour_the_umask(train_tokens, tmp_path, capsys):
     wrong = {name: oct(mode) for name, mode in modes.items()
              if mode != (0o750 if (out / name).is_dir() else 0o640)}
     assert not wrong
+
+
+def test_a_real_divergence_stops_before_the_first_checkpoint_with_what_to_do(train_tokens, tmp_path, capsys):
+    """No injection: an absurd LR blows the model up in one update; the next loss is NaN."""
+    code, err = _run(tiny_args(train_tokens, tmp_path / "run", steps=4, **{"--lr": "1e30"}), capsys)
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].endswith("loss is nan at step 1; stopped before updating the weights; no "
+                                                 "checkpoint was saved yet: run again with a lower --lr (or "
+                                                 "--on-nonfinite skip to skip such steps)")
+    assert not list((tmp_path / "run" / "checkpoints").glob("*"))
