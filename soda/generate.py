@@ -478,6 +478,40 @@ def translate(loaded, codec, waves, source_language: str, source_texts=None, tar
     return generate(loaded, requests, settings, codec)
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
+_SAMPLE = 1 << 20  # bytes read from each end of a weight file
+
+
+def model_fingerprint(source: str) -> dict:
+    """What a CHECKPOINT argument names, recognisably, for outputs that must not mix models (soda-eval's
+    results.json, soda-generate's --out): the resolved path and a digest of each weight file's name, size and
+    first and last MiB. Reading the ends keeps it fast at any size, and a re-trained or replaced checkpoint differs
+    there (its first tensors and its end), while a copy elsewhere has the same digest. A hub id is its own digest;
+    a source that names no file (a model built in memory) is its name."""
+    import hashlib
+
+    from .inference import resolve_checkpoint
+
+    try:
+        target = resolve_checkpoint(source)
+    except SodaError:
+        return {"path": str(source), "digest": f"name:{source}"}
+    if isinstance(target, str):
+        return {"path": target, "digest": f"hub:{target}"}
+    files = [target] if target.is_file() else sorted(p for p in target.iterdir()
+                                                     if p.suffix in WEIGHT_SUFFIXES or p.name == "config.json")
+    digest, total = hashlib.sha256(), 0
+    for f in files:
+        size = f.stat().st_size
+        total += size
+        digest.update(f"{f.name}:{size}:".encode())
+        with open(f, "rb") as fh:
+            digest.update(fh.read(_SAMPLE))
+            fh.seek(max(0, size - _SAMPLE))
+            digest.update(fh.read(_SAMPLE))
+    return {"path": str(target.resolve()), "bytes": total, "digest": digest.hexdigest()[:20]}
+
+
 def summarize(results: list[Result]) -> dict:
     """How the outputs ended: counts per reason, and the termination rate (model stopped by itself)."""
     counts = {e: 0 for e in ENDINGS}

@@ -466,3 +466,99 @@ def test_asr_and_tts_report_wer_similarity_and_termination(tiny_run, small_corpu
     err = _error(capsys, [str(tiny_run), "--tasks", "tts", "--data-for", f"tts={meta}", "--tts-asr", "pocketsphinx",
                           "--out", str(tmp_path / "x")])
     assert "wavlm-base-plus-sv" in err and "--tts-speaker" in err
+
+
+# --- one --out, several runs: results merge per task ----------------------------------------------
+def _words(path: Path, n: int = 6) -> Path:
+    random.seed(1)
+    path.write_text("".join(json.dumps({"good": s, "bad": "".join(random.sample(s, len(s)))}) + "\n"
+                            for s in _sentences(n)))
+    return path
+
+
+def _other_model(tiny_run: Path, tmp_path: Path) -> Path:
+    """A copy of the run's export with other weights: another checkpoint with the same vocabulary and codec."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    other = tmp_path / "other-model"
+    shutil.copytree(tiny_run / "hf", other)
+    weights = load_file(other / "model.safetensors")
+    save_file({k: v + 0.01 for k, v in weights.items()}, other / "model.safetensors", metadata={"format": "pt"})
+    return other
+
+
+def test_a_second_eval_into_the_same_out_keeps_the_first_runs_tasks(tiny_run, tmp_path, capsys):
+    words, out = _words(tmp_path / "words.jsonl"), tmp_path / "eval"
+    common = ["--out", str(out), "--quiet"]
+    assert main([str(tiny_run), "--tasks", "twuggy", "--data-for", f"twuggy={words}", *common]) == 0
+    assert main([str(tiny_run), "--tasks", "tblimp", "--data-for", f"tblimp={words}", *common]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["tasks"]) == {"twuggy", "tblimp"}
+    assert (out / "items" / "twuggy.jsonl").is_file() and (out / "items" / "tblimp.jsonl").is_file()
+    table = (out / "results.md").read_text()  # regenerated from the merged results
+    assert "| tWUGGY |" in table and "| tBLIMP |" in table
+    for entry in results["tasks"].values():  # each task records what it evaluated and how
+        assert entry["checkpoint"] == results["checkpoint"] and entry["checkpoint"]["digest"]
+        assert entry["settings"]["max_len"] == 4096 and "evaluated_at" in entry
+    # a re-run of one task updates that task only
+    assert main([str(tiny_run), "--tasks", "twuggy", "--data-for", f"twuggy={words}", "--limit", "2", *common]) == 0
+    again = json.loads((out / "results.json").read_text())["tasks"]
+    assert again["twuggy"]["count"] == 2 and again["twuggy"]["settings"]["limit"] == 2
+    assert again["tblimp"] == results["tasks"]["tblimp"]
+
+
+def test_another_checkpoint_into_the_same_out_is_refused_unless_overwrite(tiny_run, tmp_path, capsys):
+    words, out = _words(tmp_path / "words.jsonl"), tmp_path / "eval"
+    other = _other_model(tiny_run, tmp_path)
+    assert main([str(tiny_run), "--tasks", "twuggy", "--data-for", f"twuggy={words}", "--out", str(out),
+                 "--quiet"]) == 0
+    before = (out / "results.json").read_bytes()
+    err = _error(capsys, [str(other), "--tasks", "tblimp", "--data-for", f"tblimp={words}", "--out", str(out)])
+    assert "another checkpoint" in err and "--overwrite" in err and str(other) in err
+    assert (out / "results.json").read_bytes() == before  # refused before any scoring, nothing touched
+    assert main([str(other), "--tasks", "tblimp", "--data-for", f"tblimp={words}", "--out", str(out), "--quiet",
+                 "--overwrite"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["tasks"]) == {"tblimp"} and results["model"]["source"] == str(other)
+    assert not (out / "items" / "twuggy.jsonl").exists() and "tWUGGY" not in (out / "results.md").read_text()
+
+
+def test_concurrent_merges_keep_every_task(tmp_path, monkeypatch):
+    import threading
+
+    from soda.evaluate import report
+    from soda.evaluate.tasks import available
+
+    tasks = available()
+    names = list(tasks)
+    read = report.read_results
+
+    def slow_read(out):  # widen the window between reading and writing: without a lock, updates are lost
+        found = read(out)
+        threading.Event().wait(0.05)
+        return found
+
+    monkeypatch.setattr(report, "read_results", slow_read)
+    header = {"model": {"source": "m", "codec": "c", "parameters": 1, "non_embedding_parameters": 1,
+                        "soda_size": None}, "checkpoint": {"path": "m", "digest": "abc"}}
+    start = threading.Barrier(len(names))
+    errors = []
+
+    def one(name):
+        start.wait()
+        try:
+            report.merge(tmp_path, header, {name: {"metric": "accuracy", "value": 0.5, "count": 1,
+                                                   "skipped_count": 0, "settings": {}}}, tasks)
+        except Exception as err:  # noqa: BLE001 -- reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=one, args=(n,)) for n in names]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert set(json.loads((tmp_path / "results.json").read_text())["tasks"]) == set(names)
+    assert all(tasks[n].title in (tmp_path / "results.md").read_text() for n in names)

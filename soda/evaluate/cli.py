@@ -20,7 +20,8 @@ def build_parser(tasks: dict) -> argparse.ArgumentParser:
         description="Evaluate a checkpoint (soda-train run directory, .ckpt, Hugging Face directory, SODA release "
                     "or hub id): likelihood benchmarks, the NLL vector, multiple-choice audio QA. Writes "
                     "OUT/results.json, OUT/results.md (beside SODA's published numbers for the same size) and "
-                    "per-item scores in OUT/items/.",
+                    "per-item scores in OUT/items/. Runs of one checkpoint into one OUT add up: each updates the "
+                    "tasks it ran and keeps the others.",
         epilog="tasks and their --data-for inputs:\n"
                + "\n".join(f"  {name:<8} {t.data_help}" for name, t in tasks.items())
                + "\n\nexamples:\n"
@@ -34,7 +35,12 @@ def build_parser(tasks: dict) -> argparse.ArgumentParser:
     p.add_argument("--tasks", required=True, help=f"comma-separated: {','.join(tasks)}")
     p.add_argument("--data-for", action="append", default=[], metavar="TASK=PATH",
                    help="input of one task (repeatable); see the list below for defaults")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True,
+                   help="output directory; a later run of the same checkpoint into it updates the tasks it runs and "
+                        "keeps the others")
+    p.add_argument("--overwrite", action="store_true",
+                   help="discard the results already in --out (refused without it when they are of another "
+                        "checkpoint)")
     p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:1 ...")
     p.add_argument("--codec", help="codec for audio inputs when the model does not record one (e.g. mimi, mimi:DIR)")
     p.add_argument("--batch-tokens", type=int, default=16384, help="padded tokens per forward pass (default 16384)")
@@ -92,13 +98,19 @@ def parse_data_for(values: list[str], chosen: list[str], tasks: dict) -> dict[st
 
 
 def evaluate(loaded, names: list[str], data_for: dict, settings: Settings, out: Path, codec=None,
-             log=print) -> dict:
+             log=print, overwrite: bool = False, checkpoint: dict | None = None) -> dict:
     """Load every task's inputs first (mistakes surface before any scoring), then score them in turn.
 
-    Results are written after each task, so the finished ones survive an interruption.
+    Each task is merged into OUT/results.json as it finishes (`report.merge`), so the finished ones survive an
+    interruption and tasks of earlier runs of the same checkpoint are kept. `checkpoint` is the model's
+    fingerprint (`model_fingerprint(loaded.source)` by default); an OUT holding another checkpoint's results is
+    refused before any work, unless `overwrite` clears it.
     """
+    from soda.generate import model_fingerprint
+
     tasks = available()
     out = Path(out)
+    checkpoint = checkpoint or model_fingerprint(loaded.source)
     ctx = Context(loaded, settings, out, codec)
     codebook_choice(settings.codebooks, loaded.vocab)  # a bad --codebooks fails before any work
     inputs = {name: tasks[name].load(ctx, data_for.get(name)) for name in names}
@@ -109,16 +121,21 @@ def evaluate(loaded, names: list[str], data_for: dict, settings: Settings, out: 
         from .mcq import weak_votes
 
         weak_votes(settings, len(settings.judges) or 1)
-    header = {"model": report.model_summary(loaded), "settings": settings.public()}
+    header = {"model": report.model_summary(loaded), "checkpoint": checkpoint}
+    report.claim(out, header, overwrite)  # after every check: a mistake there leaves --out as it was
     results: dict = {}
     for name in names:
         started = time.time()
         result = tasks[name].run(ctx, inputs[name])
         result["seconds"] = round(time.time() - started, 2)
+        # what this entry rests on, since entries of several runs share one results.json
+        result["settings"] = {**settings.public(), "limit": settings.limit, **result.get("settings", {})}
+        result["checkpoint"] = checkpoint
+        result["evaluated_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         results[name] = result
         log(f"soda-eval: {name}: {result['metric']} = {report._fmt(result['value'], tasks[name].percent)} "
             f"({result['count']:,} scored, {result['skipped_count']:,} skipped)")
-        report.write(out, header, results, tasks)
+        report.merge(out, header, {name: result}, tasks)
     return results
 
 
@@ -150,14 +167,19 @@ def main(argv=None) -> int:
                         seed=args.seed, tts_asr=args.tts_asr, tts_speaker=args.tts_speaker, s2st_asr=args.s2st_asr,
                         s2st_speaker=args.s2st_speaker, s2st_source_text=args.s2st_source_text,
                         s2st_source_language=args.source_language, s2st_max_seconds=args.s2st_max_seconds)
+    from soda.generate import model_fingerprint
     from soda.inference import load_model
 
     if not settings.progress:
         import transformers
 
         transformers.utils.logging.disable_progress_bar()
+    checkpoint = model_fingerprint(args.checkpoint)
+    if not args.overwrite:  # before loading the model: another checkpoint's results are not mixed in
+        report.check_checkpoint(Path(args.out), checkpoint)
     loaded = load_model(args.checkpoint, device=args.device, codec=args.codec)
-    evaluate(loaded, names, data_for, settings, Path(args.out), log=lambda m: print(m, file=sys.stderr))
+    evaluate(loaded, names, data_for, settings, Path(args.out), log=lambda m: print(m, file=sys.stderr),
+             overwrite=args.overwrite, checkpoint=checkpoint)
     print(f"soda-eval: wrote {Path(args.out) / 'results.json'} and results.md", file=sys.stderr)
     return 0
 

@@ -1,15 +1,23 @@
 """results.json, per-item files and a Markdown table beside SODA's published numbers for the same size.
 
 Everything is written atomically (temporary name, then rename) after each task, so an interrupted
-run leaves the finished tasks' results readable and never a half-written file.
+run leaves the finished tasks' results readable and never a half-written file. One OUT collects the tasks of
+several runs of one checkpoint: each run merges the tasks it ran into results.json and keeps the others, under
+a lock on OUT/results.json.lock (so concurrent runs lose nothing), and results.md is rebuilt from the merge.
+Results of another checkpoint are refused unless the run overwrites them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 from pathlib import Path
 
+from tokenize_audio.errors import SodaError
 from tokenize_audio.shards import atomic_write_json, atomic_write_text
+
+RESULTS, TABLE, LOCK = "results.json", "results.md", "results.json.lock"
 
 # SODA's released base models, identified by shape (width, layers, FFN), and their published results
 # (the SODA-LongRun table of the authors' experiment log; accuracies in %, WER in %, SIM a cosine).
@@ -46,18 +54,78 @@ def model_summary(loaded) -> dict:
             "soda_size": soda_size(model), "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
 
 
-def write(out: Path, header: dict, results: dict, tasks: dict) -> None:
-    """results.json (items moved to items/TASK.jsonl) and results.md."""
-    clean = {}
-    for name, result in results.items():
-        items = result.pop("_items", None)
-        if items is not None:
-            lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in items)
-            atomic_write_text(out / "items" / f"{name}.jsonl", lines)
-            result["items_file"] = f"items/{name}.jsonl"
-        clean[name] = result
-    atomic_write_json(out / "results.json", {**header, "tasks": clean})
-    atomic_write_text(out / "results.md", markdown(header, clean, tasks))
+@contextlib.contextmanager
+def locked(out: Path):
+    """Hold an exclusive lock on OUT/results.json.lock: one reader-modifier-writer of results.json at a time."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / LOCK, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes (also when the process dies)
+        yield
+
+
+def read_results(out: Path) -> dict | None:
+    """OUT/results.json as written, or None when there is none."""
+    path = Path(out) / RESULTS
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise SodaError(f"{path}: unreadable ({err}); use another --out, or --overwrite to replace it") from None
+
+
+def check_checkpoint(out: Path, checkpoint: dict) -> None:
+    """Refuse (SodaError) an OUT whose results.json holds another checkpoint's results: a cheap check before loading
+    the model; `claim` and `merge` check again under the lock."""
+    if not (Path(out) / RESULTS).is_file():  # nothing to mix with (and OUT is not created for a run that may fail)
+        return
+    with locked(out):
+        _check_same_checkpoint(out, read_results(out), checkpoint)
+
+
+def _check_same_checkpoint(out: Path, found: dict | None, checkpoint: dict) -> None:
+    recorded = (found or {}).get("checkpoint") or {}
+    if found is not None and recorded.get("digest") != checkpoint["digest"]:
+        was = recorded.get("path") or (found.get("model") or {}).get("source") or "an unrecorded checkpoint"
+        raise SodaError(f"--out {out}: its {RESULTS} holds results of another checkpoint ({was}), not of "
+                        f"{checkpoint['path']}; use another --out, or --overwrite to replace them")
+
+
+def claim(out: Path, header: dict, overwrite: bool = False) -> None:
+    """Before any scoring: refuse an OUT holding another checkpoint's results, or (`overwrite`) clear them."""
+    out = Path(out)
+    if not overwrite:
+        return check_checkpoint(out, header["checkpoint"])
+    with locked(out):
+        found = read_results(out)
+        for entry in ((found or {}).get("tasks") or {}).values():
+            if entry.get("items_file"):
+                (out / entry["items_file"]).unlink(missing_ok=True)
+        (out / TABLE).unlink(missing_ok=True)
+        atomic_write_json(out / RESULTS, {**header, "tasks": {}})
+
+
+def merge(out: Path, header: dict, results: dict, tasks: dict) -> dict:
+    """Merge `results` (task -> entry) into OUT/results.json under the lock: these tasks are replaced, the others
+    kept; per-item rows (`_items`) go to items/TASK.jsonl; results.md is rebuilt from the merge. Returns every task.
+    """
+    out = Path(out)
+    with locked(out):
+        found = read_results(out)
+        _check_same_checkpoint(out, found, header["checkpoint"])
+        merged = dict((found or {}).get("tasks") or {})
+        for name, result in results.items():
+            result = dict(result)
+            items = result.pop("_items", None)
+            if items is not None:
+                lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in items)
+                atomic_write_text(out / "items" / f"{name}.jsonl", lines)
+                result["items_file"] = f"items/{name}.jsonl"
+            merged[name] = result
+        atomic_write_json(out / RESULTS, {**header, "tasks": merged})
+        atomic_write_text(out / TABLE, markdown(header, {n: r for n, r in merged.items() if n in tasks}, tasks))
+    return merged
 
 
 def _fmt(value, percent: bool) -> str:
