@@ -8,7 +8,10 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import math
+import shlex
 import sys
+import textwrap
 from pathlib import Path
 
 from tokenize_audio.errors import SodaError, cli_errors
@@ -16,8 +19,9 @@ from tokenize_audio.shards import atomic_write_json, atomic_write_text
 
 from .accounting import SODA_VOCAB
 from .fit import FIT_FILE, FRONTIER_COSTS, fit_scaling, human_count, load_results, summary
-from .plan import MIN_BATCH, PAPER_BUDGETS, as_rows, plan_sweep
-from .sweep import DEFAULT_VAL_TOKENS, PREEMPTED, check_data, check_extra, gather, load_plan, run_sweep, state
+from .plan import MIN_BATCH, MIN_SEQ_LEN, PAPER_BUDGETS, as_rows, plan_sweep
+from .sweep import (DEFAULT_VAL_TOKENS, HOW_IT_RUNS, PREEMPTED, check_data, check_extra, gather, load_plan, lock,
+                    run_sweep, state, sweep_lock_path)
 
 FIT_HELP = """Approach 2: per budget, loss is fitted as a parabola in ln N (and in ln D) by Huber-weighted
 least squares; the minima give N* = k C^a and D* = k C^b (and, for predictions, a pure power law
@@ -43,21 +47,34 @@ count twice and narrow the intervals: exact duplicates are dropped (--keep-dupli
 and every repeat is counted in fit.json and named in a warning.
 Writes OUT/fit.json; see `plot`."""
 
-RUN_HELP = """Trains each usable row of PLAN with soda-train, one run after another, in OUT/runs/NAME (its
+RUN_HELP = f"""Trains each usable row of PLAN with soda-train, one run after another, in OUT/runs/NAME (its
 log in OUT/logs/NAME.log), then writes OUT/results.csv (name, budget, width, params, tokens, steps,
-flops, loss, loss_source) for `soda-scaling fit`. Each run gets the row's shape, tokens, batch, LR and
-seq_len, SODA's sweep optimizer (betas 0.95 and the row's beta2, weight decay 0.1, no z-loss; in
+flops, loss, loss_source, fingerprint) for `soda-scaling fit`. Each run gets the row's shape, tokens, batch,
+LR and seq_len, SODA's sweep optimizer (betas 0.95 and the row's beta2, weight decay 0.1, no z-loss; in
 OUT/configs/NAME.yaml) and one validation at its last step over about --val-tokens tokens; its loss is
-that validation loss (or, if it has none, the mean of its last train losses, said in loss_source).
+that validation loss (or, if it has none, the mean of its last train losses, said in loss_source). Steps,
+tokens and flops are what the run trained, read from the run (its metrics.csv and config.yaml).
 
 Resumable: run the same command again and finished runs are skipped, a run with a checkpoint
 continues with --resume, and one that died before its first checkpoint starts again. A failed run is
 reported and the sweep goes on (exit code 1 at the end); a pre-empted or interrupted run stops the
 sweep (exit 143; its checkpoint is kept). Flags after `--` go to every soda-train run (e.g. -- --workers 0
---mix speech=0.9,text=0.1); those the plan fixes (shape, tokens, batch, LR, --max-steps, ...) are refused.
+--mix speech=0.9,text=0.1); those the plan fixes (shape, tokens, batch, LR, --max-steps, ...) are refused,
+abbreviated or not.
 
---emit slurm writes OUT/sweep.sbatch (a job array, one task per run, with the same resume rules)
-and OUT/commands.txt instead of training; gather their results later with --gather-only."""
+Each run directory records what the run is trained with (OUT/runs/NAME/sweep-run.json): its plan row, its
+--data and a hash of what the data held (manifest.json, or the files' names and sizes), the flags after `--`
+and --val-tokens. A re-run that would continue or keep a run trained with other settings (an edited plan
+row, other data, other flags) is refused with the difference named, or with --rerun-changed trains such
+runs again from scratch. Flags that change only how a run runs may differ:
+{textwrap.fill(", ".join(sorted(HOW_IT_RUNS)), 100)}.
+The fingerprint column hashes the other settings: `fit` refuses rows with different ones.
+
+One runner at a time: a second `soda-scaling run` on OUT is refused while the first runs (OUT/locks/; a
+lock left by a killed runner is taken over), and a run a SLURM task is training is left alone.
+
+--emit slurm writes OUT/sweep.sbatch (a job array, one task per run, with the same resume rules and
+locks) and OUT/commands.txt instead of training; gather their results later with --gather-only."""
 
 
 def _floats(text: str, what: str) -> list[float]:
@@ -65,9 +82,14 @@ def _floats(text: str, what: str) -> list[float]:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise SodaError(f"{what} {text!r}: expected comma-separated numbers, e.g. 3e18,9e18") from None
-    if not values or any(not v > 0 for v in values):
-        raise SodaError(f"{what} {text!r}: values must be positive")
+    if not values or any(not (v > 0 and math.isfinite(v)) for v in values):
+        raise SodaError(f"{what} {text!r}: values must be positive finite numbers")
     return values
+
+
+def _at_least(value: int, minimum: int, flag: str) -> None:
+    if value < minimum:
+        raise SodaError(f"{flag} {value}: must be at least {minimum}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--paper", action="store_true", help="SODA's seven budgets and its wider target runs")
     plan.add_argument("--widths", help="comma list of widths (default: SODA's grid for each budget)")
     plan.add_argument("--vocab", type=int, default=SODA_VOCAB, help=f"vocabulary size (default {SODA_VOCAB:,})")
-    plan.add_argument("--seq-len", type=int, default=4096)
+    plan.add_argument("--seq-len", type=int, default=4096, help="tokens per training sequence (default 4096)")
     plan.add_argument("--min-batch", type=int, default=MIN_BATCH,
                       help=f"skip runs whose batch is below this many sequences (default {MIN_BATCH}, SODA's rule; "
                            "1 keeps the micro runs of a CPU demo sweep)")
@@ -115,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--keep-duplicates", action="store_true",
                      help="keep rows that repeat an earlier row exactly (default: drop them, with a warning; "
                           "a run listed twice narrows the bootstrap intervals)")
+    fit.add_argument("--allow-mixed", action="store_true",
+                     help="fit rows whose `fingerprint` column differs (runs trained with other data, soda-train "
+                          "flags or validation tokens, e.g. two sweeps' results.csv joined); refused by default")
 
     run = sub.add_parser("run", help="train a plan's runs with soda-train (here, or as a SLURM job array) and "
                                      "gather their results.csv", description=RUN_HELP,
@@ -130,9 +155,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--emit", choices=["slurm"], help="write a SLURM job array instead of training")
     run.add_argument("--dry-run", action="store_true", help="print what each run would do and train nothing")
     run.add_argument("--gather-only", action="store_true", help="only write results.csv from the finished runs")
+    run.add_argument("--rerun-changed", action="store_true",
+                     help="train again from scratch the runs trained (or partly trained) with other settings than "
+                          "now: an edited plan row, other --data or data contents, other flags after `--`, other "
+                          "--val-tokens (by default such a re-run is refused, naming the difference)")
 
     plot = sub.add_parser("plot", help="draw a fit's PNGs (IsoFLOP curves, optima vs compute, residuals)")
     plot.add_argument("fit_dir", type=Path, help="directory holding fit.json, written by `soda-scaling fit`")
+    for parser in (p, *sub.choices.values()):
+        parser.allow_abbrev = False  # `--budget` must not pass for --budgets, nor `--max-st` for a flag it is not
     return p
 
 
@@ -151,11 +182,13 @@ def plan_command(args) -> int:
     if not args.budgets and not args.paper:
         raise SodaError("give --budgets (e.g. 3e18,9e18,1.8e19) or --paper")
     budgets = _floats(args.budgets, "--budgets") if args.budgets else list(PAPER_BUDGETS)
-    widths = [int(w) for w in _floats(args.widths, "--widths")] if args.widths else None
-    if args.min_batch < 1:
-        raise SodaError(f"--min-batch {args.min_batch}: must be at least 1")
-    if args.batch_floor < 1:
-        raise SodaError(f"--batch-floor {args.batch_floor}: must be at least 1")
+    widths = _floats(args.widths, "--widths") if args.widths else None
+    if widths and any(w != int(w) for w in widths):
+        raise SodaError(f"--widths {args.widths!r}: widths must be whole numbers")
+    widths = widths and [int(w) for w in widths]
+    for value, minimum, flag in ((args.min_batch, 1, "--min-batch"), (args.batch_floor, 1, "--batch-floor"),
+                                 (args.vocab, 1, "--vocab"), (args.seq_len, MIN_SEQ_LEN, "--seq-len")):
+        _at_least(value, minimum, flag)
     runs = plan_sweep(budgets, widths, args.vocab, args.seq_len, paper_targets=args.paper, min_batch=args.min_batch,
                       batch_floor=args.batch_floor)
     kept = [r for r in runs if not r.skipped]
@@ -180,7 +213,7 @@ def fit_command(args) -> int:
     if args.out.exists() and not args.out.is_dir():
         raise SodaError(f"--out {args.out} is a file; give a directory")
     targets = _floats(args.target_flops, "--target-flops") if args.target_flops else None
-    results = load_results(args.results, keep_duplicates=args.keep_duplicates)
+    results = load_results(args.results, keep_duplicates=args.keep_duplicates, allow_mixed=args.allow_mixed)
     fit = fit_scaling(results, args.bootstrap, args.seed, targets, args.cost)
     atomic_write_json(args.out / FIT_FILE, fit)
     print(summary(fit))
@@ -196,18 +229,22 @@ def run_command(args) -> int:
     check_extra(args.train_args)
     if args.val_tokens < 1:
         raise SodaError(f"--val-tokens {args.val_tokens}: must be positive")
-    if args.emit:
-        from .slurm import emit_slurm
+    if args.dry_run:
+        return run_sweep(runs, args.out, args.data, args.train_args, args.val_tokens, True, args.rerun_changed)
+    with lock(sweep_lock_path(args.out), args.out):
+        if args.emit:
+            from .slurm import emit_slurm
 
-        hint = f"soda-scaling run {args.plan} --out {args.out} --gather-only"
-        sbatch, commands = emit_slurm(runs, args.out, args.data, args.train_args, args.val_tokens, args.plan, hint)
-        print(f"wrote {sbatch} ({len(runs)} array tasks) and {commands}; add your cluster's resources to the "
-              f"#SBATCH lines, submit with `sbatch {sbatch}`, then: {hint}")
-        return 0
-    print(f"sweep {args.out}: {len(runs)} runs from {args.plan}", flush=True)
-    code = run_sweep(runs, args.out, args.data, args.train_args, args.val_tokens, args.dry_run)
-    if not args.dry_run and any(state(r, args.out) == "done" for r in runs):
-        gather_command(runs, args.out)
+            hint = shlex.join(["soda-scaling", "run", str(args.plan), "--out", str(args.out), "--gather-only"])
+            sbatch, commands = emit_slurm(runs, args.out, args.data, args.train_args, args.val_tokens, args.plan, hint,
+                                          args.rerun_changed)
+            print(f"wrote {sbatch} ({len(runs)} array tasks) and {commands}; add your cluster's resources to the "
+                  f"#SBATCH lines, submit with `{shlex.join(['sbatch', str(sbatch)])}`, then: {hint}")
+            return 0
+        print(f"sweep {args.out}: {len(runs)} runs from {args.plan}", flush=True)
+        code = run_sweep(runs, args.out, args.data, args.train_args, args.val_tokens, False, args.rerun_changed)
+        if any(state(r, args.out) == "done" for r in runs):
+            gather_command(runs, args.out)
     return code
 
 
@@ -215,10 +252,14 @@ def gather_command(runs, out: Path) -> int:
     path, rows, unfinished = gather(runs, out)
     print(f"wrote {path}: {len(rows)} finished runs"
           + (f"; not finished: {', '.join(unfinished)}" if unfinished else ""))
+    planned = {r.name: r.steps for r in runs}
     for row in rows:
+        if row["steps"] != planned[row["name"]]:
+            print(f"  {row['name']}: trained {row['steps']:,} of its {planned[row['name']]:,} planned steps "
+                  f"(results.csv has what it trained)")
         if row["loss_source"] != "val":
             print(f"  {row['name']}: no validation loss at its last step; loss is the {row['loss_source']}")
-    print(f"fit it with: soda-scaling fit {path} --out {out / 'fit'}")
+    print(f"fit it with: {shlex.join(['soda-scaling', 'fit', str(path), '--out', str(out / 'fit')])}")
     return 0
 
 

@@ -202,13 +202,45 @@ def _repeats(rows: list, keys: list, keep: bool) -> tuple[list, list[dict], list
     return kept, repeats, warnings
 
 
-def load_results(path, tolerance: float = GROUP_TOLERANCE, keep_duplicates: bool = False) -> Results:
+def _check_fingerprints(path: Path) -> None:
+    """Refuse rows of differently trained sweeps: `soda-scaling run` writes each run's `fingerprint` (its data, the
+    soda-train flags that change what it computes, validation tokens, recipe), and one law must not be fitted across
+    them. Rows without one (written by hand) are not compared."""
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        if "fingerprint" not in [c.strip() for c in reader.fieldnames or []]:
+            return
+        lines: dict[str, list[int]] = {}
+        for raw in reader:
+            value = next((v or "" for k, v in raw.items() if (k or "").strip() == "fingerprint"), "").strip()
+            if value:
+                lines.setdefault(value, []).append(reader.line_num)
+    if len(lines) > 1:
+        def spans(numbers):
+            runs = [[numbers[0], numbers[0]]]
+            for n in numbers[1:]:
+                if n == runs[-1][1] + 1:
+                    runs[-1][1] = n
+                else:
+                    runs.append([n, n])
+            text = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+            return f"line{'s' * (len(numbers) > 1)} {text}"
+        groups = "; ".join(f"{spans(numbers)} have {value}" for value, numbers in lines.items())
+        raise SodaError(f"{path}: rows trained with different settings (fingerprint column: data, soda-train flags, "
+                        f"validation tokens): {groups}; fit one sweep's rows, or pass --allow-mixed")
+
+
+def load_results(path, tolerance: float = GROUP_TOLERANCE, keep_duplicates: bool = False,
+                 allow_mixed: bool = False) -> Results:
     """Read a results CSV (`flops`, `params`, `tokens`, `loss`, optional `budget` and SHAPE_COLUMNS; other
-    columns ignored). Exact duplicate rows are dropped unless `keep_duplicates` (see `_repeats`)."""
+    columns ignored). Exact duplicate rows are dropped unless `keep_duplicates` (see `_repeats`); rows with
+    different `fingerprint`s are refused unless `allow_mixed` (see `_check_fingerprints`)."""
     path = Path(path)
     if not path.is_file():
         raise SodaError(f"results file {path} not found")
     try:
+        if not allow_mixed:
+            _check_fingerprints(path)
         rows, excluded, grouped, shape_columns, keys = _read_rows(path)
     except UnicodeDecodeError as err:
         raise SodaError(f"{path}: not a UTF-8 CSV ({err.reason} at byte {err.start})") from None

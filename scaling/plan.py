@@ -18,6 +18,7 @@ PAPER_BUDGETS = (3e18, 9e18, 1.8e19, 3e19, 9e19, 1.8e20, 3e20)
 PAPER_TARGETS = {9e19: (2048,), 1.8e20: (2048, 2304), 3e20: (2048, 2304, 2816, 3072)}
 FINE_GRID_MAX_BUDGET = 1.8e19
 MIN_BATCH, MAX_STEPS, LR_CAP = 8, 400_000, 0.01
+MIN_SEQ_LEN = 2  # soda-train's shortest sequence (a sequence predicts its tokens from the ones before)
 
 
 @dataclass

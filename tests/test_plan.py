@@ -55,12 +55,22 @@ def test_cli_writes_csv(tmp_path, capsys):
     (["plan", "--budgets", "3e18,abc", "--out", "x.csv"], "expected comma-separated numbers"),
     (["plan", "--budgets", "-1", "--out", "x.csv"], "must be positive"),
     (["plan", "--budgets", "1e11", "--min-batch", "0", "--out", "x.csv"], "--min-batch 0: must be at least 1"),
+    (["plan", "--budgets", "3e18", "--seq-len", "0", "--out", "x.csv"], "--seq-len 0: must be at least 2"),
+    (["plan", "--budgets", "3e18", "--seq-len", "-128", "--out", "x.csv"], "--seq-len -128: must be at least 2"),
+    (["plan", "--budgets", "inf", "--out", "x.csv"], "--budgets 'inf': values must be positive finite numbers"),
+    (["plan", "--budgets", "3e18,nan", "--out", "x.csv"], "--budgets '3e18,nan': values must be positive finite"),
+    (["plan", "--budgets", "3e18", "--vocab", "-5", "--out", "x.csv"], "--vocab -5: must be at least 1"),
+    (["plan", "--budgets", "3e18", "--widths", "256,0.5", "--out", "x.csv"], "--widths '256,0.5': widths must be "
+                                                                               "whole numbers"),
 ])
 def test_bad_input(args, message, capsys, tmp_path, monkeypatch):
+    """One line naming the flag, exit code 2, no traceback, no CSV."""
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exc:
         main(args)
-    assert exc.value.code == 2 and message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x.csv").exists()
 
 
 def test_micro_runs_need_min_batch(tmp_path):

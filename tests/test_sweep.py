@@ -18,30 +18,40 @@ from scaling.cli import main
 from scaling.fit import load_results
 from tokenize_audio.errors import SodaError
 
-# soda-train's contract: refuses a used --out without --resume, writes config.yaml, checkpoints/last.ckpt and
-# metrics.csv (val/loss at the last step), exit 0 when done. FAKE_FAIL / FAKE_PREEMPT name runs that exit 1
-# (after a last stderr line) or 143 (after a checkpoint); FAKE_NO_VAL drops the validation loss.
+# soda-train's contract: refuses a used --out without --resume, writes config.yaml (its settings), checkpoints/last.ckpt
+# and metrics.csv (a row per step, val/loss at the last step), exit 0 when done. Its flags are parsed by argparse as
+# soda-train's are, abbreviations included, and --max-steps stops it early. FAKE_FAIL / FAKE_PREEMPT name runs that
+# exit 1 (after a last stderr line) or 143 (after a checkpoint); FAKE_NO_VAL drops the validation loss; FAKE_SLEEP
+# makes every run take that many seconds.
 FAKE_TRAINER = textwrap.dedent("""
-    import json, os, sys
+    import argparse, json, os, sys, time
     from pathlib import Path
     argv = sys.argv[1:]
-    arg = lambda flag: argv[argv.index(flag) + 1]
-    out = Path(arg("--out"))
+    p = argparse.ArgumentParser()
+    for flag in ("--out", "--tokens", "--batch-tokens", "--seq-len"):
+        p.add_argument(flag)
+    for flag in ("--width", "--max-steps"):
+        p.add_argument(flag, type=int)
+    p.add_argument("--resume", action="store_true")
+    args = p.parse_known_args(argv)[0]
+    out = Path(args.out)
     with open(os.environ["FAKE_CALLS"], "a") as f:
-        f.write(json.dumps({"name": out.name, "resume": "--resume" in argv, "argv": argv}) + "\\n")
-    if "--resume" not in argv and (out / "config.yaml").exists():
+        f.write(json.dumps({"name": out.name, "resume": args.resume, "argv": argv}) + "\\n")
+    if not args.resume and (out / "config.yaml").exists():
         sys.exit("soda-train: error: already holds a run")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text("fake: true\\n")
+    (out / "config.yaml").write_text(json.dumps({"tokens": args.tokens, "batch_tokens": args.batch_tokens,
+                                                 "seq_len": int(args.seq_len), "max_steps": args.max_steps}))
     if out.name == os.environ.get("FAKE_FAIL"):
         print("step 1 of many", flush=True)
         sys.exit("soda-train: error: boom")
+    time.sleep(float(os.environ.get("FAKE_SLEEP", 0)))
     (out / "checkpoints").mkdir(exist_ok=True)
     (out / "checkpoints" / "last.ckpt").write_text("")
     if out.name == os.environ.get("FAKE_PREEMPT"):
         sys.exit(143)
-    width, tokens = int(arg("--width")), int(arg("--tokens"))
-    steps = tokens // int(arg("--batch-tokens"))
+    width, tokens = args.width, int(args.tokens)
+    steps = min(tokens // int(args.batch_tokens), args.max_steps or tokens)
     loss = 1.7 + 40 / width ** 0.7 + 300 / tokens ** 0.4
     rows = ["step,train/loss,val/loss"] + [f"{s},{loss + 1 / (s + 1)}," for s in range(steps)]
     if not os.environ.get("FAKE_NO_VAL"):
@@ -83,7 +93,8 @@ def results(out):
 
 
 def test_real_sweep(train_tokens, tmp_path, capsys):
-    """Two micro models trained by soda-train; a second invocation trains nothing."""
+    """Two micro models trained by soda-train, results read from the runs (the plan's steps and tokens: nothing else
+    reached soda-train); a second invocation trains nothing."""
     plan = make_plan(tmp_path, "1e10", "32,64")
     out = tmp_path / "sweep"
     assert run(plan, out, train_tokens, "--val-tokens", "256", "--", "--workers", "0") == 0
@@ -91,15 +102,17 @@ def test_real_sweep(train_tokens, tmp_path, capsys):
     assert "[1/2] C1.0e10-d32: done in" in printed and "[2/2] C1.0e10-d64: done in" in printed
     rows = results(out)
     assert list(rows[0]) == list(sweep.RESULT_COLUMNS) and [r["name"] for r in rows] == ["C1.0e10-d32", "C1.0e10-d64"]
-    for r in rows:
+    for r, planned in zip(rows, sweep.load_plan(plan)):
         assert r["loss_source"] == "val" and 0 < float(r["loss"]) < 12
         assert float(r["flops"]) == pytest.approx(1e10, rel=0.05)
+        assert (int(r["steps"]), int(r["tokens"])) == (planned.steps, planned.tokens)
+    assert len({r["fingerprint"] for r in rows}) == 1
     config = (out / "configs" / "C1.0e10-d32.yaml").read_text()
     assert "betas: [0.95, 0.9998" in config and "weight_decay: 0.1" in config and "z_loss: 0.0" in config
     with pytest.raises(SodaError, match="2 usable run"):  # parsed as fit input; only too few runs to fit
         load_results(out / "results.csv")
 
-    assert run(plan, out, train_tokens) == 0
+    assert run(plan, out, train_tokens, "--val-tokens", "256", "--", "--workers", "1") == 0
     assert capsys.readouterr().out.count("finished earlier") == 2
 
 
@@ -112,6 +125,7 @@ def test_resume_failure_and_rerun(fake, tmp_path, capsys, monkeypatch):
     stale.mkdir(parents=True)
     (stale / "config.yaml").write_text("from an attempt killed before its first checkpoint")
     (interrupted / "checkpoints").mkdir(parents=True)
+    sweep.write_record(sweep.load_plan(plan)[1], out, sweep.Setting((str(data),)))  # what it started with
     (interrupted / "config.yaml").write_text("x")
     (interrupted / "checkpoints" / "last.ckpt").write_text("")
     monkeypatch.setenv("FAKE_FAIL", failing.name)
@@ -185,7 +199,7 @@ def test_emit_slurm_and_its_tasks(fake, tmp_path, capsys):
     out, data = tmp_path / "sweep", tmp_path / "tokens"
     data.mkdir()
     assert run(plan, out, data, "--emit", "slurm", "--", "--workers", "1") == 0
-    assert not fake() and not (out / "runs").exists()  # nothing trained
+    assert not fake() and not list((out / "runs").rglob("config.yaml"))  # nothing trained
     script = (out / "sweep.sbatch").read_text()
     assert "#SBATCH --array=1-2" in script and "#SBATCH --requeue" in script and "--gather-only" in script
     commands = (out / "commands.txt").read_text().splitlines()
