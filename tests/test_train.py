@@ -282,7 +282,9 @@ def test_fsdp_on_cpu_trains_exactly_like_ddp_and_resumes(ddp_run, train_tokens, 
             assert got[step] == pytest.approx(want[step], rel=1e-5), (key, step)
     ours, theirs = (AutoModelForCausalLM.from_pretrained(d / "hf") for d in (out, ddp_run))
     for (name, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+        # atol 1e-5: sharded and replicated gradients are summed in another order, and an embedding row that got a
+        # near-zero gradient moves by Adam's sign-like step (eps 1e-16), so a few such entries differ by ~6e-6
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def _free_port() -> int:
