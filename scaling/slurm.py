@@ -84,7 +84,7 @@ def emit_slurm(runs: list[PlannedRun], sweep: Path, data: list[str], extra: list
     trained again; a run whose lock a task holds is refused (re-emit once it has stopped)."""
     commands = [train_command(r, sweep, data, extra, val_tokens) for r in runs]
     one_line([a for command in commands for a in command] + [str(Path.cwd()), str(plan), gather_hint])
-    output = sbatch_file(sweep / "logs", "slurm-%A_%a.out")
+    output = sbatch_file(Path.cwd() / sweep / "logs", "slurm-%A_%a.out")  # sbatch reads it where it is submitted
     setting = Setting(tuple(data), tuple(extra), val_tokens)
     changed = check_records(runs, sweep, setting, rerun_changed)
     for run in runs:

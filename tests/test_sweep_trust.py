@@ -299,3 +299,32 @@ def test_a_lock_on_a_file_system_without_flock_goes_by_its_pid(tmp_path, monkeyp
     with sweep.lock(path, tmp_path):
         assert path.read_text() == f"pid {os.getpid()} on host {HOST}\n"
     assert "taking over the lock of pid" in capsys.readouterr().out and path.read_text() == ""
+
+
+def test_the_local_runner_leaves_a_run_a_slurm_task_holds_alone(fake, tmp_path, data, capsys):
+    plan = make_plan(tmp_path, "1e13", "64,128")
+    out = tmp_path / "sweep"
+    held, other = sweep.load_plan(plan)
+    with sweep.lock(sweep.run_lock_path(held, out), held.run_dir(out)):
+        assert run(plan, out, data) == 1
+    printed = capsys.readouterr()
+    assert f"[1/2] {held.name}: left alone: another soda-scaling run (pid {os.getpid()} on host {HOST})" in printed.out
+    assert f"left alone: {held.name}" in printed.err and [c["name"] for c in fake()] == [other.name]
+    assert run(plan, out, data) == 0 and [c["name"] for c in fake()][1:] == [held.name]
+
+
+def test_emit_slurm_checks_what_trained_runs_were_trained_with(fake, tmp_path, data, capsys):
+    plan = make_plan(tmp_path, "1e13", "64,128")
+    out = tmp_path / "sweep"
+    first, second = sweep.load_plan(plan)
+    assert run(plan, out, data, "--emit", "slurm") == 0
+    assert slurm_task(out / "sweep.sbatch", 1, tmp_path).returncode == 0
+    assert json.loads((first.run_dir(out) / sweep.RECORD).read_text())["plan"]["steps"] == first.steps
+    edit_plan(plan, first.name, lr=0.003)
+    err = refused(capsys, *sweep_args(plan, out, data, "--emit", "slurm"))
+    assert f"{first.name} was trained with lr {first.lr!r}; now lr 0.003" in err
+    assert run(plan, out, data, "--emit", "slurm", "--rerun-changed") == 0
+    assert not (first.run_dir(out) / sweep.DONE).exists()  # to be trained again by its task
+    assert json.loads((first.run_dir(out) / sweep.RECORD).read_text())["plan"]["lr"] == 0.003
+    assert slurm_task(out / "sweep.sbatch", 1, tmp_path).returncode == 0
+    assert [(c["name"], c["resume"]) for c in fake()] == [(first.name, False), (first.name, False)]
