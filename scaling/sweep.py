@@ -524,8 +524,10 @@ def train_run(run: PlannedRun, sweep: Path, setting: Setting, change: tuple[list
                                                       "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
         print(f"{tag}: done in {elapsed:.1f} s", flush=True)
     elif code in (PREEMPTED, INTERRUPTED, -signal.SIGTERM, -signal.SIGINT):
-        print(f"{tag}: stopped (exit {code}) after {elapsed:.1f} s; its checkpoint is kept: run the same "
-              f"command again to continue the sweep", file=sys.stderr)
+        kept = ("its checkpoint is kept" if any(run.run_dir(sweep).glob(p) for p in CHECKPOINTS)
+                else "it had saved no checkpoint yet and will start over")  # a stop during soda-train's start-up
+        print(f"{tag}: stopped (exit {code}) after {elapsed:.1f} s; {kept}: run the same command again to continue "
+              f"the sweep", file=sys.stderr)
     else:
         log = run.log_path(sweep)
         print(f"{tag}: FAILED (exit {code}) after {elapsed:.1f} s: {last_line(log)}; log {log}", flush=True)
