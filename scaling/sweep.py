@@ -524,7 +524,7 @@ def train_run(run: PlannedRun, sweep: Path, setting: Setting, change: tuple[list
                                                       "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
         print(f"{tag}: done in {elapsed:.1f} s", flush=True)
     elif code in (PREEMPTED, INTERRUPTED, -signal.SIGTERM, -signal.SIGINT):
-        kept = ("its checkpoint is kept" if any(run.run_dir(sweep).glob(p) for p in CHECKPOINTS)
+        kept = ("its checkpoint is kept" if state(run, sweep) == "resume"
                 else "it had saved no checkpoint yet and will start over")  # a stop during soda-train's start-up
         print(f"{tag}: stopped (exit {code}) after {elapsed:.1f} s; {kept}: run the same command again to continue "
               f"the sweep", file=sys.stderr)

@@ -21,7 +21,7 @@ from tokenize_audio.errors import SodaError
 # soda-train's contract: refuses a used --out without --resume, writes config.yaml (its settings), checkpoints/last.ckpt
 # and metrics.csv (a row per step, val/loss at the last step), exit 0 when done. Its flags are parsed by argparse as
 # soda-train's are, abbreviations included, and --max-steps stops it early. FAKE_FAIL / FAKE_PREEMPT name runs that
-# exit 1 (after a last stderr line) or 143 (after a checkpoint); FAKE_NO_VAL drops the validation loss; FAKE_SLEEP
+# exit 1 (after a last stderr line) or 143 (after a checkpoint; FAKE_PREEMPT_EARLY: before one); FAKE_NO_VAL drops the validation loss; FAKE_SLEEP
 # makes every run take that many seconds.
 FAKE_TRAINER = textwrap.dedent("""
     import argparse, json, os, sys, time
@@ -46,6 +46,8 @@ FAKE_TRAINER = textwrap.dedent("""
         print("step 1 of many", flush=True)
         sys.exit("soda-train: error: boom")
     time.sleep(float(os.environ.get("FAKE_SLEEP", 0)))
+    if out.name == os.environ.get("FAKE_PREEMPT_EARLY"):  # stopped during start-up, before any checkpoint
+        sys.exit(143)
     (out / "checkpoints").mkdir(exist_ok=True)
     (out / "checkpoints" / "last.ckpt").write_text("")
     if out.name == os.environ.get("FAKE_PREEMPT"):
@@ -173,10 +175,24 @@ def test_preemption_stops_the_sweep(fake, tmp_path, capsys, monkeypatch):
     names = [r.name for r in sweep.load_plan(plan)]
     monkeypatch.setenv("FAKE_PREEMPT", names[1])
     assert run(plan, out, data) == 143
-    assert [c["name"] for c in fake()] == names[:2] and "run the same command again" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert [c["name"] for c in fake()] == names[:2] and "its checkpoint is kept: run the same command again" in err
     monkeypatch.delenv("FAKE_PREEMPT")
     assert run(plan, out, data) == 0
     assert [(c["name"], c["resume"]) for c in fake()[2:]] == [(names[1], True), (names[2], False)]
+
+
+def test_a_run_stopped_before_its_first_checkpoint_is_not_said_to_keep_one(fake, tmp_path, capsys, monkeypatch):
+    plan = make_plan(tmp_path, "1e13", "64,128")
+    out, data = tmp_path / "sweep", tmp_path / "tokens"
+    data.mkdir()
+    names = [r.name for r in sweep.load_plan(plan)]
+    monkeypatch.setenv("FAKE_PREEMPT_EARLY", names[0])
+    assert run(plan, out, data) == 143
+    assert "it had saved no checkpoint yet and will start over" in capsys.readouterr().err
+    monkeypatch.delenv("FAKE_PREEMPT_EARLY")
+    assert run(plan, out, data) == 0
+    assert [(c["name"], c["resume"]) for c in fake()[1:]] == [(names[0], False), (names[1], False)]
 
 
 def test_train_loss_fallback_and_gather_only(fake, tmp_path, capsys, monkeypatch):
