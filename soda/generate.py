@@ -402,6 +402,16 @@ def generate(loaded, requests: list[Request], settings: Settings | None = None, 
     batched `settings.batch_size` at a time (sorted by prompt length to limit padding). `progress` shows a
     tqdm bar over requests. Raises SodaError for a malformed request before generating anything.
     """
+    results: list[Result | None] = [None] * len(requests)
+    for i, result in generate_iter(loaded, requests, settings, codec, progress):
+        results[i] = result
+    return results
+
+
+def generate_iter(loaded, requests: list[Request], settings: Settings | None = None, codec=None,
+                  progress: bool = False):
+    """`generate`, yielding (index in `requests`, Result) as each batch finishes, in the order decoded: a caller
+    that writes each result out and drops it holds one batch of generated audio, whatever the number of requests."""
     settings = settings or Settings()
     vocab = loaded.vocab
     for r in requests:
@@ -418,22 +428,22 @@ def generate(loaded, requests: list[Request], settings: Settings | None = None, 
         plans.append(build_plan(vocab, r, codes))
     gen = torch.Generator(device=loaded.device).manual_seed(settings.seed)
     order = sorted(range(len(plans)), key=lambda i: len(plans[i].prompt))
-    results: list[Result | None] = [None] * len(requests)
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(requests), unit="request", desc="generating")
-    for start in range(0, len(order), settings.batch_size):
-        chunk = order[start: start + settings.batch_size]
-        seqs = decode_batch(loaded.model, vocab, [plans[i] for i in chunk], settings, frame_rate, silence, gen)
-        for i, s in zip(chunk, seqs):
-            results[i] = _result(requests[i], plans[i], s, vocab, codec, frame_rate)
+    try:
+        for start in range(0, len(order), settings.batch_size):
+            chunk = order[start: start + settings.batch_size]
+            seqs = decode_batch(loaded.model, vocab, [plans[i] for i in chunk], settings, frame_rate, silence, gen)
+            for i, s in zip(chunk, seqs):
+                yield i, _result(requests[i], plans[i], s, vocab, codec, frame_rate)
+            if bar is not None:
+                bar.update(len(chunk))
+    finally:
         if bar is not None:
-            bar.update(len(chunk))
-    if bar is not None:
-        bar.close()
-    return results
+            bar.close()
 
 
 def _result(r: Request, plan: _Plan, s: _Sequence, vocab, codec, frame_rate: float) -> Result:

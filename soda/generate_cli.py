@@ -3,13 +3,21 @@
 Writes OUT/ID.wav for every audio output (decoded by the model's codec), OUT/results.jsonl (one line per
 request: text, wav, how it ended) and OUT/summary.json (endings, termination rate, speed). The library
 behind it is `soda.generate`.
+
+Outputs survive a kill: each request's wav is written (atomically) and then its results.jsonl line (flushed)
+as soon as its batch finishes, and only one batch of generated audio is held in memory. OUT/run.json records
+the checkpoint and settings; a re-run into the same OUT with the same ones skips the requests already done
+(same id, same request, wav present) and generates the rest; with other ones it is refused unless --overwrite.
+At the end results.jsonl is rewritten in request order and summary.json covers every request.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
+import os
 import re
 import sys
 import time
@@ -19,11 +27,13 @@ import numpy as np
 
 from tokenize_audio.errors import SkipItem, SodaError, cli_errors
 
-from .generate import TASKS, Request, Settings, check_request, generate, summarize
+from .generate import TASKS, Request, Result, Settings, check_request, generate_iter, model_fingerprint, summarize
 
 FIELDS = {"task", "id", "text", "audio", "voice", "voice_text", "source_language", "source_text",
           "target_language", "max_seconds"}
 AUDIO_FIELDS = ("audio", "voice")
+RUN, RESULTS, SUMMARY = "run.json", "results.jsonl", "summary.json"
+RUN_ONLY = ("batch_size", "use_cache")  # settings that change how fast, not what is generated: may differ on resume
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     g.add_argument("--codec", help="override the codec recorded with the model (e.g. mimi, mimi:DIR)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the outputs already in --out; without it a re-run with the same checkpoint and "
+                        "settings skips the requests already done, and one with others is refused")
     return p
 
 
@@ -159,17 +172,19 @@ def single_request(args) -> dict:
 
 
 def to_request(row: dict, codec) -> Request:
+    """The row's Request, its audio read and encoded to codes (a request holds codes, not its wave)."""
     from tokenize_audio.sources import load_audio
 
     audio = {}
     for key in AUDIO_FIELDS:
         if row.get(key) is not None:
             try:
-                audio[key] = load_audio(row[key], codec.sample_rate)
+                wave = load_audio(row[key], codec.sample_rate)
             except SkipItem as err:
                 raise SodaError(f"{row['line']}: {row[key]}: {err}") from None
-            if codec.whole_frames(len(audio[key])) < 1:
+            if codec.whole_frames(len(wave)) < 1:
                 raise SodaError(f"{row['line']}: {row[key]}: shorter than one codec frame")
+            audio[key] = codec.encode(wave)
     return _request(row, audio)
 
 
@@ -196,6 +211,78 @@ def write_wave(path: Path, wave: np.ndarray, sample_rate: int) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+# --------------------------------------------------------------------------------------------
+# OUT: written as requests finish, resumed by a re-run
+# --------------------------------------------------------------------------------------------
+def request_digest(row: dict) -> str:
+    """What a request asks for: its fields, and the size and modification time of its audio files."""
+    audio = {k: [os.stat(row[k]).st_size, os.stat(row[k]).st_mtime_ns] for k in AUDIO_FIELDS if row.get(k)}
+    fields = {k: v for k, v in row.items() if k != "line"}
+    return hashlib.sha256(json.dumps([fields, audio], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def read_lines(out: Path) -> list[dict]:
+    """OUT/results.jsonl's complete lines (a run killed while appending may leave half a line: it is dropped)."""
+    try:
+        text = (out / RESULTS).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    lines = []
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and "id" in row:
+            lines.append(row)
+    return lines
+
+
+def _difference(old: dict, new: dict) -> str | None:
+    """How the run recorded in OUT/run.json differs from this one (None: it does not)."""
+    if old.get("checkpoint", {}).get("digest") != new["checkpoint"]["digest"]:
+        return f"another checkpoint ({old.get('checkpoint', {}).get('path', '?')})"
+    if old.get("codec") != new["codec"]:
+        return f"--codec {old.get('codec') or '(recorded)'}, not {new['codec'] or '(recorded)'}"
+    for key, value in new["settings"].items():
+        if key not in RUN_ONLY and old.get("settings", {}).get(key) != value:
+            return f"{key} {old.get('settings', {}).get(key)}, not {value}"
+    return None
+
+
+def earlier_outputs(out: Path, record: dict, overwrite: bool) -> list[dict]:
+    """The results.jsonl lines an earlier run into OUT left, when it generated with `record`'s checkpoint and
+    settings; SodaError when it did not (unless `overwrite`, which deletes them and their wavs)."""
+    lines = read_lines(out)
+    try:
+        old = json.loads((out / RUN).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        old = None if not lines else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        old = {}
+    differs = None if old is None else (_difference(old, record) if old else "settings not recorded")
+    if differs and not overwrite:
+        raise SodaError(f"--out {out}: holds outputs generated with {differs}; use another --out, or --overwrite "
+                        f"to replace them")
+    if not overwrite:
+        return lines
+    for line in lines:
+        wav = Path(line["wav"]) if line.get("wav") else None
+        if wav is not None and wav.parent.resolve() == out.resolve():
+            wav.unlink(missing_ok=True)
+    for name in (RESULTS, SUMMARY, RUN):
+        (out / name).unlink(missing_ok=True)
+    return []
+
+
+def result_line(r: Result, row: dict, index: int, wav: Path | None) -> dict:
+    return {"id": r.id, "task": r.task, "ended": r.ended, "terminated": r.terminated, "text": r.text,
+            **({"source_text": r.source_text} if r.source_text else {}),
+            "wav": str(wav) if wav else None, "seconds": round(r.seconds, 3),
+            "prompt_tokens": r.prompt_tokens, "generated_tokens": len(r.ids), "segments_ended": r.phase_endings,
+            "index": index, "request": request_digest(row)}
+
+
 @cli_errors("soda-generate")
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
@@ -207,6 +294,10 @@ def main(argv=None) -> int:
                         max_text_tokens=args.max_text_tokens, silence_seconds=args.silence_seconds,
                         use_cache=not args.no_cache, batch_size=args.batch_size)
     rows = read_requests(Path(args.input)) if args.task == "batch" else [single_request(args)]
+    out: Path = args.out
+    record = {"checkpoint": model_fingerprint(args.checkpoint), "codec": args.codec,
+              "settings": {k: v for k, v in vars(settings).items() if k != "silence_codes"}}
+    earlier = earlier_outputs(out, record, args.overwrite)  # before loading the model: a refusal is quick
 
     from tokenize_audio.shards import atomic_write_json, atomic_write_text
 
@@ -214,37 +305,52 @@ def main(argv=None) -> int:
 
     loaded = load_model(args.checkpoint, device=args.device, codec=args.codec)
     codec = loaded.load_codec()
-    requests = [to_request(row, codec) for row in rows]
+    digests = [request_digest(row) for row in rows]
+    done = {line["id"]: line for line in earlier
+            if not line.get("wav") or Path(line["wav"]).is_file()}  # a line is written after its wav
+    kept = {n: done[row["id"]] for n, row in enumerate(rows)
+            if row["id"] in done and done[row["id"]].get("request") == digests[n]}
+    todo = [n for n in range(len(rows)) if n not in kept]
+    requests = [to_request(rows[n], codec) for n in todo]  # every input checked before anything is generated
+    if kept:
+        print(f"soda-generate: {len(kept)} of {len(rows)} requests already done in {out}; generating the other "
+              f"{len(todo)}", file=sys.stderr)
+    atomic_write_json(out / RUN, {**record, "model": loaded.source, "codec_label": loaded.codec_label})
+    # results.jsonl starts as the kept lines (a half-written last line of a killed run is gone), then grows
+    atomic_write_text(out / RESULTS, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in kept.values()))
+    lines = dict(kept)
     start = time.perf_counter()
-    results = generate(loaded, requests, settings, codec, progress=args.task == "batch" and not args.quiet)
+    with open(out / RESULTS, "a", encoding="utf-8") as results_file:
+        for i, r in generate_iter(loaded, requests, settings, codec, progress=args.task == "batch" and not args.quiet):
+            n = todo[i]
+            wav = None
+            if r.wave is not None:
+                wav = out / f"{r.id}.wav"
+                write_wave(wav, r.wave, codec.sample_rate)
+            lines[n] = result_line(r, rows[n], n, wav)
+            results_file.write(json.dumps(lines[n], ensure_ascii=False) + "\n")
+            results_file.flush()
+            os.fsync(results_file.fileno())
     wall = time.perf_counter() - start
 
-    lines = []
-    for row, r in zip(rows, results):
-        wav = None
-        if r.wave is not None:
-            wav = args.out / f"{r.id}.wav"
-            write_wave(wav, r.wave, codec.sample_rate)
-        lines.append({"id": r.id, "task": r.task, "ended": r.ended, "terminated": r.terminated, "text": r.text,
-                      **({"source_text": r.source_text} if r.source_text else {}),
-                      "wav": str(wav) if wav else None, "seconds": round(r.seconds, 3),
-                      "prompt_tokens": r.prompt_tokens, "generated_tokens": len(r.ids),
-                      "segments_ended": r.phase_endings})
-    summary = {**summarize(results), "wall_seconds": round(wall, 3),
-               "audio_seconds_per_wall_second": round(sum(r.seconds for r in results) / wall, 3) if wall else None,
-               "model": loaded.source, "codec": loaded.codec_label,
-               "settings": {k: v for k, v in vars(settings).items() if k != "silence_codes"}}
-    atomic_write_text(args.out / "results.jsonl", "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines))
-    atomic_write_json(args.out / "summary.json", summary)
+    ordered = [lines[n] for n in range(len(rows))]
+    atomic_write_text(out / RESULTS, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in ordered))
+    fresh = [lines[n] for n in todo]
+    summary = {**summarize([Result(x["id"], x["task"], x["ended"], seconds=x["seconds"]) for x in ordered]),
+               "generated_now": len(fresh), "kept_from_earlier_runs": len(kept), "wall_seconds": round(wall, 3),
+               "audio_seconds_per_wall_second": round(sum(x["seconds"] for x in fresh) / wall, 3) if wall else None,
+               "model": loaded.source, "checkpoint": record["checkpoint"], "codec": loaded.codec_label,
+               "settings": record["settings"]}
+    atomic_write_json(out / SUMMARY, summary)
 
-    for x in lines if args.task != "batch" else []:
+    for x in ordered if args.task != "batch" else []:
         what = f"{x['seconds']:.2f} s -> {x['wav']}" if x["wav"] else repr(x["text"])
         if x["wav"] and x["text"]:
             what = f"{x['text']!r}, {what}"
         print(f"{x['id']}: {what} (ended: {x['ended']})")
     endings = ", ".join(f"{k} {v}" for k, v in summary["ended"].items() if v)
-    print(f"{len(results)} outputs, {summary['termination_rate']:.0%} stopped by the model ({endings}); "
-          f"codec: {loaded.codec_label}; wrote {args.out}/results.jsonl, summary.json", file=sys.stderr)
+    print(f"{len(ordered)} outputs, {summary['termination_rate']:.0%} stopped by the model ({endings}); "
+          f"codec: {loaded.codec_label}; wrote {out}/results.jsonl, summary.json", file=sys.stderr)
     return 0
 
 

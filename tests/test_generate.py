@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -267,3 +269,121 @@ def test_nonsense_settings_are_refused(bad, said):
 
     with pytest.raises(SodaError, match=re.escape(said)):
         Settings(**bad)
+
+
+# --- outputs that survive a kill and a second run -------------------------------------------------------
+def _batch(tmp_path, demo_waves, n: int = 7) -> list[str]:
+    """A requests file (TTS and ASR, so some lines have no wav) and the argv of a small `batch` run."""
+    wav = write_wave(tmp_path / "in" / "speech.wav", demo_waves[0][:24000], 24000)
+    rows = [{"task": "asr", "audio": str(wav), "id": f"r{i}"} if i % 3 == 2 else
+            {"task": "tts", "text": "Hello there, friend."[: 5 + i], "id": f"r{i}"} for i in range(n)]
+    jsonl = tmp_path / "requests.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return [str(jsonl), "--out", str(tmp_path / "gen"), "--max-seconds", "0.4", "--max-text-tokens", "4",
+            "--batch-size", "2", "--silence-seconds", "0", "--quiet"]
+
+
+@pytest.fixture
+def decoded(monkeypatch):
+    """Counts the requests decoded; `decoded.fail_after = k` raises (a kill) when batch k+1 starts."""
+    import soda.generate as G
+
+    real = G.decode_batch
+    state = SimpleNamespace(requests=0, batches=0, fail_after=None)
+
+    def counting(model, vocab, plans, *args, **kwargs):
+        if state.fail_after is not None and state.batches >= state.fail_after:
+            raise RuntimeError("killed")
+        state.batches += 1
+        state.requests += len(plans)
+        return real(model, vocab, plans, *args, **kwargs)
+
+    monkeypatch.setattr(G, "decode_batch", counting)
+    return state
+
+
+def test_a_killed_batch_keeps_every_finished_request_and_a_rerun_does_only_the_rest(tiny_run, demo_waves, tmp_path,
+                                                                                   decoded, capsys):
+    argv = [str(tiny_run), "batch", *_batch(tmp_path, demo_waves)]
+    out = tmp_path / "gen"
+    decoded.fail_after = 2  # killed during the third of four batches
+    with pytest.raises(RuntimeError, match="killed"):
+        main(argv)
+    finished = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(finished) == 4 and not (out / "summary.json").exists()
+    stamps = {}
+    for line in finished:  # each line's wav was written before it
+        if line["task"] == "tts":
+            stamps[line["id"]] = Path(line["wav"]).stat().st_mtime_ns
+            assert sf.read(line["wav"])[0].size > 0
+    decoded.fail_after, decoded.requests = None, 0
+    assert main(argv) == 0
+    assert decoded.requests == 3  # only the unfinished requests were generated again
+    assert "4 of 7 requests already done" in capsys.readouterr().err
+    lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [x["id"] for x in lines] == [f"r{i}" for i in range(7)]  # request order at the end
+    assert [x for x in lines if x["id"] in {f["id"] for f in finished}] == \
+        sorted(finished, key=lambda x: x["index"])  # kept as they were
+    assert all(Path(x["wav"]).stat().st_mtime_ns == stamps[x["id"]] for x in lines if x["id"] in stamps)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["outputs"] == 7 and summary["kept_from_earlier_runs"] == 4 and summary["generated_now"] == 3
+    # a third run has nothing to do
+    decoded.requests = 0
+    assert main(argv) == 0 and decoded.requests == 0
+
+
+def test_a_rerun_with_other_settings_is_refused_unless_overwrite(tiny_run, demo_waves, tmp_path, decoded, capsys):
+    argv = [str(tiny_run), "batch", *_batch(tmp_path, demo_waves, n=3)]
+    out = tmp_path / "gen"
+    assert main(argv) == 0
+    before = (out / "results.jsonl").read_text()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(argv + ["--seed", "3"])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1
+    assert "seed 0, not 3" in err and "--overwrite" in err
+    assert (out / "results.jsonl").read_text() == before
+    assert main(argv + ["--batch-size", "3"]) == 0  # how fast, not what: resumed (nothing left to do)
+    decoded.requests = 0
+    assert main(argv + ["--seed", "3", "--overwrite"]) == 0 and decoded.requests == 3
+    assert json.loads((out / "summary.json").read_text())["settings"]["seed"] == 3
+    # an edited request is generated again; the others are kept
+    jsonl = Path(argv[2])
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    rows[0]["text"] = "Something else."
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    decoded.requests = 0
+    assert main(argv + ["--seed", "3"]) == 0 and decoded.requests == 1
+
+
+def test_sigkill_midway_then_rerun_completes_the_batch(tiny_run, demo_waves, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    argv = [str(tiny_run), "batch", *_batch(tmp_path, demo_waves, n=24)]
+    argv[argv.index("--batch-size") + 1] = "1"
+    out = tmp_path / "gen"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "soda.generate_cli", *argv], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "results.jsonl").is_file() and len((out / "results.jsonl").read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()
+                if line.endswith("}")]
+    assert 3 <= len(finished) < 24
+    for line in finished:
+        assert line["wav"] is None or sf.read(line["wav"])[0].size > 0
+    assert main(argv) == 0
+    lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [x["id"] for x in lines] == [f"r{i}" for i in range(24)]
+    assert json.loads((out / "summary.json").read_text())["kept_from_earlier_runs"] >= len(finished)
