@@ -163,7 +163,7 @@ def main(argv=None) -> int:
     cfg = resolve_config(flags, out, args.resume, args.config, [] if args.resume else [defaults])
     tokens_given = "tokens" in flags or bool(args.config and "tokens" in _yaml(args.config))
     if args.command == "s2st":
-        prepared = prepare_s2st(args, out, cfg.epochs or defaults["epochs"])
+        prepared = prepare_s2st(args, out, cfg.epochs or defaults["epochs"], cfg.seq_len)
         if args.prepare_only:
             return 0
     else:
@@ -225,10 +225,17 @@ def summarize_skips(skipped: list[dict]) -> dict:
     return {"skipped_count": len(skipped), "skipped_reasons": dict(reasons.most_common()), "skipped": skipped}
 
 
-def prepare_s2st(args, out: Path, epochs: float) -> dict:
-    """RUN/data from the manifest (kept on --resume), RUN/data_report.json; what training needs from it."""
+LISTED_LONG = 5  # documents longer than --seq-len named in the warning (all are in the report)
+
+
+def prepare_s2st(args, out: Path, epochs: float, seq_len: int) -> dict:
+    """RUN/data from the manifest (kept on --resume), RUN/data_report.json; what training needs from it.
+
+    The report records the manifest's sha256, so a --resume refuses a manifest edited in place (its run would go
+    on training on the old pairs), and names the documents longer than `seq_len`: they are cut across training
+    windows, so the end of such a pair (its target) is trained without the source it translates."""
     from .data import MANIFEST
-    from .s2st import epochs_to_tokens, read_pairs, write_s2st_shards
+    from .s2st import epochs_to_tokens, manifest_sha256, read_pairs, write_s2st_shards
 
     data = out / DATA_DIR
     report_file = out / REPORT
@@ -241,6 +248,11 @@ def prepare_s2st(args, out: Path, epochs: float) -> dict:
         if args.manifest and Path(args.manifest).resolve() != Path(report["manifest"]):
             raise SodaError(f"--resume: --data {args.manifest} is not the manifest this run was prepared from "
                             f"({report['manifest']})")
+        recorded, source = report.get("manifest_sha256"), Path(report["manifest"])
+        if recorded and source.is_file() and manifest_sha256(source) != recorded:  # a moved-away one: data is kept
+            raise SodaError(f"--resume: {source} changed since {data} was prepared from it, and the run would go on "
+                            f"training on the old pairs; start a new run (another --out) from the edited manifest, "
+                            f"or restore it")
         manifest = json.loads((data / MANIFEST).read_text())
         return {"data": [str(data)], "init_from": report["init_from"],
                 "train_tokens": epochs_to_tokens(manifest, epochs), "report": None}
@@ -255,15 +267,23 @@ def prepare_s2st(args, out: Path, epochs: float) -> dict:
     loaded = load_model(args.init_from, device=args.device, codec=args.codec, weights=False)  # training loads them
     codec = loaded.load_codec()
     say(f"encoding {len(pairs.pairs):,} pairs of {args.manifest} with {loaded.codec_label} into {data}")
-    manifest, skipped = write_s2st_shards(pairs, loaded, codec, data, args.validation_fraction, args.pairs_per_shard,
-                                          progress=not args.quiet)
+    manifest, skipped, lengths = write_s2st_shards(pairs, loaded, codec, data, args.validation_fraction,
+                                                   args.pairs_per_shard, progress=not args.quiet)
     init = init_model_dir(args.init_from, out, loaded.vocab)
     del loaded, codec
     used = manifest["documents"]
-    report = {"manifest": str(Path(args.manifest).resolve()), "init_from": init, "pairs": used,
-              "rows": used + len(skipped), "audio_seconds": manifest["audio_seconds"],
-              "tokens": manifest["tokens"]["total"], **summarize_skips(skipped)}
+    long = sorted(((n, i) for i, n in lengths.items() if n > seq_len), reverse=True)
+    report = {"manifest": str(Path(args.manifest).resolve()), "manifest_sha256": pairs.sha256, "init_from": init,
+              "pairs": used, "rows": used + len(skipped), "audio_seconds": manifest["audio_seconds"],
+              "tokens": manifest["tokens"]["total"], **summarize_skips(skipped),
+              "longer_than_seq_len": {"seq_len": seq_len, "count": len(long),
+                                      "documents": [{"id": i, "tokens": n} for n, i in long]}}
     atomic_write_json(report_file, report)
+    if long:
+        named = ", ".join(f"{i} ({n:,} tokens)" for n, i in long[:LISTED_LONG])
+        say(f"warning: {len(long):,} of {used:,} pairs are longer than --seq-len {seq_len} and are cut across "
+            f"training windows (the target then trains without its source): {named}"
+            + (", ..." if len(long) > LISTED_LONG else "") + f"; all in {report_file}")
     line = (f"data: {used:,} pairs used, {len(skipped):,} skipped"
             + (f" ({', '.join(f'{n} {r}' for r, n in report['skipped_reasons'].items())})" if skipped else "")
             + f"; details in {report_file}")

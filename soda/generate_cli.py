@@ -111,7 +111,7 @@ def read_requests(path: Path) -> list[dict]:
     if not path.is_file():
         raise SodaError(f"{path}: no such requests file")
     rows, seen = [], {}
-    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+    for n, line in enumerate(path.read_text(encoding="utf-8-sig", errors="replace").splitlines(), 1):
         if not line.strip():
             continue
         where = f"{path}:{n}"

@@ -8,19 +8,23 @@ document per pair (layout in `tokenize_audio.documents.s2st_document`) as webdat
 
 Manifest formats (paths relative to the manifest's directory):
 
-* TSV with a header row naming the columns `source_audio`, `source_text`, `source_language`,
-  `target_text`, `target_audio`, and optionally `id`, `target_language` (default `en`); without a
-  header, five columns in that order.
+* TSV (or CSV, by the `.csv` suffix) with a header row naming the columns `source_audio`,
+  `source_text`, `source_language`, `target_text`, `target_audio`, and optionally `id`,
+  `target_language` (default `en`); without a header, five columns in that order.
 * JSONL, one object per line with the same field names.
 
-A row that cannot be used (a missing or unreadable audio file, an empty text, no language) is
-skipped and reported with its reason; it never stops the run.
+Manifests are read as UTF-8 with or without a byte-order mark (Excel and Notepad write one; left in,
+it would hide the first column's name). A row that cannot be used (a missing or unreadable audio file,
+an empty text, no language, an id already used by an earlier row) is skipped and reported with its
+reason; it never stops the run. `Pairs.sha256` fingerprints the bytes read, so a run can tell later
+whether the manifest was edited.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -53,15 +57,28 @@ class Pairs:
     pairs: list[Pair]
     skipped: list[dict]  # {"item", "reason"}
     source: str
+    sha256: str = ""  # of the manifest's bytes, as read
 
 
-def _rows(path: Path):
-    """(line number, dict of fields) per row; SodaError if the file itself cannot be read."""
+def _read(path: Path) -> bytes:
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_bytes()
     except FileNotFoundError:
         raise SodaError(f"{path}: manifest not found") from None
-    except (OSError, UnicodeDecodeError) as err:
+    except OSError as err:
+        raise SodaError(f"{path}: unreadable manifest ({err})") from None
+
+
+def manifest_sha256(path) -> str:
+    """The fingerprint `read_pairs` records (`Pairs.sha256`): sha256 of the manifest's bytes."""
+    return hashlib.sha256(_read(Path(path).expanduser())).hexdigest()
+
+
+def _rows(path: Path, raw: bytes):
+    """(line number, dict of fields) per row of a manifest's bytes; SodaError if they are not UTF-8 text."""
+    try:
+        text = raw.decode("utf-8-sig")  # a byte-order mark is not part of the first column's name
+    except UnicodeDecodeError as err:
         raise SodaError(f"{path}: unreadable manifest ({err})") from None
     if path.suffix in (".jsonl", ".json"):
         for n, line in enumerate(text.splitlines(), 1):
@@ -74,18 +91,21 @@ def _rows(path: Path):
                 continue
             yield n, row if isinstance(row, dict) else "a JSON line must be an object"
         return
-    lines = list(csv.reader(text.splitlines(), delimiter="\t", quoting=csv.QUOTE_NONE))
-    header = [ALIASES.get(c.strip().lower(), c.strip().lower()) for c in lines[0]] if lines else []
+    comma = path.suffix.lower() == ".csv"
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter="," if comma else "\t",
+                        quoting=csv.QUOTE_MINIMAL if comma else csv.QUOTE_NONE)
+    lines = [(reader.line_num, fields) for fields in reader]
+    header = [ALIASES.get(c.strip().lower(), c.strip().lower()) for c in lines[0][1]] if lines else []
     has_header = bool(set(header) & set(COLUMNS))
     names = header if has_header else list(COLUMNS)
     missing = [c for c in COLUMNS if c not in names and c != "source_language"]
     if has_header and missing:
         raise SodaError(f"{path}: the header lacks column(s) {', '.join(missing)} (need {', '.join(COLUMNS)})")
-    for n, fields in enumerate(lines[1:] if has_header else lines, 2 if has_header else 1):
+    for n, fields in lines[1:] if has_header else lines:
         if not any(f.strip() for f in fields):
             continue
         if len(fields) < len(names):
-            yield n, f"expected {len(names)} tab-separated columns, found {len(fields)}"
+            yield n, f"expected {len(names)} {'comma' if comma else 'tab'}-separated columns, found {len(fields)}"
             continue
         yield n, dict(zip(names, fields))
 
@@ -93,12 +113,14 @@ def _rows(path: Path):
 def read_pairs(manifest, source_language: str | None = None, target_language: str = "en") -> Pairs:
     """The usable pairs of `manifest` and the rows skipped (with reasons); audio is checked to exist only.
 
-    `source_language` fills rows without one (CVSS manifests are one language each).
+    `source_language` fills rows without one (CVSS manifests are one language each). An id used by an earlier
+    row is skipped ("duplicate id"): the hold-out and the shards key pairs by id.
     """
     path = Path(manifest).expanduser()
     base = path.parent
-    pairs, skipped = [], []
-    for n, row in _rows(path):
+    raw = _read(path)
+    pairs, skipped, first_line = [], [], {}
+    for n, row in _rows(path, raw):
         where = f"{path.name}:{n}"
         if isinstance(row, str):
             skipped.append({"item": where, "reason": row})
@@ -127,10 +149,14 @@ def read_pairs(manifest, source_language: str | None = None, target_language: st
         except SkipItem as err:
             skipped.append({"item": where, "reason": str(err)})
             continue
-        pairs.append(Pair(fields["id"] or f"{path.stem}-{n:06d}", fields["source_audio"], fields["source_text"],
-                          fields["source_language"], fields["target_text"], fields["target_audio"],
-                          fields["target_language"]))
-    return Pairs(pairs, skipped, str(path))
+        pair_id = fields["id"] or f"{path.stem}-{n:06d}"
+        if pair_id in first_line:
+            skipped.append({"item": where, "reason": f"duplicate id: {pair_id} (first on line {first_line[pair_id]})"})
+            continue
+        first_line[pair_id] = n
+        pairs.append(Pair(pair_id, fields["source_audio"], fields["source_text"], fields["source_language"],
+                          fields["target_text"], fields["target_audio"], fields["target_language"]))
+    return Pairs(pairs, skipped, str(path), hashlib.sha256(raw).hexdigest())
 
 
 # --------------------------------------------------------------------------------------------
@@ -143,12 +169,13 @@ def _fingerprint(settings: dict, pairs: list[Pair]) -> str:
 
 
 def write_s2st_shards(pairs: Pairs, loaded, codec, out: Path, validation_fraction: float = 0.0,
-                      pairs_per_shard: int = 1000, progress: bool = True) -> tuple[dict, list[dict]]:
+                      pairs_per_shard: int = 1000, progress: bool = True) -> tuple[dict, list[dict], dict]:
     """Encode every pair with `codec`, write S2ST documents as shards + manifest + vocabulary into `out`.
 
     Works a shard at a time (only one shard's codes in memory); a shard whose sidecar fingerprint
-    matches (same pairs, files, codec and settings) is kept from an earlier run. Returns the manifest and
-    every skipped row or pair (`{"item", "reason"}`: bad rows, unreadable audio); none usable is a SodaError.
+    matches (same pairs, files, codec and settings) is kept from an earlier run. Returns the manifest,
+    every skipped row or pair (`{"item", "reason"}`: bad rows, unreadable audio) and each document's length in
+    tokens by pair id; none usable is a SodaError.
     """
     from tqdm import tqdm
 
@@ -186,7 +213,8 @@ def write_s2st_shards(pairs: Pairs, loaded, codec, out: Path, validation_fractio
         reasons = "; ".join(sorted({s["reason"].split(":")[0] for s in skipped})) or "the manifest has no rows"
         raise SodaError(f"{pairs.source}: no usable pairs ({len(skipped)} skipped: {reasons})")
     vocab.save(out)
-    return write_manifest(out, codec, vocab, settings, Corpus(skipped=list(pairs.skipped)), sidecars), skipped
+    lengths = {k: n for s in sidecars for k, n in s.get("document_tokens", {}).items()}
+    return write_manifest(out, codec, vocab, settings, Corpus(skipped=list(pairs.skipped)), sidecars), skipped, lengths
 
 
 def _finished(out: Path, name: str, fingerprint: str) -> dict | None:
@@ -222,7 +250,7 @@ def _write_shard(out: Path, name: str, split: str, chunk: list[Pair], ctx, vocab
     write_shard(out / f"{name}.tar", samples)
     return {"name": name, "file": f"{name}.tar", "split": split, "kind": "speech", "documents": len(samples),
             "recordings": len(samples), "utterances": 2 * len(samples), "audio_seconds": round(seconds_total, 3),
-            "tokens": totals, "skipped": skipped}
+            "tokens": totals, "skipped": skipped, "document_tokens": {s[2]["recording"]: len(s[1]) for s in samples}}
 
 
 def epochs_to_tokens(manifest: dict, epochs: float) -> int:

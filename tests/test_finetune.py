@@ -202,6 +202,76 @@ def test_bad_manifest_rows_are_skipped_and_counted(tiny_run, s2st_corpus, tmp_pa
     assert str(manifest) in err and "no usable pairs (3 skipped" in err
 
 
+def _with_bom(path: Path, text: str) -> Path:
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())  # as Excel and Notepad save "UTF-8"
+    return path
+
+
+def test_a_utf8_bom_is_stripped_from_tsv_csv_and_jsonl_manifests(s2st_corpus, tmp_path):
+    from soda.s2st import read_pairs
+    from tokenize_audio.documents import validation_recordings
+
+    base = s2st_corpus.parent
+    plain = read_pairs(s2st_corpus)
+    ids = [p.id for p in plain.pairs]
+    text = s2st_corpus.read_text()
+    assert text.startswith("id\t")
+    # `id` first: the ids are the column's, so the same pairs are held out
+    bom = read_pairs(_with_bom(base / "bom.tsv", text))
+    assert [p.id for p in bom.pairs] == ids and not bom.skipped
+    assert validation_recordings([p.id for p in bom.pairs], 0.25) == validation_recordings(ids, 0.25)
+    # `source_audio` first: the header is recognised
+    rows = manifest_rows(s2st_corpus)
+    columns = ["source_audio", "source_text", "source_language", "target_text", "target_audio", "id"]
+    reordered = "".join("\t".join(r[c] for c in columns) + "\n" for r in [dict(zip(columns, columns))] + rows)
+    assert [p.id for p in read_pairs(_with_bom(base / "bom2.tsv", reordered)).pairs] == ids
+    # CSV and JSONL too
+    csv_text = "".join(",".join(f'"{r[c]}"' for c in columns) + "\n" for r in [dict(zip(columns, columns))] + rows)
+    assert [p.id for p in read_pairs(_with_bom(base / "bom.csv", csv_text)).pairs] == ids
+    jsonl = read_pairs(_with_bom(base / "bom.jsonl", "".join(json.dumps(r) + "\n" for r in rows)))
+    assert [p.id for p in jsonl.pairs] == ids and not jsonl.skipped
+    assert bom.sha256 != plain.sha256 and len(plain.sha256) == 64  # a fingerprint of the bytes read
+
+
+def test_duplicate_ids_are_skipped_and_long_documents_named(tiny_run, s2st_corpus, tmp_path, capsys):
+    rows = manifest_rows(s2st_corpus)[:4]
+    rows.append(dict(manifest_rows(s2st_corpus)[5], id=rows[1]["id"]))  # another pair under a used id
+    manifest = s2st_corpus.parent / "dups.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    assert main(["s2st", "--init-from", str(tiny_run), "--data", str(manifest), "--out", str(out), "--prepare-only",
+                 "--validation-fraction", "0", "--seq-len", "128", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "4 pairs used, 1 skipped (1 duplicate id)" in err
+    report = json.loads((out / "data_report.json").read_text())
+    assert report["skipped"] == [{"item": "dups.jsonl:5", "reason": f"duplicate id: {rows[1]['id']} (first on line 2)"}]
+    assert report["skipped_reasons"] == {"duplicate id": 1}
+    long = report["longer_than_seq_len"]
+    lengths = json.loads((out / "data" / "train-speech-00000.json").read_text())["document_tokens"]
+    assert long["seq_len"] == 128 and long["count"] == 4 and {d["id"]: d["tokens"] for d in long["documents"]} == \
+        {r["id"]: lengths[r["id"]] for r in rows[:4]} and min(lengths.values()) > 128
+    warning = [line for line in err.splitlines() if "longer than --seq-len 128" in line]
+    assert len(warning) == 1 and rows[0]["id"] in warning[0] and "warning" in warning[0]
+    assert report["manifest_sha256"] == __import__("hashlib").sha256(manifest.read_bytes()).hexdigest()
+
+
+def test_resume_refuses_a_manifest_edited_in_place(tiny_run, s2st_corpus, tmp_path, capsys):
+    manifest = tmp_path / "pairs.tsv"
+    shutil.copy(s2st_corpus, manifest)
+    for folder in ("fr", "en"):
+        shutil.copytree(s2st_corpus.parent / folder, tmp_path / folder)
+    out = tmp_path / "run"
+    common = ["--seq-len", "256", "--batch-tokens", "512", "--workers", "0", "--no-export", "--quiet"]
+    assert main(["s2st", "--init-from", str(tiny_run), "--data", str(manifest), "--out", str(out),
+                 "--validation-fraction", "0", "--max-steps", "1", *common]) == 0
+    manifest.write_text(manifest.read_text().replace("\tfr\t", "\tfr\tThe ", 1))  # a translation fixed in place
+    for argv in (["s2st", "--out", str(out), "--resume", "--max-steps", "2", *common],
+                 ["s2st", "--data", str(manifest), "--out", str(out), "--resume", "--max-steps", "2", *common]):
+        err = _error(capsys, argv)
+        assert "--resume" in err and str(manifest) in err and "changed since" in err
+    assert not (out / "checkpoints" / "step0000002.ckpt").exists()
+
+
 # --------------------------------------------------------------------------------------------
 # Fine-tuning end to end
 # --------------------------------------------------------------------------------------------

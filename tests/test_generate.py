@@ -387,3 +387,12 @@ def test_sigkill_midway_then_rerun_completes_the_batch(tiny_run, demo_waves, tmp
     lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [x["id"] for x in lines] == [f"r{i}" for i in range(24)]
     assert json.loads((out / "summary.json").read_text())["kept_from_earlier_runs"] >= len(finished)
+
+
+def test_a_requests_file_with_a_utf8_bom_is_read(tmp_path, capsys):
+    jsonl = tmp_path / "requests.jsonl"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + json.dumps({"task": "tts", "text": "Hi.", "id": "a"}).encode() + b"\n")
+    with pytest.raises(SystemExit):  # the requests are read; the checkpoint is what is missing
+        main([str(tmp_path / "no-model"), "batch", str(jsonl), "--out", str(tmp_path / "gen")])
+    err = capsys.readouterr().err
+    assert "no such checkpoint" in err and "not valid JSON" not in err
