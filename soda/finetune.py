@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
                        ("--limit", "evaluate only the first N pairs"), ("--seed", "sampling seed")):
         e.add_argument(flag, help=text)
     e.add_argument("--quiet", action="store_true", help="no progress bars")
+    e.add_argument("--overwrite", action="store_true",
+                   help="discard the results already in --out (as soda-eval --overwrite)")
     return p
 
 
@@ -330,7 +332,7 @@ def evaluate_s2st(args) -> int:
     for flag in ("device", "codec", "limit", "seed", "source_language"):
         if getattr(args, flag) is not None:
             argv += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-    return eval_main(argv + (["--quiet"] if args.quiet else []))
+    return eval_main(argv + [f"--{flag}" for flag in ("quiet", "overwrite") if getattr(args, flag)])
 
 
 if __name__ == "__main__":

@@ -65,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="run directory, .ckpt file, Hugging Face model directory or hub id")
     p.add_argument("task", choices=[*TASKS, "batch"], help="what to generate; batch: a JSONL file of requests")
     p.add_argument("input", help="WAV (continue, asr, s2st), text (tts) or JSONL (batch)")
-    p.add_argument("--out", type=Path, default=Path("generated"), help="output directory (default: generated)")
+    p.add_argument("--out", type=Path, default=Path("generated"),
+                   help="output directory (default: generated); each output is written as it finishes, and a "
+                        "re-run into it with the same checkpoint and settings generates only what is missing")
     g = p.add_argument_group("prompt")
     g.add_argument("--voice", help="tts: a WAV of the target voice ...")
     g.add_argument("--voice-text", help="... and its transcript")

@@ -437,3 +437,12 @@ def test_s2st_finetune_under_torchrun_prepares_once_and_trains_on_two_ranks(tiny
     done = subprocess.run(command + ["--max-steps", "4"], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert sorted(losses(out)) == [0, 1, 2, 3]
+
+
+def test_eval_s2st_passes_overwrite_to_soda_eval(monkeypatch, tmp_path):
+    import soda.evaluate.cli
+
+    seen = []
+    monkeypatch.setattr(soda.evaluate.cli, "main", lambda argv: seen.append(argv) or 0)
+    assert main(["eval-s2st", "runs/x", "--data", "t.tsv", "--out", str(tmp_path), "--overwrite", "--quiet"]) == 0
+    assert seen[0][-2:] == ["--quiet", "--overwrite"] and seen[0][seen[0].index("--out") + 1] == str(tmp_path)
