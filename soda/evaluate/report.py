@@ -87,7 +87,7 @@ def check_checkpoint(out: Path, checkpoint: dict) -> None:
 def _check_same_checkpoint(out: Path, found: dict | None, checkpoint: dict) -> None:
     recorded = (found or {}).get("checkpoint") or {}
     if found is not None and recorded.get("digest") != checkpoint["digest"]:
-        was = recorded.get("path") or (found.get("model") or {}).get("source") or "an unrecorded checkpoint"
+        was = recorded.get("path") or "a checkpoint an older soda-eval did not record"
         raise SodaError(f"--out {out}: its {RESULTS} holds results of another checkpoint ({was}), not of "
                         f"{checkpoint['path']}; use another --out, or --overwrite to replace them")
 
@@ -98,10 +98,12 @@ def claim(out: Path, header: dict, overwrite: bool = False) -> None:
     if not overwrite:
         return check_checkpoint(out, header["checkpoint"])
     with locked(out):
-        found = read_results(out)
-        for entry in ((found or {}).get("tasks") or {}).values():
-            if entry.get("items_file"):
-                (out / entry["items_file"]).unlink(missing_ok=True)
+        try:
+            found = read_results(out) or {}
+        except SodaError:  # unreadable: replaced all the same
+            found = {}
+        for name in found.get("tasks") or {}:
+            (out / "items" / f"{name}.jsonl").unlink(missing_ok=True)
         (out / TABLE).unlink(missing_ok=True)
         atomic_write_json(out / RESULTS, {**header, "tasks": {}})
 
@@ -116,8 +118,7 @@ def merge(out: Path, header: dict, results: dict, tasks: dict) -> dict:
         _check_same_checkpoint(out, found, header["checkpoint"])
         merged = dict((found or {}).get("tasks") or {})
         for name, result in results.items():
-            result = dict(result)
-            items = result.pop("_items", None)
+            items = result.pop("_items", None)  # written once, then dropped from memory
             if items is not None:
                 lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in items)
                 atomic_write_text(out / "items" / f"{name}.jsonl", lines)
