@@ -562,3 +562,24 @@ def test_concurrent_merges_keep_every_task(tmp_path, monkeypatch):
     assert not errors
     assert set(json.loads((tmp_path / "results.json").read_text())["tasks"]) == set(names)
     assert all(tasks[n].title in (tmp_path / "results.md").read_text() for n in names)
+
+
+def test_evaluation_manifests_with_a_utf8_bom_are_read(tmp_path):
+    """Files saved by spreadsheet programs and some Windows editors start with a BOM; it must not become part of the
+    first field (the first row was 'not a JSON object', a TSV's first column name was wrong)."""
+    from soda.evaluate.mcq import _file_rows
+    from soda.evaluate.pairs import _jsonl_pairs
+    from soda.evaluate.tasks import Skips
+    from soda.evaluate.tts import read_prompts
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"id": "p1", "good": "a cat", "bad": "a cta"}\n', encoding="utf-8-sig")
+    skips = Skips()
+    assert [p.id for p in _jsonl_pairs(pairs, "text", skips)] == ["p1"] and not skips.items
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("hello there\n", encoding="utf-8-sig")
+    assert [p.text for p in read_prompts(str(prompts), Skips())] == ["hello there"]
+    questions = tmp_path / "q.jsonl"
+    questions.write_text('{"question": "q?", "choices": ["a", "b"], "answer": "a"}\n', encoding="utf-8-sig")
+    skips = Skips()
+    assert len(_file_rows(questions, skips)) == 1 and not skips.items

@@ -144,7 +144,7 @@ def read_questions(spec: str | None, limit: int | None) -> Questions:
 
 def _file_rows(path: Path, skips: Skips) -> list[tuple[str, object]]:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a BOM is not part of the first field
     except (UnicodeDecodeError, OSError) as err:
         raise SodaError(f"{path}: unreadable ({err})") from None
     if path.suffix != ".jsonl":

@@ -142,7 +142,7 @@ def _hf_pairs(spec: str, layout: Layout, modality: str, limit, skips: Skips, nam
 def _jsonl_pairs(path: Path, modality: str, skips: Skips) -> list[Pair]:
     pairs = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # a BOM is not part of the first field
     except (UnicodeDecodeError, OSError) as err:
         raise SodaError(f"{path}: unreadable ({err})") from None
     for n, line in enumerate(lines, 1):

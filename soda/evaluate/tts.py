@@ -51,7 +51,7 @@ def read_prompts(spec: str, skips: Skips) -> list[Prompt]:
     if not path.is_file():
         raise SodaError(f"--data-for tts={spec}: no such file (a seed-tts-eval meta.lst, .jsonl or .txt)")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # a BOM is not part of the first field
     except (UnicodeDecodeError, OSError) as err:
         raise SodaError(f"{path}: unreadable ({err})") from None
     prompts = []
