@@ -58,7 +58,8 @@ tokens and flops are what the run trained, read from the run (its metrics.csv an
 Resumable: run the same command again and finished runs are skipped, a run with a checkpoint
 continues with --resume, and one that died before its first checkpoint starts again. A failed run is
 reported and the sweep goes on (exit code 1 at the end); a pre-empted or interrupted run stops the
-sweep (exit 143; its checkpoint is kept). Flags after `--` go to every soda-train run (e.g. -- --workers 0
+sweep: SIGTERM/SIGUSR1 exit 143, Ctrl-C 130, and the run's checkpoint is kept (or the sweep says it had
+none yet). Flags after `--` go to every soda-train run (e.g. -- --workers 0
 --mix speech=0.9,text=0.1); those the plan fixes (shape, tokens, batch, LR, --max-steps, ...) are refused,
 abbreviated or not.
 

@@ -439,8 +439,8 @@ def last_line(log: Path) -> str:
 
 def train(command: list[str], log: Path, keep: tuple[int, ...] = ()) -> int:
     """Run soda-train, output appended to `log`; it inherits the file descriptors `keep` (its locks, held while it
-    runs). SIGTERM and SIGUSR1 are passed on so the run checkpoints (exit 143); on Ctrl-C the run got the same signal:
-    wait for it to stop cleanly rather than kill it."""
+    runs). SIGTERM and SIGUSR1 are passed on so the run checkpoints (exit 143); on Ctrl-C the run got the same signal
+    from the terminal: wait for it to checkpoint and return its exit code (130), as for a pre-emption."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("a") as out:
         out.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')}: {shlex.join(command)}\n")
@@ -450,9 +450,8 @@ def train(command: list[str], log: Path, keep: tuple[int, ...] = ()) -> int:
         previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1)}
         try:
             return proc.wait()
-        except KeyboardInterrupt:
-            proc.wait()
-            raise
+        except KeyboardInterrupt:  # the run checkpoints on the same Ctrl-C; a second one stops it at once
+            return proc.wait()
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -461,7 +460,7 @@ def train(command: list[str], log: Path, keep: tuple[int, ...] = ()) -> int:
 def run_sweep(runs: list[PlannedRun], sweep: Path, data: list[str], extra: list[str],
               val_tokens: int = DEFAULT_VAL_TOKENS, dry_run: bool = False, rerun_changed: bool = False) -> int:
     """Train every run not yet finished; 0 if all finished, 1 if any failed or was left to another runner, 143 if
-    pre-empted. Runs trained with other settings are refused up front, or with `rerun_changed` trained again from
+    pre-empted (130 for Ctrl-C). Runs trained with other settings are refused up front, or with `rerun_changed` trained again from
     scratch (see `check_records`)."""
     setting = Setting(tuple(data), tuple(extra), val_tokens)
     changed = check_records(runs, sweep, setting, rerun_changed)
@@ -487,7 +486,7 @@ def run_sweep(runs: list[PlannedRun], sweep: Path, data: list[str], extra: list[
             print(f"{tag}: left alone: {err}", flush=True)
             continue
         if code in (PREEMPTED, INTERRUPTED, -signal.SIGTERM, -signal.SIGINT):
-            return PREEMPTED
+            return INTERRUPTED if code in (INTERRUPTED, -signal.SIGINT) else PREEMPTED
         if code not in (0, None):
             failures.append(Failure(run.name, code, last_line(run.log_path(sweep)), run.log_path(sweep)))
     for f in failures:

@@ -53,14 +53,16 @@ def test_finetune_stopped_by_a_group_sigterm_resumes_exactly(tiny_run, s2st_corp
         assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-6), step
 
 
-def test_sweep_stopped_by_a_group_sigterm_checkpoints_its_run_and_continues(train_tokens, tmp_path):
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_sweep_stopped_by_a_group_signal_checkpoints_its_run_and_continues(train_tokens, tmp_path, sig, code):
+    """SIGTERM as SLURM sends it, or Ctrl-C at the terminal: both reach the runner and the run it is training."""
     plan = make_plan(tmp_path, "3e10", "32")
     out = tmp_path / "sweep"
     command = [PY, "-m", "scaling.cli", "run", str(plan), "--data", str(train_tokens), "--out", str(out),
                "--val-tokens", "256", "--", "--workers", "2", "--log-every", "1"]
     run_dir = out / "runs" / "C3.0e10-d32"
-    stopped = _stop_group_when(run_dir / "logs" / "version_0" / "metrics.csv", command)
-    assert stopped.returncode == 143, stopped.stdout[-2000:] + stopped.stderr[-2000:]
+    stopped = _stop_group_when(run_dir / "logs" / "version_0" / "metrics.csv", command, sig)
+    assert stopped.returncode == code, stopped.stdout[-2000:] + stopped.stderr[-2000:]
     assert "its checkpoint is kept" in stopped.stderr and "Traceback" not in stopped.stderr
     log = (out / "logs" / "C3.0e10-d32.log").read_text() if (out / "logs").is_dir() else ""
     assert list((run_dir / "checkpoints").glob("step*.ckpt")), log[-2000:]
