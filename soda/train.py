@@ -79,6 +79,10 @@ def add_train_arguments(p: argparse.ArgumentParser, skip=frozenset()) -> argpars
     add(g, "--max-steps", type=int, help="stop after this many optimizer steps (the schedule still "
                                                  "spans --tokens)")
     add(g, "--mfu", type=float, default=0.4, help="MFU assumed by --dry-run's wall-clock estimates")
+    add(g, "--codec-rate", type=float,
+        help="--dry-run: audio-seconds the codec encodes per GPU-second (measure yours with "
+             "benchmarks/tokenize_throughput.py --device cuda); with it the plan gives the GPU-hours that tokenizing "
+             "the run's raw audio takes")
     g = p.add_argument_group("model")
     add(g, "--size", help=f"preset: {', '.join(SIZES)}")
     add(g, "--sweep-width", type=int, help="SODA's IsoFLOP sweep shape from a width (layers, heads, FFN "
@@ -184,7 +188,7 @@ def main(argv=None) -> int:
         defaults.append(load_yaml(DEMO_CONFIG))  # under the user's settings: flags and --config still win
     cfg = resolve_config(flags, out, args.resume, args.config, defaults)
     if args.dry_run:
-        return dry_run(cfg, args.mfu)
+        return dry_run(cfg, args.mfu, args.codec_rate)
     return train(cfg, resume=args.resume)
 
 
@@ -309,7 +313,20 @@ def memory_line(parameters: int, world: int) -> str:
             f"grow with --micro-batch x --seq-len; --activation-checkpointing shrinks them)")
 
 
-def dry_run(cfg: TrainConfig, mfu: float) -> int:
+def audio_line(tokens: int, codec_rate: float | None, audio_tokens_per_second: float = 100.0) -> str:
+    """How much raw audio the run's tokens stand for, and the codec GPU-hours to tokenize it. An upper bound: every
+    token counted as audio at Mimi's 8 x 12.5 tokens per second (text, markers and a text share need less)."""
+    hours = tokens / audio_tokens_per_second / 3600
+    line = (f"raw audio for {tokens / 1e9:,.1f}B tokens: at most {hours:,.0f} hours (every token audio, "
+            f"{audio_tokens_per_second:g} tokens per audio-second)")
+    if codec_rate is None:
+        return line + "; give --codec-rate (audio-s per GPU-s) for the GPU-hours to tokenize it"
+    if not codec_rate > 0:
+        raise SodaError(f"--codec-rate {codec_rate}: give audio-seconds per GPU-second, e.g. 2000")
+    return line + f"; tokenizing it: {hours / codec_rate:,.1f} GPU-hours at {codec_rate:g} audio-s per GPU-s"
+
+
+def dry_run(cfg: TrainConfig, mfu: float, codec_rate: float | None = None) -> int:
     from .callbacks import NAMED_GPUS
     from .model import describe
 
@@ -344,6 +361,7 @@ def dry_run(cfg: TrainConfig, mfu: float) -> int:
         f"{'cosine ' if cfg.schedule == 'cosine' else ''}decay to 0 over {phases['decay']:,}",
         f"optimizer: {'cautious ' if cfg.cautious else ''}AdamW betas {tuple(cfg.betas)}, eps {cfg.eps:g}, "
         f"weight decay {cfg.weight_decay:g} ({cfg.weight_decay_mode}), clip {cfg.grad_clip:g}, z-loss {cfg.z_loss:g}",
+        audio_line(tokens, codec_rate),
         f"wall-clock at {mfu:.0%} MFU (bf16 dense peak):",
     ]
     for name, peak in NAMED_GPUS.items():

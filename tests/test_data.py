@@ -345,6 +345,15 @@ def test_dry_run_gives_model_state_memory_per_device_for_ddp_and_fsdp(capsys):
     assert ": 65.2 GiB with DDP, 8.1 GiB with --strategy fsdp over 8 devices;" in capsys.readouterr().out
 
 
+def test_dry_run_gives_the_raw_audio_and_codec_gpu_hours(capsys):
+    from soda.train import main
+
+    assert main(["--size", "1b", "--tokens", "500B", "--dry-run", "--codec-rate", "2000"]) == 0
+    # 500B tokens at 100 audio tokens per second: 1.39M hours of speech (the corpus-scale issue's own figure)
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("raw audio"))
+    assert "at most 1,388,891 hours" in line and "694.4 GPU-hours at 2000 audio-s per GPU-s" in line
+
+
 def test_dry_run_matches_the_real_model(capsys):
     from soda.model import build_model, count_parameters
     from tokenize_audio.vocab import Vocabulary, byte_tokenizer
