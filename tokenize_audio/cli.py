@@ -31,6 +31,12 @@ text tokenizers:
   ids + BOS/EOS) or bpe:N (byte-level BPE with N ids trained on the corpus text, split
   by Llama-3's pre-tokenizer regex).
 
+engines:
+  local (default) encodes in this process. --engine ray runs the same plan on Ray Data (pip install '.[ray]'):
+  audio is read on CPU tasks and encoded by an actor pool (one actor per GPU, or --cpu-workers on CPU); shards
+  are identical to a local run. Without Ray, --part I/N encodes every N-th planned shard (a SLURM job array
+  into one --out); the last part to finish writes manifest.json, or run `soda-tokenize --finalize DIR`.
+
 Re-running with the same --out resumes: finished shards are kept. Unusable items (unreadable or truncated
 audio, empty transcripts, missing files, ...) are skipped and listed in manifest.json under "skipped".
 Shards are read as data only (token arrays and JSON, never pickles), so decoding a shard from elsewhere is safe.
@@ -82,6 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--audio-column", help="hf: inputs: audio column (default: the Audio feature)")
     p.add_argument("--recording-column", help="hf: inputs: column grouping rows into recordings")
     p.add_argument("--overwrite", action="store_true", help="replace shards in --out made with other settings")
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local: this process (default); ray: Ray Data tasks and a codec actor pool")
+    p.add_argument("--address", help="--engine ray: cluster to join (auto, HOST:PORT); default: start a local "
+                                     "Ray instance and stop it at the end")
+    p.add_argument("--gpus-per-worker", type=float, default=1.0,
+                   help="--engine ray: GPUs per codec actor (default 1: one actor per GPU)")
+    p.add_argument("--cpu-workers", type=int, default=1,
+                   help="--engine ray without GPUs: codec actors, one CPU each (default 1; leave cores for reading)")
+    p.add_argument("--part", type=_part, metavar="I/N",
+                   help="encode only part I of N (every N-th planned shard), e.g. $((SLURM_ARRAY_TASK_ID+1))/N; "
+                        "the last part to finish writes the manifest")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -102,6 +119,13 @@ def build_decode_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _part(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"(\d+)/(\d+)", text.strip())
+    if not match or not 1 <= int(match[1]) <= int(match[2]):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected I/N with 1 <= I <= N, e.g. 3/8")
+    return int(match[1]), int(match[2])
+
+
 def _formats(text: str) -> tuple[str, ...]:
     from .documents import FORMATS
 
@@ -117,13 +141,28 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "decode":
         return decode_main(argv[1:])
+    if argv and argv[0] == "--finalize":
+        return finalize_main(argv[1:])
     args = build_parser().parse_args(argv)
     return tokenize(args)
 
 
+def finalize_main(argv) -> int:
+    from .pipeline import finalize
+
+    p = argparse.ArgumentParser(prog="soda-tokenize --finalize", allow_abbrev=False,
+                                description="Write manifest.json of an --out directory whose --part jobs all finished.")
+    p.add_argument("out", type=Path, metavar="DIR", help="the --out directory of the parts")
+    args = p.parse_args(argv)
+    manifest = finalize(args.out)
+    _print_summary(manifest, args.out, 0, 0)
+    return 0
+
+
 def tokenize(args) -> int:
     from .codecs import load_codec
-    from .pipeline import SETTINGS, Settings, ShardEncoder, check_settings, plan_shards, write_manifest
+    from .pipeline import (SETTINGS, Settings, ShardEncoder, check_settings, finalize, plan_shards, select_part,
+                           unfinished, write_plan)
     from .shards import atomic_write_json
     from .sources import read_inputs
     from .vocab import Vocabulary, load_text_tokenizer
@@ -131,11 +170,15 @@ def tokenize(args) -> int:
     formats = _formats(args.formats)
     if not 0 <= args.validation_fraction < 1:
         raise SodaError(f"--validation-fraction {args.validation_fraction}: must be in [0, 1)")
-    for name in ("codebooks", "recordings_per_shard", "texts_per_shard", "workers"):
+    for name in ("codebooks", "recordings_per_shard", "texts_per_shard", "workers", "cpu_workers"):
         if getattr(args, name) < 1:
             raise SodaError(f"--{name.replace('_', '-')} must be at least 1")
     if not args.encode_chunk_seconds > 0:
         raise SodaError(f"--encode-chunk-seconds {args.encode_chunk_seconds}: must be positive")
+    if args.engine == "ray":
+        from .ray_engine import import_ray
+
+        import_ray()  # before any work: without Ray, one line saying how to install it
     if args.out.exists() and not args.out.is_dir():
         raise SodaError(f"--out {args.out} exists and is not a directory")
 
@@ -160,11 +203,27 @@ def tokenize(args) -> int:
     atomic_write_json(args.out / SETTINGS, settings.to_dict())
 
     plans = plan_shards(corpus, settings)
-    batch_seconds = args.batch_seconds or (120.0 if codec.device.type == "cuda" else 5.0)
-    encoder = ShardEncoder(codec, vocab, settings, args.out, args.workers, batch_seconds, not args.quiet)
-    sidecars, reused = encoder.run(plans)
+    write_plan(args.out, plans, settings, codec, corpus)
     _remove_stale_shards(args.out, {p.name for p in plans})
-    manifest = write_manifest(args.out, codec, vocab, settings, corpus, sidecars)
+    mine = select_part(plans, *args.part) if args.part else plans
+    batch_seconds = args.batch_seconds or (120.0 if codec.device.type == "cuda" else 5.0)
+    if args.engine == "ray":
+        from .ray_engine import CodecSpec, run_ray
+
+        todo, done = unfinished(args.out, mine, settings)
+        spec = CodecSpec(args.codec, args.codebooks, args.device, args.encode_chunk_seconds, codec.sample_rate,
+                         codec.samples_per_frame)
+        run_ray(todo, spec, settings, args.out, batch_seconds, address=args.address,
+                gpus_per_worker=args.gpus_per_worker, cpu_workers=args.cpu_workers, progress=not args.quiet)
+        reused = len(done)
+    else:
+        encoder = ShardEncoder(codec, vocab, settings, args.out, args.workers, batch_seconds, not args.quiet)
+        reused = encoder.run(mine)[1]
+    manifest = finalize(args.out, required=args.part is None)  # None while other parts are still running
+    if manifest is None:
+        print(f"part {args.part[0]}/{args.part[1]} done ({len(mine)} of {len(plans)} shards in {args.out}); "
+              f"the last part to finish writes manifest.json, or run: soda-tokenize --finalize {args.out}")
+        return 0
     _print_summary(manifest, args.out, reused, len(plans))
     return 0
 

@@ -27,6 +27,7 @@ from .vocab import TYPE_NAMES, Vocabulary
 
 MANIFEST = "manifest.json"
 SETTINGS = "settings.json"
+PLAN = "plan.json"  # planned shard names and fingerprints: what --finalize checks before writing the manifest
 
 
 @dataclass
@@ -48,6 +49,10 @@ class Settings:
                 "validation_fraction": self.validation_fraction,
                 "recordings_per_shard": self.recordings_per_shard, "texts_per_shard": self.texts_per_shard,
                 **({"keep_truncated": True} if self.keep_truncated else {})}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Settings":
+        return cls(**{**d, "formats": tuple(d["formats"])})
 
 
 @dataclass
@@ -88,6 +93,38 @@ def plan_shards(corpus: Corpus, settings: Settings) -> list[ShardPlan]:
     return plans
 
 
+def select_part(plans: list[ShardPlan], part: int, parts: int) -> list[ShardPlan]:
+    """Part `part` of `parts` (1-based): every parts-th planned shard, so parts are disjoint, cover the plan,
+    and do not depend on which other parts run or when."""
+    return [plan for j, plan in enumerate(plans) if j % parts == part - 1]
+
+
+def load_wave(utt: Utterance, sample_rate: int, samples_per_frame: int, keep_truncated: bool):
+    """The utterance's audio at the codec rate, cut to whole codec frames; a SkipItem (returned) if unusable."""
+    try:
+        wave = load_audio(utt.audio, sample_rate, utt.start, utt.end, keep_truncated=keep_truncated)
+        frames = len(wave) // samples_per_frame
+        if frames < 1:
+            raise SkipItem(f"shorter than one codec frame ({1000 * samples_per_frame / sample_rate:.0f} ms)")
+        return wave[: frames * samples_per_frame]
+    except SkipItem as err:
+        return err
+
+
+def progress_bar(total: int, enabled: bool) -> tqdm:
+    """Counts utterances and text documents (so tqdm's ETA covers the whole plan); `show_audio` adds hours."""
+    return tqdm(total=total, unit="item", desc="tokenize", disable=not enabled, dynamic_ncols=True)
+
+
+def show_audio(bar: tqdm, audio_seconds: float, started: float) -> None:
+    elapsed = max(time.perf_counter() - started, 1e-9)
+    bar.set_postfix_str(f"{audio_seconds / 3600:.2f} h audio, {audio_seconds / 3600 / elapsed:.4f} h/s", refresh=False)
+
+
+def plan_items(plan: ShardPlan) -> int:
+    return len(plan.recordings) if plan.kind == "text" else sum(map(len, plan.recordings))
+
+
 class ShardEncoder:
     """Encodes planned shards with a codec and vocabulary and writes them into `out`."""
 
@@ -102,14 +139,7 @@ class ShardEncoder:
 
     # --- audio ---------------------------------------------------------------------------------
     def _load(self, utt: Utterance):
-        try:
-            wave = load_audio(utt.audio, self.codec.sample_rate, utt.start, utt.end,
-                              keep_truncated=self.settings.keep_truncated)
-            if self.codec.whole_frames(len(wave)) < 1:
-                raise SkipItem(f"shorter than one codec frame ({1000 / self.codec.frame_rate:.0f} ms)")
-            return wave[: self.codec.whole_frames(len(wave)) * self.codec.samples_per_frame]
-        except SkipItem as err:
-            return err
+        return load_wave(utt, self.codec.sample_rate, self.codec.samples_per_frame, self.settings.keep_truncated)
 
     def _loaded(self, utts: list[Utterance]):
         """Yield (utterance, wave | SkipItem) in order, decoding ahead on `workers` threads."""
@@ -138,21 +168,20 @@ class ShardEncoder:
                 for (utt, _), c in zip(batch, self.codec.encode_batch([w for _, w in batch])):
                     codes[id(utt)] = c  # by object: ids need not be unique in a manifest
                 self.audio_seconds += sum(len(w) for _, w in batch) / self.codec.sample_rate
-                elapsed = max(time.perf_counter() - self.started, 1e-9)
-                bar.set_postfix_str(f"{self.audio_seconds:.0f} s audio, {self.audio_seconds / elapsed:.1f} audio-s/s",
-                                    refresh=False)
+                show_audio(bar, self.audio_seconds, self.started)
                 bar.update(len(batch))
             batch = [item] if item is not None else []
         buffer.clear()
 
     # --- shards --------------------------------------------------------------------------------
-    def run_speech_shard(self, plan: ShardPlan, bar) -> tuple[list, dict]:
+    def run_speech_shard(self, plan: ShardPlan, bar, loaded=None) -> tuple[list, dict]:
+        """`loaded`: the shard's (utterance, wave | SkipItem) pairs in plan order, if read elsewhere (Ray)."""
         skipped: list[dict] = []
         codes: dict[int, np.ndarray] = {}
         utts = [u for rec in plan.recordings for u in rec]
         buffer: list = []
         buffered = 0.0
-        for utt, wave in self._loaded(utts):
+        for utt, wave in (self._loaded(utts) if loaded is None else loaded):
             if isinstance(wave, SkipItem):
                 skipped.append({"path": utt.where, "reason": str(wave)})
                 bar.update(1)
@@ -199,34 +228,35 @@ class ShardEncoder:
             bar.update(1)
         return samples, stats.to_dict() | {"skipped": []}
 
+    def encode_shard(self, plan: ShardPlan, bar, loaded=None) -> dict:
+        """Encode one planned shard, write its .tar and then its sidecar (the sidecar marks it finished)."""
+        started = time.perf_counter()
+        if plan.kind == "text":
+            samples, stats = self.run_text_shard(plan, bar)
+        elif loaded is None:
+            samples, stats = self.run_speech_shard(plan, bar)
+        else:
+            samples, stats = self.run_speech_shard(plan, bar, loaded)
+        tar = self.out / f"{plan.name}.tar"
+        if samples:
+            write_shard(tar, samples)
+        else:  # every item was skipped: no empty shard to count or to train on
+            tar.unlink(missing_ok=True)
+        sidecar = {"name": plan.name, "file": tar.name if samples else None, "split": plan.split,
+                   "kind": plan.kind,
+                   "fingerprint": plan.fingerprint(self.settings),
+                   "seconds": round(time.perf_counter() - started, 3), **stats}
+        atomic_write_json(self.out / f"{plan.name}.json", sidecar)
+        return sidecar
+
     def run(self, plans: list[ShardPlan]) -> tuple[list[dict], int]:
         """Encode every planned shard that is not already finished; return (sidecars, shards reused)."""
-        todo, sidecars, reused = [], [], 0
-        for plan in plans:
-            done = _finished_sidecar(self.out, plan, self.settings)
-            if done is not None:
-                sidecars.append(done)
-                reused += 1
-            else:
-                todo.append(plan)
-        total = sum(len(p.recordings) if p.kind == "text" else sum(map(len, p.recordings)) for p in todo)
-        with tqdm(total=total, unit="item", desc="tokenize", disable=not self.progress, dynamic_ncols=True) as bar:
+        todo, sidecars = unfinished(self.out, plans, self.settings)
+        reused = len(sidecars)
+        with progress_bar(sum(map(plan_items, todo)), self.progress) as bar:
             for plan in todo:
                 bar.set_description(plan.name)
-                started = time.perf_counter()
-                run = self.run_speech_shard if plan.kind == "speech" else self.run_text_shard
-                samples, stats = run(plan, bar)
-                tar = self.out / f"{plan.name}.tar"
-                if samples:
-                    write_shard(tar, samples)
-                else:  # every item was skipped: no empty shard to count or to train on
-                    tar.unlink(missing_ok=True)
-                sidecar = {"name": plan.name, "file": tar.name if samples else None, "split": plan.split,
-                           "kind": plan.kind,
-                           "fingerprint": plan.fingerprint(self.settings),
-                           "seconds": round(time.perf_counter() - started, 3), **stats}
-                atomic_write_json(self.out / f"{plan.name}.json", sidecar)
-                sidecars.append(sidecar)
+                sidecars.append(self.encode_shard(plan, bar))
         sidecars.sort(key=lambda s: s["name"])
         return sidecars, reused
 
@@ -252,15 +282,56 @@ def _sample_key(recording: str, fmt: str) -> str:
     return f"{hashlib.sha1(recording.encode('utf-8')).hexdigest()[:16]}_{fmt}"
 
 
-def _finished_sidecar(out: Path, plan: ShardPlan, settings: Settings):
-    """The sidecar of a finished shard of this plan; its .tar must exist unless it holds no documents."""
+def _finished_sidecar(out: Path, name: str, fingerprint: str):
+    """The sidecar of a finished shard with this fingerprint; its .tar must exist unless it holds no documents."""
     try:
-        sidecar = json.loads((out / f"{plan.name}.json").read_text())
+        sidecar = json.loads((out / f"{name}.json").read_text())
     except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
         return None
-    if sidecar.get("fingerprint") != plan.fingerprint(settings):
+    if sidecar.get("fingerprint") != fingerprint:
         return None
-    return sidecar if not sidecar.get("file") or (out / f"{plan.name}.tar").is_file() else None
+    return sidecar if not sidecar.get("file") or (out / f"{name}.tar").is_file() else None
+
+
+def unfinished(out: Path, plans: list[ShardPlan], settings: Settings) -> tuple[list[ShardPlan], list[dict]]:
+    """(plans still to encode, sidecars of the finished ones): the one resume rule of every engine."""
+    todo, done = [], []
+    for plan in plans:
+        sidecar = _finished_sidecar(out, plan.name, plan.fingerprint(settings))
+        (todo.append(plan) if sidecar is None else done.append(sidecar))
+    return todo, done
+
+
+def write_plan(out: Path, plans: list[ShardPlan], settings: Settings, codec: Codec, corpus: Corpus) -> None:
+    """What the manifest needs besides the sidecars, so that `finalize` works from --out alone (e.g. after
+    a SLURM job array whose parts each encoded some shards). Every part writes the same file."""
+    atomic_write_json(out / PLAN, {"codec": codec.describe(), "skipped": list(corpus.skipped),
+                                   "shards": [{"name": p.name, "fingerprint": p.fingerprint(settings)}
+                                              for p in plans]})
+
+
+def finalize(out: Path, required: bool = True):
+    """Write the manifest from plan.json and the sidecars once every planned shard is finished. Missing shards:
+    SodaError naming them if `required`, else None (a part that is not the last to finish)."""
+    try:
+        plan = json.loads((out / PLAN).read_text())
+        settings = Settings.from_dict(json.loads((out / SETTINGS).read_text()))
+    except FileNotFoundError as err:
+        raise SodaError(f"{out}: no {Path(err.filename).name} (not a soda-tokenize output directory, or made "
+                        f"before --part existed: re-run the tokenize command without --part)") from None
+    sidecars, missing = [], []
+    for shard in plan["shards"]:
+        sidecar = _finished_sidecar(out, shard["name"], shard["fingerprint"])
+        (missing.append(shard["name"]) if sidecar is None else sidecars.append(sidecar))
+    if missing:
+        if not required:
+            return None
+        raise SodaError(f"{out}: {len(missing)} of {len(plan['shards'])} planned shards are not finished "
+                        f"(e.g. {missing[0]}); run the missing --part jobs first")
+    from .vocab import Vocabulary
+
+    return _write_manifest(out, plan["codec"], Vocabulary.load(out), settings, plan["skipped"],
+                           sorted(sidecars, key=lambda s: s["name"]))
 
 
 def check_settings(out: Path, settings: Settings, overwrite: bool) -> bool:
@@ -283,6 +354,12 @@ def check_settings(out: Path, settings: Settings, overwrite: bool) -> bool:
 
 def write_manifest(out: Path, codec: Codec, vocab: Vocabulary, settings: Settings, corpus: Corpus,
                    sidecars: list[dict]) -> dict:
+    return _write_manifest(out, codec.describe(), vocab, settings, list(corpus.skipped), sidecars)
+
+
+def _write_manifest(out: Path, codec: dict, vocab: Vocabulary, settings: Settings, input_skipped: list[dict],
+                    sidecars: list[dict]) -> dict:
+    """The manifest is a function of the sidecars and the plan only (no timings), so every engine writes it alike."""
     totals = _Stats()
     for s in sidecars:
         totals.documents += s["documents"]
@@ -295,12 +372,12 @@ def write_manifest(out: Path, codec: Codec, vocab: Vocabulary, settings: Setting
     shards = {split: [s["file"] for s in written if s["split"] == split] for split in ("train", "validation")}
     by_kind = {kind: {split: [s["file"] for s in written if s["split"] == split and s["kind"] == kind]
                       for split in ("train", "validation")} for kind in ("speech", "text")}
-    skipped = list(corpus.skipped) + [item for s in sidecars for item in s.get("skipped", [])]
+    skipped = list(input_skipped) + [item for s in sidecars for item in s.get("skipped", [])]
     from . import __version__
 
     manifest = {
-        "codec": codec.describe(),
-        "codebooks": codec.n_codebooks,
+        "codec": codec,
+        "codebooks": codec["codebooks"],
         "formats": list(settings.formats),
         "text_tokenizer": vocab.text_tokenizer_source,
         "vocab_size": vocab.size,
