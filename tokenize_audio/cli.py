@@ -19,6 +19,10 @@ inputs (any mix):
   FILE.jsonl          manifest rows {"audio", "text", "id"?, "recording"?, "start"?, "end"?} (paths relative
                       to the manifest); a recording defaults to the audio file, segments ordered by start
   hf:NAME[:CONFIG]:SPLIT   a Hugging Face dataset (hub id or save_to_disk directory) with audio + text columns
+  soda:PATH | soda:hf:NAME[:CONFIG]:SPLIT   SODA's released pre-tokenized data: parquet files (a file, glob or
+                      directory) or a dataset (hub ids streamed) whose text column holds one document per row as a
+                      SODA string; converted to the same ids SODA's tokenizer gives (no codec runs). Bad rows are
+                      skipped with a reason; --workers processes convert it; not mixed with other inputs
   FILE.txt | FILE.jsonl   text for the text-only share: paragraphs separated by blank lines, or {"text"} rows
 
 codecs:
@@ -69,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma list of text-first, audio-first, audio-only, text-only (default: both like SODA)")
     p.add_argument("--validation-fraction", type=float, default=0.002,
                    help="share of recordings held out by hashing their id (default 0.002; at least one)")
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="threads decoding audio")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="threads decoding audio (soda: inputs: processes converting strings)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     p.add_argument("--batch-seconds", type=float, default=None,
                    help="padded audio seconds per encoder batch (default: 120 on CUDA, 5 on CPU, where "
@@ -83,10 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep audio files holding less audio than their header declares (by default they are "
                         "skipped: their transcript covers audio that is missing)")
     p.add_argument("--recordings-per-shard", type=int, default=64, help="speech recordings per shard (default 64)")
-    p.add_argument("--texts-per-shard", type=int, default=1000, help="text documents per shard (default 1000)")
-    p.add_argument("--text-column", help="hf: inputs: transcript column (default: text, transcript, sentence, ...)")
+    p.add_argument("--texts-per-shard", type=int, default=1000,
+                   help="text documents (soda: inputs: rows) per shard (default 1000)")
+    p.add_argument("--text-column",
+                   help="hf: and soda: inputs: transcript / SODA-string column (default: text, transcript, sentence, ...)")
     p.add_argument("--audio-column", help="hf: inputs: audio column (default: the Audio feature)")
-    p.add_argument("--recording-column", help="hf: inputs: column grouping rows into recordings")
+    p.add_argument("--recording-column",
+                   help="hf: inputs: column grouping rows into recordings (soda: inputs: default a hash of the "
+                        "document's text and audio spans, the same for its text-first and audio-first forms)")
     p.add_argument("--overwrite", action="store_true", help="replace shards in --out made with other settings")
     p.add_argument("--engine", choices=("local", "ray"), default="local",
                    help="local: this process (default); ray: Ray Data tasks and a codec actor pool")
@@ -168,6 +177,8 @@ def tokenize(args) -> int:
     from .vocab import Vocabulary, load_text_tokenizer
 
     formats = _formats(args.formats)
+    if any(i.startswith("soda:") for i in args.inputs):
+        return _import_soda(args)
     if not 0 <= args.validation_fraction < 1:
         raise SodaError(f"--validation-fraction {args.validation_fraction}: must be in [0, 1)")
     for name in ("codebooks", "recordings_per_shard", "texts_per_shard", "workers", "cpu_workers"):
@@ -225,6 +236,30 @@ def tokenize(args) -> int:
               f"the last part to finish writes manifest.json, or run: soda-tokenize --finalize {args.out}")
         return 0
     _print_summary(manifest, args.out, reused, len(plans))
+    return 0
+
+
+def _import_soda(args) -> int:
+    """soda: inputs: pre-tokenized SODA strings, converted without a codec (tokenize_audio/soda_strings.py)."""
+    from .soda_strings import import_soda
+
+    if getattr(args, "part", None) or getattr(args, "engine", "local") != "local":
+        raise SodaError("--part and --engine ray are for audio inputs; soda: inputs are converted by --workers "
+                        "processes")
+    if not 0 <= args.validation_fraction < 1:
+        raise SodaError(f"--validation-fraction {args.validation_fraction}: must be in [0, 1)")
+    for name in ("texts_per_shard", "workers"):
+        if getattr(args, name) < 1:
+            raise SodaError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.out.exists() and not args.out.is_dir():
+        raise SodaError(f"--out {args.out} exists and is not a directory")
+    manifest = import_soda(args)
+    reused, units = manifest.pop("_reused_units"), manifest.pop("_units")
+    if manifest["documents"] and not manifest["shards"]["validation"] and args.validation_fraction > 0:
+        print(f"warning: no recording hashed below --validation-fraction {args.validation_fraction}: the validation "
+              f"split is empty (an import streams its rows, so it cannot hold out a minimum of one)")
+        manifest = manifest | {"validation_fraction": 0}  # the summary's own warning would blame skipped items
+    _print_summary(manifest, args.out, reused, units)
     return 0
 
 
