@@ -35,7 +35,7 @@ import numpy as np
 
 from .documents import holdout_score
 from .errors import SkipItem, SodaError
-from .pipeline import SETTINGS, Settings, _Stats, check_settings, write_manifest
+from .pipeline import SETTINGS, Settings, _finished_sidecar, _Stats, check_settings, write_manifest
 from .shards import atomic_write_json, write_shard
 from .sources import RECORDING_COLUMNS, TEXT_COLUMNS, Corpus
 from .vocab import AUDIO_CHAR_BASE, AUDIO_END, AUDIO_START, BOS, EOS, TEXT_END, TEXT_START, Vocabulary
@@ -286,20 +286,6 @@ class ImportSettings(Settings):
                                     "recording_column": self.recording_column}
 
 
-def _finished(out: Path, name: str, fingerprint: str):
-    """The sidecar of a finished shard with this fingerprint (its .tar present unless it holds no documents).
-
-    The pipeline's rule; kept here by name and fingerprint because pipeline.py's helper is being reshaped.
-    """
-    try:
-        sidecar = json.loads((out / f"{name}.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    if sidecar.get("fingerprint") != fingerprint:
-        return None
-    return sidecar if not sidecar.get("file") or (out / f"{name}.tar").is_file() else None
-
-
 def _unit_names(index: int) -> list[tuple[str, str, str]]:
     return [(f"{split}-{kind}-{index:05d}", split, kind) for split in ("train", "validation") for kind in ("speech", "text")]
 
@@ -424,7 +410,7 @@ def import_soda(args) -> dict:
             fp = unit_fingerprint(settings, unit)
             names = [name for name, _, _ in _unit_names(index)]
             planned.update(names)
-            done = [_finished(out, n, fp) for n in names]
+            done = [_finished_sidecar(out, n, fp) for n in names]  # the pipeline's resume rule
             if all(done):
                 sidecars += done
                 reused += 1
