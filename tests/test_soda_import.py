@@ -116,6 +116,10 @@ def test_hf_save_to_disk_and_from_parquet(demo_run, tmp_path):
     out = tmp_path / "hf"
     _import([f"soda:hf:{saved}:train"], out)
     assert _all_ids(out) == _all_ids(direct)
+    # A folder of parquet files as NAME goes through load_dataset(..., streaming=True), the hub path.
+    streamed = tmp_path / "streamed"
+    _import([f"soda:hf:{data.parent}:train"], streamed)
+    assert _all_ids(streamed) == _all_ids(direct)
 
 
 FRAME = "".join(chr(0xE000 + k * 2048 + 7) for k in range(4))  # one frame of a 4-codebook vocabulary

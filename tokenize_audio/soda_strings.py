@@ -225,7 +225,7 @@ def iter_rows(inputs: list[str], text_column=None, recording_column=None):
 
 
 def _hf_rows(spec: str, text_column, recording_column):
-    """`hf:NAME[:CONFIG]:SPLIT`: a `save_to_disk` directory, or a hub id read with streaming (nothing downloaded whole)."""
+    """`hf:NAME[:CONFIG]:SPLIT`: a `save_to_disk` directory, or a hub id / data folder streamed (nothing downloaded whole)."""
     parts = spec[3:].split(":")
     if len(parts) not in (2, 3) or not all(parts):
         raise SodaError(f"{PREFIX}{spec}: expected soda:hf:NAME:SPLIT or soda:hf:NAME:CONFIG:SPLIT")
@@ -235,7 +235,8 @@ def _hf_rows(spec: str, text_column, recording_column):
     except ImportError:
         raise SodaError("reading hf: inputs needs the `datasets` package (pip install 'soda[hf]')") from None
     try:
-        if Path(name).is_dir():
+        saved = any((Path(name) / f).is_file() for f in ("dataset_dict.json", "state.json"))
+        if saved:  # a save_to_disk directory; anything else (hub id, folder of data files) is streamed
             ds = datasets.load_from_disk(name)
             if isinstance(ds, datasets.DatasetDict):
                 if split not in ds:
