@@ -155,11 +155,15 @@ def test_each_bad_string_is_skipped_with_its_reason(tmp_path):
 
 def test_bos_and_eos_are_never_doubled(tmp_path):
     body = f"{TEXT_START}hi{TEXT_END}{AUDIO_START}{FRAME}{AUDIO_END}"
-    data = _write_parquet(tmp_path / "b.parquet", [BOS + body + EOS, body])
+    plain = f"{BOS}A text-corpus document.{EOS}"
+    data = _write_parquet(tmp_path / "b.parquet", [BOS + body + EOS, body, plain])
     out = tmp_path / "out"
-    _import([f"soda:{data}"], out, "--codebooks", "4")
+    manifest = _import([f"soda:{data}"], out, "--codebooks", "4", "--validation-fraction", "0")
     docs = [ids for ids, _ in sum(_documents(out).values(), [])]
-    assert len(docs) == 2 and docs[0] == docs[1]
+    assert len(docs) == 3 and docs[0] == docs[1]
+    assert manifest["shards_by_kind"]["text"]["train"] == ["train-text-00000.tar"]
+    vocab = Vocabulary.load(out)
+    assert vocab.ids_to_string(docs[2]) == plain and list(docs[2]).count(vocab.bos_id) == 1
 
 
 def test_workers_do_not_change_the_shards_and_a_rerun_resumes(demo_run, tmp_path):
@@ -201,3 +205,18 @@ def test_soda_inputs_are_not_mixed_with_audio(small_corpus, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([f"soda:{tmp_path}", str(small_corpus), "--out", str(tmp_path / "o"), "--text-tokenizer", "bytes"])
     assert "cannot be mixed with audio or text inputs" in capsys.readouterr().err
+
+
+def test_ids_equal_the_soda_style_tokenizer_on_whole_strings(demo_run, tmp_path):
+    """Our exported tokenizer holds the specials and one added token per audio character, like SODA's released one:
+    it encodes each whole string to the imported ids, and an import given it as --text-tokenizer agrees too."""
+    from tokenizers import Tokenizer
+
+    direct, strings = demo_run
+    soda_tok = Tokenizer.from_file(str(direct / "tokenizer" / "tokenizer.json"))
+    whole = sorted(tuple(soda_tok.encode(s, add_special_tokens=False).ids) for s in strings)
+    assert whole == _all_ids(direct)
+    data = _write_parquet(tmp_path / "s.parquet", strings)
+    out = tmp_path / "out"
+    assert main([f"soda:{data}", "--out", str(out), "--text-tokenizer", str(direct / "tokenizer"), "--quiet"]) == 0
+    assert _all_ids(out) == whole

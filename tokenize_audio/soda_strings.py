@@ -32,6 +32,7 @@ from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from .documents import holdout_score
 from .errors import SkipItem, SodaError
@@ -406,8 +407,10 @@ def import_soda(args) -> dict:
     if pool is None:
         _init_worker(str(out), settings)
     pending = []
+    bar = tqdm(unit="row", desc="import", disable=args.quiet, dynamic_ncols=True)
     try:
         for index, unit in enumerate(units):
+            bar.update(len(unit))
             fp = unit_fingerprint(settings, unit)
             names = [name for name, _, _ in _unit_names(index)]
             planned.update(names)
@@ -424,6 +427,7 @@ def import_soda(args) -> dict:
         for fut in pending:
             sidecars += fut.result()
     finally:
+        bar.close()
         if pool is not None:
             pool.shutdown(cancel_futures=True)
     from .cli import _remove_stale_shards
