@@ -68,6 +68,18 @@ def test_parts_then_finalize_equal_the_single_run(corpus_with_bad_file, single_r
     assert [s["path"].endswith("broken-0001.flac") for s in manifest["skipped"]] == [True]
 
 
+def test_a_part_with_work_to_do_removes_the_manifest_until_the_last_part_finishes(
+        corpus_with_bad_file, single_run, tmp_path):
+    out = tmp_path / "tokens"
+    shutil.copytree(single_run, out)
+    for name in ("train-speech-00000", "train-speech-00001"):  # one shard of each part lost
+        (out / f"{name}.json").unlink()
+    assert _tokenize(corpus_with_bad_file, out, "--part", "2/2") == 0
+    assert not (out / "manifest.json").exists()  # it would list a shard that part 1 has not rewritten yet
+    assert _tokenize(corpus_with_bad_file, out, "--part", "1/2") == 0
+    assert _contents(out) == _contents(single_run)
+
+
 def test_parts_are_disjoint_and_cover_the_plan():
     from tokenize_audio.pipeline import ShardPlan, select_part
 
