@@ -188,6 +188,10 @@ def test_workers_do_not_change_the_shards_and_a_rerun_resumes(demo_run, tmp_path
     assert len(manifest["skipped"]) == 1
     redone = [t for t in tars if (one / t).exists() and (one / t).stat().st_mtime_ns != before[t]]
     assert redone and all(t.endswith("-00000.tar") for t in redone)
+    # Fewer rows: the shards of units that no longer exist are removed.
+    _write_parquet(tmp_path / "d.parquet", changed[:3])
+    _import([f"soda:{data}"], one, "--texts-per-shard", "3")
+    assert all(p.name.endswith("-00000.tar") for p in one.glob("*.tar")) and len(_all_ids(one)) == 2
 
 
 def test_text_column_named_or_refused(demo_run, tmp_path, capsys):

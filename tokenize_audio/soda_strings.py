@@ -13,8 +13,8 @@ without them gets them once (SODA's tokenizer prepends BOS; our packing separate
 
 Rows are cut into units of `texts_per_shard` rows in input order; each unit becomes up to four shards
 (train/validation x speech/text) named by its index, so shard contents depend on the inputs and settings
-only, never on `--workers`. A unit's fingerprint hashes the settings and its rows' strings, so a re-run
-keeps finished units (the rows are read again, but not converted again).
+only, never on `--workers`. A unit's fingerprint hashes the settings and its rows (location, recording
+column, string), so a re-run keeps finished units (the rows are read again, but not converted again).
 """
 
 from __future__ import annotations
@@ -371,7 +371,8 @@ class PretokenizedCodec:
 
 
 def import_soda(args) -> dict:
-    """`soda-tokenize soda:... --out DIR`: convert every row; returns the manifest (also written to DIR)."""
+    """`soda-tokenize soda:... --out DIR`: convert every row; returns the manifest (also written to DIR) with
+    `_reused_units` / `_units` (units kept from an earlier run / in all) and `_planned` (shard names) added."""
     from .codecs import parse_codec_spec
     from .vocab import load_text_tokenizer
 
@@ -385,7 +386,6 @@ def import_soda(args) -> dict:
     settings = ImportSettings(codec.describe(), args.text_tokenizer, (INPUT_FORMAT,), args.validation_fraction,
                               texts_per_shard=args.texts_per_shard, text_column=args.text_column,
                               recording_column=args.recording_column)
-    rows = lambda: iter_rows(args.inputs, args.text_column, args.recording_column)  # noqa: E731
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     same = check_settings(out, settings, args.overwrite)
@@ -396,7 +396,7 @@ def import_soda(args) -> dict:
     vocab = Vocabulary.load(out)
 
     sidecars, planned, reused = [], set(), 0
-    stream = rows()
+    stream = iter_rows(args.inputs, args.text_column, args.recording_column)
     units = iter(lambda: list(islice(stream, settings.texts_per_shard)), [])
     pool = None
     if args.workers > 1:
@@ -430,9 +430,6 @@ def import_soda(args) -> dict:
         bar.close()
         if pool is not None:
             pool.shutdown(cancel_futures=True)
-    from .cli import _remove_stale_shards
-
-    _remove_stale_shards(out, planned)
     sidecars.sort(key=lambda s: s["name"])
     manifest = write_manifest(out, codec, vocab, settings, Corpus(), sidecars)
-    return manifest | {"_reused_units": reused, "_units": len(planned) // 4}
+    return manifest | {"_reused_units": reused, "_units": len(planned) // len(_unit_names(0)), "_planned": planned}
