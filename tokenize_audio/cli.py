@@ -170,8 +170,8 @@ def finalize_main(argv) -> int:
 
 def tokenize(args) -> int:
     from .codecs import load_codec
-    from .pipeline import (SETTINGS, Settings, ShardEncoder, check_settings, finalize, plan_shards, select_part,
-                           unfinished, write_plan)
+    from .pipeline import (MANIFEST, SETTINGS, Settings, ShardEncoder, check_settings, finalize, plan_shards,
+                           select_part, unfinished, write_plan)
     from .shards import atomic_write_json
     from .sources import read_inputs
     from .vocab import Vocabulary, load_text_tokenizer
@@ -217,6 +217,8 @@ def tokenize(args) -> int:
     write_plan(args.out, plans, settings, codec, corpus)
     _remove_stale_shards(args.out, {p.name for p in plans})
     mine = select_part(plans, *args.part) if args.part else plans
+    if args.part and unfinished(args.out, mine, settings)[0]:
+        (args.out / MANIFEST).unlink(missing_ok=True)  # no longer true of --out; the last part writes it anew
     batch_seconds = args.batch_seconds or (120.0 if codec.device.type == "cuda" else 5.0)
     if args.engine == "ray":
         from .ray_engine import CodecSpec, run_ray
@@ -255,6 +257,7 @@ def _import_soda(args) -> int:
         raise SodaError(f"--out {args.out} exists and is not a directory")
     manifest = import_soda(args)
     reused, units = manifest.pop("_reused_units"), manifest.pop("_units")
+    _remove_stale_shards(args.out, manifest.pop("_planned"))
     _remove_stale_shards(args.out, manifest.pop("_planned"))
     if manifest["documents"] and not manifest["shards"]["validation"] and args.validation_fraction > 0:
         print(f"warning: no recording hashed below --validation-fraction {args.validation_fraction}: the validation "
