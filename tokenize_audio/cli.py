@@ -258,7 +258,6 @@ def _import_soda(args) -> int:
     manifest = import_soda(args)
     reused, units = manifest.pop("_reused_units"), manifest.pop("_units")
     _remove_stale_shards(args.out, manifest.pop("_planned"))
-    _remove_stale_shards(args.out, manifest.pop("_planned"))
     if manifest["documents"] and not manifest["shards"]["validation"] and args.validation_fraction > 0:
         print(f"warning: no recording hashed below --validation-fraction {args.validation_fraction}: the validation "
               f"split is empty (an import streams its rows, so it cannot hold out a minimum of one)")
