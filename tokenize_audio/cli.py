@@ -170,8 +170,8 @@ def finalize_main(argv) -> int:
 
 def tokenize(args) -> int:
     from .codecs import load_codec
-    from .pipeline import (MANIFEST, SETTINGS, Settings, ShardEncoder, check_settings, finalize, plan_shards,
-                           select_part, unfinished, write_plan)
+    from .pipeline import (MANIFEST, SETTINGS, Settings, ShardEncoder, check_settings, default_batch_seconds,
+                           finalize, plan_shards, select_part, unfinished, write_plan)
     from .shards import atomic_write_json
     from .sources import read_inputs
     from .vocab import Vocabulary, load_text_tokenizer
@@ -195,7 +195,9 @@ def tokenize(args) -> int:
 
     corpus = read_inputs(args.inputs, text_column=args.text_column, audio_column=args.audio_column,
                          recording_column=args.recording_column)
-    codec = load_codec(args.codec, args.codebooks, args.device, encode_chunk_seconds=args.encode_chunk_seconds)
+    # With Ray the codec actors hold the GPUs; this process needs only the codec's description.
+    codec = load_codec(args.codec, args.codebooks, "cpu" if args.engine == "ray" else args.device,
+                       encode_chunk_seconds=args.encode_chunk_seconds)
     if codec.random:
         print(f"note: {codec.describe()['label']}", file=sys.stderr)
     settings = Settings(codec.describe(), args.text_tokenizer, formats, args.validation_fraction,
@@ -219,17 +221,17 @@ def tokenize(args) -> int:
     mine = select_part(plans, *args.part) if args.part else plans
     if args.part and unfinished(args.out, mine, settings)[0]:
         (args.out / MANIFEST).unlink(missing_ok=True)  # no longer true of --out; the last part writes it anew
-    batch_seconds = args.batch_seconds or (120.0 if codec.device.type == "cuda" else 5.0)
     if args.engine == "ray":
         from .ray_engine import CodecSpec, run_ray
 
         todo, done = unfinished(args.out, mine, settings)
         spec = CodecSpec(args.codec, args.codebooks, args.device, args.encode_chunk_seconds, codec.sample_rate,
                          codec.samples_per_frame)
-        run_ray(todo, spec, settings, args.out, batch_seconds, address=args.address,
+        run_ray(todo, spec, settings, args.out, args.batch_seconds, address=args.address,
                 gpus_per_worker=args.gpus_per_worker, cpu_workers=args.cpu_workers, progress=not args.quiet)
         reused = len(done)
     else:
+        batch_seconds = args.batch_seconds or default_batch_seconds(codec)
         encoder = ShardEncoder(codec, vocab, settings, args.out, args.workers, batch_seconds, not args.quiet)
         reused = encoder.run(mine)[1]
     manifest = finalize(args.out, required=args.part is None)  # None while other parts are still running

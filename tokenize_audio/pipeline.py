@@ -111,6 +111,11 @@ def load_wave(utt: Utterance, sample_rate: int, samples_per_frame: int, keep_tru
         return err
 
 
+def default_batch_seconds(codec: Codec) -> float:
+    """Padded audio seconds per encoder batch unless --batch-seconds: large batches measured slower on CPU."""
+    return 120.0 if codec.device.type == "cuda" else 5.0
+
+
 def progress_bar(total: int, enabled: bool) -> tqdm:
     """Counts utterances and text documents (so tqdm's ETA covers the whole plan); `show_audio` adds hours."""
     return tqdm(total=total, unit="item", desc="tokenize", disable=not enabled, dynamic_ncols=True)

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import SodaError
-from .pipeline import (Settings, ShardEncoder, ShardPlan, load_wave, plan_items, progress_bar, show_audio)
+from .pipeline import (Settings, ShardEncoder, ShardPlan, default_batch_seconds, load_wave, plan_items, progress_bar,
+                       show_audio)
 
 INSTALL_HINT = "--engine ray needs Ray Data: pip install 'ray[data]>=2.10' (or pip install '.[ray]')"
 
@@ -60,7 +61,7 @@ class _ReadShard:
 class _EncodeShard:
     """Actor: holds one codec; encodes and writes whole shards; returns each sidecar (JSON text)."""
 
-    def __init__(self, codec: CodecSpec, settings: dict, out: str, batch_seconds: float):
+    def __init__(self, codec: CodecSpec, settings: dict, out: str, batch_seconds: float | None):
         import json
 
         from .codecs import load_codec
@@ -70,7 +71,8 @@ class _EncodeShard:
         loaded = load_codec(codec.spec, codec.codebooks, codec.device,
                             encode_chunk_seconds=codec.encode_chunk_seconds)
         self.encoder = ShardEncoder(loaded, Vocabulary.load(Path(out)), Settings.from_dict(settings), Path(out),
-                                    workers=1, batch_seconds=batch_seconds, progress=False)
+                                    workers=1, batch_seconds=batch_seconds or default_batch_seconds(loaded),
+                                    progress=False)
 
     def __call__(self, batch: dict) -> dict:
         from tqdm import tqdm
@@ -85,10 +87,11 @@ class _EncodeShard:
         return {"sidecar": sidecars}
 
 
-def run_ray(todo: list[ShardPlan], codec: CodecSpec, settings: Settings, out: Path, batch_seconds: float, *,
+def run_ray(todo: list[ShardPlan], codec: CodecSpec, settings: Settings, out: Path, batch_seconds: float | None, *,
             address: str | None, gpus_per_worker: float, cpu_workers: int, progress: bool) -> list[dict]:
     """Encode the `todo` shards on Ray; return their sidecars. Starts (and stops) a local Ray instance unless
-    one is already initialised in this process or `address` names a cluster."""
+    one is already initialised in this process or `address` names a cluster. `batch_seconds` None: each actor
+    picks the default for the device it got."""
     import json
 
     ray = import_ray()
