@@ -215,7 +215,8 @@ def plan_without_data(flags: dict, out: Path, config: Path | None, mfu: float, b
     except SodaError as e:  # e.g. --tokens alone: no model shape to plan
         print(f"soda-train: {e}", file=sys.stderr)
     print(f"soda-train: {beyond} without --data: nothing was trained. Tokenize a corpus first (soda-tokenize CORPUS "
-          f"--out tok), then run this again with --data tok; plain soda-train runs the bundled demo", file=sys.stderr)
+          f"--out tok, or import SODA's released pre-tokenized corpora: soda-tokenize soda:PARQUET_DIR --out tok), "
+          f"then run this again with --data tok; plain soda-train runs the bundled demo", file=sys.stderr)
     return 2
 
 
