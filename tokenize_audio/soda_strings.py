@@ -38,7 +38,7 @@ from .documents import holdout_score
 from .errors import SkipItem, SodaError
 from .pipeline import SETTINGS, Settings, _finished_sidecar, _Stats, check_settings, write_manifest
 from .shards import atomic_write_json, write_shard
-from .sources import RECORDING_COLUMNS, TEXT_COLUMNS, Corpus
+from .sources import RECORDING_COLUMNS, TEXT_COLUMNS, Corpus, open_hf_dataset
 from .vocab import AUDIO_CHAR_BASE, AUDIO_END, AUDIO_START, BOS, EOS, TEXT_END, TEXT_START, Vocabulary
 
 PREFIX = "soda:"
@@ -227,30 +227,12 @@ def iter_rows(inputs: list[str], text_column=None, recording_column=None):
 
 def _hf_rows(spec: str, text_column, recording_column):
     """`hf:NAME[:CONFIG]:SPLIT`: a `save_to_disk` directory, or a hub id / data folder streamed (nothing downloaded whole)."""
-    parts = spec[3:].split(":")
-    if len(parts) not in (2, 3) or not all(parts):
-        raise SodaError(f"{PREFIX}{spec}: expected soda:hf:NAME:SPLIT or soda:hf:NAME:CONFIG:SPLIT")
-    name, config, split = parts[0], (parts[1] if len(parts) == 3 else None), parts[-1]
+    ds = open_hf_dataset(spec, PREFIX, streaming=True)
     try:
-        import datasets
-    except ImportError:
-        raise SodaError("reading hf: inputs needs the `datasets` package (pip install 'soda[hf]')") from None
-    try:
-        saved = any((Path(name) / f).is_file() for f in ("dataset_dict.json", "state.json"))
-        if saved:  # a save_to_disk directory; anything else (hub id, folder of data files) is streamed
-            ds = datasets.load_from_disk(name)
-            if isinstance(ds, datasets.DatasetDict):
-                if split not in ds:
-                    raise SodaError(f"{spec}: no split {split!r} (splits: {', '.join(ds)})")
-                ds = ds[split]
-        else:
-            ds = datasets.load_dataset(name, config, split=split, streaming=True)
         columns = list(ds.column_names or next(iter(ds)).keys())
-    except SodaError:
-        raise
-    except Exception as err:
+    except Exception as err:  # a streamed dataset reads its first row to know its columns
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise SodaError(f"could not load dataset {spec} ({reason})") from None
+        raise SodaError(f"could not read dataset {PREFIX}{spec} ({reason})") from None
     features = ds.features or {}
     strings = [c for c in columns if getattr(features.get(c), "dtype", None) in ("string", "large_string")]
     text_col = _pick_text_column(columns, strings or columns, text_column, spec)

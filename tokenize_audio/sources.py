@@ -351,30 +351,46 @@ def _pick(columns, candidates, override, what, name):
     return found
 
 
-def read_hf_dataset(spec: str, text_column=None, audio_column=None, recording_column=None) -> Corpus:
-    """`hf:NAME[:CONFIG]:SPLIT`; NAME is a hub id or a `save_to_disk` directory."""
+def hf_spec(spec: str, prefix: str = "") -> tuple[str, str | None, str]:
+    """NAME, CONFIG (or None) and SPLIT of `hf:NAME[:CONFIG]:SPLIT`; `prefix` is what stands before it on the
+    command line (e.g. `soda:`), for the error."""
     parts = spec[3:].split(":")
     if len(parts) not in (2, 3) or not all(parts):
-        raise SodaError(f"{spec}: expected hf:NAME:SPLIT or hf:NAME:CONFIG:SPLIT")
-    name, config, split = parts[0], (parts[1] if len(parts) == 3 else None), parts[-1]
+        raise SodaError(f"{prefix}{spec}: expected {prefix}hf:NAME:SPLIT or {prefix}hf:NAME:CONFIG:SPLIT")
+    return parts[0], (parts[1] if len(parts) == 3 else None), parts[-1]
+
+
+def open_hf_dataset(spec: str, prefix: str = "", streaming: bool = False):
+    """The split named by `hf:NAME[:CONFIG]:SPLIT`: NAME is a `save_to_disk` directory (loaded) or a hub id / data
+    folder (`load_dataset`, streamed when asked, so nothing is downloaded whole first)."""
+    shown = prefix + spec
+    name, config, split = hf_spec(spec, prefix)
     try:
         import datasets
     except ImportError:
         raise SodaError("reading hf: inputs needs the `datasets` package (pip install 'soda[hf]')") from None
     try:
-        if Path(name).is_dir():
+        if any((Path(name) / f).is_file() for f in ("dataset_dict.json", "state.json", "dataset_info.json")):
             ds = datasets.load_from_disk(name)
             if isinstance(ds, datasets.DatasetDict):
                 if split not in ds:
-                    raise SodaError(f"{spec}: no split {split!r} (splits: {', '.join(ds)})")
+                    raise SodaError(f"{shown}: no split {split!r} (splits: {', '.join(ds)})")
                 ds = ds[split]
-        else:
-            ds = datasets.load_dataset(name, config, split=split)
+            return ds
+        return datasets.load_dataset(name, config, split=split, streaming=streaming)
     except SodaError:
         raise
     except Exception as err:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise SodaError(f"could not load dataset {spec} ({reason})") from None
+        raise SodaError(f"could not load dataset {shown} ({reason})") from None
+
+
+def read_hf_dataset(spec: str, text_column=None, audio_column=None, recording_column=None) -> Corpus:
+    """`hf:NAME[:CONFIG]:SPLIT`; NAME is a hub id or a `save_to_disk` directory."""
+    import datasets
+
+    name, _, split = hf_spec(spec)
+    ds = open_hf_dataset(spec)
     columns = list(ds.column_names)
     audio_col = audio_column or next((c for c, f in ds.features.items() if type(f).__name__ == "Audio"), None)
     audio_col = audio_col or ("audio" if "audio" in columns else None)
