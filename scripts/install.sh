@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install soda into ./.venv: Debian tools the tests and demo corpus use, CPU torch, then the package.
+# Install soda into ./.venv: Debian tools the tests and demo corpus use, CPU torch, then the package
+# (--test adds Debian's chromium, the headless browser the report test opens pages with).
 #   bash scripts/install.sh          # runtime
 #   bash scripts/install.sh --test   # runtime + test dependencies
 set -euo pipefail
@@ -10,7 +11,10 @@ extras=""
 # Debian tools that make the demo corpus (demo/make_demo_corpus.py; a test re-runs it), and curl, which
 # webdataset runs to stream http(s):// shards: command=package.
 need=()
-for pair in espeak-ng=espeak-ng sox=sox flite=flite bible=bible-kjv curl=curl; do
+tools="espeak-ng=espeak-ng sox=sox flite=flite bible=bible-kjv curl=curl"
+# The test extra also opens the HTML reports in a real browser (tests/test_html_report.py): headless Chromium.
+[ -n "$extras" ] && tools="$tools chromium=chromium"
+for pair in $tools; do
   command -v "${pair%%=*}" >/dev/null 2>&1 || need+=("${pair#*=}")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -1,4 +1,5 @@
-"""What a run leaves for people: one metrics.csv over all attempts, and a loss-curve PNG."""
+"""What a run leaves for people: one metrics.csv over all attempts, a loss-curve PNG, and report.html (loss curves,
+the NLL vector over steps and the newest samples from RUN/samples/, built by soda.evaluate.html_report)."""
 
 from __future__ import annotations
 
@@ -35,7 +36,10 @@ def write_reports(out: Path) -> str:
     writer.writerows(rows)
     atomic_write_text(out / "metrics.csv", buf.getvalue())
     plot_loss(rows, out / "loss.png")
-    return f"metrics {out / 'metrics.csv'}, loss curve {out / 'loss.png'}"
+    from .evaluate.html_report import write_run_page
+
+    write_run_page(out, rows)
+    return f"metrics {out / 'metrics.csv'}, loss curve {out / 'loss.png'}, page {out / 'report.html'}"
 
 
 def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:

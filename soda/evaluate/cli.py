@@ -19,8 +19,9 @@ def build_parser(tasks: dict) -> argparse.ArgumentParser:
         prog="soda-eval", allow_abbrev=False,
         description="Evaluate a checkpoint (soda-train run directory, .ckpt, Hugging Face directory, SODA release "
                     "or hub id): likelihood benchmarks, the NLL vector, multiple-choice audio QA. Writes "
-                    "OUT/results.json, OUT/results.md (beside SODA's published numbers for the same size) and "
-                    "per-item scores in OUT/items/. Runs of one checkpoint into one OUT add up: each updates the "
+                    "OUT/results.json, OUT/results.md (beside SODA's published numbers for the same size), "
+                    "per-item scores in OUT/items/ and OUT/report.html (a page to look and listen: open it in a "
+                    "browser). Runs of one checkpoint into one OUT add up: each updates the "
                     "tasks it ran and keeps the others.",
         epilog="tasks and their --data-for inputs:\n"
                + "\n".join(f"  {name:<8} {t.data_help}" for name, t in tasks.items())
@@ -79,6 +80,8 @@ def build_parser(tasks: dict) -> argparse.ArgumentParser:
                    help="s2st: longest target speech generated (default 30; a cap tied to the translation's length "
                         "applies too)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed of generation tasks (tts, s2st)")
+    p.add_argument("--compare", metavar="OTHER_EVAL_DIR",
+                   help="draw another soda-eval --out's NLL vector beside this one's in OUT/report.html")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -98,7 +101,7 @@ def parse_data_for(values: list[str], chosen: list[str], tasks: dict) -> dict[st
 
 
 def evaluate(loaded, names: list[str], data_for: dict, settings: Settings, out: Path, codec=None,
-             log=print, overwrite: bool = False, checkpoint: dict | None = None) -> dict:
+             log=print, overwrite: bool = False, checkpoint: dict | None = None, compare: Path | None = None) -> dict:
     """Load every task's inputs first (mistakes surface before any scoring), then score them in turn.
 
     Each task is merged into OUT/results.json as it finishes (`report.merge`), so the finished ones survive an
@@ -135,7 +138,7 @@ def evaluate(loaded, names: list[str], data_for: dict, settings: Settings, out: 
         results[name] = result
         log(f"soda-eval: {name}: {result['metric']} = {report._fmt(result['value'], tasks[name].percent)} "
             f"({result['count']:,} scored, {result['skipped_count']:,} skipped)")
-        report.merge(out, header, {name: result}, tasks)
+        report.merge(out, header, {name: result}, tasks, compare)
     return results
 
 
@@ -167,6 +170,9 @@ def main(argv=None) -> int:
                         seed=args.seed, tts_asr=args.tts_asr, tts_speaker=args.tts_speaker, s2st_asr=args.s2st_asr,
                         s2st_speaker=args.s2st_speaker, s2st_source_text=args.s2st_source_text,
                         s2st_source_language=args.source_language, s2st_max_seconds=args.s2st_max_seconds)
+    compare = Path(args.compare) if args.compare else None
+    if compare is not None and not (compare / report.RESULTS).is_file():
+        raise SodaError(f"--compare {args.compare}: no {report.RESULTS} there (give another soda-eval --out)")
     from soda.generate import model_fingerprint
     from soda.inference import load_model
 
@@ -179,8 +185,8 @@ def main(argv=None) -> int:
         report.check_checkpoint(Path(args.out), checkpoint)
     loaded = load_model(args.checkpoint, device=args.device, codec=args.codec)
     evaluate(loaded, names, data_for, settings, Path(args.out), log=lambda m: print(m, file=sys.stderr),
-             overwrite=args.overwrite, checkpoint=checkpoint)
-    print(f"soda-eval: wrote {Path(args.out) / 'results.json'} and results.md", file=sys.stderr)
+             overwrite=args.overwrite, checkpoint=checkpoint, compare=compare)
+    print(f"soda-eval: wrote {Path(args.out) / 'results.json'}, results.md and report.html", file=sys.stderr)
     return 0
 
 

@@ -1,4 +1,5 @@
-"""results.json, per-item files and a Markdown table beside SODA's published numbers for the same size.
+"""results.json, per-item files, a Markdown table beside SODA's published numbers for the same size, and
+report.html (soda.evaluate.html_report) to look and listen.
 
 Everything is written atomically (temporary name, then rename) after each task, so an interrupted
 run leaves the finished tasks' results readable and never a half-written file. One OUT collects the tasks of
@@ -105,12 +106,14 @@ def claim(out: Path, header: dict, overwrite: bool = False) -> None:
         for name in found.get("tasks") or {}:
             (out / "items" / f"{name}.jsonl").unlink(missing_ok=True)
         (out / TABLE).unlink(missing_ok=True)
+        (out / "report.html").unlink(missing_ok=True)
         atomic_write_json(out / RESULTS, {**header, "tasks": {}})
 
 
-def merge(out: Path, header: dict, results: dict, tasks: dict) -> dict:
+def merge(out: Path, header: dict, results: dict, tasks: dict, compare: Path | None = None) -> dict:
     """Merge `results` (task -> entry) into OUT/results.json under the lock: these tasks are replaced, the others
-    kept; per-item rows (`_items`) go to items/TASK.jsonl; results.md is rebuilt from the merge. Returns every task.
+    kept; per-item rows (`_items`) go to items/TASK.jsonl; results.md and report.html (with `compare`'s NLL vector
+    beside this one's) are rebuilt from the merge. Returns every task.
     """
     out = Path(out)
     with locked(out):
@@ -126,6 +129,9 @@ def merge(out: Path, header: dict, results: dict, tasks: dict) -> dict:
             merged[name] = result
         atomic_write_json(out / RESULTS, {**header, "tasks": merged})
         atomic_write_text(out / TABLE, markdown(header, {n: r for n, r in merged.items() if n in tasks}, tasks))
+        from .html_report import write_eval_page
+
+        write_eval_page(out, compare)
     return merged
 
 
