@@ -115,6 +115,24 @@ def test_eval_page_limits_items_and_is_rebuilt_by_merge(tmp_path):
     assert "tWUGGY" in page and "TTS" in page and ">70.7<" in page
 
 
+def test_soda_eval_writes_the_page_and_compare_must_be_an_eval_dir(tiny_run, tmp_path, capsys):
+    from soda.evaluate.cli import main
+
+    words = tmp_path / "words.jsonl"
+    words.write_text("".join(json.dumps({"good": g, "bad": b}) + "\n" for g, b in
+                             (("the cat sat", "cat the sat"), ("a dog ran", "dog a ran"))))
+    out, other = tmp_path / "eval", _eval_out(tmp_path, "other")
+    args = [str(tiny_run), "--tasks", "twuggy", "--data-for", f"twuggy={words}", "--out", str(out), "--quiet"]
+    assert main(args + ["--compare", str(other)]) == 0
+    assert "tWUGGY" in (out / "report.html").read_text()
+    assert (tiny_run / "report.html").is_file()  # soda-train wrote its page at the end of the run
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(args + ["--compare", str(tmp_path / "nowhere")])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and err.startswith("soda-eval: error: --compare") and "results.json" in err
+
+
 def _run_dir(tmp_path: Path) -> Path:
     run = tmp_path / "run"
     logs = run / "logs" / "version_0"

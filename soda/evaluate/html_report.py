@@ -216,7 +216,8 @@ def read_items(out: Path, name: str, entry: dict) -> list[dict]:
 
 def _reference_audio(name: str, entry: dict) -> dict[str, str]:
     """Item id -> reference audio (TTS: the voice prompt; S2ST: the source speech), re-read from the task's data
-    file when the items do not carry it; {} when that file is gone or unreadable."""
+    file when the items do not carry it (paths as soda-eval read them, relative to its working directory); {} when
+    that file is gone or unreadable."""
     spec = (entry.get("settings") or {}).get("data")
     if not spec:
         return {}
@@ -225,11 +226,11 @@ def _reference_audio(name: str, entry: dict) -> dict[str, str]:
             from .tts import read_prompts
             from .tasks import Skips
 
-            return {p.id: p.voice_audio for p in read_prompts(spec, Skips()) if p.voice_audio}
+            return {p.id: str(Path(p.voice_audio).resolve()) for p in read_prompts(spec, Skips()) if p.voice_audio}
         if name == "s2st":
             from soda.s2st import read_pairs
 
-            return {p.id: str(p.source_audio) for p in read_pairs(spec, None).pairs
+            return {p.id: str(Path(p.source_audio).resolve()) for p in read_pairs(spec, None).pairs
                     if isinstance(p.source_audio, (str, Path))}
     except Exception:  # noqa: BLE001 -- the page shows "not available" instead of failing soda-eval
         return {}
@@ -326,14 +327,15 @@ def pairs_section(out: Path, name: str, title: str, entry: dict) -> str:
     if entry.get("by_group"):
         rows = [[esc(g), fmt(v.get("accuracy"), True), f"{v.get('count', 0):,}"] for g, v in entry["by_group"].items()]
         parts.append(table(["group", "accuracy %", "pairs"], rows, {1, 2}))
-    worst = sorted((i for i in items if not i.get("correct")), key=lambda i: i["good"] - i["bad"])[:WORST_PAIRS]
+    scored = [i for i in items if isinstance(i.get("good"), (int, float)) and isinstance(i.get("bad"), (int, float))]
+    worst = sorted((i for i in scored if not i.get("correct")), key=lambda i: i["good"] - i["bad"])[:WORST_PAIRS]
     if worst:
         parts.append(f"<p>Worst items (the wrong member preferred by the largest margin; {len(worst)} of "
-                     f"{sum(not i.get('correct') for i in items):,} wrong):</p>")
+                     f"{sum(not i.get('correct') for i in scored):,} wrong):</p>")
         parts.append(table(["id", "group", "score good", "score bad", "margin"],
                            [[esc(i.get("id")), esc(i.get("group")), fmt(i["good"]), fmt(i["bad"]),
                              fmt(i["good"] - i["bad"])] for i in worst], {2, 3, 4}))
-    elif items:
+    elif scored:
         parts.append("<p>Every pair scored right.</p>")
     return "\n".join(parts)
 
