@@ -106,6 +106,9 @@ class TrainConfig:
     val_batches: int = 50
     ckpt_every: int = 1000
     log_every: int = 10
+    sample_every: int | None = None      # generate the sample prompts every N steps (soda.samples); None: at
+                                         # each checkpoint when the data's codec is known; 0: off
+    sample_max_seconds: float = 60.0     # wall-clock budget of one sampling round
     precision: str = "auto"             # auto = bf16-mixed on GPU, fp32 on CPU
     accelerator: str = "auto"
     strategy: str = "auto"
@@ -238,9 +241,9 @@ def make_config(*layers: dict) -> TrainConfig:
 
 # Lowest allowed value of each numeric setting (None = not given, allowed). Zero where zero means "off".
 AT_LEAST = {"seq_len": 2, "max_steps": 1, "micro_batch": 1, "num_nodes": 1, "workers": 0, "val_every": 1,
-            "val_batches": 0, "ckpt_every": 1, "log_every": 1, "sweep_width": 1,
+            "val_batches": 0, "ckpt_every": 1, "log_every": 1, "sample_every": 0, "sweep_width": 1,
             **{name: 1 for name in SHAPE_FIELDS}, "weight_decay": 0, "grad_clip": 0, "z_loss": 0}
-ABOVE_ZERO = ("lr", "eps", "peak_flops", "epochs")
+ABOVE_ZERO = ("lr", "eps", "peak_flops", "epochs", "sample_max_seconds")
 
 
 def validate(cfg: TrainConfig) -> None:

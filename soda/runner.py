@@ -121,6 +121,13 @@ def run(cfg: TrainConfig, resume: bool) -> int:
         preemption,
         TQDMProgressBar(refresh_rate=1),
     ]
+    sample_every = cfg.ckpt_every if cfg.sample_every is None else cfg.sample_every
+    if sample_every and codec and codec.get("spec"):
+        from .samples import Samples
+
+        callbacks.append(Samples(out, sample_every, cfg.sample_max_seconds, sources, codec, cfg.seed))
+    elif sample_every and cfg.sample_every and is_rank_zero():
+        print("soda-train: --sample-every: no samples: the data's codec is not recorded", file=sys.stderr)
     loggers = [CSVLogger(out, name="logs"), TensorBoardLogger(out, name="tensorboard")]
     if cfg.wandb:
         from lightning.pytorch.loggers import WandbLogger

@@ -28,7 +28,8 @@ CONFIG_FILE = "config.yaml"
 # Settings that may change when a run is resumed (how it runs, not what it computes).
 RESUMABLE_CHANGES = {"max_steps", "val_every", "val_batches", "ckpt_every", "log_every", "workers", "devices",
                      "num_nodes", "strategy", "accelerator", "micro_batch", "precision", "wandb",
-                     "skip_bad_shards", "on_nonfinite", "peak_flops", "export", "out"}
+                     "skip_bad_shards", "on_nonfinite", "peak_flops", "export", "out",
+                     "sample_every", "sample_max_seconds"}
 # Recipe settings a resumed run may change to recover (a lower LR after a divergence, tighter clipping): the change
 # is printed, written to config.yaml and appended to config_changes.jsonl with the step it took effect at.
 ADJUSTABLE_ON_RESUME = ("lr", "grad_clip", "z_loss", "weight_decay")
@@ -148,6 +149,11 @@ def add_train_arguments(p: argparse.ArgumentParser, skip=frozenset()) -> argpars
     add(g, "--val-batches", type=int, help="validation batches per check")
     add(g, "--ckpt-every", type=int, help="checkpoint every N optimizer steps")
     add(g, "--log-every", type=int, help="write metrics every N steps")
+    add(g, "--sample-every", type=int,
+        help="every N steps, generate a fixed, seeded set of prompts (TTS sentences, a continuation and an ASR of a "
+             "held-out utterance) into RUN/samples/step_N/ (wav + samples.json) and TensorBoard/W&B (default: at "
+             "each checkpoint when the data's codec is known; 0: off)")
+    add(g, "--sample-max-seconds", type=float, help="wall-clock budget of one sampling round (default 60)")
     add(g, "--wandb", help="also log to this Weights & Biases project")
     add(g, "--no-export", dest="export", action="store_false", default=None,
                    help="skip the Hugging Face export at the end")
