@@ -33,7 +33,7 @@ def build_parser(tasks: dict) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("checkpoint", help="run directory, .ckpt file, Hugging Face model directory or hub id")
-    p.add_argument("--tasks", required=True, help=f"comma-separated: {','.join(tasks)}")
+    p.add_argument("--tasks", default="", help=f"comma-separated: {','.join(tasks)}")
     p.add_argument("--data-for", action="append", default=[], metavar="TASK=PATH",
                    help="input of one task (repeatable); see the list below for defaults")
     p.add_argument("--out", required=True,
@@ -82,6 +82,10 @@ def build_parser(tasks: dict) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampling seed of generation tasks (tts, s2st)")
     p.add_argument("--compare", metavar="OTHER_EVAL_DIR",
                    help="draw another soda-eval --out's NLL vector beside this one's in OUT/report.html")
+    p.add_argument("--lm-eval-task", action="append", default=[], metavar="NAME",
+                   help="any lm-evaluation-harness task, scored on the model's text side (repeatable or "
+                        "comma-separated; pip install '.[lmeval]'); --tasks hellaswag is one")
+    p.add_argument("--lm-eval-include", metavar="DIR", help="a directory of lm-eval task YAMLs of your own")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -147,6 +151,10 @@ def main(argv=None) -> int:
     tasks = available()
     args = build_parser(tasks).parse_args(argv)
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if args.lm_eval_task:
+        from .lm_eval import lm_eval_task
+
+        names += [lm_eval_task(t.strip()) for value in args.lm_eval_task for t in value.split(",") if t.strip()]
     unknown = [t for t in names if t not in tasks]
     if unknown or not names:
         problem = f"unknown task {unknown[0]!r}" if unknown else "no task given"
@@ -169,7 +177,8 @@ def main(argv=None) -> int:
                         split_weak_strong=args.split_weak_strong, judges=judges, weak_votes=args.weak_votes,
                         seed=args.seed, tts_asr=args.tts_asr, tts_speaker=args.tts_speaker, s2st_asr=args.s2st_asr,
                         s2st_speaker=args.s2st_speaker, s2st_source_text=args.s2st_source_text,
-                        s2st_source_language=args.source_language, s2st_max_seconds=args.s2st_max_seconds)
+                        s2st_source_language=args.source_language, s2st_max_seconds=args.s2st_max_seconds,
+                        lm_eval_include=args.lm_eval_include)
     compare = Path(args.compare) if args.compare else None
     if compare is not None and not (compare / report.RESULTS).is_file():
         raise SodaError(f"--compare {args.compare}: no {report.RESULTS} there (give another soda-eval --out)")

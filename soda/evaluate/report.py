@@ -32,7 +32,7 @@ SODA_PUBLISHED = {
     "1.7B": {"sblimp": 51.4, "swuggy": 60.6, "salmon": 70.6, "tblimp": 70.3, "twuggy": 74.7, "asr": 7.0,
              "tts_wer": 6.9, "tts_sim": 0.560},
     "4B": {"sblimp": 52.4, "swuggy": 61.8, "salmon": 70.4, "tblimp": 71.3, "twuggy": 74.8, "asr": 5.0,
-           "tts_wer": 6.1, "tts_sim": 0.560},
+           "tts_wer": 6.1, "tts_sim": 0.560, "hellaswag": 52.6},
 }
 
 

@@ -23,7 +23,7 @@ from tokenize_audio.sources import load_audio
 
 from .scoring import token_log_probs
 
-BUILTIN_MODULES = ("pairs", "nll", "mcq", "asr", "tts", "s2st")
+BUILTIN_MODULES = ("pairs", "nll", "mcq", "asr", "tts", "s2st", "lm_eval")
 AUDIO_BLOCK = 256  # clips read and encoded at a time
 MAX_LISTED_SKIPS = 1000  # results.json lists this many skipped items per task (all are counted)
 
@@ -53,6 +53,7 @@ class Settings:
     s2st_source_text: str = "generated"  # generated: the model transcribes the source first; given: the reference
     s2st_source_language: str | None = None  # for manifests without a source_language column
     s2st_max_seconds: float = 30.0  # cap on each generated target speech (the text-length cap also applies)
+    lm_eval_include: str | None = None  # a directory of lm-eval task YAMLs of one's own (lm-eval tasks)
 
     def public(self) -> dict:
         return {"batch_tokens": self.batch_tokens, "max_len": self.max_len, "device": self.device,

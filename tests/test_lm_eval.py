@@ -1,0 +1,133 @@
+"""Text ability through lm-evaluation-harness, offline: a tiny HellaSwag-format task from a local JSON file."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("lm_eval")
+
+from soda.evaluate.cli import main  # noqa: E402
+
+# HellaSwag's own fields (ctx, endings, label as a string), a few rows.
+ROWS = [
+    {"ctx": "The cat sat on the", "endings": [" mat.", " moon, singing loudly.", " idea", " 7"], "label": "0"},
+    {"ctx": "She opened the door and", "endings": [" walked in.", " blue", " the the", " zzz qqq"], "label": "0"},
+    {"ctx": "Water boils at one hundred", "endings": [" apples", " degrees.", " run", " ,,"], "label": "1"},
+    {"ctx": "He read the book", "endings": [" quickly", " sky", " under the table of numbers", " ?"], "label": "0"},
+    {"ctx": "The sun rises in the", "endings": [" west", " kitchen", " east.", " car"], "label": "2"},
+]
+
+
+def local_task(tmp_path, name="tiny_hellaswag"):
+    folder = tmp_path / "lm_eval_tasks"
+    folder.mkdir()
+    data = folder / "tiny.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    (folder / f"{name}.yaml").write_text(
+        f"task: {name}\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    validation: {data}\n"
+        "output_type: multiple_choice\n"
+        "validation_split: validation\n"
+        'doc_to_text: "{{ctx}}"\n'
+        'doc_to_choice: "{{endings}}"\n'
+        'doc_to_target: "{{label | int}}"\n'
+        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n"
+        "metadata:\n  version: 1.0\n")
+    return folder
+
+
+def hand_scores(run_dir) -> tuple[float, float]:
+    """acc and acc_norm by hand: BOS + context, sum of the ending's log-probs (the byte tokenizer encodes a string's
+    parts independently, so context and ending ids just concatenate); acc_norm divides by the ending's bytes."""
+    import torch
+
+    from soda.inference import load_model
+
+    loaded = load_model(str(run_dir), device="cpu")
+    vocab = loaded.vocab
+    acc = norm = 0
+    for row in ROWS:
+        ctx = [vocab.bos_id, *vocab.encode_text(row["ctx"]).tolist()]
+        scores = []
+        for ending in row["endings"]:
+            cont = vocab.encode_text(ending).tolist()
+            ids = torch.tensor([ctx + cont])
+            with torch.no_grad():
+                logp = torch.log_softmax(loaded.model(ids).logits[0].float(), -1)
+            lp = sum(logp[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont))
+            scores.append((lp, lp / len(ending.encode())))
+        acc += int(np.argmax([s[0] for s in scores])) == int(row["label"])
+        norm += int(np.argmax([s[1] for s in scores])) == int(row["label"])
+    return acc / len(ROWS), norm / len(ROWS)
+
+
+def test_lm_eval_task_on_a_local_set_matches_hand_scoring_and_records_version_and_config_hash(tiny_run, tmp_path,
+                                                                                                  capsys):
+    import lm_eval
+
+    folder, out, words = local_task(tmp_path), tmp_path / "eval", tmp_path / "words.jsonl"
+    words.write_text(json.dumps({"good": "the cat sat", "bad": "teh cta sat"}) + "\n")
+    assert main([str(tiny_run), "--tasks", "twuggy", "--lm-eval-task", "tiny_hellaswag", "--lm-eval-include",
+                 str(folder), "--data-for", f"twuggy={words}", "--out", str(out), "--quiet", "--device", "cpu"]) == 0
+    r = json.loads((out / "results.json").read_text())["tasks"]
+    assert set(r) == {"twuggy", "tiny_hellaswag"}  # lm-eval tasks sit beside SODA's
+    t = r["tiny_hellaswag"]
+    acc, acc_norm = hand_scores(tiny_run)
+    assert t["metric"] == "acc" and t["count"] == len(ROWS)  # not hellaswag: the task's first metric
+    assert t["value"] == pytest.approx(acc) and t["lm_eval"]["metrics"]["acc_norm,none"] == pytest.approx(acc_norm)
+    assert t["lm_eval"]["version"] == lm_eval.__version__ and t["lm_eval"]["task_version"] == 1.0
+    assert len(t["lm_eval"]["config_hash"]) == 64
+    assert len((out / "items" / "tiny_hellaswag.jsonl").read_text().splitlines()) == len(ROWS)
+    assert "tiny_hellaswag (lm-eval)" in (out / "results.md").read_text()
+
+    # the same task again: the same config hash; a changed prompt: another
+    again = tmp_path / "again"
+    assert main([str(tiny_run), "--lm-eval-task", "tiny_hellaswag", "--lm-eval-include", str(folder), "--out",
+                 str(again), "--quiet", "--device", "cpu", "--limit", "2"]) == 0
+    second = json.loads((again / "results.json").read_text())["tasks"]["tiny_hellaswag"]
+    assert second["lm_eval"]["config_hash"] == t["lm_eval"]["config_hash"] and second["count"] == 2
+    yaml = folder / "tiny_hellaswag.yaml"
+    yaml.write_text(yaml.read_text().replace('"{{ctx}}"', '"Q: {{ctx}}"'))
+    assert main([str(tiny_run), "--lm-eval-task", "tiny_hellaswag", "--lm-eval-include", str(folder), "--out",
+                 str(again), "--quiet", "--device", "cpu", "--limit", "2"]) == 0
+    third = json.loads((again / "results.json").read_text())["tasks"]["tiny_hellaswag"]
+    assert third["lm_eval"]["config_hash"] != t["lm_eval"]["config_hash"]
+
+
+def test_hellaswag_reports_acc_norm_beside_sodas_published_number():
+    from soda.evaluate import report
+    from soda.evaluate.tasks import available
+
+    tasks = available()
+    assert "hellaswag" in tasks and "Rowan/hellaswag" in tasks["hellaswag"].data_help
+    header = {"model": {"source": "m", "codec": "mimi", "parameters": 1, "non_embedding_parameters": 1,
+                        "soda_size": "4B"}}
+    result = {"metric": "acc_norm", "value": 0.5, "count": 10, "skipped_count": 0}
+    assert "| HellaSwag (lm-eval) | acc_norm | 50.0 | 10 | 0 | 52.6 |" in report.markdown(
+        header, {"hellaswag": result}, tasks)
+
+
+def test_lm_eval_mistakes_are_one_line_errors(tiny_run, tmp_path, capsys, monkeypatch):
+    out = str(tmp_path / "eval")
+
+    def error(*args) -> str:
+        with pytest.raises(SystemExit) as exit_info:
+            main([str(tiny_run), *args, "--out", out, "--quiet", "--device", "cpu"])
+        assert exit_info.value.code == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]  # lm-eval's own log lines come before it
+        assert last.startswith("soda-eval: error: "), last
+        return last.removeprefix("soda-eval: error: ")
+
+    assert "lm-eval knows no such task" in error("--lm-eval-task", "no_such_task_xyz")
+    assert "no such directory" in error("--lm-eval-task", "x", "--lm-eval-include", str(tmp_path / "missing"))
+    assert "already" in error("--lm-eval-task", "twuggy")
+    # offline, the real HellaSwag cannot be downloaded: one line, before any scoring
+    assert error("--tasks", "hellaswag").startswith("hellaswag: lm-eval could not build the task")
+    monkeypatch.setitem(sys.modules, "lm_eval", None)
+    assert "pip install '.[lmeval]'" in error("--tasks", "hellaswag")
+    assert not (tmp_path / "eval" / "results.json").exists()
