@@ -377,7 +377,7 @@ def test_soda_layout_directory_loads_and_scores(demo_waves, tmp_path, capsys):
 
 def test_user_mistakes_are_one_line_errors(tiny_run, tmp_path, capsys):
     run, out = str(tiny_run), str(tmp_path / "eval")
-    assert "unknown task 'hellaswag'" in _error(capsys, [run, "--tasks", "swuggy,hellaswag", "--out", out])
+    assert "unknown task 'arc_easy'" in _error(capsys, [run, "--tasks", "swuggy,arc_easy", "--out", out])
     assert "no such file" in _error(capsys, [run, "--tasks", "twuggy", "--data-for", "twuggy=/nope.jsonl",
                                              "--out", out])
     assert "not in --tasks" in _error(capsys, [run, "--tasks", "twuggy", "--data-for", "tblimp=x", "--out", out])
