@@ -187,7 +187,8 @@ def train_command(run: PlannedRun, sweep: Path, data: list[str], extra: list[str
             "--kv-heads", str(s.kv_heads), "--head-dim", str(s.head_dim), "--ffn", str(s.ffn),
             "--seq-len", str(s.seq_len), "--tokens", str(run.tokens), "--batch-tokens", str(run.batch * s.seq_len),
             "--lr", repr(run.lr), *(a for d in data for a in ("--data", d)),
-            "--val-every", str(run.steps), "--val-batches", str(val_batches), "--no-export", *extra]
+            "--val-every", str(run.steps), "--val-batches", str(val_batches), "--no-export",
+            "--sample-every", "0", *extra]  # listening samples cost time and tell a loss fit nothing (extra may ask)
 
 
 def state(run: PlannedRun, sweep: Path) -> str:

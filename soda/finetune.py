@@ -36,7 +36,8 @@ from .train import (add_train_arguments, check_run_directory, flag_values, is_ra
 FINETUNE_DEFAULTS = {"seq_len": 2048, "batch_tokens": 64 * 2048, "lr": 2e-5, "schedule": "cosine", "warmup": 0.03,
                      "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01, "weight_decay_mode": "adamc",
                      "cautious": True, "grad_clip": 1.0, "z_loss": 1e-4, "epochs": 5.0,
-                     "val_every": 200, "val_batches": 20, "ckpt_every": 500, "log_every": 10}
+                     "val_every": 200, "val_batches": 20, "ckpt_every": 500, "log_every": 10,
+                     "sample_every": 0}  # pre-training's sample prompts (TTS, continuation, ASR) say little here
 # `docs` takes the same recipe over one pass of its data (any soda-tokenize output: often far larger than CVSS-T).
 DOCS_DEFAULTS = FINETUNE_DEFAULTS | {"epochs": 1.0}
 # soda-train flags that do not apply: the model comes from --init-from, which soda-finetune defines itself.

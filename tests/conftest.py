@@ -91,7 +91,7 @@ def train_tokens(small_corpus, tmp_path_factory) -> Path:
 def tiny_args(data: Path, out: Path, steps: int = 40, **extra) -> list[str]:
     args = {"--size": "tiny", "--seq-len": "128", "--batch-tokens": "1024", "--tokens": str(steps * 1024),
             "--lr": "3e-3", "--workers": "1", "--val-every": "10", "--val-batches": "2", "--ckpt-every": "8",
-            "--log-every": "1", "--out": str(out), "--data": f"speech={data}", **extra}
+            "--log-every": "1", "--sample-every": "0", "--out": str(out), "--data": f"speech={data}", **extra}
     flat = []
     for k, v in args.items():
         if v is not None:
