@@ -87,7 +87,7 @@ def test_a_sampling_failure_is_one_warning_and_training_finishes(train_tokens, t
     monkeypatch.setattr(soda.generate, "generate", broken)
     out = tmp_path / "run"
     assert train_main(tiny_args(train_tokens, out, steps=4, **{"--ckpt-every": "2", "--val-every": "4",
-                                                                "--no-export": ""})) == 0
+                                                                "--no-export": "", "--sample-every": None})) == 0
     err = capsys.readouterr().err
     assert "samples: warning: step 2: no samples (RuntimeError: decoder exploded); training goes on" in err
     assert (out / "checkpoints" / "step0000004.ckpt").exists()
@@ -104,7 +104,8 @@ def test_samples_reach_wandb_when_it_is_on(train_tokens, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     out = tmp_path / "wb"
     assert train_main(tiny_args(train_tokens, out, steps=2, **{"--ckpt-every": "2", "--val-every": "4",
-                                                                "--no-export": "", "--wandb": "soda-test"})) == 0
+                                                                "--no-export": "", "--wandb": "soda-test",
+                                                                "--sample-every": None})) == 0  # the default
     import wandb
 
     wandb.finish()  # in-process, the run's file is complete once the run is finished

@@ -220,7 +220,7 @@ def test_emit_slurm_and_its_tasks(fake, tmp_path, capsys):
     assert "#SBATCH --array=1-2" in script and "#SBATCH --requeue" in script and "--gather-only" in script
     commands = (out / "commands.txt").read_text().splitlines()
     runs = sweep.load_plan(plan)
-    assert len(commands) == 2 and commands[0].endswith("--no-export --workers 1")
+    assert len(commands) == 2 and commands[0].endswith("--no-export --sample-every 0 --workers 1")
     assert "--resume" not in commands[0] and (out / "configs" / f"{runs[0].name}.yaml").is_file()
 
     bin_dir = tmp_path / "bin"
