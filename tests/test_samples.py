@@ -102,6 +102,9 @@ def test_samples_reach_wandb_when_it_is_on(train_tokens, tmp_path, monkeypatch):
     monkeypatch.setattr(soda.samples, "TTS_TEXTS", TTS_TEXTS[:1])
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
+    # wandb.init in this process exports WANDB_SERVICE; later tests' soda-train subprocesses would inherit it and
+    # log through this process's service: removed again after the test (and the service torn down below)
+    monkeypatch.delenv("WANDB_SERVICE", raising=False)
     out = tmp_path / "wb"
     assert train_main(tiny_args(train_tokens, out, steps=2, **{"--ckpt-every": "2", "--val-every": "4",
                                                                 "--no-export": "", "--wandb": "soda-test",
@@ -109,6 +112,7 @@ def test_samples_reach_wandb_when_it_is_on(train_tokens, tmp_path, monkeypatch):
     import wandb
 
     wandb.finish()  # in-process, the run's file is complete once the run is finished
+    wandb.teardown()
     data = next((out / "wandb").glob("offline-run-*/run-*.wandb")).read_bytes()
     assert b"samples/tts_0" in data and b"samples/asr_text" in data
     assert (out / "samples" / "step_0000002" / "samples.json").is_file()
