@@ -35,7 +35,7 @@ def last_checkpoint(out: Path) -> Path | None:
 
 
 def _candidates(out: Path) -> list[Path]:
-    """Step files, newest first; `last.ckpt` (resolved) only when there are none."""
+    """Step files, newest first; the `last.ckpt` link only when there are none."""
     steps = sorted(((n, p) for p in checkpoint_dir(out).glob("step*.ckpt") if (n := _step(p)) is not None),
                    reverse=True)
     if steps:
