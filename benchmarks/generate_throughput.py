@@ -25,11 +25,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scaling.accounting import ModelShape  # noqa: E402
-from soda.config import SIZES  # noqa: E402
-from soda.generate import Request, Settings, generate  # noqa: E402
-from soda.inference import LoadedModel, default_dtype  # noqa: E402
+from soda.checkpoints import LoadedModel, default_dtype  # noqa: E402
+from soda.generate.decode import Request, Settings, generate  # noqa: E402
 from soda.model import build_model  # noqa: E402
+from soda.shape import (
+    SIZES,  # noqa: E402
+    ModelShape,  # noqa: E402
+)
 from tokenize_audio.codecs import resolve_device  # noqa: E402
 from tokenize_audio.vocab import Vocabulary, byte_tokenizer  # noqa: E402
 

@@ -27,7 +27,7 @@ VARIANTS = ("full-logits", "chunked", "chunked+compile")
 def one(args) -> dict:
     import torch
 
-    from soda.loss import chunked_lm_loss
+    from soda.train.loss import chunked_lm_loss
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

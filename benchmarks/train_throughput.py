@@ -22,12 +22,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scaling.accounting import training_flops_per_token  # noqa: E402
-from soda.config import make_config  # noqa: E402
-from soda.data import PackedStream, dataloader, resolve_sources  # noqa: E402
 from soda.model import build_model, default_attention, prepare_for_training  # noqa: E402
-from soda.module import SodaModule, lm_loss  # noqa: E402
-from soda.optim import CautiousAdamW, param_groups  # noqa: E402
+from soda.shape import training_flops_per_token  # noqa: E402
+from soda.train.config import make_config  # noqa: E402
+from soda.train.data import PackedStream, dataloader, resolve_sources  # noqa: E402
+from soda.train.module import SodaModule, lm_loss  # noqa: E402
+from soda.train.optim import CautiousAdamW, param_groups  # noqa: E402
 
 
 def parse() -> argparse.Namespace:

@@ -14,14 +14,13 @@ import sys
 import textwrap
 from pathlib import Path
 
+from scaling.fit import FIT_FILE, FRONTIER_COSTS, fit_scaling, human_count, load_results, summary
+from scaling.plan import MIN_BATCH, MIN_SEQ_LEN, PAPER_BUDGETS, as_rows, plan_sweep
+from scaling.sweep import (DEFAULT_VAL_TOKENS, HOW_IT_RUNS, PREEMPTED, check_data, check_extra, gather, load_plan, lock,
+                           run_sweep, state, sweep_lock_path)
+from soda.shape import SODA_VOCAB
 from tokenize_audio.errors import SodaError, cli_errors
 from tokenize_audio.shards import atomic_write_json, atomic_write_text
-
-from .accounting import SODA_VOCAB
-from .fit import FIT_FILE, FRONTIER_COSTS, fit_scaling, human_count, load_results, summary
-from .plan import MIN_BATCH, MIN_SEQ_LEN, PAPER_BUDGETS, as_rows, plan_sweep
-from .sweep import (DEFAULT_VAL_TOKENS, HOW_IT_RUNS, PREEMPTED, check_data, check_extra, gather, load_plan, lock,
-                    run_sweep, state, sweep_lock_path)
 
 FIT_HELP = """Approach 2: per budget, loss is fitted as a parabola in ln N (and in ln D) by Huber-weighted
 least squares; the minima give N* = k C^a and D* = k C^b (and, for predictions, a pure power law
@@ -234,7 +233,7 @@ def run_command(args) -> int:
         return run_sweep(runs, args.out, args.data, args.train_args, args.val_tokens, True, args.rerun_changed)
     with lock(sweep_lock_path(args.out), args.out):
         if args.emit:
-            from .slurm import emit_slurm
+            from scaling.slurm import emit_slurm
 
             hint = shlex.join(["soda-scaling", "run", str(args.plan), "--out", str(args.out), "--gather-only"])
             sbatch, commands = emit_slurm(runs, args.out, args.data, args.train_args, args.val_tokens, args.plan, hint,
@@ -265,7 +264,7 @@ def gather_command(runs, out: Path) -> int:
 
 
 def plot_command(args) -> int:
-    from .plots import write_plots  # matplotlib (and its font cache) only when plotting
+    from scaling.plots import write_plots  # matplotlib (and its font cache) only when plotting
 
     for path in write_plots(args.fit_dir):
         print(f"wrote {path}")

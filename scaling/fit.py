@@ -35,9 +35,8 @@ from typing import Callable
 import numpy as np
 from scipy.optimize import least_squares, nnls
 
+from soda.shape import ModelShape, attention_flops_per_token, forward_flops_per_token, params, training_flops_per_token
 from tokenize_audio.errors import SodaError
-
-from .accounting import ModelShape, attention_flops_per_token, forward_flops_per_token, params, training_flops_per_token
 
 FIT_FILE = "fit.json"
 REQUIRED = ("flops", "params", "tokens", "loss")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from .accounting import SODA_VOCAB, ModelShape, forward_flops_per_token, params, training_flops_per_token
+from soda.shape import SODA_VOCAB, ModelShape, forward_flops_per_token, params, training_flops_per_token
 
 PAPER_BUDGETS = (3e18, 9e18, 1.8e19, 3e19, 9e19, 1.8e20, 3e20)
 # SODA's wider "target" runs at the top budgets.

@@ -16,10 +16,9 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from scaling.fit import FIT_FILE
 from tokenize_audio.errors import SodaError
 from tokenize_audio.shards import atomic_write_bytes
-
-from .fit import FIT_FILE
 
 
 def load_fit(fit_dir) -> dict:

@@ -17,11 +17,10 @@ import shlex
 import shutil
 from pathlib import Path
 
+from scaling.sweep import (CHECKPOINTS, DONE, LOCKS, PREEMPTED, RECORD, TRAIN_CONFIG, PlannedRun, Setting,
+                           check_records, lock, run_lock_path, state, train_command, write_record, write_run_config)
 from tokenize_audio.errors import SodaError
 from tokenize_audio.shards import atomic_write_text
-
-from .sweep import (CHECKPOINTS, DONE, LOCKS, PREEMPTED, RECORD, TRAIN_CONFIG, PlannedRun, Setting, check_records,
-                    lock, run_lock_path, state, train_command, write_record, write_run_config)
 
 SBATCH_FILE, COMMANDS_FILE = "sweep.sbatch", "commands.txt"
 

@@ -40,11 +40,10 @@ from functools import cached_property
 from pathlib import Path
 from typing import Iterator
 
+from scaling.plan import run_name
+from soda.shape import ModelShape, training_flops
 from tokenize_audio.errors import SodaError
 from tokenize_audio.shards import atomic_write_json, atomic_write_text
-
-from .accounting import ModelShape, training_flops
-from .plan import run_name
 
 TRAINER = (sys.executable, "-m", "soda.train")  # tests put a stand-in trainer here
 PLAN_COLUMNS = ("budget", "width", "layers", "heads", "kv_heads", "head_dim", "ffn", "vocab", "seq_len", "params",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from scaling.accounting import ModelShape, params
+from soda.shape import ModelShape, params
 from tokenize_audio.errors import SodaError
 from tokenize_audio.vocab import Vocabulary
 
@@ -67,7 +67,7 @@ def load_pretrained(source: str, vocab: Vocabulary, attention: str = "sdpa"):
             raise SodaError(f"--init-from {source}: the model's vocabulary has {size:,} ids but the data's has "
                             f"{vocab.size:,}; tokenize with the same text tokenizer and codec as the model")
     if (path / "config.json").is_file():
-        from .checkpoints import check_weight_files
+        from soda.checkpoints import check_weight_files
 
         check_weight_files(path)  # a truncated safetensors file: one line naming it, not safetensors' traceback
     try:
@@ -81,7 +81,7 @@ def load_pretrained(source: str, vocab: Vocabulary, attention: str = "sdpa"):
     if saved.is_file() and not Vocabulary.load(path).matches(vocab):
         raise SodaError(f"--init-from {source}: its vocab.json differs from the data's vocabulary (ids would mean "
                         f"other tokens)")
-    from .checkpoints import first_nonfinite
+    from soda.checkpoints import first_nonfinite
 
     if (bad := first_nonfinite(model.state_dict())) is not None:
         raise SodaError(f"--init-from {source}: {bad} holds a NaN or Inf; a model that diverged cannot be trained "

@@ -102,7 +102,7 @@ def tiny_args(data: Path, out: Path, steps: int = 40, **extra) -> list[str]:
 @pytest.fixture(scope="session")
 def tiny_run(train_tokens, tmp_path_factory) -> Path:
     """A tiny model trained 40 steps on `train_tokens` (soda-train run directory with checkpoints and `hf/`)."""
-    from soda.train import main as train_main
+    from soda.train.cli import main as train_main
 
     out = tmp_path_factory.mktemp("run") / "full"
     assert train_main(tiny_args(train_tokens, out)) == 0

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from scaling.accounting import (
-    ModelShape, forward_flops_per_token, params, tokens_for_budget, training_flops_per_token,
-)
+from soda.shape import ModelShape, forward_flops_per_token, params, tokens_for_budget, training_flops_per_token
 
 SODA_SIZES = {  # width, layers, heads, kv heads, head dim, ffn -> (non-embedding, total), DESIGN.md §2
     "135m": ((512, 15, 8, 8, 64, 1792), 57.0e6, 205.1e6),

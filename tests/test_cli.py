@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import REPO, write_wave
+
 from tokenize_audio.cli import main
 from tokenize_audio.shards import read_shard
 from tokenize_audio.vocab import Vocabulary

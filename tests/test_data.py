@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from soda.config import TrainConfig, make_config, parse_count, soda_peak_lr
-from soda.data import PackedStream, dataloader, repeat_warnings, resolve_sources, shard_documents
-from soda.optim import wsd_factor
+from soda.train.config import TrainConfig, make_config, parse_count, soda_peak_lr
+from soda.train.data import PackedStream, dataloader, repeat_warnings, resolve_sources, shard_documents
+from soda.train.optim import wsd_factor
 from tokenize_audio.errors import SodaError
 
 
@@ -51,7 +51,7 @@ def test_mixture_follows_the_weights(sources):
 
 def synthetic_source(tmp_path, name: str, docs: int, length: int, first_id: int):
     """A source of `docs` documents of `length` ids each, every id telling its source (first_id...)."""
-    from soda.data import Source
+    from soda.train.data import Source
     from tokenize_audio.shards import write_shard
 
     shard = tmp_path / f"train-{name}-00000.tar"
@@ -70,7 +70,7 @@ def token_shares(windows, n_sources: int) -> np.ndarray:
 def test_mix_weights_are_token_shares_whatever_the_document_lengths(tmp_path, seed):
     """SODA's 95/5 is a share of tokens. Speech documents of 20,000 tokens against text documents of 1,000: drawing
     documents by weight gave text 0.24% of the tokens; the windows' token shares must be the weights (+-0.5 pp)."""
-    from soda.data import _apply_mix
+    from soda.train.data import _apply_mix
 
     speech = synthetic_source(tmp_path, "speech", 30, 20_000, 1000)
     text = synthetic_source(tmp_path, "text", 400, 1_000, 10)
@@ -86,7 +86,7 @@ def test_mix_weights_are_token_shares_whatever_the_document_lengths(tmp_path, se
 
 
 def test_token_shares_hold_for_three_sources_over_workers_and_across_resume(tmp_path):
-    from soda.data import _apply_mix
+    from soda.train.data import _apply_mix
 
     srcs = [synthetic_source(tmp_path, "long", 20, 9_000, 1000), synthetic_source(tmp_path, "mid", 60, 700, 500),
             synthetic_source(tmp_path, "short", 400, 90, 10)]
@@ -110,7 +110,7 @@ def test_token_shares_hold_for_three_sources_over_workers_and_across_resume(tmp_
 
 
 def test_a_source_smaller_than_its_weight_repeats_with_a_warning_naming_it(tmp_path, capfd):
-    from soda.data import _apply_mix
+    from soda.train.data import _apply_mix
 
     big = synthetic_source(tmp_path, "speech", 40, 5_000, 1000)
     small = synthetic_source(tmp_path, "text", 3, 300, 10)  # 900 tokens; a 30% weight takes far more
@@ -237,7 +237,7 @@ def test_sources_need_a_vocabulary_and_matching_ones(train_tokens, tmp_path):
 # --- masking ---------------------------------------------------------------------------------
 def test_packed_documents_give_their_standalone_logits(sources):
     from soda.model import attention_inputs, build_model
-    from soda.module import token_nll
+    from soda.train.module import token_nll
 
     _, vocab = sources
     for attention in ("sdpa", "eager"):
@@ -260,7 +260,7 @@ def test_flex_attention_block_mask_gives_the_dense_document_mask_results(sources
     to standalone documents. Forward only: torch has no flex attention backward on the CPU (soda-train refuses it
     there); on the CPU flex attention compiles a C++ kernel first (tens of seconds)."""
     from soda.model import attention_inputs, build_model, default_attention
-    from soda.module import lm_loss
+    from soda.train.module import lm_loss
 
     _, vocab = sources
     assert default_attention("cpu") == "sdpa" and default_attention("cuda") == "flex_attention"
@@ -299,7 +299,7 @@ def test_counts_steps_and_lr_rule():
 
 
 def test_batch_layout():
-    from soda.train import batch_layout
+    from soda.train.plan import batch_layout
 
     cfg = make_config({"size": "tiny", "batch_tokens": 512 * 4096, "micro_batch": 8})
     assert batch_layout(cfg, 8) == (8, 8)
@@ -313,7 +313,7 @@ def test_batch_layout():
 def test_every_shipped_config_loads():
     from pathlib import Path
 
-    from soda.config import load_yaml
+    from soda.train.config import load_yaml
 
     configs = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
     assert configs
@@ -324,7 +324,7 @@ def test_every_shipped_config_loads():
 @pytest.mark.parametrize("size,total,non_embedding", [("135m", 0.205, 0.057), ("600m", 0.737, 0.440),
                                                        ("1.7b", 2.00, 1.41), ("4b", 4.37, 3.63)])
 def test_dry_run_reports_soda_sizes(capsys, size, total, non_embedding):
-    from soda.train import main
+    from soda.train.cli import main
 
     assert main(["--size", size, "--tokens", "500B", "--dry-run"]) == 0
     out = capsys.readouterr().out
@@ -338,7 +338,7 @@ def test_dry_run_reports_soda_sizes(capsys, size, total, non_embedding):
 
 
 def test_dry_run_gives_model_state_memory_per_device_for_ddp_and_fsdp(capsys):
-    from soda.train import main
+    from soda.train.cli import main
 
     assert main(["--size", "4b", "--dry-run", "--devices", "8"]) == 0
     # 4,374,089,216 parameters x 16 bytes: 65.2 GiB on every DDP rank, an eighth of it on each FSDP rank
@@ -346,7 +346,7 @@ def test_dry_run_gives_model_state_memory_per_device_for_ddp_and_fsdp(capsys):
 
 
 def test_dry_run_gives_the_raw_audio_and_codec_gpu_hours(capsys):
-    from soda.train import main
+    from soda.train.cli import main
 
     assert main(["--size", "1b", "--tokens", "500B", "--dry-run", "--codec-rate", "2000"]) == 0
     # 500B tokens at 100 audio tokens per second: 1.39M hours of speech (the corpus-scale issue's own figure)
@@ -360,7 +360,7 @@ def test_dry_run_matches_the_real_model(capsys):
 
     vocab = Vocabulary.build(byte_tokenizer(), 8, 2048)
     counted = count_parameters(build_model(TrainConfig(size="135m").shape(vocab.size), vocab, 0))
-    from scaling.accounting import params
+    from soda.shape import params
 
     shape = TrainConfig(size="135m").shape(vocab.size)
     assert counted == {"total": params(shape, "total"), "non_embedding": params(shape, "non-embedding")}

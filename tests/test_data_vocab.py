@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import DEMO
-from soda.data import resolve_sources
+
 from soda.evaluate.cli import main as eval_main
-from soda.train import main as train_main
+from soda.train.cli import main as train_main
+from soda.train.data import resolve_sources
 from tokenize_audio.errors import SodaError
 from tokenize_audio.vocab import Vocabulary
 

@@ -5,9 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tokenize_audio.documents import (
-    build_document, holdout_score, split_segments, text_document, validation_recordings,
-)
+from tokenize_audio.documents import build_document, holdout_score, split_segments, text_document, validation_recordings
 from tokenize_audio.vocab import Vocabulary, byte_tokenizer
 
 

@@ -12,11 +12,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-
 from conftest import DEMO, write_wave
+
 from soda.evaluate.cli import evaluate, main
-from soda.evaluate.scoring import (audio_mask, audio_sequence, codebook_choice, reduce, text_sequence,
-                                   token_log_probs)
+from soda.evaluate.scoring import audio_mask, audio_sequence, codebook_choice, reduce, text_sequence, token_log_probs
 from soda.evaluate.tasks import Settings
 from tokenize_audio.errors import SodaError
 from tokenize_audio.vocab import Vocabulary, byte_tokenizer
@@ -39,7 +38,7 @@ def _sentences(n: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def loaded(tiny_run):
-    from soda.inference import load_model
+    from soda.checkpoints import load_model
 
     return load_model(str(tiny_run), device="cpu")
 
@@ -180,10 +179,10 @@ def test_hf_dataset_layout_and_offline_hub_error(tiny_run, demo_waves, tmp_path,
 
 
 def test_nll_vector_on_the_runs_held_out_shards(loaded, tiny_run, train_tokens, tmp_path):
-    from soda.data import shard_documents
     from soda.evaluate.nll import load_held_out, run_nll
     from soda.evaluate.tasks import Context
-    from soda.module import group_names, token_nll
+    from soda.train.data import shard_documents
+    from soda.train.module import group_names, token_nll
 
     out = tmp_path / "eval"
     assert main([str(tiny_run / "hf"), "--tasks", "nll", "--out", str(out), "--quiet"]) == 0  # data: the run's
@@ -261,7 +260,7 @@ class BagJudge(torch.nn.Module):
 def test_mcq_audio_contribution_split_separates_text_answerable_from_audio_items(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    from soda.inference import LoadedModel
+    from soda.checkpoints import LoadedModel
 
     words = ["[UNK]", "the", "answer", "is", "dog", "cat", "bird", "which", "animal", "?", ".", "tone", "high", "low",
              "or", "Answer", ":"]
@@ -337,7 +336,7 @@ def test_mcq_audio_contribution_split_separates_text_answerable_from_audio_items
 def test_soda_layout_directory_loads_and_scores(demo_waves, tmp_path, capsys):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from soda.inference import load_model
+    from soda.checkpoints import load_model
     from tokenize_audio.vocab import hf_tokenizer_object
 
     vocab = Vocabulary.build(byte_tokenizer(), 8, 2048)
@@ -418,12 +417,12 @@ def speaker_encoder(tmp_path_factory) -> Path:
 def test_asr_and_tts_report_wer_similarity_and_termination(tiny_run, small_corpus, speaker_encoder, tmp_path,
                                                              capsys):
     pytest.importorskip("pocketsphinx")
+    import shutil
+
     import jiwer
     import soundfile as sf
 
     from soda.evaluate.asr import normalize
-
-    import shutil
 
     flite = next(small_corpus.glob("flite_kal/*"))  # LibriSpeech-style: NAME.trans.txt beside the audio
     libri = tmp_path / "test-clean" / "61" / "70968"

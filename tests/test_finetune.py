@@ -16,16 +16,16 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
 from conftest import REPO
-from soda.config import make_config
-from soda.data import PackedStream, Source, loss_mask
-from soda.finetune import FINETUNE_DEFAULTS, main
-from soda.generate import Request, Settings, build_plan, translate
-from soda.module import scored_targets
-from soda.optim import lr_factor
 from test_evaluate import speaker_encoder  # noqa: F401 -- fixture: a tiny offline WavLM speaker model
 from test_train import losses
+
+from soda.finetune.cli import FINETUNE_DEFAULTS, main
+from soda.generate.decode import Request, Settings, build_plan, translate
+from soda.train.config import make_config
+from soda.train.data import PackedStream, Source, loss_mask
+from soda.train.module import scored_targets
+from soda.train.optim import lr_factor
 from tokenize_audio.documents import s2st_document
 from tokenize_audio.shards import write_shard
 from tokenize_audio.vocab import Vocabulary, byte_tokenizer
@@ -158,7 +158,7 @@ SODA_S2ST_RECIPE = {"lr": 2e-5, "schedule": "cosine", "warmup": 0.03, "betas": [
 def test_fresh_s2st_run_records_sodas_finetuning_recipe(tiny_run, s2st_corpus, tmp_path):
     """Only the batch's shape is made small here; every optimiser and schedule setting is the default, and the
     run's config.yaml holds SODA's recipe, with --tokens = 5 passes over the prepared pairs."""
-    from soda.s2st import epochs_to_tokens
+    from tokenize_audio.s2st import epochs_to_tokens
 
     out = tmp_path / "run"
     assert main(["s2st", "--init-from", str(tiny_run), "--data", str(s2st_corpus), "--out", str(out),
@@ -208,8 +208,8 @@ def _with_bom(path: Path, text: str) -> Path:
 
 
 def test_a_utf8_bom_is_stripped_from_tsv_csv_and_jsonl_manifests(s2st_corpus, tmp_path):
-    from soda.s2st import read_pairs
     from tokenize_audio.documents import validation_recordings
+    from tokenize_audio.s2st import read_pairs
 
     base = s2st_corpus.parent
     plain = read_pairs(s2st_corpus)
@@ -296,7 +296,7 @@ def finetuned(tiny_run, s2st_corpus, tmp_path_factory) -> Path:
 
 
 def test_finetuned_tiny_model_emits_the_right_translation(finetuned, s2st_corpus):
-    from soda.inference import load_model
+    from soda.checkpoints import load_model
     from tokenize_audio.sources import load_audio
 
     config = yaml.safe_load((finetuned / "config.yaml").read_text())
@@ -348,11 +348,11 @@ def test_eval_s2st_reports_asr_bleu_text_bleu_similarity_and_termination(finetun
 # --------------------------------------------------------------------------------------------
 def test_docs_path_trains_on_tokenized_shards_and_refuses_another_vocabulary(tiny_run, train_tokens, tmp_path,
                                                                             capsys, monkeypatch):
-    import soda.inference
+    import soda.checkpoints
 
     loads = []  # checking the data against the model reads no weights: only training loads them
-    real = soda.inference.load_model
-    monkeypatch.setattr(soda.inference, "load_model", lambda *a, **kw: loads.append(kw.get("weights")) or real(*a, **kw))
+    real = soda.checkpoints.load_model
+    monkeypatch.setattr(soda.checkpoints, "load_model", lambda *a, **kw: loads.append(kw.get("weights")) or real(*a, **kw))
     out = tmp_path / "asr"
     assert main(["docs", "--init-from", str(tiny_run / "checkpoints" / "last.ckpt"), "--data",
                  f"speech={train_tokens}", "--out", str(out), "--seq-len", "128", "--batch-tokens", "256",
@@ -400,8 +400,8 @@ def test_only_rank_zero_exports_the_initial_checkpoint(tiny_run, tmp_path, monke
     """Under torchrun every rank calls init_model_dir; rank 0 exports the .ckpt, the others wait for the export."""
     from lightning.fabric.utilities.rank_zero import rank_zero_only
 
-    import soda.finetune as finetune
-    from soda.inference import load_model
+    import soda.finetune.cli as finetune
+    from soda.checkpoints import load_model
 
     vocab = load_model(str(tiny_run), device="cpu").vocab
     ckpt = str(tiny_run / "checkpoints" / "last.ckpt")

@@ -12,8 +12,8 @@ from scipy.optimize import least_squares, minimize_scalar
 
 from scaling import fit as F
 from scaling.cli import main
-from scaling.accounting import ModelShape, params, training_flops_per_token
 from scaling.plan import PAPER_BUDGETS, plan_sweep
+from soda.shape import ModelShape, params, training_flops_per_token
 from tokenize_audio.errors import SodaError
 
 TRUTH = {"E": 1.7, "A": 400.0, "B": 1500.0, "alpha": 0.34, "beta": 0.28}  # Chinchilla-like

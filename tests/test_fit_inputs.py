@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from test_fit import run, sweep, write
 
 from scaling.plan import PAPER_BUDGETS
-from test_fit import run, sweep, write
 
 BUDGETS = PAPER_BUDGETS[:4]
 

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-
 from conftest import write_wave
-from scaling.accounting import ModelShape
-from soda.generate import ENDINGS, Request, Settings, build_plan, generate, silence_codes, summarize, synthesize, \
-    transcribe
-from soda.generate_cli import main
-from soda.inference import LoadedModel, load_model
+
+from soda.checkpoints import LoadedModel, load_model
+from soda.generate.cli import main
+from soda.generate.decode import (ENDINGS, Request, Settings, build_plan, generate, silence_codes, summarize,
+                                  synthesize, transcribe)
 from soda.model import build_model
+from soda.shape import ModelShape
 from tokenize_audio.vocab import Vocabulary, byte_tokenizer
 
 K, CODES = 8, 64  # small codebooks: out-of-place ids hold most of a random model's probability mass
@@ -286,7 +286,7 @@ def _batch(tmp_path, demo_waves, n: int = 7) -> list[str]:
 @pytest.fixture
 def decoded(monkeypatch):
     """Counts the requests decoded; `decoded.fail_after = k` raises (a kill) when batch k+1 starts."""
-    import soda.generate as G
+    import soda.generate.decode as G
 
     real = G.decode_batch
     state = SimpleNamespace(requests=0, batches=0, fail_after=None)
@@ -368,7 +368,7 @@ def test_sigkill_midway_then_rerun_completes_the_batch(tiny_run, demo_waves, tmp
     argv[argv.index("--batch-size") + 1] = "1"
     out = tmp_path / "gen"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "soda.generate_cli", *argv], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "soda.generate", *argv], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:

@@ -153,7 +153,7 @@ def _run_dir(tmp_path: Path) -> Path:
 
 
 def test_run_page_has_curves_nll_vector_and_the_newest_samples(tmp_path):
-    from soda.report import write_reports
+    from soda.train.report import write_reports
 
     run = _run_dir(tmp_path)
     assert "report.html" in write_reports(run)
@@ -193,7 +193,7 @@ def test_pages_render_in_headless_chromium_with_playable_audio(tmp_path, which):
     if which == "eval":
         page = write_eval_page(_eval_out(tmp_path), compare=_eval_out(tmp_path, "other", nll_scale=1.2))
     else:
-        from soda.report import write_reports
+        from soda.train.report import write_reports
 
         run = _run_dir(tmp_path)
         write_reports(run)

@@ -46,7 +46,7 @@ def hand_scores(run_dir) -> tuple[float, float]:
     parts independently, so context and ending ids just concatenate); acc_norm divides by the ending's bytes."""
     import torch
 
-    from soda.inference import load_model
+    from soda.checkpoints import load_model
 
     loaded = load_model(str(run_dir), device="cpu")
     vocab = loaded.vocab

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from soda.checkpoints import load_model
 from soda.evaluate.cli import main as eval_main
-from soda.generate_cli import main as generate_main
-from soda.inference import load_model
+from soda.generate.cli import main as generate_main
 from tokenize_audio.errors import SodaError
 from tokenize_audio.vocab import Vocabulary, byte_tokenizer
 
@@ -75,7 +75,8 @@ def test_an_intact_export_still_loads(tmp_path):
 def test_init_from_a_truncated_export_is_one_line(train_tokens, tmp_path, capsys):
     """soda-train --init-from (and so soda-finetune) reads the same files."""
     from conftest import tiny_args
-    from soda.train import main as train_main
+
+    from soda.train.cli import main as train_main
 
     model = export_tiny(tmp_path / "hf")
     (tmp_path / "hf" / "config.json").write_text((tmp_path / "hf" / "config.json").read_text().replace(

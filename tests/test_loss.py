@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from soda.loss import chunked_lm_loss
+from soda.train.loss import chunked_lm_loss
 
 
 def reference(hidden, weight, targets, valid, z_loss):
@@ -78,9 +78,9 @@ def test_bf16_autocast_matches_autocast_logits_path():
 
 
 def test_training_loss_on_a_qwen3_with_packed_documents_equals_the_logits_path(train_tokens):
-    from scaling.accounting import ModelShape
     from soda.model import build_model
-    from soda.module import fused_head, lm_loss, token_nll
+    from soda.shape import ModelShape
+    from soda.train.module import fused_head, lm_loss, token_nll
     from tokenize_audio.vocab import Vocabulary
 
     vocab = Vocabulary.load(train_tokens)
@@ -121,9 +121,9 @@ def test_compiled_chunk_arithmetic_matches_eager():
 def test_activation_checkpointing_recomputes_layers_with_the_same_gradients(train_tokens, monkeypatch):
     from transformers.models.qwen3 import modeling_qwen3
 
-    from soda.config import TrainConfig
-    from soda.module import lm_loss
-    from soda.runner import build_model
+    from soda.train.config import TrainConfig
+    from soda.train.module import lm_loss
+    from soda.train.run import build_model
     from tokenize_audio.vocab import Vocabulary
 
     calls = []

@@ -9,9 +9,8 @@ import os
 import sys
 
 import nbformat
-from nbclient import NotebookClient
-
 from conftest import REPO
+from nbclient import NotebookClient
 
 NOTEBOOKS = REPO / "notebooks"
 NOTEBOOK = NOTEBOOKS / "scaling_laws.ipynb"

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from soda.optim import STATE_BYTES_PER_PARAMETER, CautiousAdamW, clip_by_global_norm, param_groups
+from soda.train.optim import STATE_BYTES_PER_PARAMETER, CautiousAdamW, clip_by_global_norm, param_groups
 
 
 def params_and_grads(seed: int, steps: int):
@@ -83,8 +83,8 @@ def test_state_survives_a_checkpoint_round_trip():
 
 
 def test_weight_decay_skips_norms_biases_and_the_input_embedding():
-    from scaling.accounting import ModelShape
     from soda.model import build_model
+    from soda.shape import ModelShape
     class Tiny:  # just what build_model reads
         bos_id, eos_id = 0, 1
 
@@ -144,7 +144,7 @@ def one_scheduled_step(mode: str, step: int, p0: torch.Tensor, grad: torch.Tenso
     """A fresh optimiser whose LambdaLR (SODA's WSD over TOTAL steps) stands at `step`, then one update."""
     import warnings
 
-    from soda.optim import wsd_factor
+    from soda.train.optim import wsd_factor
 
     p = p0.clone().requires_grad_()
     opt = CautiousAdamW([{"params": [p], "weight_decay": WD}], lr=PEAK, cautious=cautious, weight_decay_mode=mode)

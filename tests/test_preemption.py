@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from test_finetune import s2st_corpus  # noqa: F401 -- fixture: the synthetic French-English S2ST corpus
 from test_sweep import make_plan
 from test_train import _wait_for, losses

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import tiny_args
 from safetensors.torch import load_file
 
-from conftest import tiny_args
-from soda.module import SodaModule
-from soda.train import main
+from soda.train.cli import main
+from soda.train.module import SodaModule
 
 PY = sys.executable
 

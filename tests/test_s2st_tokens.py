@@ -11,7 +11,7 @@ import pytest
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from soda.generate import Request, Settings, build_plan, generate
+from soda.generate.decode import Request, Settings, build_plan, generate
 from tokenize_audio.documents import language_prompt, language_tag, s2st_document, s2st_text
 from tokenize_audio.vocab import BOS, EOS, Vocabulary, byte_tokenizer, train_bpe_tokenizer
 

@@ -6,10 +6,10 @@ import json
 import struct
 
 import pytest
-
 from conftest import tiny_args
-from soda.samples import TTS_TEXTS
-from soda.train import main as train_main
+
+from soda.train.cli import main as train_main
+from soda.train.samples import TTS_TEXTS
 
 SHORT = {"AUDIO_SECONDS": 0.4, "CONTINUATION_PROMPT_SECONDS": 0.4, "ASR_MAX_TEXT_TOKENS": 12}
 STEPS = dict(steps=8, **{"--ckpt-every": "4", "--val-every": "4", "--no-export": ""})
@@ -42,18 +42,18 @@ def event_tags(run) -> set[str]:
 
 @pytest.fixture(scope="module")
 def sampled(train_tokens, tmp_path_factory):
-    import soda.samples
+    import soda.train.samples
 
     out = tmp_path_factory.mktemp("samples") / "run"
     with pytest.MonkeyPatch.context() as mp:  # short outputs: a fast test (CPU decoding is a token at a time)
         for name, value in SHORT.items():
-            mp.setattr(soda.samples, name, value)
+            mp.setattr(soda.train.samples, name, value)
         assert train_main(tiny_args(train_tokens, out, **STEPS, **{"--sample-every": "4"})) == 0
     return out
 
 
 def test_samples_are_written_at_checkpoint_steps_with_their_endings(sampled):
-    from soda.generate import ENDINGS
+    from soda.generate.decode import ENDINGS
 
     for step in (4, 8):
         folder = sampled / "samples" / f"step_{step:07d}"
@@ -79,12 +79,12 @@ def test_sampling_leaves_the_losses_unchanged(sampled, train_tokens, tmp_path):
 
 
 def test_a_sampling_failure_is_one_warning_and_training_finishes(train_tokens, tmp_path, monkeypatch, capsys):
-    import soda.generate
+    import soda.generate.decode
 
     def broken(*args, **kwargs):
         raise RuntimeError("decoder exploded")
 
-    monkeypatch.setattr(soda.generate, "generate", broken)
+    monkeypatch.setattr(soda.generate.decode, "generate", broken)
     out = tmp_path / "run"
     assert train_main(tiny_args(train_tokens, out, steps=4, **{"--ckpt-every": "2", "--val-every": "4",
                                                                 "--no-export": "", "--sample-every": None})) == 0
@@ -95,11 +95,11 @@ def test_a_sampling_failure_is_one_warning_and_training_finishes(train_tokens, t
 
 def test_samples_reach_wandb_when_it_is_on(train_tokens, tmp_path, monkeypatch):
     pytest.importorskip("wandb")
-    import soda.samples
+    import soda.train.samples
 
     for name, value in SHORT.items():
-        monkeypatch.setattr(soda.samples, name, value)
-    monkeypatch.setattr(soda.samples, "TTS_TEXTS", TTS_TEXTS[:1])
+        monkeypatch.setattr(soda.train.samples, name, value)
+    monkeypatch.setattr(soda.train.samples, "TTS_TEXTS", TTS_TEXTS[:1])
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     # wandb.init in this process exports WANDB_SERVICE; later tests' soda-train subprocesses would inherit it and

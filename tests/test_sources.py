@@ -6,8 +6,8 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import write_wave
+
 from tokenize_audio.errors import SkipItem, SodaError
 from tokenize_audio.sources import load_audio, read_hf_dataset, read_inputs, read_manifest, scan_directory
 

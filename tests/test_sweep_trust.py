@@ -14,11 +14,11 @@ import sys
 import time
 
 import pytest
+from test_sweep import FAKE_TRAINER, fake, make_plan, results, run  # noqa: F401 -- fake: fixture
 
 from scaling import sweep
-from scaling.accounting import training_flops
 from scaling.cli import main
-from test_sweep import FAKE_TRAINER, fake, make_plan, results, run  # noqa: F401 -- fake: fixture
+from soda.shape import training_flops
 
 HOST = socket.gethostname()
 
@@ -272,7 +272,7 @@ def test_a_slurm_task_leaves_a_locked_run_alone(fake, tmp_path, data):
 def test_flags_that_only_change_how_a_run_runs_are_ones_soda_train_lets_a_resume_change():
     """HOW_IT_RUNS mirrors soda-train's RESUMABLE_CHANGES (scaling may not import soda): no flag that changes what a
     run computes may slip out of a run's record."""
-    from soda.train import RESUMABLE_CHANGES
+    from soda.train.config import RESUMABLE_CHANGES
 
     assert {f.removeprefix("--").replace("-", "_") for f in sweep.HOW_IT_RUNS} <= RESUMABLE_CHANGES
     assert not sweep.HOW_IT_RUNS & sweep.RESERVED_FLAGS

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import DEMO, SMALL_RECORDINGS, write_wave
+
 from tokenize_audio.cli import main as tokenize_main
 from tokenize_audio.errors import SkipItem, SodaError
 from tokenize_audio.shards import atomic_directory, atomic_file, atomic_write_bytes, read_shard
@@ -53,7 +53,7 @@ def tiny_tokens(tmp_path_factory) -> Path:
 # Item 7: an empty validation split is reported as empty
 # --------------------------------------------------------------------------------------------
 def test_validation_split_whose_recordings_are_all_skipped_is_empty_and_warned(tmp_path, capsys):
-    from soda.data import resolve_sources
+    from soda.train.data import resolve_sources
     from tokenize_audio.documents import validation_recordings
 
     corpus = _tiny_corpus(tmp_path / "speech")

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import csv
-import re
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import tiny_args
 from transformers import AutoModelForCausalLM
 
-from conftest import tiny_args
-from soda.train import main
+from soda.train.cli import main
 from tokenize_audio.errors import SodaError
 
 PY = sys.executable
@@ -415,10 +415,10 @@ def test_bad_flags_are_one_line_errors(train_tokens, tmp_path, capsys):
 def test_a_real_run_without_data_prints_its_plan_and_trains_nothing(argv, named, tmp_path, capsys, monkeypatch):
     """The README's headline command without --data: the plan of what was asked for (SODA's sequence length and
     batch, not the demo's), then one line on how to give data; exit code 2, no run directory, no demo tokenized."""
-    import soda.train
+    import soda.train.cli
 
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
-    monkeypatch.setattr(soda.train, "train", lambda *a, **kw: pytest.fail("trained without data"))
+    monkeypatch.setattr(soda.train.cli, "train", lambda *a, **kw: pytest.fail("trained without data"))
     out = tmp_path / "run"
     capsys.readouterr()
     assert main(argv + ["--out", str(out)]) == 2
@@ -430,10 +430,10 @@ def test_a_real_run_without_data_prints_its_plan_and_trains_nothing(argv, named,
 
 def test_plain_soda_train_is_the_demo_under_the_users_own_settings(tmp_path, monkeypatch):
     """No --data and nothing beyond the demo: the demo's settings, with every flag the user gave kept."""
-    import soda.train
+    import soda.train.cli
 
     runs = []
-    monkeypatch.setattr(soda.train, "train", lambda cfg, resume: runs.append(cfg) or 0)
+    monkeypatch.setattr(soda.train.cli, "train", lambda cfg, resume: runs.append(cfg) or 0)
     assert main(["--out", str(tmp_path / "a")]) == 0
     assert main(["--out", str(tmp_path / "b"), "--seq-len", "128", "--lr", "0.01", "--size", "tiny",
                  "--mix", "speech=0.5,text=0.5"]) == 0
@@ -444,7 +444,7 @@ def test_plain_soda_train_is_the_demo_under_the_users_own_settings(tmp_path, mon
 
 
 def test_weight_decay_mode_is_recorded_and_old_runs_resume_with_their_own(tmp_path, capsys):
-    from soda.train import resolve_config
+    from soda.train.cli import resolve_config
 
     assert main(["--size", "135m", "--dry-run"]) == 0
     assert "weight decay 0.033 (adamc)" in capsys.readouterr().out
@@ -459,7 +459,7 @@ def test_weight_decay_mode_is_recorded_and_old_runs_resume_with_their_own(tmp_pa
 
 
 def test_yaml_settings_are_read_as_their_types_or_refused_by_name(tmp_path):
-    from soda.config import make_config
+    from soda.train.config import make_config
 
     cfg = make_config({"lr": "3e-4", "seq_len": "128", "micro_batch": 8.0, "betas": ["0.9", 0.95]})
     assert (cfg.lr, cfg.seq_len, cfg.micro_batch, cfg.betas) == (3e-4, 128, 8, (0.9, 0.95))  # YAML: lr: 3e-4 is a str
@@ -502,7 +502,7 @@ def test_training_from_a_model_holding_nan_is_refused(trained, train_tokens, tmp
 
 
 def test_inference_loader_finds_model_vocabulary_and_codec(trained):
-    from soda.inference import load_model
+    from soda.checkpoints import load_model
 
     from_run, from_ckpt = load_model(str(trained), device="cpu"), load_model(str(trained / "checkpoints" / "last.ckpt"),
                                                                             device="cpu")
@@ -537,11 +537,11 @@ def test_compile_and_activation_checkpointing_train_the_same_model(trained, trai
 def test_step_row_is_that_steps_loss_and_gradient_norm(trained):
     """Row 0 of metrics.csv recomputed outside Lightning: the first batch's loss through the same model, and the
     norm of its accumulated gradient (before clipping) — the step's own, not the previous step's."""
-    from soda.config import load_yaml, make_config
-    from soda.data import PackedStream, dataloader, resolve_sources
-    from soda.module import lm_loss
-    from soda.runner import build_model
-    from soda.train import batch_layout
+    from soda.train.config import load_yaml, make_config
+    from soda.train.data import PackedStream, dataloader, resolve_sources
+    from soda.train.module import lm_loss
+    from soda.train.plan import batch_layout
+    from soda.train.run import build_model
 
     cfg = make_config(load_yaml(trained / "config.yaml"))
     sources, vocab = resolve_sources(cfg.data, cfg.val_data, cfg.mix, cfg.vocab)

@@ -9,10 +9,9 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from tokenize_audio.errors import SodaError
-from tokenize_audio.vocab import (
-    ACOUSTIC, AUDIO_END, AUDIO_START, BOS, EOS, SEMANTIC, SPECIAL, TEXT, TEXT_END, TEXT_START,
-    Vocabulary, byte_tokenizer, export_hf_tokenizer, load_text_tokenizer, train_bpe_tokenizer,
-)
+from tokenize_audio.vocab import (ACOUSTIC, AUDIO_END, AUDIO_START, BOS, EOS, SEMANTIC, SPECIAL, TEXT, TEXT_END,
+                                  TEXT_START, Vocabulary, byte_tokenizer, export_hf_tokenizer, load_text_tokenizer,
+                                  train_bpe_tokenizer)
 
 
 def llama3_sized_tokenizer() -> Tokenizer:

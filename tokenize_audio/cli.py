@@ -10,7 +10,7 @@ import re
 import sys
 from pathlib import Path
 
-from .errors import SodaError, cli_errors
+from tokenize_audio.errors import SodaError, cli_errors
 
 EPILOG = """\
 inputs (any mix):
@@ -54,7 +54,7 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .codecs import DEFAULT_ENCODE_CHUNK_SECONDS
+    from tokenize_audio.codecs import DEFAULT_ENCODE_CHUNK_SECONDS
 
     p = argparse.ArgumentParser(
         prog="soda-tokenize", allow_abbrev=False,
@@ -136,7 +136,7 @@ def _part(text: str) -> tuple[int, int]:
 
 
 def _formats(text: str) -> tuple[str, ...]:
-    from .documents import FORMATS
+    from tokenize_audio.documents import FORMATS
 
     formats = tuple(f.strip() for f in text.split(",") if f.strip())
     bad = [f for f in formats if f not in FORMATS]
@@ -157,7 +157,7 @@ def main(argv=None):
 
 
 def finalize_main(argv) -> int:
-    from .pipeline import finalize
+    from tokenize_audio.pipeline import finalize
 
     p = argparse.ArgumentParser(prog="soda-tokenize --finalize", allow_abbrev=False,
                                 description="Write manifest.json of an --out directory whose --part jobs all finished.")
@@ -169,12 +169,13 @@ def finalize_main(argv) -> int:
 
 
 def tokenize(args) -> int:
-    from .codecs import load_codec
-    from .pipeline import (MANIFEST, SETTINGS, Settings, ShardEncoder, check_settings, default_batch_seconds,
-                           finalize, plan_shards, select_part, unfinished, write_plan)
-    from .shards import atomic_write_json
-    from .sources import read_inputs
-    from .vocab import Vocabulary, load_text_tokenizer
+    from tokenize_audio.codecs import load_codec
+    from tokenize_audio.pipeline import (MANIFEST, SETTINGS, Settings, ShardEncoder, check_settings,
+                                         default_batch_seconds, finalize, plan_shards, select_part, unfinished,
+                                         write_plan)
+    from tokenize_audio.shards import atomic_write_json
+    from tokenize_audio.sources import read_inputs
+    from tokenize_audio.vocab import Vocabulary, load_text_tokenizer
 
     formats = _formats(args.formats)
     if any(i.startswith("soda:") for i in args.inputs):
@@ -187,7 +188,7 @@ def tokenize(args) -> int:
     if not args.encode_chunk_seconds > 0:
         raise SodaError(f"--encode-chunk-seconds {args.encode_chunk_seconds}: must be positive")
     if args.engine == "ray":
-        from .ray_engine import import_ray
+        from tokenize_audio.ray_engine import import_ray
 
         import_ray()  # before any work: without Ray, one line saying how to install it
     if args.out.exists() and not args.out.is_dir():
@@ -222,7 +223,7 @@ def tokenize(args) -> int:
     if args.part and unfinished(args.out, mine, settings)[0]:
         (args.out / MANIFEST).unlink(missing_ok=True)  # no longer true of --out; the last part writes it anew
     if args.engine == "ray":
-        from .ray_engine import CodecSpec, run_ray
+        from tokenize_audio.ray_engine import CodecSpec, run_ray
 
         todo, done = unfinished(args.out, mine, settings)
         spec = CodecSpec(args.codec, args.codebooks, args.device, args.encode_chunk_seconds, codec.sample_rate,
@@ -245,7 +246,7 @@ def tokenize(args) -> int:
 
 def _import_soda(args) -> int:
     """soda: inputs: pre-tokenized SODA strings, converted without a codec (tokenize_audio/soda_strings.py)."""
-    from .soda_strings import import_soda
+    from tokenize_audio.soda_strings import import_soda
 
     if getattr(args, "part", None) or getattr(args, "engine", "local") != "local":
         raise SodaError("--part and --engine ray are for audio inputs; soda: inputs are converted by --workers "
@@ -318,10 +319,10 @@ def _safe_name(text, default: str) -> str:
 def decode_main(argv) -> int:
     import soundfile as sf
 
-    from .codecs import load_codec
-    from .documents import split_segments
-    from .shards import atomic_write_bytes, atomic_write_json, atomic_write_text, read_shard
-    from .vocab import Vocabulary
+    from tokenize_audio.codecs import load_codec
+    from tokenize_audio.documents import split_segments
+    from tokenize_audio.shards import atomic_write_bytes, atomic_write_json, atomic_write_text, read_shard
+    from tokenize_audio.vocab import Vocabulary
 
     args = build_decode_parser().parse_args(argv)
     src = args.source

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import SodaError
+from tokenize_audio.errors import SodaError
 
 HUB_DEFAULTS = {"mimi": "kyutai/mimi", "encodec": "facebook/encodec_24khz"}
 CODEC_CHOICES = "mimi, mimi:random, encodec, encodec:random, FAMILY:PATH_OR_HUB_ID, or a local model directory"

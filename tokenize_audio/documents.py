@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .vocab import Vocabulary
+from tokenize_audio.vocab import Vocabulary
 
 FORMATS = ("text-first", "audio-first", "audio-only", "text-only")
 DEFAULT_FORMATS = ("text-first", "audio-first")

@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .codecs import Codec
-from .documents import build_document, holdout_score, text_document, validation_recordings
-from .errors import SkipItem, SodaError
-from .shards import atomic_write_json, write_shard
-from .sources import Corpus, TextDocument, Utterance, load_audio
-from .vocab import TYPE_NAMES, Vocabulary
+from tokenize_audio.codecs import Codec
+from tokenize_audio.documents import build_document, holdout_score, text_document, validation_recordings
+from tokenize_audio.errors import SkipItem, SodaError
+from tokenize_audio.shards import atomic_write_json, write_shard
+from tokenize_audio.sources import Corpus, TextDocument, Utterance, load_audio
+from tokenize_audio.vocab import TYPE_NAMES, Vocabulary
 
 MANIFEST = "manifest.json"
 SETTINGS = "settings.json"
@@ -333,7 +333,7 @@ def finalize(out: Path, required: bool = True):
             return None
         raise SodaError(f"{out}: {len(missing)} of {len(plan['shards'])} planned shards are not finished "
                         f"(e.g. {missing[0]}); run the missing --part jobs first")
-    from .vocab import Vocabulary
+    from tokenize_audio.vocab import Vocabulary
 
     return _write_manifest(out, plan["codec"], Vocabulary.load(out), settings, plan["skipped"],
                            sorted(sidecars, key=lambda s: s["name"]))
@@ -378,7 +378,7 @@ def _write_manifest(out: Path, codec: dict, vocab: Vocabulary, settings: Setting
     by_kind = {kind: {split: [s["file"] for s in written if s["split"] == split and s["kind"] == kind]
                       for split in ("train", "validation")} for kind in ("speech", "text")}
     skipped = list(input_skipped) + [item for s in sidecars for item in s.get("skipped", [])]
-    from . import __version__
+    from tokenize_audio import __version__
 
     manifest = {
         "codec": codec,

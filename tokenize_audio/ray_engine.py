@@ -15,9 +15,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import SodaError
-from .pipeline import (Settings, ShardEncoder, ShardPlan, default_batch_seconds, load_wave, plan_items, progress_bar,
-                       show_audio)
+from tokenize_audio.errors import SodaError
+from tokenize_audio.pipeline import (Settings, ShardEncoder, ShardPlan, default_batch_seconds, load_wave, plan_items,
+                                     progress_bar, show_audio)
 
 INSTALL_HINT = "--engine ray needs Ray Data: pip install 'ray[data]>=2.10' (or pip install '.[ray]')"
 
@@ -64,8 +64,8 @@ class _EncodeShard:
     def __init__(self, codec: CodecSpec, settings: dict, out: str, batch_seconds: float | None):
         import json
 
-        from .codecs import load_codec
-        from .vocab import Vocabulary
+        from tokenize_audio.codecs import load_codec
+        from tokenize_audio.vocab import Vocabulary
 
         self._json = json
         loaded = load_codec(codec.spec, codec.codebooks, codec.device,

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import SodaError
+from tokenize_audio.errors import SodaError
 
 _UMASK_LOCK = threading.Lock()
 

@@ -34,12 +34,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .documents import holdout_score
-from .errors import SkipItem, SodaError
-from .pipeline import SETTINGS, Settings, _finished_sidecar, _Stats, check_settings, write_manifest
-from .shards import atomic_write_json, write_shard
-from .sources import RECORDING_COLUMNS, TEXT_COLUMNS, Corpus, open_hf_dataset
-from .vocab import AUDIO_CHAR_BASE, AUDIO_END, AUDIO_START, BOS, EOS, TEXT_END, TEXT_START, Vocabulary
+from tokenize_audio.documents import holdout_score
+from tokenize_audio.errors import SkipItem, SodaError
+from tokenize_audio.pipeline import SETTINGS, Settings, _finished_sidecar, _Stats, check_settings, write_manifest
+from tokenize_audio.shards import atomic_write_json, write_shard
+from tokenize_audio.sources import RECORDING_COLUMNS, TEXT_COLUMNS, Corpus, open_hf_dataset
+from tokenize_audio.vocab import AUDIO_CHAR_BASE, AUDIO_END, AUDIO_START, BOS, EOS, TEXT_END, TEXT_START, Vocabulary
 
 PREFIX = "soda:"
 INPUT_FORMAT = "soda-strings"
@@ -355,8 +355,8 @@ class PretokenizedCodec:
 def import_soda(args) -> dict:
     """`soda-tokenize soda:... --out DIR`: convert every row; returns the manifest (also written to DIR) with
     `_reused_units` / `_units` (units kept from an earlier run / in all) and `_planned` (shard names) added."""
-    from .codecs import parse_codec_spec
-    from .vocab import load_text_tokenizer
+    from tokenize_audio.codecs import parse_codec_spec
+    from tokenize_audio.vocab import load_text_tokenizer
 
     if not all(is_soda_input(i) for i in args.inputs):
         raise SodaError("soda: inputs (pre-tokenized SODA strings) cannot be mixed with audio or text inputs in one run")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import SkipItem, SodaError
+from tokenize_audio.errors import SkipItem, SodaError
 
 AUDIO_EXTENSIONS = {".flac", ".wav", ".ogg", ".opus", ".mp3", ".aiff", ".aif", ".au", ".sph"}
 TEXT_COLUMNS = ("text", "transcript", "transcription", "sentence", "normalized_text", "raw_text")

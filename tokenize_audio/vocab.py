@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from .errors import SodaError
+from tokenize_audio.errors import SodaError
 
 BOS = "<|begin_of_text|>"
 EOS = "<|end_of_text|>"
@@ -330,7 +330,7 @@ class Vocabulary:
 
     def save(self, directory: Path) -> None:
         """Write `vocab.json`, `text_tokenizer.json` and an HF tokenizer in `tokenizer/` (atomically)."""
-        from .shards import atomic_write_text
+        from tokenize_audio.shards import atomic_write_text
 
         directory = Path(directory)
         atomic_write_text(directory / "text_tokenizer.json", self.text_tokenizer.to_str())
@@ -377,7 +377,7 @@ def export_hf_tokenizer(vocab: Vocabulary, directory: Path) -> Path:
     """Save a `PreTrainedTokenizerFast` directory whose ids equal this vocabulary's."""
     from transformers import PreTrainedTokenizerFast
 
-    from .shards import atomic_directory
+    from tokenize_audio.shards import atomic_directory
 
     id_to_token = {v: k for k, v in vocab.text_tokenizer.get_vocab(with_added_tokens=True).items()}
     fast = PreTrainedTokenizerFast(

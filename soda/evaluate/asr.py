@@ -10,10 +10,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from soda.evaluate.scoring import check_length
+from soda.evaluate.tasks import Skips, Task, entry, register, share
 from tokenize_audio.errors import SodaError
-
-from .scoring import check_length
-from .tasks import Skips, Task, entry, register, share
 
 DEFAULT_DATA = "hf:openslr/librispeech_asr:clean:test"
 # SODA's WER normalisation: drop these marks (straight and curly quotes included), collapse spaces, lower-case.
@@ -42,7 +41,7 @@ def check_jiwer(task: str) -> None:
 
 
 def generation_settings(ctx, **overrides):
-    from soda.generate import Settings as GenerationSettings
+    from soda.generate.decode import Settings as GenerationSettings
 
     return GenerationSettings(seed=ctx.settings.seed, batch_size=ctx.settings.generation_batch, **overrides)
 
@@ -72,7 +71,7 @@ def load_speech(ctx, spec: str | None) -> Speech:
 
 
 def run_asr(ctx, data: Speech) -> dict:
-    from soda.generate import Request, generate
+    from soda.generate.decode import Request, generate
 
     usable, requests = [], []
     codes = ctx.audio_codes([(u.audio, u.start, u.end) for u in data.utterances], "asr: encoding")

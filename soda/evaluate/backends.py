@@ -64,9 +64,8 @@ def _pocketsphinx(model: str | None, ctx):
 
 def _self(model: str | None, ctx):
     """The evaluated model's own ASR (round trip: can it read back what it said?)."""
-    from soda.generate import transcribe as model_transcribe
-
-    from .asr import generation_settings
+    from soda.evaluate.asr import generation_settings
+    from soda.generate.decode import transcribe as model_transcribe
 
     def transcribe(waves, sr):
         codec = ctx.codec

@@ -7,11 +7,10 @@ import sys
 import time
 from pathlib import Path
 
+from soda.evaluate import report
+from soda.evaluate.scoring import codebook_choice
+from soda.evaluate.tasks import Context, Settings, available
 from tokenize_audio.errors import SodaError, cli_errors
-
-from . import report
-from .scoring import codebook_choice
-from .tasks import Context, Settings, available
 
 
 def build_parser(tasks: dict) -> argparse.ArgumentParser:
@@ -113,7 +112,7 @@ def evaluate(loaded, names: list[str], data_for: dict, settings: Settings, out: 
     fingerprint (`model_fingerprint(loaded.source)` by default); an OUT holding another checkpoint's results is
     refused before any work, unless `overwrite` clears it.
     """
-    from soda.generate import model_fingerprint
+    from soda.generate.decode import model_fingerprint
 
     tasks = available()
     out = Path(out)
@@ -125,7 +124,7 @@ def evaluate(loaded, names: list[str], data_for: dict, settings: Settings, out: 
         ctx.codec  # noqa: B018 -- load it now: a codec that cannot be loaded fails before any scoring
     log(f"soda-eval: {loaded.source} on {loaded.device} (codec: {loaded.codec_label}); tasks: {', '.join(names)}")
     if settings.split_weak_strong and "mcq" in names:
-        from .mcq import weak_votes
+        from soda.evaluate.mcq import weak_votes
 
         weak_votes(settings, len(settings.judges) or 1)
     header = {"model": report.model_summary(loaded), "checkpoint": checkpoint}
@@ -152,7 +151,7 @@ def main(argv=None) -> int:
     args = build_parser(tasks).parse_args(argv)
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if args.lm_eval_task:
-        from .lm_eval import lm_eval_task
+        from soda.evaluate.lm_eval import lm_eval_task
 
         names += [lm_eval_task(t.strip()) for value in args.lm_eval_task for t in value.split(",") if t.strip()]
     unknown = [t for t in names if t not in tasks]
@@ -182,8 +181,8 @@ def main(argv=None) -> int:
     compare = Path(args.compare) if args.compare else None
     if compare is not None and not (compare / report.RESULTS).is_file():
         raise SodaError(f"--compare {args.compare}: no {report.RESULTS} there (give another soda-eval --out)")
-    from soda.generate import model_fingerprint
-    from soda.inference import load_model
+    from soda.checkpoints import load_model
+    from soda.generate.decode import model_fingerprint
 
     if not settings.progress:
         import transformers

@@ -223,12 +223,12 @@ def _reference_audio(name: str, entry: dict) -> dict[str, str]:
         return {}
     try:
         if name == "tts":
-            from .tts import read_prompts
-            from .tasks import Skips
+            from soda.evaluate.tasks import Skips
+            from soda.evaluate.tts import read_prompts
 
             return {p.id: str(Path(p.voice_audio).resolve()) for p in read_prompts(spec, Skips()) if p.voice_audio}
         if name == "s2st":
-            from soda.s2st import read_pairs
+            from tokenize_audio.s2st import read_pairs
 
             return {p.id: str(Path(p.source_audio).resolve()) for p in read_pairs(spec, None).pairs
                     if isinstance(p.source_audio, (str, Path))}
@@ -239,7 +239,7 @@ def _reference_audio(name: str, entry: dict) -> dict[str, str]:
 
 def _item_wer(reference: str, hypothesis: str) -> float | None:
     try:
-        from .asr import normalize, word_errors
+        from soda.evaluate.asr import normalize, word_errors
 
         return word_errors([reference], [hypothesis])["wer"] if normalize(reference) else None
     except Exception:  # noqa: BLE001 -- jiwer missing: the column shows "–"
@@ -282,7 +282,7 @@ def _sentence_bleu(reference, hypothesis) -> float | None:
     try:
         import sacrebleu
 
-        from .asr import normalize
+        from soda.evaluate.asr import normalize
 
         return sacrebleu.sentence_bleu(normalize(hypothesis or ""), [normalize(reference)]).score
     except Exception:  # noqa: BLE001 -- sacrebleu missing: "–"
@@ -341,7 +341,7 @@ def pairs_section(out: Path, name: str, title: str, entry: dict) -> str:
 
 
 def results_table(results: dict, tasks: dict) -> str:
-    from .report import SODA_PUBLISHED
+    from soda.evaluate.report import SODA_PUBLISHED
 
     size = (results.get("model") or {}).get("soda_size")
     header = ["task", "metric", "result", "items", "skipped"] + ([f"SODA-{size}"] if size else [])
@@ -377,7 +377,7 @@ def nll_section(out: Path, results: dict, compare: Path | None) -> str:
     series = {label: nll_vector(entry)}
     bits = {label: entry.get("bits_per_audio_second")}
     if compare is not None:
-        from .report import read_results
+        from soda.evaluate.report import read_results
 
         other = ((read_results(compare) or {}).get("tasks") or {}).get("nll")
         if other:
@@ -391,8 +391,8 @@ def nll_section(out: Path, results: dict, compare: Path | None) -> str:
 
 
 def build_eval_page(out: Path, compare: Path | None = None) -> str:
-    from .report import read_results
-    from .tasks import available
+    from soda.evaluate.report import read_results
+    from soda.evaluate.tasks import available
 
     out = Path(out)
     results = read_results(out) or {"tasks": {}}
@@ -452,7 +452,7 @@ def samples_section(run: Path) -> str:
 
 
 def build_run_page(run: Path, rows: list[dict]) -> str:
-    from soda.report import series
+    from soda.train.report import series
 
     run = Path(run)
     keys = sorted({k for r in rows for k in r if r.get(k) not in (None, "")})

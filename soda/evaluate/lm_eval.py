@@ -18,9 +18,8 @@ import hashlib
 import json
 import tempfile
 
+from soda.evaluate.tasks import TASKS, Skips, Task, entry, register
 from tokenize_audio.errors import SodaError
-
-from .tasks import TASKS, Skips, Task, entry, register
 
 # The metric reported per task (SODA reports HellaSwag's length-normalised accuracy); others: the task's first.
 METRIC = {"hellaswag": "acc_norm"}

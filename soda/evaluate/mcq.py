@@ -23,12 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
+from soda.evaluate.scoring import check_length
+from soda.evaluate.tasks import Context, Skips, Task, entry, register, share
 from tokenize_audio.errors import SodaError
 from tokenize_audio.shards import atomic_write_json
 from tokenize_audio.sources import HFAudio
-
-from .scoring import check_length
-from .tasks import Context, Skips, Task, entry, register, share
 
 AUDIO_FIELDS = ("audio_path", "audio", "audio_id", "audio_file", "audio_filepath", "wav", "path")
 DOMAIN_FIELDS = ("domain", "task", "modality", "category", "task_name", "source_dataset")
@@ -336,7 +335,7 @@ def weak_votes(settings, n_judges: int) -> int:
 
 def split_weak_strong(ctx: Context, data: Questions, rows: list[dict]) -> dict:
     """Votes of the judges (the evaluated model when none are given) -> weak/strong files in the input format."""
-    from soda.inference import LoadedModel, load_model
+    from soda.checkpoints import LoadedModel, load_model
 
     settings = ctx.settings
     judges = list(settings.judges) or [ctx.loaded]

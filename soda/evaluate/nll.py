@@ -16,9 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from soda.evaluate.tasks import Skips, Task, entry, register
 from tokenize_audio.errors import SodaError
-
-from .tasks import Skips, Task, entry, register
 
 
 @dataclass
@@ -38,7 +37,7 @@ def _run_directory(source: str) -> Path | None:
 
 
 def load_held_out(ctx, spec: str | None) -> HeldOut:
-    from soda.data import ShardVocabularies, _expand, resolve_sources
+    from soda.train.data import ShardVocabularies, _expand, resolve_sources
 
     if spec is None:
         run = _run_directory(ctx.loaded.source)
@@ -69,8 +68,8 @@ def load_held_out(ctx, spec: str | None) -> HeldOut:
 
 
 def run_nll(ctx, data: HeldOut) -> dict:
-    from soda.data import BadShard, shard_documents
-    from soda.module import group_names, target_groups
+    from soda.train.data import BadShard, shard_documents
+    from soda.train.module import group_names, target_groups
 
     vocab, settings = ctx.vocab, ctx.settings
     skips = Skips()

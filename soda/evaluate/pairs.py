@@ -21,11 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
+from soda.evaluate.scoring import audio_mask, audio_sequence, check_length, codebook_choice, reduce, text_sequence
+from soda.evaluate.tasks import Skips, Task, entry, register, share
 from tokenize_audio.errors import SodaError
 from tokenize_audio.sources import AUDIO_EXTENSIONS, HFAudio
-
-from .scoring import audio_mask, audio_sequence, check_length, codebook_choice, reduce, text_sequence
-from .tasks import Skips, Task, entry, register, share
 
 
 @dataclass(frozen=True)

@@ -129,7 +129,7 @@ def merge(out: Path, header: dict, results: dict, tasks: dict, compare: Path | N
             merged[name] = result
         atomic_write_json(out / RESULTS, {**header, "tasks": merged})
         atomic_write_text(out / TABLE, markdown(header, {n: r for n, r in merged.items() if n in tasks}, tasks))
-        from .html_report import write_eval_page
+        from soda.evaluate.html_report import write_eval_page
 
         write_eval_page(out, compare)
     return merged

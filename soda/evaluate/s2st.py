@@ -19,12 +19,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from soda.evaluate import backends
+from soda.evaluate.asr import generation_settings, normalize
+from soda.evaluate.tasks import Skips, Task, entry, register
+from soda.evaluate.tts import judge_speech
 from tokenize_audio.errors import SodaError
-
-from . import backends
-from .asr import generation_settings, normalize
-from .tasks import Skips, Task, entry, register
-from .tts import judge_speech
 
 
 @dataclass
@@ -53,7 +52,7 @@ def bleu(references: list[str], hypotheses: list[str]) -> tuple[float, str]:
 
 
 def load_s2st(ctx, spec: str | None) -> S2STData:
-    from soda.s2st import read_pairs
+    from tokenize_audio.s2st import read_pairs
 
     if spec is None:
         raise SodaError("s2st: give --data-for s2st=MANIFEST (a CVSS-style TSV or JSONL of pairs)")
@@ -69,7 +68,7 @@ def load_s2st(ctx, spec: str | None) -> S2STData:
 
 
 def run_s2st(ctx, data: S2STData) -> dict:
-    from soda.generate import Request, generate, summarize
+    from soda.generate.decode import Request, generate, summarize
 
     codec, settings = ctx.codec, ctx.settings
     given = settings.s2st_source_text == "given"

@@ -18,10 +18,9 @@ from typing import Callable
 
 import numpy as np
 
+from soda.evaluate.scoring import token_log_probs
 from tokenize_audio.errors import SkipItem
 from tokenize_audio.sources import load_audio
-
-from .scoring import token_log_probs
 
 BUILTIN_MODULES = ("pairs", "nll", "mcq", "asr", "tts", "s2st", "lm_eval")
 AUDIO_BLOCK = 256  # clips read and encoded at a time

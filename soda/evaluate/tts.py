@@ -21,12 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
+from soda.evaluate import backends
+from soda.evaluate.asr import check_jiwer, generation_settings, normalize, word_errors
+from soda.evaluate.tasks import Skips, Task, entry, register, share
 from tokenize_audio.errors import SodaError
 from tokenize_audio.shards import atomic_write_bytes
-
-from . import backends
-from .asr import check_jiwer, generation_settings, normalize, word_errors
-from .tasks import Skips, Task, entry, register, share
 
 
 @dataclass
@@ -128,7 +127,7 @@ def judge_speech(ctx, folder: str, ids: list[str], results, codec, transcribe, e
 
 
 def run_tts(ctx, data: Prompts) -> dict:
-    from soda.generate import Request, generate
+    from soda.generate.decode import Request, generate
 
     codec, settings = ctx.codec, ctx.settings
     voiced = [p for p in data.prompts if p.voice_audio]

@@ -16,13 +16,12 @@ import lightning as L
 import torch
 import torch.distributed as dist
 
+from soda.model import attention_inputs
+from soda.train.config import TrainConfig
+from soda.train.loss import ChunkedHead, log_sum_exp_and_nll
+from soda.train.optim import CautiousAdamW, clip_by_global_norm, is_sharded, local_tensors, lr_factor, param_groups
 from tokenize_audio.errors import SodaError
 from tokenize_audio.vocab import Vocabulary
-
-from .config import TrainConfig
-from .loss import ChunkedHead, log_sum_exp_and_nll
-from .model import attention_inputs
-from .optim import CautiousAdamW, clip_by_global_norm, is_sharded, local_tensors, lr_factor, param_groups
 
 
 class NonFiniteLoss(SodaError):
@@ -203,7 +202,7 @@ class SodaModule(L.LightningModule):
     def _skip_step(self, reason: str) -> None:
         step = self.trainer.global_step
         if self.cfg.on_nonfinite == "stop":
-            from .checkpoints import last_checkpoint
+            from soda.checkpoints import last_checkpoint
 
             kept, out = last_checkpoint(self.cfg.out), shlex.quote(str(self.cfg.out))
             how = (f"the last checkpoint, {kept}, holds only finite values. Continue with: soda-train --out {out} "

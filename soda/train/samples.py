@@ -48,7 +48,7 @@ def say(message: str) -> None:
 def held_out_utterance(sources, vocab) -> tuple[np.ndarray, str] | str:
     """(codes [K, F], transcript) of the first utterance of the first validation speech document (sources in
     order, shards in order, documents in order), or the reason there is none."""
-    from .data import shard_documents
+    from soda.train.data import shard_documents
 
     seen = 0
     for source in sources:
@@ -86,7 +86,7 @@ def first_utterance(ids: np.ndarray, vocab) -> tuple[np.ndarray, str] | None:
 
 def sample_prompts(utterance, frame_rate: float) -> list[tuple[str, str, str, object]]:
     """(name, kind, prompt description, Request) for one round; `utterance` is `held_out_utterance`'s answer."""
-    from .generate import Request
+    from soda.generate.decode import Request
 
     prompts = [(f"tts_{i}", "tts", text, Request("tts", text=text, max_seconds=AUDIO_SECONDS, id=f"tts_{i}"))
                for i, text in enumerate(TTS_TEXTS)]
@@ -175,19 +175,18 @@ class Samples(L.Callback):
                 f"training goes on")
         finally:
             model.train(was_training)
-            from .callbacks import StepMetrics
+            from soda.train.callbacks import StepMetrics
 
             for callback in trainer.callbacks:  # sampling time is not training throughput (as validation's)
                 if isinstance(callback, StepMetrics):
                     callback._restart(trainer)
 
     def sample(self, trainer, pl_module, step: int) -> None:
+        from soda.checkpoints import LoadedModel
+        from soda.generate.cli import write_wave
+        from soda.generate.decode import Settings, generate
         from tokenize_audio.codecs import load_codec
         from tokenize_audio.shards import atomic_write_bytes
-
-        from .generate import Settings, generate
-        from .generate_cli import write_wave
-        from .inference import LoadedModel
 
         started = time.perf_counter()
         vocab, device = pl_module.vocab, pl_module.device

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
+from soda.generate.decode import (TASKS, Request, Result, Settings, check_request, generate_iter, model_fingerprint,
+                                  summarize)
 from tokenize_audio.errors import SkipItem, SodaError, cli_errors
-
-from .generate import TASKS, Request, Result, Settings, check_request, generate_iter, model_fingerprint, summarize
 
 FIELDS = {"task", "id", "text", "audio", "voice", "voice_text", "source_language", "source_text",
           "target_language", "max_seconds"}
@@ -301,9 +301,8 @@ def main(argv=None) -> int:
               "settings": {k: v for k, v in vars(settings).items() if k != "silence_codes"}}
     earlier = earlier_outputs(out, record, args.overwrite)  # before loading the model: a refusal is quick
 
+    from soda.checkpoints import load_model
     from tokenize_audio.shards import atomic_write_json, atomic_write_text
-
-    from .inference import load_model
 
     loaded = load_model(args.checkpoint, device=args.device, codec=args.codec)
     codec = loaded.load_codec()

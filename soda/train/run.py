@@ -9,16 +9,18 @@ import warnings
 from pathlib import Path
 
 import torch
+import yaml
 
-from scaling.accounting import training_flops_per_token
+from soda.shape import SIZES, training_flops_per_token
+from soda.train.config import ADJUSTABLE_ON_RESUME, CHANGES_FILE, CONFIG_FILE, DEMO_CORPUS, TrainConfig, load_yaml
+from soda.train.plan import batch_layout, world_size
 from tokenize_audio.errors import SodaError
-
-from .config import TrainConfig
-from .train import batch_layout, is_rank_zero, save_config, world_size
+from tokenize_audio.shards import atomic_write_text
 
 
 def build_model(cfg: TrainConfig, vocab):
-    from .model import build_model as fresh, default_attention, load_pretrained, prepare_for_training, shape_of
+    from soda.model import build_model as fresh
+    from soda.model import default_attention, load_pretrained, prepare_for_training, shape_of
 
     attention = cfg.attention if cfg.attention != "auto" else default_attention("cuda" if cfg.uses_gpu() else "cpu")
     if attention == "flex_attention" and not cfg.uses_gpu():
@@ -68,12 +70,13 @@ def run(cfg: TrainConfig, resume: bool) -> int:
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
     from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-    from .callbacks import AtomicCheckpointIO, Preemption, StepCheckpoint, StepMetrics
-    from .checkpoints import checkpoint_dir, export_hf, link_last, resumable_checkpoint
-    from .data import OneAheadLoader, PackedStream, dataloader, repeat_warnings, resolve_sources, stop_loader_workers
-    from .model import count_parameters, describe
-    from .module import SodaModule
-    from .report import write_reports
+    from soda.checkpoints import checkpoint_dir, export_hf, link_last, resumable_checkpoint
+    from soda.model import count_parameters, describe
+    from soda.train.callbacks import AtomicCheckpointIO, Preemption, StepCheckpoint, StepMetrics
+    from soda.train.data import (OneAheadLoader, PackedStream, dataloader, repeat_warnings, resolve_sources,
+                                 stop_loader_workers)
+    from soda.train.module import SodaModule
+    from soda.train.report import write_reports
 
     # a non-finite step returns no loss on purpose (SodaModule skips its update and says so)
     warnings.filterwarnings("ignore", message=".*`training_step` returned `None`")
@@ -123,7 +126,7 @@ def run(cfg: TrainConfig, resume: bool) -> int:
     ]
     sample_every = cfg.ckpt_every if cfg.sample_every is None else cfg.sample_every
     if sample_every and codec and codec.get("spec"):
-        from .samples import Samples
+        from soda.train.samples import Samples
 
         callbacks.append(Samples(out, sample_every, cfg.sample_max_seconds, sources, codec, cfg.seed))
     elif sample_every and cfg.sample_every and is_rank_zero():
@@ -206,3 +209,86 @@ def run(cfg: TrainConfig, resume: bool) -> int:
         print(f"soda-train: done: {trainer.global_step} steps{skipped}; {reports}; checkpoint {final}"
               f"{'; Hugging Face export ' + str(out / 'hf') if cfg.export else ''}", file=sys.stderr)
     return 0
+
+
+def is_rank_zero() -> bool:
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
+def prepare_demo_data(out: Path) -> None:
+    """Tokenize the bundled demo corpus into OUT/tokens once (random Mimi: offline, labelled RANDOM)."""
+    tokens = out / "tokens"
+    if (tokens / "manifest.json").is_file():
+        return
+    if not DEMO_CORPUS.is_dir():
+        raise SodaError(f"the bundled demo corpus {DEMO_CORPUS} is missing; give --data")
+    from tokenize_audio.cli import main as tokenize_main
+
+    print(f"soda-train: no --data: tokenizing the bundled demo corpus into {tokens} "
+          f"(codec mimi:random, an offline RANDOM codec; byte-level text)", file=sys.stderr)
+    tokenize_main([str(DEMO_CORPUS / "speech"), str(DEMO_CORPUS / "text" / "kjv_proverbs.txt"), "--out",
+                   str(tokens), "--codec", "mimi:random", "--text-tokenizer", "bytes", "--quiet"])
+
+
+def save_config(cfg: TrainConfig) -> None:
+    """The resolved settings, which --resume reads back."""
+    atomic_write_text(Path(cfg.out) / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def record_resume_changes(cfg: TrainConfig) -> None:
+    """A resume that changes an ADJUSTABLE_ON_RESUME setting: say so, append it (with the step it applies from) to
+    the run's change history, and save the config so later resumes continue with the new value."""
+    import json
+    import time
+
+    from soda.checkpoints import last_checkpoint
+
+    out = Path(cfg.out)
+    saved, now = load_yaml(out / CONFIG_FILE), cfg.to_dict()
+    changes = {k: (saved.get(k), now[k]) for k in ADJUSTABLE_ON_RESUME if saved.get(k) != now[k]}
+    if not changes:
+        return
+    ckpt = last_checkpoint(out)
+    step = int(ckpt.stem.removeprefix("step")) if ckpt and ckpt.stem.removeprefix("step").isdigit() else None
+    history = out / CHANGES_FILE
+    lines = history.read_text() if history.is_file() else ""
+    for key, (old, new) in changes.items():
+        print(f"soda-train: --resume: {key} changed from {old} to {new} from step {step} on (recorded in {history})",
+              file=sys.stderr)
+        lines += json.dumps({"step": step, "setting": key, "from": old, "to": new,
+                             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n"
+    atomic_write_text(history, lines)
+    save_config(cfg)
+
+
+def check_run_directory(out: Path, resume: bool) -> None:
+    """A resume needs a checkpoint in OUT; a new run needs OUT free of one."""
+    from soda.checkpoints import checkpoint_dir, last_checkpoint
+
+    if resume and last_checkpoint(out) is None:
+        aside = sorted(p.name for p in checkpoint_dir(out).glob("*.corrupt*"))
+        if aside:
+            raise SodaError(f"--resume: no readable checkpoint in {checkpoint_dir(out)} (unreadable, moved aside: "
+                            f"{', '.join(aside)}); start the run again without --resume, into another --out")
+        raise SodaError(f"--resume: no checkpoint in {checkpoint_dir(out)} yet; start the run again without --resume")
+    if not resume and last_checkpoint(out) is not None:
+        raise SodaError(f"{out} already holds a run; continue it with --resume, or choose another --out")
+
+
+def train(cfg: TrainConfig, resume: bool) -> int:
+    out = Path(cfg.out)
+    if is_rank_zero():
+        check_run_directory(out, resume)
+        out.mkdir(parents=True, exist_ok=True)
+        if resume:
+            record_resume_changes(cfg)
+        if not cfg.data:
+            prepare_demo_data(out)
+    if not cfg.data:  # the demo: its speech and text shards as two sources (weights from configs/demo.yaml)
+        cfg.data = [f"speech={out / 'tokens'}", f"text={out / 'tokens'}"]
+    if cfg.size is None and cfg.sweep_width is None and cfg.width is None and not cfg.init_from:
+        raise SodaError(f"give --size ({', '.join(SIZES)}), --sweep-width or an explicit shape")
+    return run(cfg, resume)
+

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.throughput import get_available_flops
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from tokenize_audio.errors import SodaError, Stopped
 from tokenize_audio.shards import atomic_file
@@ -85,7 +85,7 @@ class StepCheckpoint(ModelCheckpoint):
     """
 
     def _save_last_checkpoint(self, trainer, monitor_candidates) -> None:
-        from .checkpoints import link_last
+        from soda.checkpoints import link_last
 
         if trainer.global_rank == 0 and self._last_checkpoint_saved and Path(self._last_checkpoint_saved).is_file():
             link_last(Path(self._last_checkpoint_saved))
@@ -117,7 +117,7 @@ class Preemption(L.Callback):
 
     def _handler(self, signum, frame) -> None:
         if signum == signal.SIGINT and self.requested == signal.SIGINT:  # Ctrl-C twice: stop now, without the
-            from .checkpoints import kept_message  # step's checkpoint (not KeyboardInterrupt: Lightning exits 1)
+            from soda.checkpoints import kept_message  # step's checkpoint (not KeyboardInterrupt: Lightning exits 1)
 
             raise Stopped(f"interrupted: {kept_message(self.dir.parent)}", 128 + signal.SIGINT, "soda-train")
         if self.requested is None:
@@ -139,7 +139,7 @@ class Preemption(L.Callback):
         if (batch_idx + 1) % trainer.accumulate_grad_batches:
             return  # only between optimizer steps: a checkpoint must not hold half an accumulation
         if trainer.strategy.reduce_boolean_decision(self.requested is not None, all=False):
-            from .checkpoints import link_last
+            from soda.checkpoints import link_last
 
             path = self.dir / f"step{trainer.global_step:07d}.ckpt"
             if not path.exists():
@@ -163,7 +163,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     temporary file removed and the previous checkpoints untouched."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-        from .checkpoints import first_nonfinite
+        from soda.checkpoints import first_nonfinite
 
         path = Path(path)
         if (bad := first_nonfinite({"state_dict": checkpoint.get("state_dict", {}),
@@ -177,7 +177,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                             f"previous checkpoints are kept") from None
 
     def load_checkpoint(self, path, *args, **kwargs):
-        from .checkpoints import unreadable_reason
+        from soda.checkpoints import unreadable_reason
 
         try:
             return super().load_checkpoint(path, *args, **kwargs)

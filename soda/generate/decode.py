@@ -500,7 +500,7 @@ def model_fingerprint(source: str) -> dict:
     a source that names no file (a model built in memory) is its name."""
     import hashlib
 
-    from .inference import resolve_checkpoint
+    from soda.checkpoints import resolve_checkpoint
 
     try:
         target = resolve_checkpoint(source)

@@ -23,12 +23,12 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from soda.train.cli import (add_train_arguments, flag_values, resolve_config, resolve_resume, run_directory,
+                            stop_on_signals)
+from soda.train.config import validate
+from soda.train.run import check_run_directory, is_rank_zero, train
 from tokenize_audio.errors import SodaError, cli_errors
 from tokenize_audio.shards import atomic_write_json
-
-from .config import validate
-from .train import (add_train_arguments, check_run_directory, flag_values, is_rank_zero, resolve_config,
-                    resolve_resume, run_directory, stop_on_signals, train)
 
 # SODA's S2ST fine-tuning recipe (CVSS-T; configs/finetune-s2st.yaml spells it out): sequences of 2048, batch 64,
 # LR 2e-5 cosine to 0 after 3% warm-up, cautious AdamW (0.9, 0.999), eps 1e-8, AdamC weight decay 0.01, clip 1,
@@ -185,7 +185,7 @@ def main(argv=None) -> int:
 
 
 def _yaml(path) -> dict:
-    from .config import load_yaml
+    from soda.train.config import load_yaml
 
     return load_yaml(path)
 
@@ -193,7 +193,7 @@ def _yaml(path) -> dict:
 def init_target(source: str, out: Path) -> tuple[str, Path | None]:
     """(what soda-train's --init-from loads, the `.ckpt` to export there first or None): a Hugging Face directory
     or hub id as it is; a `.ckpt` (or a run without an export) becomes RUN/init."""
-    from .inference import resolve_checkpoint
+    from soda.checkpoints import resolve_checkpoint
 
     target = resolve_checkpoint(source)
     if isinstance(target, Path) and target.is_file():
@@ -203,7 +203,7 @@ def init_target(source: str, out: Path) -> tuple[str, Path | None]:
 
 def init_model_dir(source: str, out: Path, vocab) -> str:
     """init_target's directory, with a `.ckpt` exported to it (by rank 0; the other ranks wait for it)."""
-    from .checkpoints import export_hf
+    from soda.checkpoints import export_hf
 
     init, checkpoint = init_target(source, out)
     if checkpoint is not None:
@@ -237,8 +237,8 @@ def prepare_s2st(args, out: Path, epochs: float, seq_len: int) -> dict:
     The report records the manifest's sha256, so a --resume refuses a manifest edited in place (its run would go
     on training on the old pairs), and names the documents longer than `seq_len`: they are cut across training
     windows, so the end of such a pair (its target) is trained without the source it translates."""
-    from .data import MANIFEST
-    from .s2st import epochs_to_tokens, manifest_sha256, read_pairs, write_s2st_shards
+    from soda.train.data import MANIFEST
+    from tokenize_audio.s2st import epochs_to_tokens, manifest_sha256, read_pairs, write_s2st_shards
 
     data = out / DATA_DIR
     report_file = out / REPORT
@@ -261,7 +261,7 @@ def prepare_s2st(args, out: Path, epochs: float, seq_len: int) -> dict:
                 "train_tokens": epochs_to_tokens(manifest, epochs), "report": None}
     if not 0 <= args.validation_fraction < 1 or args.pairs_per_shard < 1:
         raise SodaError("--validation-fraction must be in [0, 1) and --pairs-per-shard positive")
-    from .inference import load_model
+    from soda.checkpoints import load_model
 
     pairs = read_pairs(args.manifest, args.source_language)
     if not pairs.pairs:
@@ -297,8 +297,8 @@ def prepare_s2st(args, out: Path, epochs: float, seq_len: int) -> dict:
 
 def prepare_docs(args, cfg, out: Path, tokens_given: bool) -> dict:
     """Check the shards against the checkpoint (vocabulary, codec); the --init-from soda-train can load."""
-    from .data import resolve_sources
-    from .inference import load_model
+    from soda.checkpoints import load_model
+    from soda.train.data import resolve_sources
 
     if args.resume:
         return {"report": None}
@@ -325,7 +325,7 @@ def prepare_docs(args, cfg, out: Path, tokens_given: bool) -> dict:
 
 def evaluate_s2st(args) -> int:
     """soda-eval's s2st task under a fine-tuning name."""
-    from .evaluate.cli import main as eval_main
+    from soda.evaluate.cli import main as eval_main
 
     argv = [args.checkpoint, "--tasks", "s2st", "--data-for", f"s2st={args.data}", "--out", args.out,
             "--s2st-asr", args.asr, "--s2st-speaker", args.speaker, "--s2st-source-text", args.source_text,

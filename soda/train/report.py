@@ -36,7 +36,7 @@ def write_reports(out: Path) -> str:
     writer.writerows(rows)
     atomic_write_text(out / "metrics.csv", buf.getvalue())
     plot_loss(rows, out / "loss.png")
-    from .evaluate.html_report import write_run_page
+    from soda.evaluate.html_report import write_run_page
 
     write_run_page(out, rows)
     return f"metrics {out / 'metrics.csv'}, loss curve {out / 'loss.png'}, page {out / 'report.html'}"

@@ -13,6 +13,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# name -> (width, layers, heads, kv_heads, head_dim, ffn). SODA's released shapes are Qwen3's;
+# "1b" is ours: a Qwen3-family shape between 600m and 1.7b (1536 wide, 28 layers, GQA 16/8).
+SIZES: dict[str, tuple[int, int, int, int, int, int]] = {
+    "tiny": (64, 2, 2, 1, 32, 192),
+    "135m": (512, 15, 8, 8, 64, 1792),
+    "600m": (1024, 28, 16, 8, 128, 3072),
+    "1b": (1536, 28, 16, 8, 128, 4608),
+    "1.7b": (2048, 28, 16, 8, 128, 6144),
+    "4b": (2560, 36, 32, 8, 128, 9728),
+}
+SHAPE_FIELDS = ("width", "layers", "heads", "kv_heads", "head_dim", "ffn")
 SODA_VOCAB = 144_644
 PARAM_DEFINITIONS = ("total", "non-embedding")
 FLOP_DEFINITIONS = ("3x-forward", "6ND", "6ND+attention")

@@ -12,30 +12,13 @@ import argparse
 import sys
 from pathlib import Path
 
-import yaml
-
-from scaling.accounting import SODA_VOCAB, params, training_flops_per_token
+from soda.shape import SIZES
+from soda.train.config import (ADJUSTABLE_ON_RESUME, CHANGES_FILE, CONFIG_FILE, DEMO_CONFIG, LOSS_MARKERS, PREDATES,
+                               RESUMABLE_CHANGES, SCHEDULES, TrainConfig, config_fields, load_yaml, make_config)
+from soda.train.optim import WEIGHT_DECAY_MODES
+from soda.train.plan import dry_run
+from soda.train.run import is_rank_zero, train
 from tokenize_audio.errors import SodaError, Stopped, cli_errors
-from tokenize_audio.shards import atomic_write_text
-
-from .config import LOSS_MARKERS, SCHEDULES, SIZES, TrainConfig, config_fields, load_yaml, make_config
-from .optim import STATE_BYTES_PER_PARAMETER, WEIGHT_DECAY_MODES, schedule_phases
-
-REPO = Path(__file__).resolve().parents[1]
-DEMO_CORPUS = REPO / "demo" / "corpus"
-DEMO_CONFIG = REPO / "configs" / "demo.yaml"
-CONFIG_FILE = "config.yaml"
-# Settings that may change when a run is resumed (how it runs, not what it computes).
-RESUMABLE_CHANGES = {"max_steps", "val_every", "val_batches", "ckpt_every", "log_every", "workers", "devices",
-                     "num_nodes", "strategy", "accelerator", "micro_batch", "precision", "wandb",
-                     "skip_bad_shards", "on_nonfinite", "peak_flops", "export", "out",
-                     "sample_every", "sample_max_seconds"}
-# Recipe settings a resumed run may change to recover (a lower LR after a divergence, tighter clipping): the change
-# is printed, written to config.yaml and appended to config_changes.jsonl with the step it took effect at.
-ADJUSTABLE_ON_RESUME = ("lr", "grad_clip", "z_loss", "weight_decay")
-CHANGES_FILE = "config_changes.jsonl"
-# Settings added after runs were saved without them: the value those runs were trained with.
-PREDATES = {"weight_decay_mode": "adamw"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,16 +149,10 @@ def flag_values(args) -> dict:
     if "data" in values:
         values["data"] = list(values["data"])
     if "mix" in values:
-        from .data import parse_mix
+        from soda.train.data import parse_mix
 
         values["mix"] = parse_mix(values["mix"])
     return values
-
-
-def is_rank_zero() -> bool:
-    from lightning.fabric.utilities.rank_zero import rank_zero_only
-
-    return getattr(rank_zero_only, "rank", 0) == 0
 
 
 @cli_errors("soda-train")
@@ -201,7 +178,8 @@ def main(argv=None) -> int:
 def beyond_demo(given: dict) -> str | None:
     """The setting (as its flag) that asks for more than the demo can be, or None: a model other than `tiny`, or
     more tokens than the demo's. Such a run without data would train a real shape on 0.2M demo tokens."""
-    from .config import SHAPE_FIELDS, parse_count
+    from soda.shape import SHAPE_FIELDS
+    from soda.train.config import parse_count
 
     for key in ("size", "sweep_width", *SHAPE_FIELDS, "init_from"):
         value = given.get(key)
@@ -232,7 +210,7 @@ def stop_on_signals(out: Path, prog: str) -> None:
     (data preparation, model build) killed the run silently and Ctrl-C claimed a checkpoint that did not exist."""
     import signal
 
-    from .checkpoints import kept_message
+    from soda.checkpoints import kept_message
 
     def stop(signum, frame):
         raise Stopped(f"{'interrupted' if signum == signal.SIGINT else 'stopped'} before training: "
@@ -244,7 +222,7 @@ def stop_on_signals(out: Path, prog: str) -> None:
 
 def resolve_resume(resume: str | None, out: Path) -> bool:
     """--resume (yes) / --resume auto (whether OUT holds a checkpoint) / absent, as a yes or no."""
-    from .checkpoints import last_checkpoint, resumable_checkpoint
+    from soda.checkpoints import last_checkpoint, resumable_checkpoint
 
     if resume and last_checkpoint(out) is not None:  # a newest checkpoint that does not load is moved aside here
         say = lambda msg: print(f"soda-train: warning: {msg}", file=sys.stderr)  # noqa: E731
@@ -279,185 +257,6 @@ def resolve_config(flags: dict, out: Path, resume: bool, config: Path | None, de
     return make_config(*layers)
 
 
-# --------------------------------------------------------------------------------------------
-# The plan
-# --------------------------------------------------------------------------------------------
-def world_size(cfg: TrainConfig) -> int:
-    import torch
-
-    n = cfg.device_count
-    if n is None:
-        n = torch.cuda.device_count() if cfg.uses_gpu() else 1
-    return n * cfg.num_nodes
-
-
-def batch_layout(cfg: TrainConfig, world: int) -> tuple[int, int]:
-    """(micro-batch sequences per device, gradient-accumulation steps) that make the global batch exactly."""
-    batch = cfg.batch_sequences
-    if batch % world:
-        raise SodaError(f"the global batch of {batch} sequences does not split over {world} devices; change "
-                        f"--batch-tokens (a multiple of {world} x {cfg.seq_len} tokens)")
-    per_device = batch // world
-    micro = cfg.micro_batch or per_device
-    if per_device % micro:
-        raise SodaError(f"--micro-batch {micro} does not divide the {per_device} sequences each device gets per "
-                        f"step; choose a divisor of {per_device}")
-    return micro, per_device // micro
-
-
-def model_label(cfg: TrainConfig) -> str:
-    if cfg.init_from:
-        return f"from {cfg.init_from}"
-    return f"sweep width {cfg.sweep_width}" if cfg.sweep_width else (cfg.size or "custom shape")
-
-
-def memory_line(parameters: int, world: int) -> str:
-    """Memory per device for the model's state under DDP (replicated) and FSDP (sharded over the ranks)."""
-    state = parameters * STATE_BYTES_PER_PARAMETER / 2**30
-    split = f" with DDP, {state / world:,.1f} GiB with --strategy fsdp over {world} devices" if world > 1 else ""
-    return (f"memory per device for weights, gradients and AdamW moments (fp32, {STATE_BYTES_PER_PARAMETER} B per "
-            f"parameter): {state:,.1f} GiB{split}; activations and bf16 working copies come on top (they "
-            f"grow with --micro-batch x --seq-len; --activation-checkpointing shrinks them)")
-
-
-def audio_line(tokens: int, codec_rate: float | None, audio_tokens_per_second: float = 100.0) -> str:
-    """How much raw audio the run's tokens stand for, and the codec GPU-hours to tokenize it. An upper bound: every
-    token counted as audio at Mimi's 8 x 12.5 tokens per second (text, markers and a text share need less)."""
-    hours = tokens / audio_tokens_per_second / 3600
-    line = (f"raw audio for {tokens / 1e9:,.1f}B tokens: at most {hours:,.0f} hours (every token audio, "
-            f"{audio_tokens_per_second:g} tokens per audio-second)")
-    if codec_rate is None:
-        return line + "; give --codec-rate (audio-s per GPU-s) for the GPU-hours to tokenize it"
-    if not codec_rate > 0:
-        raise SodaError(f"--codec-rate {codec_rate}: give audio-seconds per GPU-second, e.g. 2000")
-    return line + f"; tokenizing it: {hours / codec_rate:,.1f} GPU-hours at {codec_rate:g} audio-s per GPU-s"
-
-
-def dry_run(cfg: TrainConfig, mfu: float, codec_rate: float | None = None) -> int:
-    from .callbacks import NAMED_GPUS
-    from .model import describe
-
-    if not 0 < mfu <= 1:
-        raise SodaError(f"--mfu {mfu}: give a fraction in (0, 1], e.g. 0.4")
-    vocab_size = SODA_VOCAB
-    if cfg.data:
-        from .data import resolve_sources
-
-        vocab_size = resolve_sources(cfg.data, cfg.val_data, cfg.mix, cfg.vocab)[1].size
-    shape = cfg.shape(vocab_size)
-    world = world_size(cfg)
-    micro, accumulate = batch_layout(cfg, world)
-    steps = cfg.steps
-    tokens = steps * cfg.batch_sequences * cfg.seq_len
-    per_token = training_flops_per_token(shape, "3x-forward")
-    total = per_token * tokens
-    phases = schedule_phases(steps, cfg.warmup, cfg.decay, cfg.schedule)
-    lines = [
-        f"model: {model_label(cfg)}: {describe(shape)}",
-        f"parameters: {params(shape, 'total'):,} total, {params(shape, 'non-embedding'):,} non-embedding"
-        f"{' (SODA vocabulary; give --data for yours)' if not cfg.data else ''}",
-        f"FLOPs per token (training, 3 x forward incl. attention at seq {cfg.seq_len} and the LM head): "
-        f"{per_token:.4g}  (6N: {6 * params(shape, 'total'):.4g})",
-        f"tokens: {tokens:,} ({tokens / 1e9:,.1f}B) in {steps:,} steps of {cfg.batch_sequences} x {cfg.seq_len} = "
-        f"{cfg.batch_sequences * cfg.seq_len:,} tokens",
-        f"total training FLOPs: {total:.4g}",
-        f"devices: {world}; micro-batch {micro} sequences, gradient accumulation {accumulate}",
-        memory_line(params(shape, "total"), world),
-        f"LR: peak {cfg.peak_lr(shape.width):.3g} ({'given' if cfg.lr is not None else 'SODA rule'}); "
-        f"{cfg.schedule.upper()}: warm-up {phases['warmup']:,} steps, stable {phases['stable']:,}, "
-        f"{'cosine ' if cfg.schedule == 'cosine' else ''}decay to 0 over {phases['decay']:,}",
-        f"optimizer: {'cautious ' if cfg.cautious else ''}AdamW betas {tuple(cfg.betas)}, eps {cfg.eps:g}, "
-        f"weight decay {cfg.weight_decay:g} ({cfg.weight_decay_mode}), clip {cfg.grad_clip:g}, z-loss {cfg.z_loss:g}",
-        audio_line(tokens, codec_rate),
-        f"wall-clock at {mfu:.0%} MFU (bf16 dense peak):",
-    ]
-    for name, peak in NAMED_GPUS.items():
-        for n in sorted({1, 8, world}):
-            hours = total / (peak * mfu * n) / 3600
-            lines.append(f"  {n:>4} x {name:<9} {hours:>12,.1f} h  ({hours / 24:,.1f} days)")
-    print("\n".join(lines))
-    return 0
-
-
-# --------------------------------------------------------------------------------------------
-# Training
-# --------------------------------------------------------------------------------------------
-def prepare_demo_data(out: Path) -> None:
-    """Tokenize the bundled demo corpus into OUT/tokens once (random Mimi: offline, labelled RANDOM)."""
-    tokens = out / "tokens"
-    if (tokens / "manifest.json").is_file():
-        return
-    if not DEMO_CORPUS.is_dir():
-        raise SodaError(f"the bundled demo corpus {DEMO_CORPUS} is missing; give --data")
-    from tokenize_audio.cli import main as tokenize_main
-
-    print(f"soda-train: no --data: tokenizing the bundled demo corpus into {tokens} "
-          f"(codec mimi:random, an offline RANDOM codec; byte-level text)", file=sys.stderr)
-    tokenize_main([str(DEMO_CORPUS / "speech"), str(DEMO_CORPUS / "text" / "kjv_proverbs.txt"), "--out",
-                   str(tokens), "--codec", "mimi:random", "--text-tokenizer", "bytes", "--quiet"])
-
-
-def save_config(cfg: TrainConfig) -> None:
-    """The resolved settings, which --resume reads back."""
-    atomic_write_text(Path(cfg.out) / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-
-
-def record_resume_changes(cfg: TrainConfig) -> None:
-    """A resume that changes an ADJUSTABLE_ON_RESUME setting: say so, append it (with the step it applies from) to
-    the run's change history, and save the config so later resumes continue with the new value."""
-    import json
-    import time
-
-    from .checkpoints import last_checkpoint
-
-    out = Path(cfg.out)
-    saved, now = load_yaml(out / CONFIG_FILE), cfg.to_dict()
-    changes = {k: (saved.get(k), now[k]) for k in ADJUSTABLE_ON_RESUME if saved.get(k) != now[k]}
-    if not changes:
-        return
-    ckpt = last_checkpoint(out)
-    step = int(ckpt.stem.removeprefix("step")) if ckpt and ckpt.stem.removeprefix("step").isdigit() else None
-    history = out / CHANGES_FILE
-    lines = history.read_text() if history.is_file() else ""
-    for key, (old, new) in changes.items():
-        print(f"soda-train: --resume: {key} changed from {old} to {new} from step {step} on (recorded in {history})",
-              file=sys.stderr)
-        lines += json.dumps({"step": step, "setting": key, "from": old, "to": new,
-                             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n"
-    atomic_write_text(history, lines)
-    save_config(cfg)
-
-
-def check_run_directory(out: Path, resume: bool) -> None:
-    """A resume needs a checkpoint in OUT; a new run needs OUT free of one."""
-    from .checkpoints import checkpoint_dir, last_checkpoint
-
-    if resume and last_checkpoint(out) is None:
-        aside = sorted(p.name for p in checkpoint_dir(out).glob("*.corrupt*"))
-        if aside:
-            raise SodaError(f"--resume: no readable checkpoint in {checkpoint_dir(out)} (unreadable, moved aside: "
-                            f"{', '.join(aside)}); start the run again without --resume, into another --out")
-        raise SodaError(f"--resume: no checkpoint in {checkpoint_dir(out)} yet; start the run again without --resume")
-    if not resume and last_checkpoint(out) is not None:
-        raise SodaError(f"{out} already holds a run; continue it with --resume, or choose another --out")
-
-
-def train(cfg: TrainConfig, resume: bool) -> int:
-    out = Path(cfg.out)
-    if is_rank_zero():
-        check_run_directory(out, resume)
-        out.mkdir(parents=True, exist_ok=True)
-        if resume:
-            record_resume_changes(cfg)
-        if not cfg.data:
-            prepare_demo_data(out)
-    if not cfg.data:  # the demo: its speech and text shards as two sources (weights from configs/demo.yaml)
-        cfg.data = [f"speech={out / 'tokens'}", f"text={out / 'tokens'}"]
-    if cfg.size is None and cfg.sweep_width is None and cfg.width is None and not cfg.init_from:
-        raise SodaError(f"give --size ({', '.join(SIZES)}), --sweep-width or an explicit shape")
-    from .runner import run
-
-    return run(cfg, resume)
 
 
 if __name__ == "__main__":

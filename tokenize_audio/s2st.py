@@ -179,8 +179,10 @@ def write_s2st_shards(pairs: Pairs, loaded, codec, out: Path, validation_fractio
     """
     from tqdm import tqdm
 
-    from soda.evaluate.tasks import Context, Settings as EvalSettings
-    from tokenize_audio.pipeline import Settings as TokenizeSettings, write_manifest
+    from soda.evaluate.tasks import Context
+    from soda.evaluate.tasks import Settings as EvalSettings
+    from tokenize_audio.pipeline import Settings as TokenizeSettings
+    from tokenize_audio.pipeline import write_manifest
     from tokenize_audio.sources import Corpus
 
     out = Path(out)

@@ -15,22 +15,26 @@ from pathlib import Path
 
 import yaml
 
-from scaling.accounting import ModelShape
+from soda.shape import SHAPE_FIELDS, SIZES, ModelShape
+from soda.train.optim import WEIGHT_DECAY_MODES
 from tokenize_audio.errors import SodaError
 
-from .optim import WEIGHT_DECAY_MODES
+REPO = Path(__file__).resolve().parents[2]
+DEMO_CORPUS = REPO / "demo" / "corpus"
+DEMO_CONFIG = REPO / "configs" / "demo.yaml"
+CONFIG_FILE = "config.yaml"
+# Settings that may change when a run is resumed (how it runs, not what it computes).
+RESUMABLE_CHANGES = {"max_steps", "val_every", "val_batches", "ckpt_every", "log_every", "workers", "devices",
+                     "num_nodes", "strategy", "accelerator", "micro_batch", "precision", "wandb",
+                     "skip_bad_shards", "on_nonfinite", "peak_flops", "export", "out",
+                     "sample_every", "sample_max_seconds"}
+# Recipe settings a resumed run may change to recover (a lower LR after a divergence, tighter clipping): the change
+# is printed, written to config.yaml and appended to config_changes.jsonl with the step it took effect at.
+ADJUSTABLE_ON_RESUME = ("lr", "grad_clip", "z_loss", "weight_decay")
+CHANGES_FILE = "config_changes.jsonl"
+# Settings added after runs were saved without them: the value those runs were trained with.
+PREDATES = {"weight_decay_mode": "adamw"}
 
-# name -> (width, layers, heads, kv_heads, head_dim, ffn). SODA's released shapes are Qwen3's;
-# "1b" is ours: a Qwen3-family shape between 600m and 1.7b (1536 wide, 28 layers, GQA 16/8).
-SIZES: dict[str, tuple[int, int, int, int, int, int]] = {
-    "tiny": (64, 2, 2, 1, 32, 192),
-    "135m": (512, 15, 8, 8, 64, 1792),
-    "600m": (1024, 28, 16, 8, 128, 3072),
-    "1b": (1536, 28, 16, 8, 128, 4608),
-    "1.7b": (2048, 28, 16, 8, 128, 6144),
-    "4b": (2560, 36, 32, 8, 128, 9728),
-}
-SHAPE_FIELDS = ("width", "layers", "heads", "kv_heads", "head_dim", "ffn")
 SCHEDULES = ("wsd", "cosine")
 LOSS_MARKERS = ("text_start", "text_end", "audio_start", "audio_end")  # Vocabulary attribute names
 _SUFFIX = {"": 1, "K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}

@@ -1,0 +1,5 @@
+import sys
+
+from soda.finetune.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Prompting a trained model: codebook-aware decoding with a KV cache (`decode`) and the `soda-generate` CLI."""

@@ -1,0 +1,5 @@
+import sys
+
+from soda.generate.cli import main
+
+sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from soda.train.cli import main
+
+sys.exit(main())
