@@ -182,12 +182,12 @@ def test_nll_vector_on_the_runs_held_out_shards(loaded, tiny_run, train_tokens, 
     from soda.evaluate.nll import load_held_out, run_nll
     from soda.evaluate.tasks import Context
     from soda.train.data import shard_documents
-    from soda.train.module import group_names, token_nll
+    from soda.train.module import token_nll
 
     out = tmp_path / "eval"
     assert main([str(tiny_run / "hf"), "--tasks", "nll", "--out", str(out), "--quiet"]) == 0  # data: the run's
     r = json.loads((out / "results.json").read_text())["tasks"]["nll"]
-    assert list(r["nll_by_group"]) == group_names(loaded.vocab)
+    assert list(r["nll_by_group"]) == loaded.vocab.nll_groups()
     assert sum(r["tokens_by_group"].values()) == r["count"]
     weighted = sum(r["nll_by_group"][g] * r["tokens_by_group"][g] for g in r["tokens_by_group"]) / r["count"]
     assert r["value"] == pytest.approx(weighted)

@@ -264,6 +264,23 @@ class Vocabulary:
         ids = np.asarray(ids, dtype=np.int64)
         return np.where(ids >= self.audio_base, (ids - self.audio_base) // self.codebook_size, -1)
 
+    def nll_groups(self) -> list[str]:
+        """Names of the groups the NLL vector is reported in: text, special, then one per codebook (the semantic
+        one named so). Training logs and soda-eval's NLL task use the same groups, so their figures compare."""
+        names = ["text", "special"]
+        for k in range(self.n_codebooks):
+            names.append("semantic" if k in self.semantic_codebooks and len(self.semantic_codebooks) == 1
+                         else f"{'semantic' if k in self.semantic_codebooks else 'acoustic'}_cb{k}")
+        return names
+
+    def nll_group_of(self, targets):
+        """Index into `nll_groups()` of every target id: 0 text, 1 special (BOS/EOS/markers), 2+k codebook k.
+        Works on torch tensors (on any device) and numpy arrays alike."""
+        special = ((targets >= self.text_size) & (targets < self.audio_base)) | (targets == self.bos_id)
+        special = special | (targets == self.eos_id)
+        audio = targets >= self.audio_base
+        return special * 1 + audio * (2 + (targets - self.audio_base) // self.codebook_size)
+
     def count_types(self, ids: np.ndarray) -> dict[str, int]:
         counts = np.bincount(self.token_types(ids), minlength=4)
         return {TYPE_NAMES[t]: int(counts[t]) for t in TYPE_NAMES}

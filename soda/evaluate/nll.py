@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from soda.evaluate.tasks import Skips, Task, entry, register
 from tokenize_audio.errors import SodaError
@@ -69,7 +68,6 @@ def load_held_out(ctx, spec: str | None) -> HeldOut:
 
 def run_nll(ctx, data: HeldOut) -> dict:
     from soda.train.data import BadShard, shard_documents
-    from soda.train.module import group_names, target_groups
 
     vocab, settings = ctx.vocab, ctx.settings
     skips = Skips()
@@ -85,10 +83,10 @@ def run_nll(ctx, data: HeldOut) -> dict:
     pieces = [doc[start:start + window] for doc in documents for start in range(0, len(doc), window)]
     pieces = [p for p in pieces if len(p) > 1]
     lps = ctx.log_probs(pieces, [np.ones(len(p), dtype=bool) for p in pieces], "nll: scoring")
-    names = group_names(vocab)
+    names = vocab.nll_groups()
     nll, count = np.zeros(len(names)), np.zeros(len(names), dtype=np.int64)
     for piece, lp in zip(pieces, lps):
-        groups = target_groups(torch.from_numpy(piece[1:]), vocab).numpy()
+        groups = vocab.nll_group_of(piece[1:].astype(np.int64))
         np.add.at(nll, groups, -lp)
         np.add.at(count, groups, 1)
     total = int(count.sum())

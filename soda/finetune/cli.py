@@ -23,10 +23,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from soda.train.cli import (add_train_arguments, flag_values, resolve_config, resolve_resume, run_directory,
-                            stop_on_signals)
+from soda.train.cli import (add_train_arguments, check_run_directory, flag_values, resolve_config, resolve_resume,
+                            run_directory, stop_on_signals, train)
 from soda.train.config import validate
-from soda.train.run import check_run_directory, is_rank_zero, train
+from soda.train.run import is_rank_zero
 from tokenize_audio.errors import SodaError, cli_errors
 from tokenize_audio.shards import atomic_write_json
 

@@ -13,12 +13,14 @@ import sys
 from pathlib import Path
 
 from soda.shape import SIZES
-from soda.train.config import (ADJUSTABLE_ON_RESUME, CHANGES_FILE, CONFIG_FILE, DEMO_CONFIG, LOSS_MARKERS, PREDATES,
-                               RESUMABLE_CHANGES, SCHEDULES, TrainConfig, config_fields, load_yaml, make_config)
+from soda.train.config import (ADJUSTABLE_ON_RESUME, CHANGES_FILE, CONFIG_FILE, DEMO_CONFIG, DEMO_CORPUS,
+                               LOSS_MARKERS, PREDATES, RESUMABLE_CHANGES, SCHEDULES, TrainConfig, config_fields,
+                               load_yaml, make_config)
 from soda.train.optim import WEIGHT_DECAY_MODES
 from soda.train.plan import dry_run
-from soda.train.run import is_rank_zero, train
+from soda.train.run import is_rank_zero, run, save_config
 from tokenize_audio.errors import SodaError, Stopped, cli_errors
+from tokenize_audio.shards import atomic_write_text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -257,6 +259,75 @@ def resolve_config(flags: dict, out: Path, resume: bool, config: Path | None, de
     return make_config(*layers)
 
 
+def prepare_demo_data(out: Path) -> None:
+    """Tokenize the bundled demo corpus into OUT/tokens once (random Mimi: offline, labelled RANDOM)."""
+    tokens = out / "tokens"
+    if (tokens / "manifest.json").is_file():
+        return
+    if not DEMO_CORPUS.is_dir():
+        raise SodaError(f"the bundled demo corpus {DEMO_CORPUS} is missing; give --data")
+    from tokenize_audio.cli import main as tokenize_main
+
+    print(f"soda-train: no --data: tokenizing the bundled demo corpus into {tokens} "
+          f"(codec mimi:random, an offline RANDOM codec; byte-level text)", file=sys.stderr)
+    tokenize_main([str(DEMO_CORPUS / "speech"), str(DEMO_CORPUS / "text" / "kjv_proverbs.txt"), "--out",
+                   str(tokens), "--codec", "mimi:random", "--text-tokenizer", "bytes", "--quiet"])
+
+
+def record_resume_changes(cfg: TrainConfig) -> None:
+    """A resume that changes an ADJUSTABLE_ON_RESUME setting: say so, append it (with the step it applies from) to
+    the run's change history, and save the config so later resumes continue with the new value."""
+    import json
+    import time
+
+    from soda.checkpoints import last_checkpoint
+
+    out = Path(cfg.out)
+    saved, now = load_yaml(out / CONFIG_FILE), cfg.to_dict()
+    changes = {k: (saved.get(k), now[k]) for k in ADJUSTABLE_ON_RESUME if saved.get(k) != now[k]}
+    if not changes:
+        return
+    ckpt = last_checkpoint(out)
+    step = int(ckpt.stem.removeprefix("step")) if ckpt and ckpt.stem.removeprefix("step").isdigit() else None
+    history = out / CHANGES_FILE
+    lines = history.read_text() if history.is_file() else ""
+    for key, (old, new) in changes.items():
+        print(f"soda-train: --resume: {key} changed from {old} to {new} from step {step} on (recorded in {history})",
+              file=sys.stderr)
+        lines += json.dumps({"step": step, "setting": key, "from": old, "to": new,
+                             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n"
+    atomic_write_text(history, lines)
+    save_config(cfg)
+
+
+def check_run_directory(out: Path, resume: bool) -> None:
+    """A resume needs a checkpoint in OUT; a new run needs OUT free of one."""
+    from soda.checkpoints import checkpoint_dir, last_checkpoint
+
+    if resume and last_checkpoint(out) is None:
+        aside = sorted(p.name for p in checkpoint_dir(out).glob("*.corrupt*"))
+        if aside:
+            raise SodaError(f"--resume: no readable checkpoint in {checkpoint_dir(out)} (unreadable, moved aside: "
+                            f"{', '.join(aside)}); start the run again without --resume, into another --out")
+        raise SodaError(f"--resume: no checkpoint in {checkpoint_dir(out)} yet; start the run again without --resume")
+    if not resume and last_checkpoint(out) is not None:
+        raise SodaError(f"{out} already holds a run; continue it with --resume, or choose another --out")
+
+
+def train(cfg: TrainConfig, resume: bool) -> int:
+    out = Path(cfg.out)
+    if is_rank_zero():
+        check_run_directory(out, resume)
+        out.mkdir(parents=True, exist_ok=True)
+        if resume:
+            record_resume_changes(cfg)
+        if not cfg.data:
+            prepare_demo_data(out)
+    if not cfg.data:  # the demo: its speech and text shards as two sources (weights from configs/demo.yaml)
+        cfg.data = [f"speech={out / 'tokens'}", f"text={out / 'tokens'}"]
+    if cfg.size is None and cfg.sweep_width is None and cfg.width is None and not cfg.init_from:
+        raise SodaError(f"give --size ({', '.join(SIZES)}), --sweep-width or an explicit shape")
+    return run(cfg, resume)
 
 
 if __name__ == "__main__":

@@ -28,26 +28,6 @@ class NonFiniteLoss(SodaError):
     """The loss became NaN or Inf; the last good checkpoint is kept."""
 
 
-def group_names(vocab: Vocabulary) -> list[str]:
-    """Names of the NLL groups: text, special, then one per codebook (semantic ones named so)."""
-    names = ["text", "special"]
-    for k in range(vocab.n_codebooks):
-        names.append("semantic" if k in vocab.semantic_codebooks and len(vocab.semantic_codebooks) == 1
-                     else f"{'semantic' if k in vocab.semantic_codebooks else 'acoustic'}_cb{k}")
-    return names
-
-
-def target_groups(targets: torch.Tensor, vocab: Vocabulary) -> torch.Tensor:
-    """Group index of every target id: 0 text, 1 special (BOS/EOS/markers), 2+k codebook k."""
-    groups = torch.zeros_like(targets)
-    special = (targets >= vocab.text_size) & (targets < vocab.audio_base)
-    special |= (targets == vocab.bos_id) | (targets == vocab.eos_id)
-    groups[special] = 1
-    audio = targets >= vocab.audio_base
-    groups[audio] = 2 + (targets[audio] - vocab.audio_base) // vocab.codebook_size
-    return groups
-
-
 def scored_targets(batch: dict) -> torch.Tensor:
     """[B, S-1] bool: which next-token targets count in the loss.
 
@@ -115,7 +95,7 @@ class SodaModule(L.LightningModule):
         self.cfg, self.vocab, self.steps, self.micro_per_step = cfg, vocab, steps, micro_per_step
         self.flops_per_token = flops_per_token
         self.audio_tokens_per_second = audio_tokens_per_second
-        self.groups = group_names(vocab)
+        self.groups = vocab.nll_groups()
         self._acc = None  # [3, G] sums: NLL, count; plus loss terms, over the micro-batches of one step
         self._val = None
         self._micro = 0
@@ -127,7 +107,7 @@ class SodaModule(L.LightningModule):
     # --- loss ----------------------------------------------------------------------------------
     def _sums(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         loss, nll, targets, valid = lm_loss(self.model, batch, self.cfg.z_loss)
-        g = target_groups(targets, self.vocab)[valid]
+        g = self.vocab.nll_group_of(targets)[valid]
         sums = torch.zeros(2, len(self.groups), device=nll.device, dtype=torch.float64)
         sums[0].index_add_(0, g, nll.detach()[valid].double())
         sums[1].index_add_(0, g, torch.ones_like(g, dtype=torch.float64))

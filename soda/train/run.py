@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from soda.shape import SIZES, training_flops_per_token
-from soda.train.config import ADJUSTABLE_ON_RESUME, CHANGES_FILE, CONFIG_FILE, DEMO_CORPUS, TrainConfig, load_yaml
+from soda.shape import training_flops_per_token
+from soda.train.config import CONFIG_FILE, TrainConfig
 from soda.train.plan import batch_layout, world_size
 from tokenize_audio.errors import SodaError
 from tokenize_audio.shards import atomic_write_text
@@ -217,78 +217,6 @@ def is_rank_zero() -> bool:
     return getattr(rank_zero_only, "rank", 0) == 0
 
 
-def prepare_demo_data(out: Path) -> None:
-    """Tokenize the bundled demo corpus into OUT/tokens once (random Mimi: offline, labelled RANDOM)."""
-    tokens = out / "tokens"
-    if (tokens / "manifest.json").is_file():
-        return
-    if not DEMO_CORPUS.is_dir():
-        raise SodaError(f"the bundled demo corpus {DEMO_CORPUS} is missing; give --data")
-    from tokenize_audio.cli import main as tokenize_main
-
-    print(f"soda-train: no --data: tokenizing the bundled demo corpus into {tokens} "
-          f"(codec mimi:random, an offline RANDOM codec; byte-level text)", file=sys.stderr)
-    tokenize_main([str(DEMO_CORPUS / "speech"), str(DEMO_CORPUS / "text" / "kjv_proverbs.txt"), "--out",
-                   str(tokens), "--codec", "mimi:random", "--text-tokenizer", "bytes", "--quiet"])
-
-
 def save_config(cfg: TrainConfig) -> None:
     """The resolved settings, which --resume reads back."""
     atomic_write_text(Path(cfg.out) / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-
-
-def record_resume_changes(cfg: TrainConfig) -> None:
-    """A resume that changes an ADJUSTABLE_ON_RESUME setting: say so, append it (with the step it applies from) to
-    the run's change history, and save the config so later resumes continue with the new value."""
-    import json
-    import time
-
-    from soda.checkpoints import last_checkpoint
-
-    out = Path(cfg.out)
-    saved, now = load_yaml(out / CONFIG_FILE), cfg.to_dict()
-    changes = {k: (saved.get(k), now[k]) for k in ADJUSTABLE_ON_RESUME if saved.get(k) != now[k]}
-    if not changes:
-        return
-    ckpt = last_checkpoint(out)
-    step = int(ckpt.stem.removeprefix("step")) if ckpt and ckpt.stem.removeprefix("step").isdigit() else None
-    history = out / CHANGES_FILE
-    lines = history.read_text() if history.is_file() else ""
-    for key, (old, new) in changes.items():
-        print(f"soda-train: --resume: {key} changed from {old} to {new} from step {step} on (recorded in {history})",
-              file=sys.stderr)
-        lines += json.dumps({"step": step, "setting": key, "from": old, "to": new,
-                             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n"
-    atomic_write_text(history, lines)
-    save_config(cfg)
-
-
-def check_run_directory(out: Path, resume: bool) -> None:
-    """A resume needs a checkpoint in OUT; a new run needs OUT free of one."""
-    from soda.checkpoints import checkpoint_dir, last_checkpoint
-
-    if resume and last_checkpoint(out) is None:
-        aside = sorted(p.name for p in checkpoint_dir(out).glob("*.corrupt*"))
-        if aside:
-            raise SodaError(f"--resume: no readable checkpoint in {checkpoint_dir(out)} (unreadable, moved aside: "
-                            f"{', '.join(aside)}); start the run again without --resume, into another --out")
-        raise SodaError(f"--resume: no checkpoint in {checkpoint_dir(out)} yet; start the run again without --resume")
-    if not resume and last_checkpoint(out) is not None:
-        raise SodaError(f"{out} already holds a run; continue it with --resume, or choose another --out")
-
-
-def train(cfg: TrainConfig, resume: bool) -> int:
-    out = Path(cfg.out)
-    if is_rank_zero():
-        check_run_directory(out, resume)
-        out.mkdir(parents=True, exist_ok=True)
-        if resume:
-            record_resume_changes(cfg)
-        if not cfg.data:
-            prepare_demo_data(out)
-    if not cfg.data:  # the demo: its speech and text shards as two sources (weights from configs/demo.yaml)
-        cfg.data = [f"speech={out / 'tokens'}", f"text={out / 'tokens'}"]
-    if cfg.size is None and cfg.sweep_width is None and cfg.width is None and not cfg.init_from:
-        raise SodaError(f"give --size ({', '.join(SIZES)}), --sweep-width or an explicit shape")
-    return run(cfg, resume)
-
