@@ -23,9 +23,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from soda.train.cli import (add_train_arguments, check_run_directory, flag_values, resolve_config, resolve_resume,
-                            run_directory, stop_on_signals, train)
-from soda.train.config import validate
+from soda.train.cli import (check_run_directory, flag_values, resolve_config, resolve_resume, run_directory,
+                            stop_on_signals, train)
+from soda.train.config import TrainConfig, add_train_arguments, validate
 from soda.train.run import is_rank_zero
 from tokenize_audio.errors import SodaError, cli_errors
 from tokenize_audio.shards import atomic_write_json
@@ -84,16 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pairs-per-shard", type=int, default=1000)
     g.add_argument("--prepare-only", action="store_true", help="write RUN/data and stop (e.g. before a multi-node "
                                                                "launch)")
-    add_train_arguments(s, skip=MODEL_FLAGS | S2ST_ONLY)
-    _finetune_help(s, FINETUNE_DEFAULTS)
+    add_train_arguments(s, skip=MODEL_FLAGS | S2ST_ONLY, helps=_finetune_helps(FINETUNE_DEFAULTS))
 
     d = sub.add_parser("docs", allow_abbrev=False,
                        help="any soda-tokenize shards (e.g. ASR-only or TTS-only documents)",
                        description="Fine-tune on soda-tokenize output (--data as in soda-train); the data must share "
                                    "the checkpoint's vocabulary and codec.")
     _common(d, "DIR", DOCS_DEFAULTS)
-    add_train_arguments(d, skip=MODEL_FLAGS)
-    _finetune_help(d, DOCS_DEFAULTS)
+    add_train_arguments(d, skip=MODEL_FLAGS, helps=_finetune_helps(DOCS_DEFAULTS))
 
     e = sub.add_parser("eval-s2st", allow_abbrev=False,
                        help="ASR-BLEU, text BLEU, speaker similarity and termination rate "
@@ -118,13 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _finetune_help(p, defaults: dict) -> None:
-    """soda-train's help, with the defaults soda-finetune changes."""
-    for action in p._actions:
-        if action.dest in defaults and action.dest != "epochs":
-            action.help = f"{action.help or ''} (soda-finetune default: {defaults[action.dest]})".strip()
-        elif action.dest == "out":
-            action.help = "run directory (required): data/, checkpoints, logs, metrics.csv, loss.png, hf/"
+def _finetune_helps(defaults: dict) -> dict:
+    """soda-train's help texts, with the defaults soda-finetune changes (`epochs` has its own flag here)."""
+    from dataclasses import fields
+
+    helps = {f.name: f"{f.metadata['help'] or ''} (soda-finetune default: {defaults[f.name]})".strip()
+             for f in fields(TrainConfig) if f.name in defaults and f.name != "epochs"}
+    return helps | {"out": "run directory (required): data/, checkpoints, logs, metrics.csv, loss.png, hf/"}
 
 
 def _common(p, data_name: str, defaults: dict) -> None:
@@ -270,7 +268,7 @@ def prepare_s2st(args, out: Path, epochs: float, seq_len: int) -> dict:
     loaded = load_model(args.init_from, device=args.device, codec=args.codec, weights=False)  # training loads them
     codec = loaded.load_codec()
     say(f"encoding {len(pairs.pairs):,} pairs of {args.manifest} with {loaded.codec_label} into {data}")
-    manifest, skipped, lengths = write_s2st_shards(pairs, loaded, codec, data, args.validation_fraction,
+    manifest, skipped, lengths = write_s2st_shards(pairs, loaded.vocab, codec, data, args.validation_fraction,
                                                    args.pairs_per_shard, progress=not args.quiet)
     init = init_model_dir(args.init_from, out, loaded.vocab)
     del loaded, codec

@@ -13,10 +13,9 @@ import sys
 from pathlib import Path
 
 from soda.shape import SIZES
-from soda.train.config import (ADJUSTABLE_ON_RESUME, CHANGES_FILE, CONFIG_FILE, DEMO_CONFIG, DEMO_CORPUS,
-                               LOSS_MARKERS, PREDATES, RESUMABLE_CHANGES, SCHEDULES, TrainConfig, config_fields,
-                               load_yaml, make_config)
-from soda.train.optim import WEIGHT_DECAY_MODES
+from soda.train.config import (ADJUSTABLE_ON_RESUME, CHANGES_FILE, CONFIG_FILE, DEMO_CONFIG, DEMO_CORPUS, PREDATES,
+                               RESUMABLE_CHANGES, TrainConfig, add_train_arguments, config_fields, load_yaml,
+                               make_config)
 from soda.train.plan import dry_run
 from soda.train.run import is_rank_zero, run, save_config
 from tokenize_audio.errors import SodaError, Stopped, cli_errors
@@ -40,108 +39,6 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_train_arguments(p)
-    return p
-
-
-def add_train_arguments(p: argparse.ArgumentParser, skip=frozenset()) -> argparse.ArgumentParser:
-    """soda-train's options on `p`, less the flags in `skip` (soda-finetune shares them)."""
-
-    def add(group, flag, *args, **kwargs):
-        if flag not in skip:
-            group.add_argument(flag, *args, **kwargs)
-
-    g = p.add_argument_group("run")
-    add(g, "--config", type=Path, help="YAML file of settings (see configs/)")
-    add(g, "--out", help="run directory (checkpoints, logs, metrics.csv, loss.png, hf/); default runs/demo")
-    add(g, "--resume", nargs="?", const="yes", choices=("yes", "auto"),
-        help="continue the run in --out from its last checkpoint; --resume auto: continue if --out holds a "
-             "checkpoint, else start (one command line for a job's first start and its re-queued restarts). A "
-             "resumed run computes what it started to: only how it runs may change (devices, workers, logging, "
-             "--max-steps...) and, to recover from a divergence, " + ", ".join(f"--{k.replace('_', '-')}" for k in
-                                                                             ADJUSTABLE_ON_RESUME) +
-             " (each change is printed and recorded in the run's config.yaml and " + CHANGES_FILE + ")")
-    add(g, "--dry-run", action="store_true", help="print the plan (sizes, FLOPs, steps, schedule, "
-                                                          "wall-clock estimates) and exit")
-    add(g, "--max-steps", type=int, help="stop after this many optimizer steps (the schedule still "
-                                                 "spans --tokens)")
-    add(g, "--mfu", type=float, default=0.4, help="MFU assumed by --dry-run's wall-clock estimates")
-    add(g, "--codec-rate", type=float,
-        help="--dry-run: audio-seconds the codec encodes per GPU-second (measure yours with "
-             "benchmarks/tokenize_throughput.py --device cuda); with it the plan gives the GPU-hours that tokenizing "
-             "the run's raw audio takes")
-    g = p.add_argument_group("model")
-    add(g, "--size", help=f"preset: {', '.join(SIZES)}")
-    add(g, "--sweep-width", type=int, help="SODA's IsoFLOP sweep shape from a width (layers, heads, FFN "
-                                                   "derived)")
-    for name in ("width", "layers", "heads", "kv-heads", "head-dim", "ffn"):
-        add(g, f"--{name}", type=int, help="override the preset's value")
-    add(g, "--init-from", help="start from this Hugging Face directory or hub id (e.g. an export of "
-                                       "another run, or soda-research/soda-600m-base)")
-    add(g, "--attention", help="auto (flex_attention on GPU: block-sparse document masks; sdpa on CPU), sdpa, "
-                               "eager, flash_attention_2 (if installed), flex_attention")
-    add(g, "--compile", action="store_true", default=None,
-        help="torch.compile each decoder layer and the loss's per-chunk arithmetic (fused kernels: faster on "
-             "GPU after a minute or two of compiling; off by default)")
-    add(g, "--activation-checkpointing", action="store_true", default=None,
-        help="recompute each decoder layer's activations during the backward pass instead of keeping them: about "
-             "a third more compute for far less memory (large models, long sequences, bigger micro-batches)")
-    g = p.add_argument_group("data")
-    add(g, "--data", action="append", help="[NAME=]LOCATION, repeatable: a soda-tokenize output "
-                   "directory, a shard glob or brace pattern, or URLs (http://, s3 via pipe:, ...). "
-                   "NAME speech/text picks that kind of shard from a directory")
-    add(g, "--val-data", action="append", help="[NAME=]LOCATION of validation shards for pattern sources")
-    add(g, "--mix", help="mixture weights NAME=W,... e.g. speech=0.95,text=0.05 (default: by tokens)")
-    add(g, "--vocab", help="directory with vocab.json, when --data gives only shard patterns")
-    add(g, "--seq-len", type=int)
-    add(g, "--workers", type=int, help="dataloader workers per device")
-    add(g, "--skip-bad-shards", action="store_true", default=None,
-                   help="skip (and report) corrupt shards instead of stopping")
-    g = p.add_argument_group("recipe")
-    add(g, "--tokens", help="training tokens, e.g. 500B (K/M/B/T); the schedule spans them")
-    add(g, "--batch-tokens", help="global batch in tokens (default 512 x 4096 = 2.1M)")
-    add(g, "--micro-batch", type=int, help="sequences per device per forward; gradients accumulate "
-                                                    "to the global batch")
-    add(g, "--lr", type=float, help="peak LR (default: SODA's rule)")
-    add(g, "--weight-decay", type=float, help="decoupled weight decay of matrices (default 0.033; not norms, biases "
-                                               "or the input embedding)")
-    add(g, "--weight-decay-mode", choices=WEIGHT_DECAY_MODES,
-        help="adamc (default, SODA's: the decay follows the schedule, each step shrinks weights by "
-             "lr_t * wd * lr_t / lr_peak) or adamw (plain decoupled: lr_t * wd)")
-    add(g, "--no-cautious", dest="cautious", action="store_false", default=None,
-                   help="plain AdamW instead of cautious masking")
-    add(g, "--z-loss", type=float)
-    add(g, "--grad-clip", type=float)
-    add(g, "--schedule", choices=SCHEDULES, help="LR schedule: wsd (default; warm-up, flat, linear decay) or "
-                                                  "cosine (warm-up, then cosine to 0: SODA's fine-tuning)")
-    add(g, "--warmup", type=float, help="warm-up fraction of the steps (default 0.1)")
-    add(g, "--decay", type=float, help="wsd: final linear-decay fraction of the steps (default 0.2)")
-    add(g, "--loss-after", choices=LOSS_MARKERS, help="score only the tokens after each document's first such "
-                                                     "marker (e.g. text_end: an S2ST document's target); "
-                                                     "default: every token")
-    add(g, "--seed", type=int)
-    add(g, "--on-nonfinite", choices=("stop", "skip"),
-        help="a step whose loss or gradient norm is NaN/Inf never updates the weights; then stop (default; the last "
-             "checkpoint is finite: resume with a lower --lr) or skip the update and go on (train/skipped_steps)")
-    g = p.add_argument_group("hardware and logging")
-    add(g, "--accelerator", help="auto, cpu, gpu")
-    add(g, "--devices", help="devices per node (auto, or a count)")
-    add(g, "--num-nodes", type=int)
-    add(g, "--strategy", help="auto, ddp, fsdp (FSDP2: parameters, gradients and optimizer state sharded "
-                              "over the ranks; for models that do not fit one device with DDP)")
-    add(g, "--precision", help="auto (bf16-mixed on GPU, 32-true on CPU), 32-true, bf16-mixed")
-    add(g, "--peak-flops", type=float, help="peak FLOP/s per device for MFU (default: from the GPU name)")
-    add(g, "--val-every", type=int, help="validate every N optimizer steps")
-    add(g, "--val-batches", type=int, help="validation batches per check")
-    add(g, "--ckpt-every", type=int, help="checkpoint every N optimizer steps")
-    add(g, "--log-every", type=int, help="write metrics every N steps")
-    add(g, "--sample-every", type=int,
-        help="every N steps, generate a fixed, seeded set of prompts (TTS sentences, a continuation and an ASR of a "
-             "held-out utterance) into RUN/samples/step_N/ (wav + samples.json) and TensorBoard/W&B (default: at "
-             "each checkpoint when the data's codec is known; 0: off)")
-    add(g, "--sample-max-seconds", type=float, help="wall-clock budget of one sampling round (default 60)")
-    add(g, "--wandb", help="also log to this Weights & Biases project")
-    add(g, "--no-export", dest="export", action="store_false", default=None,
-                   help="skip the Hugging Face export at the end")
     return p
 
 

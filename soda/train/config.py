@@ -10,32 +10,24 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
+from soda.settings import ADJUSTABLE, RESUMABLE, add_arguments, check_bounds, flag_of, names_with, setting
 from soda.shape import SHAPE_FIELDS, SIZES, ModelShape
-from soda.train.optim import WEIGHT_DECAY_MODES
 from tokenize_audio.errors import SodaError
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_CORPUS = REPO / "demo" / "corpus"
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
 CONFIG_FILE = "config.yaml"
-# Settings that may change when a run is resumed (how it runs, not what it computes).
-RESUMABLE_CHANGES = {"max_steps", "val_every", "val_batches", "ckpt_every", "log_every", "workers", "devices",
-                     "num_nodes", "strategy", "accelerator", "micro_batch", "precision", "wandb",
-                     "skip_bad_shards", "on_nonfinite", "peak_flops", "export", "out",
-                     "sample_every", "sample_max_seconds"}
-# Recipe settings a resumed run may change to recover (a lower LR after a divergence, tighter clipping): the change
-# is printed, written to config.yaml and appended to config_changes.jsonl with the step it took effect at.
-ADJUSTABLE_ON_RESUME = ("lr", "grad_clip", "z_loss", "weight_decay")
 CHANGES_FILE = "config_changes.jsonl"
-# Settings added after runs were saved without them: the value those runs were trained with.
-PREDATES = {"weight_decay_mode": "adamw"}
 
 SCHEDULES = ("wsd", "cosine")
+WEIGHT_DECAY_MODES = ("adamc", "adamw")  # soda.train.optim: AdamC (SODA) or plain decoupled decay
+ON_NONFINITE = ("stop", "skip")
 LOSS_MARKERS = ("text_start", "text_end", "audio_start", "audio_end")  # Vocabulary attribute names
 _SUFFIX = {"": 1, "K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
 
@@ -59,69 +51,125 @@ def soda_peak_lr(batch_sequences: int, width: int) -> float:
     return 0.003 * math.sqrt(batch_sequences / 256) * math.sqrt(1024 / max(width, 1024))
 
 
+def _shape_field():
+    return setting(None, type=int, at_least=1, sweep="reserved", help="override the preset's value")
+
+
 @dataclass
 class TrainConfig:
+    """Every knob of a run; each field's metadata (`soda.settings.setting`) gives its flag, help, bounds and whether
+    a resumed run may change it. Field order is the order of the saved config.yaml."""
+
     # --- model --------------------------------------------------------------------------------
-    size: str | None = None              # a SIZES preset; explicit shape fields below override it
-    sweep_width: int | None = None       # SODA's sweep rule from a width (layers, heads, FFN derived)
-    width: int | None = None
-    layers: int | None = None
-    heads: int | None = None
-    kv_heads: int | None = None
-    head_dim: int | None = None
-    ffn: int | None = None
-    rope_theta: float = 500_000.0        # Llama-3.1-style RoPE scaling, as SODA
-    rope_factor: float = 8.0
-    init_from: str | None = None         # HF directory or hub id to start from
-    attention: str = "auto"              # auto | sdpa | eager | flash_attention_2 | flex_attention
-    compile: bool = False                # torch.compile each decoder layer and the loss's chunk arithmetic
-    activation_checkpointing: bool = False  # recompute each decoder layer's activations in the backward pass
+    size: str | None = setting(None, group="model", help=f"preset: {', '.join(SIZES)}", sweep="reserved")
+    sweep_width: int | None = setting(  # SODA's sweep rule from a width (layers, heads, FFN derived)
+        None, type=int, at_least=1, sweep="reserved",
+        help="SODA's IsoFLOP sweep shape from a width (layers, heads, FFN derived)")
+    width: int | None = _shape_field()
+    layers: int | None = _shape_field()
+    heads: int | None = _shape_field()
+    kv_heads: int | None = _shape_field()
+    head_dim: int | None = _shape_field()
+    ffn: int | None = _shape_field()
+    rope_theta: float = setting(500_000.0, flag=False)  # Llama-3.1-style RoPE scaling, as SODA
+    rope_factor: float = setting(8.0, flag=False)
+    init_from: str | None = setting(None, sweep="reserved", help="start from this Hugging Face directory or hub id "
+                                    "(e.g. an export of another run, or soda-research/soda-600m-base)")
+    attention: str = setting("auto", help="auto (flex_attention on GPU: block-sparse document masks; sdpa on CPU), "
+                             "sdpa, eager, flash_attention_2 (if installed), flex_attention")
+    compile: bool = setting(False, action="store_true",
+                            help="torch.compile each decoder layer and the loss's per-chunk arithmetic (fused kernels: "
+                                 "faster on GPU after a minute or two of compiling; off by default)")
+    activation_checkpointing: bool = setting(
+        False, action="store_true",
+        help="recompute each decoder layer's activations during the backward pass instead of keeping them: about a "
+             "third more compute for far less memory (large models, long sequences, bigger micro-batches)")
     # --- data ---------------------------------------------------------------------------------
-    data: list = field(default_factory=list)        # [NAME=]LOCATION strings or {name, path, kind, weight}
-    val_data: list = field(default_factory=list)
-    mix: dict = field(default_factory=dict)         # source name -> weight
-    vocab: str | None = None             # directory with vocab.json when the data are bare shard URLs
-    seq_len: int = 4096
-    workers: int = 2
-    skip_bad_shards: bool = False
+    data: list = setting(  # [NAME=]LOCATION strings or {name, path, kind, weight}
+        factory=list, group="data", action="append", sweep="reserved",
+        help="[NAME=]LOCATION, repeatable: a soda-tokenize output directory, a shard glob or brace pattern, or URLs "
+             "(http://, s3 via pipe:, ...). NAME speech/text picks that kind of shard from a directory")
+    val_data: list = setting(factory=list, action="append",
+                             help="[NAME=]LOCATION of validation shards for pattern sources")
+    mix: dict = setting(factory=dict,  # source name -> weight
+                        help="mixture weights NAME=W,... e.g. speech=0.95,text=0.05 (default: by tokens)")
+    vocab: str | None = setting(None, help="directory with vocab.json, when --data gives only shard patterns")
+    seq_len: int = setting(4096, type=int, at_least=2, sweep="reserved")
+    workers: int = setting(2, type=int, at_least=0, resume=RESUMABLE, sweep="how",
+                           help="dataloader workers per device")
+    skip_bad_shards: bool = setting(False, action="store_true", resume=RESUMABLE,
+                                    help="skip (and report) corrupt shards instead of stopping")
     # --- recipe -------------------------------------------------------------------------------
-    tokens: str | int = "500B"
-    batch_tokens: str | int = 512 * 4096
-    micro_batch: int | None = None       # sequences per device per forward; None = fit the batch in one
-    lr: float | None = None              # None = SODA's rule
-    betas: tuple = (0.98, 0.98)
-    eps: float = 1e-16
-    weight_decay: float = 0.033
-    weight_decay_mode: str = "adamc"     # adamc (SODA: decay scaled by lr_t / lr_peak) | adamw (plain decoupled)
-    cautious: bool = True
-    grad_clip: float = 1.0
-    z_loss: float = 1e-4
-    schedule: str = "wsd"                # wsd (pre-training) | cosine (SODA's fine-tuning)
-    warmup: float = 0.1                  # fractions of the steps
-    decay: float = 0.2                   # wsd only: the final linear decay
-    loss_after: str | None = None        # score only targets after a document's first such marker (e.g.
-                                         # text_end: an S2ST document's target); None = every token
-    seed: int = 0
-    epochs: float | None = None          # soda-finetune: passes over its data that --tokens was derived from
+    tokens: str | int = setting("500B", group="recipe", sweep="reserved",
+                                help="training tokens, e.g. 500B (K/M/B/T); the schedule spans them")
+    batch_tokens: str | int = setting(512 * 4096, sweep="reserved",
+                                      help="global batch in tokens (default 512 x 4096 = 2.1M)")
+    micro_batch: int | None = setting(  # None = fit the batch in one forward
+        None, type=int, at_least=1, resume=RESUMABLE, sweep="how",
+        help="sequences per device per forward; gradients accumulate to the global batch")
+    lr: float | None = setting(None, type=float, positive=True, resume=ADJUSTABLE, sweep="reserved",
+                               help="peak LR (default: SODA's rule)")
+    betas: tuple = setting((0.98, 0.98), flag=False)
+    eps: float = setting(1e-16, flag=False, positive=True)
+    weight_decay: float = setting(0.033, type=float, at_least=0, resume=ADJUSTABLE,
+                                  help="decoupled weight decay of matrices (default 0.033; not norms, biases or the "
+                                       "input embedding)")
+    weight_decay_mode: str = setting(
+        "adamc", choices=WEIGHT_DECAY_MODES, predates="adamw",
+        help="adamc (default, SODA's: the decay follows the schedule, each step shrinks weights by "
+             "lr_t * wd * lr_t / lr_peak) or adamw (plain decoupled: lr_t * wd)")
+    cautious: bool = setting(True, flag="--no-cautious", action="store_false",
+                             help="plain AdamW instead of cautious masking")
+    grad_clip: float = setting(1.0, type=float, at_least=0, resume=ADJUSTABLE)
+    z_loss: float = setting(1e-4, type=float, at_least=0, resume=ADJUSTABLE)
+    schedule: str = setting("wsd", choices=SCHEDULES, help="LR schedule: wsd (default; warm-up, flat, linear decay) "
+                                                           "or cosine (warm-up, then cosine to 0: SODA's fine-tuning)")
+    warmup: float = setting(0.1, type=float, help="warm-up fraction of the steps (default 0.1)")
+    decay: float = setting(0.2, type=float, help="wsd: final linear-decay fraction of the steps (default 0.2)")
+    loss_after: str | None = setting(
+        None, choices=LOSS_MARKERS,
+        help="score only the tokens after each document's first such marker (e.g. text_end: an S2ST document's "
+             "target); default: every token")
+    seed: int = setting(0, type=int)
+    # soda-finetune's --epochs (its own flag): passes over its data that --tokens was derived from
+    epochs: float | None = setting(None, flag=False, positive=True)
     # --- run ----------------------------------------------------------------------------------
-    out: str = "runs/demo"
-    max_steps: int | None = None         # stop early (the schedule still follows --tokens)
-    val_every: int = 1000
-    val_batches: int = 50
-    ckpt_every: int = 1000
-    log_every: int = 10
-    sample_every: int | None = None      # generate the sample prompts every N steps (soda.samples); None: at
-                                         # each checkpoint when the data's codec is known; 0: off
-    sample_max_seconds: float = 60.0     # wall-clock budget of one sampling round
-    precision: str = "auto"             # auto = bf16-mixed on GPU, fp32 on CPU
-    accelerator: str = "auto"
-    strategy: str = "auto"
-    devices: str | int = "auto"
-    num_nodes: int = 1
-    peak_flops: float | None = None      # per device, for MFU; default from Lightning's GPU table
-    on_nonfinite: str = "stop"           # stop | skip
-    wandb: str | None = None             # W&B project name
-    export: bool = True                  # write the HF export at the end
+    out: str = setting("runs/demo", group="run", resume=RESUMABLE, sweep="reserved",
+                       help="run directory (checkpoints, logs, metrics.csv, loss.png, hf/); default runs/demo")
+    max_steps: int | None = setting(None, type=int, at_least=1, resume=RESUMABLE, sweep="reserved",
+                                    help="stop after this many optimizer steps (the schedule still spans --tokens)")
+    val_every: int = setting(1000, type=int, at_least=1, resume=RESUMABLE, group="hardware and logging",
+                             help="validate every N optimizer steps")
+    val_batches: int = setting(50, type=int, at_least=0, resume=RESUMABLE, help="validation batches per check")
+    ckpt_every: int = setting(1000, type=int, at_least=1, resume=RESUMABLE, sweep="how",
+                              help="checkpoint every N optimizer steps")
+    log_every: int = setting(10, type=int, at_least=1, resume=RESUMABLE, sweep="how",
+                             help="write metrics every N steps")
+    sample_every: int | None = setting(
+        None, type=int, at_least=0, resume=RESUMABLE,
+        help="every N steps, generate a fixed, seeded set of prompts (TTS sentences, a continuation and an ASR of a "
+             "held-out utterance) into RUN/samples/step_N/ (wav + samples.json) and TensorBoard/W&B (default: at "
+             "each checkpoint when the data's codec is known; 0: off)")
+    sample_max_seconds: float = setting(60.0, type=float, positive=True, resume=RESUMABLE,
+                                        help="wall-clock budget of one sampling round (default 60)")
+    precision: str = setting("auto", resume=RESUMABLE, sweep="how",
+                             help="auto (bf16-mixed on GPU, 32-true on CPU), 32-true, bf16-mixed")
+    accelerator: str = setting("auto", resume=RESUMABLE, sweep="how", help="auto, cpu, gpu")
+    strategy: str = setting("auto", resume=RESUMABLE, sweep="how",
+                            help="auto, ddp, fsdp (FSDP2: parameters, gradients and optimizer state sharded over the "
+                                 "ranks; for models that do not fit one device with DDP)")
+    devices: str | int = setting("auto", resume=RESUMABLE, sweep="how", help="devices per node (auto, or a count)")
+    num_nodes: int = setting(1, type=int, at_least=1, resume=RESUMABLE, sweep="how")
+    peak_flops: float | None = setting(None, type=float, positive=True, resume=RESUMABLE, sweep="how",
+                                       help="peak FLOP/s per device for MFU (default: from the GPU name)")
+    on_nonfinite: str = setting(
+        "stop", choices=ON_NONFINITE, resume=RESUMABLE, group="recipe",
+        help="a step whose loss or gradient norm is NaN/Inf never updates the weights; then stop (default; the last "
+             "checkpoint is finite: resume with a lower --lr) or skip the update and go on (train/skipped_steps)")
+    wandb: str | None = setting(None, resume=RESUMABLE, sweep="how", group="hardware and logging",
+                                help="also log to this Weights & Biases project")
+    export: bool = setting(True, flag="--no-export", action="store_false", resume=RESUMABLE,
+                           help="skip the Hugging Face export at the end")
 
     def shape(self, vocab: int) -> ModelShape:
         if self.sweep_width:
@@ -184,6 +232,55 @@ class TrainConfig:
         return d
 
 
+# Derived from the fields' metadata. Settings that may change when a run is resumed (how it runs, not what it
+# computes); recipe settings a resumed run may change to recover (a lower LR after a divergence, tighter clipping):
+# the change is printed, written to config.yaml and appended to CHANGES_FILE with the step it took effect at.
+RESUMABLE_CHANGES = set(names_with(TrainConfig, "resume", RESUMABLE))
+ADJUSTABLE_ON_RESUME = names_with(TrainConfig, "resume", ADJUSTABLE)
+# Settings added after runs were saved without them: the value those runs were trained with.
+PREDATES = {f.name: f.metadata["predates"] for f in dataclasses.fields(TrainConfig) if "predates" in f.metadata}
+# Lowest allowed value of each numeric setting (None = not given, allowed; zero where zero means "off").
+AT_LEAST = {f.name: f.metadata["at_least"] for f in dataclasses.fields(TrainConfig)
+            if f.metadata["at_least"] is not None}
+ABOVE_ZERO = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata["positive"])
+
+
+@dataclass
+class RunOptions:
+    """soda-train's options that are not settings of the run (not saved in config.yaml)."""
+
+    config: Path | None = setting(None, type=Path, group="run", sweep="reserved",
+                                  help="YAML file of settings (see configs/)")
+    resume: str | None = setting(
+        None, nargs="?", const="yes", choices=("yes", "auto"), sweep="reserved",
+        help="continue the run in --out from its last checkpoint; --resume auto: continue if --out holds a checkpoint, "
+             "else start (one command line for a job's first start and its re-queued restarts). A resumed run "
+             "computes what it started to: only how it runs may change (devices, workers, logging, --max-steps...) "
+             "and, to recover from a divergence, " + ", ".join(f"--{k.replace('_', '-')}" for k in ADJUSTABLE_ON_RESUME)
+             + f" (each change is printed and recorded in the run's config.yaml and {CHANGES_FILE})")
+    dry_run: bool = setting(False, action="store_true", sweep="reserved",
+                            help="print the plan (sizes, FLOPs, steps, schedule, wall-clock estimates) and exit")
+    mfu: float = setting(0.4, type=float, help="MFU assumed by --dry-run's wall-clock estimates")
+    codec_rate: float | None = setting(
+        None, type=float,
+        help="--dry-run: audio-seconds the codec encodes per GPU-second (measure yours with "
+             "benchmarks/tokenize_throughput.py --device cuda); with it the plan gives the GPU-hours that tokenizing "
+             "the run's raw audio takes")
+
+
+def add_train_arguments(p, skip=frozenset(), helps: dict | None = None) -> None:
+    """soda-train's options on `p`, less the flags in `skip` (soda-finetune shares them), with `helps` overriding
+    help texts by setting name; the settings default to None (not given: --config and the defaults decide)."""
+    add_arguments(p, RunOptions, TrainConfig, skip=skip, helps=helps, unset=(TrainConfig,))
+
+
+def sweep_flags(kind: str) -> set[str]:
+    """soda-train's flags the IsoFLOP sweep reserves (kind "reserved": it sets them) or lets a re-run change
+    ("how": how a run runs, not what it computes)."""
+    return {flag_of(f) for cls in (RunOptions, TrainConfig) for f in dataclasses.fields(cls)
+            if f.metadata["sweep"] == kind}
+
+
 def config_fields() -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(TrainConfig)}
 
@@ -243,24 +340,10 @@ def make_config(*layers: dict) -> TrainConfig:
     return cfg
 
 
-# Lowest allowed value of each numeric setting (None = not given, allowed). Zero where zero means "off".
-AT_LEAST = {"seq_len": 2, "max_steps": 1, "micro_batch": 1, "num_nodes": 1, "workers": 0, "val_every": 1,
-            "val_batches": 0, "ckpt_every": 1, "log_every": 1, "sample_every": 0, "sweep_width": 1,
-            **{name: 1 for name in SHAPE_FIELDS}, "weight_decay": 0, "grad_clip": 0, "z_loss": 0}
-ABOVE_ZERO = ("lr", "eps", "peak_flops", "epochs", "sample_max_seconds")
-
-
 def validate(cfg: TrainConfig) -> None:
     """Refuse a nonsensical setting before anything starts, naming its flag (a negative clip would flip every
-    gradient; a zero interval would divide by zero mid-run)."""
-    for name, low in AT_LEAST.items():
-        value = getattr(cfg, name)
-        if value is not None and not value >= low:
-            raise SodaError(f"--{name.replace('_', '-')} {value}: must be at least {low}")
-    for name in ABOVE_ZERO:
-        value = getattr(cfg, name)
-        if value is not None and not (math.isfinite(value) and value > 0):
-            raise SodaError(f"--{name.replace('_', '-')} {value}: must be positive")
+    gradient; a zero interval would divide by zero mid-run): the fields' bounds, then what relates several."""
+    check_bounds(cfg)
     if len(cfg.betas) != 2 or not all(0 <= b < 1 for b in cfg.betas):
         raise SodaError(f"betas {list(cfg.betas)}: give two numbers in [0, 1)")
     cfg.device_count  # parse now: "--devices 0" fails here, not as a division by zero
@@ -272,6 +355,6 @@ def validate(cfg: TrainConfig) -> None:
         raise SodaError(f"loss_after {cfg.loss_after!r}: choose one of {', '.join(LOSS_MARKERS)}")
     if cfg.weight_decay_mode not in WEIGHT_DECAY_MODES:
         raise SodaError(f"weight_decay_mode {cfg.weight_decay_mode!r}: choose {' or '.join(WEIGHT_DECAY_MODES)}")
-    if cfg.on_nonfinite not in ("stop", "skip"):
+    if cfg.on_nonfinite not in ON_NONFINITE:
         raise SodaError(f"on_nonfinite {cfg.on_nonfinite!r}: choose stop or skip")
     cfg.total_tokens, cfg.batch_sequences  # parse now: a bad count fails before anything starts
