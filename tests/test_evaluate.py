@@ -182,7 +182,7 @@ def test_nll_vector_on_the_runs_held_out_shards(loaded, tiny_run, train_tokens, 
     from soda.evaluate.nll import load_held_out, run_nll
     from soda.evaluate.tasks import Context
     from soda.train.data import shard_documents
-    from soda.train.module import token_nll
+    from soda.train.loss import token_nll
 
     out = tmp_path / "eval"
     assert main([str(tiny_run / "hf"), "--tasks", "nll", "--out", str(out), "--quiet"]) == 0  # data: the run's

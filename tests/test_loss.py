@@ -80,12 +80,12 @@ def test_bf16_autocast_matches_autocast_logits_path():
 def test_training_loss_on_a_qwen3_with_packed_documents_equals_the_logits_path(train_tokens):
     from soda.model import build_model
     from soda.shape import ModelShape
-    from soda.train.module import fused_head, lm_loss, token_nll
+    from soda.train.loss import chunked_head, lm_loss, token_nll
     from tokenize_audio.vocab import Vocabulary
 
     vocab = Vocabulary.load(train_tokens)
     model = build_model(ModelShape(32, 2, 4, 2, 8, 64, vocab.size), vocab, seed=0).double()
-    assert fused_head(model) is model.lm_head
+    assert chunked_head(model) is model.lm_head
     g = torch.Generator().manual_seed(0)
     batch = {"input_ids": torch.randint(0, vocab.size, (2, 24), generator=g),
              "doc_ids": torch.tensor([[0] * 10 + [1] * 14, [0] * 5 + [1] * 9 + [2] * 10])}
@@ -122,7 +122,7 @@ def test_activation_checkpointing_recomputes_layers_with_the_same_gradients(trai
     from transformers.models.qwen3 import modeling_qwen3
 
     from soda.train.config import TrainConfig
-    from soda.train.module import lm_loss
+    from soda.train.loss import lm_loss
     from soda.train.run import build_model
     from tokenize_audio.vocab import Vocabulary
 

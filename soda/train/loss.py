@@ -10,11 +10,16 @@ chunk's logits ever exist. It returns exactly what the full-logits path computes
 
 `compiled=True` (`--compile`) runs the per-chunk arithmetic through torch.compile: one fused
 reduction and one fused elementwise kernel instead of several passes over the chunk.
+
+`lm_loss` is the training loss of a whole model and batch: next-token NLL plus z-loss, never scoring
+a target across a document boundary (the first token of a document, predicted from the previous one).
 """
 
 from __future__ import annotations
 
 import torch
+
+from soda.model import attention_inputs
 
 CHUNK_ELEMENTS = 2**27  # logits per chunk (512 MiB in fp32): chunk rows = this // vocabulary size
 
@@ -123,3 +128,64 @@ class ChunkedHead(torch.nn.Linear):
         if targets is None:
             return super().forward(hidden)
         return chunked_lm_loss(hidden, self.weight, targets, valid, z_loss, compiled=compiled)
+
+
+def scored_targets(batch: dict) -> torch.Tensor:
+    """[B, S-1] bool: which next-token targets count in the loss.
+
+    Never a target across a document boundary; with a `loss_mask` (fine-tuning on part of each document,
+    e.g. an S2ST target) only the tokens it marks.
+    """
+    doc = batch["doc_ids"]
+    valid = doc[:, 1:] == doc[:, :-1]
+    if "loss_mask" in batch:
+        valid = valid & batch["loss_mask"][:, 1:].bool()
+    return valid
+
+
+def token_nll(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-position NLL, log-sum-exp, targets and the mask of scored positions ([B, S-1] each)."""
+    ids, doc = batch["input_ids"], batch["doc_ids"]
+    logits = model(input_ids=ids, use_cache=False, **attention_inputs(model, doc)).logits[:, :-1]
+    targets = ids[:, 1:]
+    lse, nll = log_sum_exp_and_nll(logits, targets)
+    return nll, lse, targets, scored_targets(batch)
+
+
+def chunked_head(model) -> ChunkedHead | None:
+    """The model's LM head turned into a `ChunkedHead`, when its logits are a plain `hidden @ head.T` (Qwen3 and kin)
+    so the loss can be chunked; None otherwise (the loss then comes from the logits).
+
+    The head's class is changed in place (`head.__class__ = ChunkedHead`) rather than replaced by a new module:
+    ChunkedHead is a `torch.nn.Linear` that adds no parameters or buffers, only a forward that also accepts
+    targets, so the same Parameter objects stay in place (the optimizer, FSDP and any tied embedding keep pointing
+    at them) and the state dict keeps its keys and values: checkpoints and exports are identical either way.
+    Idempotent."""
+    head = model.get_output_embeddings()
+    plain = isinstance(head, torch.nn.Linear) and head.bias is None and hasattr(model, "model")
+    if not plain or getattr(model.config, "final_logit_softcapping", None) or getattr(model.config, "logit_scale", None):
+        return None
+    if not isinstance(head, ChunkedHead):
+        head.__class__ = ChunkedHead
+    return head
+
+
+def lm_loss(model, batch: dict, z_loss: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Training loss (mean NLL + z-loss over scored targets), per-position NLL, targets and scored mask.
+
+    Computed from the last hidden states in chunks (`chunked_lm_loss`) when the model's head allows it,
+    so the full logits never exist; otherwise from the logits, as `token_nll`.
+    """
+    ids, doc = batch["input_ids"], batch["doc_ids"]
+    targets, valid = ids[:, 1:], scored_targets(batch)
+    head = chunked_head(model)
+    if head is None:
+        nll, lse, _, _ = token_nll(model, batch)
+        n = valid.sum().clamp(min=1)
+        loss = (nll * valid).sum() / n
+        if z_loss:
+            loss = loss + z_loss * ((lse**2) * valid).sum() / n
+        return loss, nll, targets, valid
+    hidden = model.model(input_ids=ids, use_cache=False, **attention_inputs(model, doc)).last_hidden_state
+    loss, nll, _ = head(hidden[:, :-1], targets, valid, z_loss, compiled=getattr(model, "soda_compiled_loss", False))
+    return loss, nll, targets, valid

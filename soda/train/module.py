@@ -1,9 +1,8 @@
-"""The LightningModule: next-token loss with z-loss over packed windows, NLL by token type, optimiser.
+"""The LightningModule: the training step around `soda.train.loss.lm_loss`, NLL by token type, optimiser.
 
-Targets that would cross a document boundary (the first token of a document, predicted from
-the previous one) are not scored. Per optimizer step the module logs the loss and the NLL of
-text, special markers, the semantic codebook and each acoustic codebook, averaged over all
-micro-batches and ranks, and with several data sources each one's share of the step's tokens.
+Per optimizer step the module logs the loss and the NLL of text, special markers, the semantic codebook and
+each acoustic codebook, averaged over all micro-batches and ranks, and with several data sources each one's
+share of the step's tokens.
 """
 
 from __future__ import annotations
@@ -16,9 +15,8 @@ import lightning as L
 import torch
 import torch.distributed as dist
 
-from soda.model import attention_inputs
 from soda.train.config import TrainConfig
-from soda.train.loss import ChunkedHead, log_sum_exp_and_nll
+from soda.train.loss import lm_loss
 from soda.train.optim import CautiousAdamW, clip_by_global_norm, is_sharded, local_tensors, lr_factor, param_groups
 from tokenize_audio.errors import SodaError
 from tokenize_audio.vocab import Vocabulary
@@ -26,61 +24,6 @@ from tokenize_audio.vocab import Vocabulary
 
 class NonFiniteLoss(SodaError):
     """The loss became NaN or Inf; the last good checkpoint is kept."""
-
-
-def scored_targets(batch: dict) -> torch.Tensor:
-    """[B, S-1] bool: which next-token targets count in the loss.
-
-    Never a target across a document boundary; with a `loss_mask` (fine-tuning on part of each document,
-    e.g. an S2ST target) only the tokens it marks.
-    """
-    doc = batch["doc_ids"]
-    valid = doc[:, 1:] == doc[:, :-1]
-    if "loss_mask" in batch:
-        valid = valid & batch["loss_mask"][:, 1:].bool()
-    return valid
-
-
-def token_nll(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-position NLL, log-sum-exp, targets and the mask of scored positions ([B, S-1] each)."""
-    ids, doc = batch["input_ids"], batch["doc_ids"]
-    logits = model(input_ids=ids, use_cache=False, **attention_inputs(model, doc)).logits[:, :-1]
-    targets = ids[:, 1:]
-    lse, nll = log_sum_exp_and_nll(logits, targets)
-    return nll, lse, targets, scored_targets(batch)
-
-
-def fused_head(model) -> ChunkedHead | None:
-    """The LM head, made a `ChunkedHead` in place, when the logits are a plain `hidden @ head.T` (Qwen3 and kin)
-    so the loss can be chunked; None otherwise."""
-    head = model.get_output_embeddings()
-    plain = isinstance(head, torch.nn.Linear) and head.bias is None and hasattr(model, "model")
-    if not plain or getattr(model.config, "final_logit_softcapping", None) or getattr(model.config, "logit_scale", None):
-        return None
-    if not isinstance(head, ChunkedHead):
-        head.__class__ = ChunkedHead  # same parameters and state-dict keys; only forward gains the loss
-    return head
-
-
-def lm_loss(model, batch: dict, z_loss: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Training loss (mean NLL + z-loss over scored targets), per-position NLL, targets and scored mask.
-
-    Computed from the last hidden states in chunks (`soda.loss`) when the model's head allows it,
-    so the full logits never exist; otherwise from the logits, as `token_nll`.
-    """
-    ids, doc = batch["input_ids"], batch["doc_ids"]
-    targets, valid = ids[:, 1:], scored_targets(batch)
-    head = fused_head(model)
-    if head is None:
-        nll, lse, _, _ = token_nll(model, batch)
-        n = valid.sum().clamp(min=1)
-        loss = (nll * valid).sum() / n
-        if z_loss:
-            loss = loss + z_loss * ((lse**2) * valid).sum() / n
-        return loss, nll, targets, valid
-    hidden = model.model(input_ids=ids, use_cache=False, **attention_inputs(model, doc)).last_hidden_state
-    loss, nll, _ = head(hidden[:, :-1], targets, valid, z_loss, compiled=getattr(model, "soda_compiled_loss", False))
-    return loss, nll, targets, valid
 
 
 class SodaModule(L.LightningModule):
