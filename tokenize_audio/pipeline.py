@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from tokenize_audio.codecs import Codec
 from tokenize_audio.documents import build_document, holdout_score, text_document, validation_recordings
+from tokenize_audio.encoding import encode_waves
 from tokenize_audio.errors import SkipItem, SodaError
 from tokenize_audio.shards import atomic_write_json, write_shard
 from tokenize_audio.sources import Corpus, TextDocument, Utterance, load_audio
@@ -111,11 +112,6 @@ def load_wave(utt: Utterance, sample_rate: int, samples_per_frame: int, keep_tru
         return err
 
 
-def default_batch_seconds(codec: Codec) -> float:
-    """Padded audio seconds per encoder batch unless --batch-seconds: large batches measured slower on CPU."""
-    return 120.0 if codec.device.type == "cuda" else 5.0
-
-
 def progress_bar(total: int, enabled: bool) -> tqdm:
     """Counts utterances and text documents (so tqdm's ETA covers the whole plan); `show_audio` adds hours."""
     return tqdm(total=total, unit="item", desc="tokenize", disable=not enabled, dynamic_ncols=True)
@@ -162,20 +158,15 @@ class ShardEncoder:
 
     def _encode_buffer(self, buffer: list[tuple[Utterance, np.ndarray]], codes: dict, bar) -> None:
         """Encode buffered waves in duration-sorted batches of at most `batch_seconds` padded audio."""
-        buffer.sort(key=lambda pair: len(pair[1]))
-        limit = max(1, int(self.batch_seconds * self.codec.sample_rate))
-        batch: list[tuple[Utterance, np.ndarray]] = []
-        for item in buffer + [None]:
-            if item is not None and (not batch or len(item[1]) * (len(batch) + 1) <= limit):
-                batch.append(item)
-                continue
-            if batch:
-                for (utt, _), c in zip(batch, self.codec.encode_batch([w for _, w in batch])):
-                    codes[id(utt)] = c  # by object: ids need not be unique in a manifest
-                self.audio_seconds += sum(len(w) for _, w in batch) / self.codec.sample_rate
-                show_audio(bar, self.audio_seconds, self.started)
-                bar.update(len(batch))
-            batch = [item] if item is not None else []
+        waves = [w for _, w in buffer]
+
+        def done(batch: list[int]) -> None:
+            self.audio_seconds += sum(len(waves[i]) for i in batch) / self.codec.sample_rate
+            show_audio(bar, self.audio_seconds, self.started)
+            bar.update(len(batch))
+
+        for (utt, _), c in zip(buffer, encode_waves(self.codec, waves, self.batch_seconds, done)):
+            codes[id(utt)] = c  # by object: ids need not be unique in a manifest
         buffer.clear()
 
     # --- shards --------------------------------------------------------------------------------

@@ -15,9 +15,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tokenize_audio.encoding import default_batch_seconds
 from tokenize_audio.errors import SodaError
-from tokenize_audio.pipeline import (Settings, ShardEncoder, ShardPlan, default_batch_seconds, load_wave, plan_items,
-                                     progress_bar, show_audio)
+from tokenize_audio.pipeline import Settings, ShardEncoder, ShardPlan, load_wave, plan_items, progress_bar, show_audio
 
 INSTALL_HINT = "--engine ray needs Ray Data: pip install 'ray[data]>=2.10' (or pip install '.[ray]')"
 

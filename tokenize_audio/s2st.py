@@ -30,9 +30,12 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tokenize_audio.codecs import Codec
 from tokenize_audio.documents import s2st_document, validation_recordings
+from tokenize_audio.encoding import audio_codes, default_batch_seconds
 from tokenize_audio.errors import SkipItem, SodaError
 from tokenize_audio.shards import atomic_write_json, write_shard
+from tokenize_audio.vocab import Vocabulary
 
 COLUMNS = ("source_audio", "source_text", "source_language", "target_text", "target_audio")
 OPTIONAL = ("id", "target_language")
@@ -168,9 +171,10 @@ def _fingerprint(settings: dict, pairs: list[Pair]) -> str:
     return hashlib.sha1(json.dumps([settings, content], sort_keys=True).encode()).hexdigest()
 
 
-def write_s2st_shards(pairs: Pairs, loaded, codec, out: Path, validation_fraction: float = 0.0,
+def write_s2st_shards(pairs: Pairs, vocab: Vocabulary, codec: Codec, out: Path, validation_fraction: float = 0.0,
                       pairs_per_shard: int = 1000, progress: bool = True) -> tuple[dict, list[dict], dict]:
-    """Encode every pair with `codec`, write S2ST documents as shards + manifest + vocabulary into `out`.
+    """Encode every pair with `codec` into `vocab`'s ids (a checkpoint's own), write S2ST documents as shards +
+    manifest + vocabulary into `out`.
 
     Works a shard at a time (only one shard's codes in memory); a shard whose sidecar fingerprint
     matches (same pairs, files, codec and settings) is kept from an earlier run. Returns the manifest,
@@ -179,18 +183,14 @@ def write_s2st_shards(pairs: Pairs, loaded, codec, out: Path, validation_fractio
     """
     from tqdm import tqdm
 
-    from soda.evaluate.tasks import Context
-    from soda.evaluate.tasks import Settings as EvalSettings
     from tokenize_audio.pipeline import Settings as TokenizeSettings
     from tokenize_audio.pipeline import write_manifest
     from tokenize_audio.sources import Corpus
 
     out = Path(out)
-    vocab = loaded.vocab
     held = validation_recordings([p.id for p in pairs.pairs], validation_fraction)
     settings = TokenizeSettings(codec.describe(), vocab.text_tokenizer_source, ("s2st",), validation_fraction,
                                 recordings_per_shard=pairs_per_shard)
-    ctx = Context(loaded, EvalSettings(progress=False), codec=codec)
     skipped = list(pairs.skipped)
     sidecars = []
     with tqdm(total=len(pairs.pairs), unit="pair", desc="encoding S2ST pairs", disable=not progress,
@@ -203,7 +203,7 @@ def write_s2st_shards(pairs: Pairs, loaded, codec, out: Path, validation_fractio
                 fingerprint = _fingerprint(settings.to_dict() | {"vocab": vocab.to_dict()}, chunk)
                 sidecar = _finished(out, name, fingerprint)
                 if sidecar is None:
-                    sidecar = _write_shard(out, name, split, chunk, ctx, vocab, codec, bar)
+                    sidecar = _write_shard(out, name, split, chunk, vocab, codec, bar)
                     sidecar["fingerprint"] = fingerprint
                     atomic_write_json(out / f"{name}.json", sidecar)
                 else:
@@ -227,9 +227,10 @@ def _finished(out: Path, name: str, fingerprint: str) -> dict | None:
     return sidecar if sidecar.get("fingerprint") == fingerprint and (out / f"{name}.tar").is_file() else None
 
 
-def _write_shard(out: Path, name: str, split: str, chunk: list[Pair], ctx, vocab, codec, bar) -> dict:
-    sources = ctx.audio_codes([p.source_audio for p in chunk], "source audio")
-    targets = ctx.audio_codes([p.target_audio for p in chunk], "target audio")
+def _write_shard(out: Path, name: str, split: str, chunk: list[Pair], vocab: Vocabulary, codec: Codec, bar) -> dict:
+    seconds = default_batch_seconds(codec)
+    sources = audio_codes(codec, [p.source_audio for p in chunk], seconds, "source audio", progress=False)
+    targets = audio_codes(codec, [p.target_audio for p in chunk], seconds, "target audio", progress=False)
     samples, skipped = [], []
     totals = dict.fromkeys(("text", "special", "semantic", "acoustic"), 0)
     seconds_total = 0.0

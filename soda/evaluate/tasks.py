@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import math
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Callable
@@ -19,40 +19,69 @@ from typing import Callable
 import numpy as np
 
 from soda.evaluate.scoring import token_log_probs
-from tokenize_audio.errors import SkipItem
-from tokenize_audio.sources import load_audio
+from soda.settings import setting
+from tokenize_audio.encoding import audio_codes, codec_wave, encode_waves
 
 BUILTIN_MODULES = ("pairs", "nll", "mcq", "asr", "tts", "s2st", "lm_eval")
-AUDIO_BLOCK = 256  # clips read and encoded at a time
 MAX_LISTED_SKIPS = 1000  # results.json lists this many skipped items per task (all are counted)
 
 
+def _judges(text: str) -> list[str]:
+    return [j.strip() for j in text.split(",") if j.strip()]
+
+
 @dataclass
-class Settings:
-    batch_tokens: int = 16384  # padded tokens per forward pass
-    max_len: int = 4096  # longer sequences are skipped (pairs, MCQ) or scored in windows (NLL)
-    reduction: str = "mean"  # mean | sum of the scored tokens' log-probabilities (pairs)
-    codebooks: str = "all"  # all | semantic | N: which audio tokens a pair's score counts
-    limit: int | None = None  # at most this many items per task
-    progress: bool = True
-    device: str = "auto"
-    codec: str | None = None  # overrides the codec recorded with the model (and its judges)
-    mcq_template: str = "{question}\nAnswer:"
-    split_weak_strong: bool = False
-    judges: list = field(default_factory=list)  # checkpoints (or LoadedModel objects); default: the model
-    weak_votes: int | None = None  # weak = correct without audio for >= this many judges (default ceil(n/2))
-    codec_batch_seconds: float | None = None  # audio per codec call (default 5 s on CPU, 120 s on GPU)
-    seed: int = 0  # generation (ASR, TTS)
-    generation_batch: int = 8  # prompts decoded together
-    max_text_tokens: int = 256  # ASR transcript cap
-    tts_asr: str = "whisper"  # how TTS output is transcribed: whisper[:MODEL], pocketsphinx, self
-    tts_speaker: str = "wavlm"  # speaker embeddings for similarity: wavlm[:MODEL], resemblyzer, none
-    s2st_asr: str = "whisper"  # how S2ST output speech is transcribed for ASR-BLEU (same backends as tts_asr)
-    s2st_speaker: str = "wavlm"  # speaker encoder for S2ST voice preservation (same backends as tts_speaker)
-    s2st_source_text: str = "generated"  # generated: the model transcribes the source first; given: the reference
-    s2st_source_language: str | None = None  # for manifests without a source_language column
-    s2st_max_seconds: float = 30.0  # cap on each generated target speech (the text-length cap also applies)
-    lm_eval_include: str | None = None  # a directory of lm-eval task YAMLs of one's own (lm-eval tasks)
+class EvalSettings:
+    """How tasks score and generate; each field with a flag is a soda-eval option (`soda.settings.setting`)."""
+
+    device: str = setting("auto", help="auto (GPU when present), cpu, cuda, cuda:1 ...")
+    codec: str | None = setting(  # overrides the codec recorded with the model (and its judges)
+        None, help="codec for audio inputs when the model does not record one (e.g. mimi, mimi:DIR)")
+    batch_tokens: int = setting(16384, type=int, at_least=1, help="padded tokens per forward pass (default 16384)")
+    max_len: int = setting(  # longer sequences are skipped (pairs, MCQ) or scored in windows (NLL)
+        4096, type=int, at_least=1,
+        help="longest sequence scored (default 4096, SODA's context): longer pairs/questions are skipped and "
+             "reported; NLL documents are scored in windows of this length")
+    reduction: str = setting("mean", flag="--score", choices=("mean", "sum"),
+                             help="a pair's score: mean (SODA) or sum of its tokens' log-probs")
+    codebooks: str = setting("all", help="audio tokens a pair's score counts: all, semantic, or N (the first N "
+                                         "codebooks)")
+    limit: int | None = setting(None, type=int, at_least=1, help="at most N items per task (quick checks)")
+    mcq_template: str = setting("{question}\nAnswer:",
+                                help="question text before each option; {question} and {choices} are filled in "
+                                     "(default: '{question}\\nAnswer:')")
+    split_weak_strong: bool = setting(
+        False, action="store_true",
+        help="mcq: write OUT/mcq_weak.json (answerable without audio) and OUT/mcq_strong.json")
+    judges: list = setting(  # checkpoints (or LoadedModel objects); default: the model
+        factory=list, type=_judges, help="mcq: comma-separated judge checkpoints for the split (default: CHECKPOINT)")
+    weak_votes: int | None = setting(  # weak = correct without audio for >= this many judges (default ceil(n/2))
+        None, type=int, help="mcq: an item is weak when at least this many judges answer it without audio (default: "
+                             "half of them, rounded up: 2 of 3)")
+    codec_batch_seconds: float | None = setting(None, flag=False)  # audio per codec call (5 s on CPU, 120 s on GPU)
+    generation_batch: int = setting(8, flag=False)  # prompts decoded together
+    max_text_tokens: int = setting(256, flag=False)  # ASR transcript cap
+    tts_asr: str = setting("whisper", help="tts: ASR backend for intelligibility: whisper[:MODEL] (default "
+                                           "openai/whisper-large-v3, as SODA), pocketsphinx (offline, rough), self "
+                                           "(the model's own ASR)")
+    tts_speaker: str = setting("wavlm", help="tts: speaker encoder for similarity: wavlm[:MODEL] (default "
+                                             "microsoft/wavlm-base-plus-sv), resemblyzer (offline), none")
+    s2st_asr: str = setting("whisper", help="s2st: ASR backend for ASR-BLEU of the generated speech (as --tts-asr; "
+                                            "default whisper)")
+    s2st_speaker: str = setting("wavlm", help="s2st: speaker encoder for similarity of output and source speech (as "
+                                              "--tts-speaker)")
+    s2st_source_text: str = setting(
+        "generated", choices=("generated", "given"),
+        help="s2st: the model writes the source transcript itself (default, as trained) or is given the reference one")
+    s2st_source_language: str | None = setting(  # for manifests without a source_language column
+        None, flag="--source-language", metavar="SOURCE_LANGUAGE",
+        help="s2st: source language for manifest rows without one (e.g. fr)")
+    s2st_max_seconds: float = setting(
+        30.0, type=float, help="s2st: longest target speech generated (default 30; a cap tied to the translation's "
+                               "length applies too)")
+    seed: int = setting(0, type=int, help="sampling seed of generation tasks (tts, s2st)")
+    lm_eval_include: str | None = setting(None, metavar="DIR", help="a directory of lm-eval task YAMLs of your own")
+    progress: bool = setting(True, flag="--quiet", action="store_false", help="no progress bars")
 
     def public(self) -> dict:
         return {"batch_tokens": self.batch_tokens, "max_len": self.max_len, "device": self.device,
@@ -62,7 +91,7 @@ class Settings:
 class Context:
     """The model under evaluation and the shared machinery of its tasks."""
 
-    def __init__(self, loaded, settings: Settings, out: Path | None = None, codec=None):
+    def __init__(self, loaded, settings: EvalSettings, out: Path | None = None, codec=None):
         self.loaded, self.settings, self.out = loaded, settings, out
         if codec is not None:
             self.__dict__["codec"] = codec
@@ -84,53 +113,21 @@ class Context:
                                self.settings.progress, desc, pad_id=self.vocab.eos_id)
 
     # --- audio ---------------------------------------------------------------------------------
+    @property
+    def codec_batch_seconds(self) -> float:
+        return self.settings.codec_batch_seconds or (120.0 if str(self.loaded.device).startswith("cuda") else 5.0)
+
     def load_wave(self, source, start: float | None = None, end: float | None = None) -> np.ndarray:
         """Audio at the codec's rate, cut to whole frames; SkipItem if unusable."""
-        if isinstance(source, np.ndarray):
-            wave = source.astype(np.float32)
-        else:
-            wave = load_audio(source, self.codec.sample_rate, start, end)
-        frames = self.codec.whole_frames(len(wave))
-        if frames < 1:
-            raise SkipItem(f"shorter than one codec frame ({len(wave)} samples)")
-        return wave[: frames * self.codec.samples_per_frame]
+        return codec_wave(self.codec, source, start, end)
 
     def encode(self, waves: list[np.ndarray]) -> list[np.ndarray]:
         """Codes [K, F] per wave, encoded in batches of similar length (whole frames: batching is exact)."""
-        seconds = self.settings.codec_batch_seconds or (120.0 if str(self.loaded.device).startswith("cuda") else 5.0)
-        budget = max(1, int(seconds * self.codec.sample_rate))
-        order = sorted(range(len(waves)), key=lambda i: -len(waves[i]))
-        out: list[np.ndarray | None] = [None] * len(waves)
-        start = 0
-        while start < len(order):
-            chunk = order[start:start + max(1, budget // max(len(waves[order[start]]), 1))]
-            for i, codes in zip(chunk, self.codec.encode_batch([waves[i] for i in chunk])):
-                out[i] = codes
-            start += len(chunk)
-        return out
+        return encode_waves(self.codec, waves, self.codec_batch_seconds)
 
     def audio_codes(self, sources: list, desc: str = "encoding audio") -> list:
-        """Codes for each source (a path, HFAudio, wave, or (source, start, end)), or why it is unusable (str).
-
-        Audio is read and encoded a block at a time: only the codes of a whole benchmark stay in memory.
-        """
-        from tqdm import tqdm
-
-        out: list = []
-        with tqdm(total=len(sources), desc=desc, unit="clip", disable=not self.settings.progress, leave=False,
-                  dynamic_ncols=True) as bar:
-            for first in range(0, len(sources), AUDIO_BLOCK):
-                waves, slots = [], []
-                for source in sources[first:first + AUDIO_BLOCK]:
-                    try:
-                        waves.append(self.load_wave(*source) if isinstance(source, tuple) else self.load_wave(source))
-                        slots.append(len(waves) - 1)
-                    except SkipItem as err:
-                        slots.append(str(err))
-                codes = self.encode(waves)
-                out += [slot if isinstance(slot, str) else codes[slot] for slot in slots]
-                bar.update(len(slots))
-        return out
+        """Codes for each source (a path, HFAudio, wave, or (source, start, end)), or why it is unusable (str)."""
+        return audio_codes(self.codec, sources, self.codec_batch_seconds, desc, self.settings.progress)
 
 
 @dataclass
