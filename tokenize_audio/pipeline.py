@@ -32,7 +32,7 @@ PLAN = "plan.json"  # planned shard names and fingerprints: what --finalize chec
 
 
 @dataclass
-class Settings:
+class TokenizeSettings:
     """Everything that changes the tokens: a re-run into the same --out must use the same values."""
 
     codec: dict
@@ -52,7 +52,7 @@ class Settings:
                 **({"keep_truncated": True} if self.keep_truncated else {})}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Settings":
+    def from_dict(cls, d: dict) -> "TokenizeSettings":
         return cls(**{**d, "formats": tuple(d["formats"])})
 
 
@@ -63,16 +63,22 @@ class ShardPlan:
     kind: str  # "speech" | "text"
     recordings: list = field(default_factory=list)  # list[list[Utterance]] or list[TextDocument]
 
-    def fingerprint(self, settings: Settings) -> str:
+    def fingerprint(self, settings: TokenizeSettings) -> str:
         if self.kind == "speech":
             content = [[(u.id, u.where, u.start, u.end, u.text) for u in rec] for rec in self.recordings]
         else:
             content = [(d.id, hashlib.sha1(d.text.encode()).hexdigest()) for d in self.recordings]
-        blob = json.dumps([settings.to_dict(), content], sort_keys=True, default=str)
-        return hashlib.sha1(blob.encode()).hexdigest()
+        return fingerprint(settings.to_dict(), content)
 
 
-def plan_shards(corpus: Corpus, settings: Settings) -> list[ShardPlan]:
+def fingerprint(settings: dict, content) -> str:
+    """What a shard's sidecar records to say what it was made from: a re-run keeps a shard whose fingerprint
+    matches (`finished_sidecar`)."""
+    blob = json.dumps([settings, content], sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()
+
+
+def plan_shards(corpus: Corpus, settings: TokenizeSettings) -> list[ShardPlan]:
     by_recording: dict[str, list[Utterance]] = defaultdict(list)
     for utt in corpus.utterances:
         by_recording[utt.recording].append(utt)
@@ -129,7 +135,7 @@ def plan_items(plan: ShardPlan) -> int:
 class ShardEncoder:
     """Encodes planned shards with a codec and vocabulary and writes them into `out`."""
 
-    def __init__(self, codec: Codec, vocab: Vocabulary, settings: Settings, out: Path,
+    def __init__(self, codec: Codec, vocab: Vocabulary, settings: TokenizeSettings, out: Path,
                  workers: int = 2, batch_seconds: float = 120.0, progress: bool = True):
         self.codec, self.vocab, self.settings, self.out = codec, vocab, settings, Path(out)
         self.workers = max(1, workers)
@@ -189,7 +195,7 @@ class ShardEncoder:
                     buffered = 0.0
         self._encode_buffer(buffer, codes, bar)
 
-        samples, stats = [], _Stats()
+        samples, stats = [], ShardStats()
         for rec in plan.recordings:
             kept = [u for u in rec if id(u) in codes]
             if not kept:
@@ -208,18 +214,18 @@ class ShardEncoder:
                 stats.add_document(counts)
                 meta = {"recording": kept[0].recording, "format": fmt, "kind": "speech",
                         "audio_seconds": round(sum(seconds), 3), "tokens": counts, "utterances": utt_meta}
-                samples.append((_sample_key(kept[0].recording, fmt), ids, meta))
+                samples.append((sample_key(kept[0].recording, fmt), ids, meta))
         return samples, stats.to_dict() | {"skipped": skipped}
 
     def run_text_shard(self, plan: ShardPlan, bar) -> tuple[list, dict]:
-        samples, stats = [], _Stats()
+        samples, stats = [], ShardStats()
         doc: TextDocument
         for doc in plan.recordings:
             ids = text_document(self.vocab, self.vocab.encode_text(doc.text))
             counts = self.vocab.count_types(ids)
             stats.add_document(counts)
             stats.recordings += 1
-            samples.append((_sample_key(doc.id, "text"), ids,
+            samples.append((sample_key(doc.id, "text"), ids,
                             {"recording": doc.id, "format": "text", "kind": "text", "tokens": counts}))
             bar.update(1)
         return samples, stats.to_dict() | {"skipped": []}
@@ -257,7 +263,9 @@ class ShardEncoder:
         return sidecars, reused
 
 
-class _Stats:
+class ShardStats:
+    """A shard's (or the manifest's) counts: documents, recordings, utterances, audio seconds, tokens by type."""
+
     def __init__(self):
         self.documents = self.recordings = self.utterances = 0
         self.audio_seconds = 0.0
@@ -273,12 +281,13 @@ class _Stats:
                 "audio_seconds": round(self.audio_seconds, 3), "tokens": dict(self.tokens)}
 
 
-def _sample_key(recording: str, fmt: str) -> str:
+def sample_key(recording: str, fmt: str) -> str:
+    """A document's key in its shard."""
     # webdataset keys may not contain dots; a hash keeps them unique and short (the id is in the JSON).
     return f"{hashlib.sha1(recording.encode('utf-8')).hexdigest()[:16]}_{fmt}"
 
 
-def _finished_sidecar(out: Path, name: str, fingerprint: str):
+def finished_sidecar(out: Path, name: str, fingerprint: str):
     """The sidecar of a finished shard with this fingerprint; its .tar must exist unless it holds no documents."""
     try:
         sidecar = json.loads((out / f"{name}.json").read_text())
@@ -289,16 +298,16 @@ def _finished_sidecar(out: Path, name: str, fingerprint: str):
     return sidecar if not sidecar.get("file") or (out / f"{name}.tar").is_file() else None
 
 
-def unfinished(out: Path, plans: list[ShardPlan], settings: Settings) -> tuple[list[ShardPlan], list[dict]]:
+def unfinished(out: Path, plans: list[ShardPlan], settings: TokenizeSettings) -> tuple[list[ShardPlan], list[dict]]:
     """(plans still to encode, sidecars of the finished ones): the one resume rule of every engine."""
     todo, done = [], []
     for plan in plans:
-        sidecar = _finished_sidecar(out, plan.name, plan.fingerprint(settings))
+        sidecar = finished_sidecar(out, plan.name, plan.fingerprint(settings))
         (todo.append(plan) if sidecar is None else done.append(sidecar))
     return todo, done
 
 
-def write_plan(out: Path, plans: list[ShardPlan], settings: Settings, codec: Codec, corpus: Corpus) -> None:
+def write_plan(out: Path, plans: list[ShardPlan], settings: TokenizeSettings, codec: Codec, corpus: Corpus) -> None:
     """What the manifest needs besides the sidecars, so that `finalize` works from --out alone (e.g. after
     a SLURM job array whose parts each encoded some shards). Every part writes the same file."""
     atomic_write_json(out / PLAN, {"codec": codec.describe(), "skipped": list(corpus.skipped),
@@ -311,13 +320,13 @@ def finalize(out: Path, required: bool = True):
     SodaError naming them if `required`, else None (a part that is not the last to finish)."""
     try:
         plan = json.loads((out / PLAN).read_text())
-        settings = Settings.from_dict(json.loads((out / SETTINGS).read_text()))
+        settings = TokenizeSettings.from_dict(json.loads((out / SETTINGS).read_text()))
     except FileNotFoundError as err:
         raise SodaError(f"{out}: no {Path(err.filename).name} (not a soda-tokenize output directory, or made "
                         f"before --part existed: re-run the tokenize command without --part)") from None
     sidecars, missing = [], []
     for shard in plan["shards"]:
-        sidecar = _finished_sidecar(out, shard["name"], shard["fingerprint"])
+        sidecar = finished_sidecar(out, shard["name"], shard["fingerprint"])
         (missing.append(shard["name"]) if sidecar is None else sidecars.append(sidecar))
     if missing:
         if not required:
@@ -330,7 +339,7 @@ def finalize(out: Path, required: bool = True):
                            sorted(sidecars, key=lambda s: s["name"]))
 
 
-def check_settings(out: Path, settings: Settings, overwrite: bool) -> bool:
+def check_settings(out: Path, settings: TokenizeSettings, overwrite: bool) -> bool:
     """True if `out` already holds a run with these settings; error if it holds a different one."""
     path = out / SETTINGS
     if not path.is_file():
@@ -348,15 +357,15 @@ def check_settings(out: Path, settings: Settings, overwrite: bool) -> bool:
                     f"use another --out, or --overwrite to replace them")
 
 
-def write_manifest(out: Path, codec: Codec, vocab: Vocabulary, settings: Settings, corpus: Corpus,
+def write_manifest(out: Path, codec: Codec, vocab: Vocabulary, settings: TokenizeSettings, corpus: Corpus,
                    sidecars: list[dict]) -> dict:
     return _write_manifest(out, codec.describe(), vocab, settings, list(corpus.skipped), sidecars)
 
 
-def _write_manifest(out: Path, codec: dict, vocab: Vocabulary, settings: Settings, input_skipped: list[dict],
+def _write_manifest(out: Path, codec: dict, vocab: Vocabulary, settings: TokenizeSettings, input_skipped: list[dict],
                     sidecars: list[dict]) -> dict:
     """The manifest is a function of the sidecars and the plan only (no timings), so every engine writes it alike."""
-    totals = _Stats()
+    totals = ShardStats()
     for s in sidecars:
         totals.documents += s["documents"]
         totals.recordings += s["recordings"]

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from tokenize_audio.encoding import default_batch_seconds
 from tokenize_audio.errors import SodaError
-from tokenize_audio.pipeline import Settings, ShardEncoder, ShardPlan, load_wave, plan_items, progress_bar, show_audio
+from tokenize_audio.pipeline import (ShardEncoder, ShardPlan, TokenizeSettings, load_wave, plan_items, progress_bar,
+                                     show_audio)
 
 INSTALL_HINT = "--engine ray needs Ray Data: pip install 'ray[data]>=2.10' (or pip install '.[ray]')"
 
@@ -70,9 +71,9 @@ class _EncodeShard:
         self._json = json
         loaded = load_codec(codec.spec, codec.codebooks, codec.device,
                             encode_chunk_seconds=codec.encode_chunk_seconds)
-        self.encoder = ShardEncoder(loaded, Vocabulary.load(Path(out)), Settings.from_dict(settings), Path(out),
-                                    workers=1, batch_seconds=batch_seconds or default_batch_seconds(loaded),
-                                    progress=False)
+        self.encoder = ShardEncoder(loaded, Vocabulary.load(Path(out)), TokenizeSettings.from_dict(settings),
+                                    Path(out), workers=1,
+                                    batch_seconds=batch_seconds or default_batch_seconds(loaded), progress=False)
 
     def __call__(self, batch: dict) -> dict:
         from tqdm import tqdm
@@ -87,8 +88,9 @@ class _EncodeShard:
         return {"sidecar": sidecars}
 
 
-def run_ray(todo: list[ShardPlan], codec: CodecSpec, settings: Settings, out: Path, batch_seconds: float | None, *,
-            address: str | None, gpus_per_worker: float, cpu_workers: int, progress: bool) -> list[dict]:
+def run_ray(todo: list[ShardPlan], codec: CodecSpec, settings: TokenizeSettings, out: Path,
+            batch_seconds: float | None, *, address: str | None, gpus_per_worker: float, cpu_workers: int,
+            progress: bool) -> list[dict]:
     """Encode the `todo` shards on Ray; return their sidecars. Starts (and stops) a local Ray instance unless
     one is already initialised in this process or `address` names a cluster. `batch_seconds` None: each actor
     picks the default for the device it got."""

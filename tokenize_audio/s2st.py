@@ -34,6 +34,8 @@ from tokenize_audio.codecs import Codec
 from tokenize_audio.documents import s2st_document, validation_recordings
 from tokenize_audio.encoding import audio_codes, default_batch_seconds
 from tokenize_audio.errors import SkipItem, SodaError
+from tokenize_audio.pipeline import (ShardStats, TokenizeSettings, finished_sidecar, fingerprint, sample_key,
+                                     write_manifest)
 from tokenize_audio.shards import atomic_write_json, write_shard
 from tokenize_audio.vocab import Vocabulary
 
@@ -167,8 +169,7 @@ def read_pairs(manifest, source_language: str | None = None, target_language: st
 # --------------------------------------------------------------------------------------------
 def _fingerprint(settings: dict, pairs: list[Pair]) -> str:
     stat = lambda p: (Path(p).stat().st_size, Path(p).stat().st_mtime_ns)  # noqa: E731 -- changed audio re-encodes
-    content = [(asdict(p), stat(p.source_audio), stat(p.target_audio)) for p in pairs]
-    return hashlib.sha1(json.dumps([settings, content], sort_keys=True).encode()).hexdigest()
+    return fingerprint(settings, [(asdict(p), stat(p.source_audio), stat(p.target_audio)) for p in pairs])
 
 
 def write_s2st_shards(pairs: Pairs, vocab: Vocabulary, codec: Codec, out: Path, validation_fraction: float = 0.0,
@@ -183,8 +184,6 @@ def write_s2st_shards(pairs: Pairs, vocab: Vocabulary, codec: Codec, out: Path, 
     """
     from tqdm import tqdm
 
-    from tokenize_audio.pipeline import Settings as TokenizeSettings
-    from tokenize_audio.pipeline import write_manifest
     from tokenize_audio.sources import Corpus
 
     out = Path(out)
@@ -200,11 +199,11 @@ def write_s2st_shards(pairs: Pairs, vocab: Vocabulary, codec: Codec, out: Path, 
             for first in range(0, len(chosen), pairs_per_shard):
                 chunk = chosen[first:first + pairs_per_shard]
                 name = f"{split}-speech-{first // pairs_per_shard:05d}"
-                fingerprint = _fingerprint(settings.to_dict() | {"vocab": vocab.to_dict()}, chunk)
-                sidecar = _finished(out, name, fingerprint)
+                made_from = _fingerprint(settings.to_dict() | {"vocab": vocab.to_dict()}, chunk)
+                sidecar = finished_sidecar(out, name, made_from)
                 if sidecar is None:
                     sidecar = _write_shard(out, name, split, chunk, vocab, codec, bar)
-                    sidecar["fingerprint"] = fingerprint
+                    sidecar["fingerprint"] = made_from
                     atomic_write_json(out / f"{name}.json", sidecar)
                 else:
                     bar.update(len(chunk))
@@ -219,21 +218,11 @@ def write_s2st_shards(pairs: Pairs, vocab: Vocabulary, codec: Codec, out: Path, 
     return write_manifest(out, codec, vocab, settings, Corpus(skipped=list(pairs.skipped)), sidecars), skipped, lengths
 
 
-def _finished(out: Path, name: str, fingerprint: str) -> dict | None:
-    try:
-        sidecar = json.loads((out / f"{name}.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    return sidecar if sidecar.get("fingerprint") == fingerprint and (out / f"{name}.tar").is_file() else None
-
-
 def _write_shard(out: Path, name: str, split: str, chunk: list[Pair], vocab: Vocabulary, codec: Codec, bar) -> dict:
     seconds = default_batch_seconds(codec)
     sources = audio_codes(codec, [p.source_audio for p in chunk], seconds, "source audio", progress=False)
     targets = audio_codes(codec, [p.target_audio for p in chunk], seconds, "target audio", progress=False)
-    samples, skipped = [], []
-    totals = dict.fromkeys(("text", "special", "semantic", "acoustic"), 0)
-    seconds_total = 0.0
+    samples, skipped, stats = [], [], ShardStats()
     for pair, src, tgt in zip(chunk, sources, targets):
         bar.update(1)
         bad = [f"{what} audio: {c}" for what, c in (("source", src), ("target", tgt)) if isinstance(c, str)]
@@ -243,17 +232,17 @@ def _write_shard(out: Path, name: str, split: str, chunk: list[Pair], vocab: Voc
         ids, target_start = s2st_document(vocab, vocab.codes_to_ids(src), pair.source_language, pair.source_text,
                                           pair.target_language, pair.target_text, vocab.codes_to_ids(tgt))
         counts = vocab.count_types(ids)
-        for k, v in counts.items():
-            totals[k] = totals.get(k, 0) + v
         seconds = (src.shape[1] + tgt.shape[1]) / codec.frame_rate
-        seconds_total += seconds
+        stats.add_document(counts)
+        stats.recordings += 1
+        stats.utterances += 2
+        stats.audio_seconds += seconds
         meta = {"recording": pair.id, "format": "s2st", "kind": "speech", "target_start": target_start,
                 "audio_seconds": round(seconds, 3), "tokens": counts, "pair": asdict(pair)}
-        samples.append((hashlib.sha1(pair.id.encode()).hexdigest()[:16] + "_s2st", ids, meta))
+        samples.append((sample_key(pair.id, "s2st"), ids, meta))
     write_shard(out / f"{name}.tar", samples)
-    return {"name": name, "file": f"{name}.tar", "split": split, "kind": "speech", "documents": len(samples),
-            "recordings": len(samples), "utterances": 2 * len(samples), "audio_seconds": round(seconds_total, 3),
-            "tokens": totals, "skipped": skipped, "document_tokens": {s[2]["recording"]: len(s[1]) for s in samples}}
+    return {"name": name, "file": f"{name}.tar", "split": split, "kind": "speech", **stats.to_dict(),
+            "skipped": skipped, "document_tokens": {s[2]["recording"]: len(s[1]) for s in samples}}
 
 
 def epochs_to_tokens(manifest: dict, epochs: float) -> int:

@@ -36,7 +36,8 @@ from tqdm import tqdm
 
 from tokenize_audio.documents import holdout_score
 from tokenize_audio.errors import SkipItem, SodaError
-from tokenize_audio.pipeline import SETTINGS, Settings, _finished_sidecar, _Stats, check_settings, write_manifest
+from tokenize_audio.pipeline import (SETTINGS, ShardStats, TokenizeSettings, check_settings, finished_sidecar,
+                                     sample_key, write_manifest)
 from tokenize_audio.shards import atomic_write_json, write_shard
 from tokenize_audio.sources import RECORDING_COLUMNS, TEXT_COLUMNS, Corpus, open_hf_dataset
 from tokenize_audio.vocab import AUDIO_CHAR_BASE, AUDIO_END, AUDIO_START, BOS, EOS, TEXT_END, TEXT_START, Vocabulary
@@ -259,8 +260,8 @@ def corpus_texts(inputs: list[str], text_column=None, recording_column=None):
 # Units of rows -> shards
 # --------------------------------------------------------------------------------------------
 @dataclass
-class ImportSettings(Settings):
-    """Settings plus what only an import has; the dict is the fingerprint base and settings.json."""
+class ImportSettings(TokenizeSettings):
+    """TokenizeSettings plus what only an import has; the dict is the fingerprint base and settings.json."""
 
     text_column: str | None = None
     recording_column: str | None = None
@@ -274,7 +275,7 @@ def _unit_names(index: int) -> list[tuple[str, str, str]]:
     return [(f"{split}-{kind}-{index:05d}", split, kind) for split in ("train", "validation") for kind in ("speech", "text")]
 
 
-def unit_fingerprint(settings: Settings, rows: list) -> str:
+def unit_fingerprint(settings: TokenizeSettings, rows: list) -> str:
     h = hashlib.sha1(json.dumps(settings.to_dict(), sort_keys=True, default=str).encode())
     for where, text, rec in rows:
         h.update(json.dumps([where, rec], default=str).encode("utf-8"))
@@ -294,7 +295,7 @@ def _convert_unit(index: int, rows: list, fingerprint: str) -> list[dict]:
     """Convert one unit of rows and write its shards and sidecars; return the sidecars."""
     vocab, out, settings = _WORKER["vocab"], _WORKER["out"], _WORKER["settings"]
     started = time.perf_counter()
-    groups = {(split, kind): ([], _Stats(), set()) for _, split, kind in _unit_names(index)}
+    groups = {(split, kind): ([], ShardStats(), set()) for _, split, kind in _unit_names(index)}
     keys: dict[str, int] = {}  # a row repeated in one unit gets key_1, key_2, ...: tar member names must differ
     skipped = []
     for where, text, rec in rows:
@@ -317,7 +318,7 @@ def _convert_unit(index: int, rows: list, fingerprint: str) -> list[dict]:
         if recording not in seen:
             seen.add(recording)
             stats.recordings += 1
-        key = f"{hashlib.sha1(recording.encode('utf-8')).hexdigest()[:16]}_{parsed.form}"
+        key = sample_key(recording, parsed.form)
         n = keys[key] = keys.get(key, -1) + 1
         meta = {"recording": recording, "format": parsed.form, "kind": kind, "row": where,
                 "audio_seconds": round(seconds, 3), "tokens": counts}
@@ -396,7 +397,7 @@ def import_soda(args) -> dict:
             fp = unit_fingerprint(settings, unit)
             names = [name for name, _, _ in _unit_names(index)]
             planned.update(names)
-            done = [_finished_sidecar(out, n, fp) for n in names]  # the pipeline's resume rule
+            done = [finished_sidecar(out, n, fp) for n in names]  # the pipeline's resume rule
             if all(done):
                 sidecars += done
                 reused += 1
