@@ -17,7 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from scaling import fit as F
+from scaling.fit import fit_scaling
+from scaling.laws import approach2, approach3
+from scaling.results import load_results
 
 TRUTH = {"E": 1.7, "A": 400.0, "B": 1500.0, "alpha": 0.34, "beta": 0.28}
 
@@ -56,13 +58,13 @@ def main() -> None:
         rows = []
         for _ in range(args.repeat):
             t0 = time.perf_counter()
-            results = F.load_results(path)
+            results = load_results(path)
             t1 = time.perf_counter()
-            fit = F.fit_scaling(results, args.bootstrap, args.seed)
+            fit = fit_scaling(results, args.bootstrap, args.seed)
             t2 = time.perf_counter()
-            F.approach2(results, args.bootstrap, np.random.default_rng(args.seed))
+            approach2(results, args.bootstrap, np.random.default_rng(args.seed))
             t3 = time.perf_counter()
-            F.approach3(results, args.bootstrap, np.random.default_rng(args.seed))
+            approach3(results, args.bootstrap, np.random.default_rng(args.seed))
             t4 = time.perf_counter()
             rows.append((t2 - t0, t1 - t0, t3 - t2, t4 - t3))
 

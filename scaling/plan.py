@@ -1,4 +1,4 @@
-"""IsoFLOP sweep planning by SODA's rules (DESIGN.md §2, Scaling study).
+"""IsoFLOP sweep planning by the rules of SODA's scaling study (its budgets, sweep shapes, batch and LR rule).
 
 For each budget C and width d: the sweep shape from d, tokens D = C / (3 x forward FLOPs per token),
 batch B (sequences) = next power of two of D / (2^16 * seq_len), halved while LR = 0.33*sqrt(B)/d

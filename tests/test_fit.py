@@ -10,9 +10,12 @@ import numpy as np
 import pytest
 from scipy.optimize import least_squares, minimize_scalar
 
-from scaling import fit as F
 from scaling.cli import main
+from scaling.fit import fit_scaling
+from scaling.laws import _grid_start, _log_residuals, _refine_batched
 from scaling.plan import PAPER_BUDGETS, plan_sweep
+from scaling.results import load_results
+from scaling.summary import summary
 from soda.shape import ModelShape, params, training_flops_per_token
 from tokenize_audio.errors import SodaError
 
@@ -52,7 +55,7 @@ def write(path, rows, columns=None):
 
 
 def fit_rows(tmp_path, rows, bootstrap=0, **kw):
-    return F.fit_scaling(F.load_results(write(tmp_path / "results.csv", rows)), bootstrap=bootstrap, **kw)
+    return fit_scaling(load_results(write(tmp_path / "results.csv", rows)), bootstrap=bootstrap, **kw)
 
 
 def run(*args):
@@ -106,27 +109,27 @@ def test_one_bad_run_does_not_drag_the_fit(tmp_path):
 
 def test_batched_bootstrap_refit_matches_scipy(tmp_path):
     """The fast batched Huber refit solves the same problem as scipy's least_squares."""
-    r = F.load_results(write(tmp_path / "r.csv", sweep(noise=0.01, seed=2)))
+    r = load_results(write(tmp_path / "r.csv", sweep(noise=0.01, seed=2)))
     ln_n, ln_d, log_loss = np.log(r.params) - 20, np.log(r.tokens) - 23, np.log(r.loss)
-    start = F._grid_start(ln_n, ln_d, r.loss)
+    start = _grid_start(ln_n, ln_d, r.loss)
     delta = 0.01
-    ref = least_squares(lambda t: F._log_residuals(t, ln_n, ln_d, log_loss)[0], start,
-                        jac=lambda t: F._log_residuals(t, ln_n, ln_d, log_loss)[1], loss="huber", f_scale=delta,
+    ref = least_squares(lambda t: _log_residuals(t, ln_n, ln_d, log_loss)[0], start,
+                        jac=lambda t: _log_residuals(t, ln_n, ln_d, log_loss)[1], loss="huber", f_scale=delta,
                         bounds=([0, 0, 0, 0.005, 0.005], [np.inf, np.inf, np.inf, 3, 3])).x
-    batched = F._refine_batched(start[None], ln_n[None], ln_d[None], log_loss[None], delta)[0]
+    batched = _refine_batched(start[None], ln_n[None], ln_d[None], log_loss[None], delta)[0]
     np.testing.assert_allclose(batched, ref, rtol=1e-4)
 
 
 def test_grouping_without_budget_column_matches(tmp_path):
     rows = sweep(noise=0.005, seed=3, jitter=0.01)
-    with_budget = F.load_results(write(tmp_path / "a.csv", rows))
-    without = F.load_results(write(tmp_path / "b.csv", rows, ["name", "flops", "params", "tokens", "loss"]))
+    with_budget = load_results(write(tmp_path / "a.csv", rows))
+    without = load_results(write(tmp_path / "b.csv", rows, ["name", "flops", "params", "tokens", "loss"]))
     for c in PAPER_BUDGETS:
         members = with_budget.budget == c
         assert len(np.unique(without.budget[members])) == 1
         assert np.unique(without.budget[members])[0] == pytest.approx(c, rel=0.01)
     assert len(without.budgets) == len(PAPER_BUDGETS)
-    fa, fb = (F.fit_scaling(r, bootstrap=0) for r in (with_budget, without))
+    fa, fb = (fit_scaling(r, bootstrap=0) for r in (with_budget, without))
     assert fb["approach2"]["a"] == pytest.approx(fa["approach2"]["a"], abs=0.01)
     assert fb["approach3"]["a"] == pytest.approx(fa["approach3"]["a"], abs=1e-9)  # uses runs, not budgets
 
@@ -137,7 +140,7 @@ def test_chained_flops_need_a_budget_column(tmp_path):
         row["flops"] = 1e18 * 1.04 ** i
     write(tmp_path / "r.csv", rows, ["flops", "params", "tokens", "loss"])
     with pytest.raises(SodaError, match="chain into one budget.*add a `budget` column"):
-        F.load_results(tmp_path / "r.csv")
+        load_results(tmp_path / "r.csv")
 
 
 def test_unfinished_runs_are_reported_not_dropped(tmp_path, capsys):
@@ -184,10 +187,10 @@ def test_undetermined_approach2_still_gives_approach3_and_plots(tmp_path, capsys
 def test_spreadsheet_exports(tmp_path):
     text = write(tmp_path / "r.csv", sweep()).read_text()
     (tmp_path / "bom.csv").write_text(text, encoding="utf-8-sig")
-    assert len(F.load_results(tmp_path / "bom.csv").loss) == 63
+    assert len(load_results(tmp_path / "bom.csv").loss) == 63
     (tmp_path / "utf16.csv").write_text(text, encoding="utf-16")
     with pytest.raises(SodaError, match="utf16.csv: not a UTF-8 CSV"):
-        F.load_results(tmp_path / "utf16.csv")
+        load_results(tmp_path / "utf16.csv")
 
 
 def test_seeded_bootstrap_is_reproducible(tmp_path):
@@ -351,7 +354,7 @@ def test_frontier_follows_the_sweep_shapes_not_a_constant_k(tmp_path):
         truth = family_optimum(shapes["flops"])
         new, old = errors(shapes["approach3"], truth), errors(constant["approach3"], truth)
         assert (new < 0.005).all() and (new < old).all() and old.max() > 0.05, (shapes["flops"], new, old)
-    assert "optima along SODA's sweep shapes (vocab 144,644, seq_len 4,096" in F.summary(fits["auto"])
+    assert "optima along SODA's sweep shapes (vocab 144,644, seq_len 4,096" in summary(fits["auto"])
 
 
 def test_frontier_bootstrap_intervals_cover_the_truth(tmp_path):
@@ -371,11 +374,11 @@ def test_without_shapes_the_frontier_fits_k_of_n(tmp_path):
     summary), which still beats the constant k at far budgets."""
     rows = soda_grid_rows()
     path = write(tmp_path / "results.csv", rows, ["name", "budget", "params", "tokens", "flops", "loss"])
-    fitted, constant = (F.fit_scaling(F.load_results(path), bootstrap=0, target_flops=FAR, cost=c)
+    fitted, constant = (fit_scaling(load_results(path), bootstrap=0, target_flops=FAR, cost=c)
                         for c in ("auto", "constant"))
     a3 = fitted["approach3"]
     assert a3["frontier_cost"] == "fitted" and "no `width` column" in a3["frontier"]["reason"]
-    assert "fitted to the runs" in F.summary(fitted)
+    assert "fitted to the runs" in summary(fitted)
     for new_p, old_p in zip(fitted["predictions"], constant["predictions"]):
         truth = family_optimum(new_p["flops"])
         new, old = errors(new_p["approach3"], truth), errors(old_p["approach3"], truth)
