@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from soda.train.config import TrainConfig, make_config, parse_count, soda_peak_lr
-from soda.train.data import PackedStream, dataloader, repeat_warnings, resolve_sources, shard_documents
+from soda.train.data import PackedStream, dataloader, repeat_warnings, resolve_sources
 from soda.train.optim import wsd_factor
 from tokenize_audio.errors import SodaError
+from tokenize_audio.shards import shard_documents
 
 
 @pytest.fixture(scope="module")
@@ -237,7 +238,7 @@ def test_sources_need_a_vocabulary_and_matching_ones(train_tokens, tmp_path):
 # --- masking ---------------------------------------------------------------------------------
 def test_packed_documents_give_their_standalone_logits(sources):
     from soda.model import attention_inputs, build_model
-    from soda.train.module import token_nll
+    from soda.train.loss import token_nll
 
     _, vocab = sources
     for attention in ("sdpa", "eager"):
@@ -260,7 +261,7 @@ def test_flex_attention_block_mask_gives_the_dense_document_mask_results(sources
     to standalone documents. Forward only: torch has no flex attention backward on the CPU (soda-train refuses it
     there); on the CPU flex attention compiles a C++ kernel first (tens of seconds)."""
     from soda.model import attention_inputs, build_model, default_attention
-    from soda.train.module import lm_loss
+    from soda.train.loss import lm_loss
 
     _, vocab = sources
     assert default_attention("cpu") == "sdpa" and default_attention("cuda") == "flex_attention"

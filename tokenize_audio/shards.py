@@ -1,4 +1,4 @@
-"""Webdataset shards and atomic writes.
+"""Webdataset shards: written and read here only, and atomic writes.
 
 One sample per document: `tokens.npy` (uint32 ids) and `json` (metadata). A shard is written to a
 temporary name and renamed when complete, with a JSON sidecar holding its statistics, so a re-run
@@ -12,6 +12,7 @@ rename (a shared project group must be able to read shards, manifests and checkp
 from __future__ import annotations
 
 import contextlib
+import glob
 import io
 import json
 import os
@@ -126,16 +127,69 @@ def write_shard(path: Path, samples: list[tuple[str, np.ndarray, dict]]) -> None
     atomic_write_bytes(path, buf.getvalue())
 
 
-def read_shard(path: Path):
-    """Yield `(key, token_ids, metadata)` from a shard written by `write_shard`.
+# --------------------------------------------------------------------------------------------
+# Reading: the one reader of the format, for local shards and URLs alike
+# --------------------------------------------------------------------------------------------
+class BadShard(SodaError):
+    """A missing or corrupt shard found while streaming."""
+
+
+def is_url(location: str) -> bool:
+    return "://" in location or location.startswith("pipe:")
+
+
+def expand_shards(location: str) -> list[str]:
+    """A brace pattern, glob or single path/URL -> the shard list; local shards must exist."""
+    import braceexpand
+
+    names = list(braceexpand.braceexpand(location))
+    if is_url(location):
+        return names
+    found: list[str] = []
+    for name in names:
+        matches = sorted(glob.glob(name)) if any(c in name for c in "*?[") else [name]
+        missing = [m for m in matches if not Path(m).is_file()]
+        if not matches or missing:
+            raise SodaError(f"--data {location}: shard {missing[0] if missing else name} not found")
+        found.extend(matches)
+    return found
+
+
+def open_shard(url: str):
+    """A binary stream of a local file, or of a URL through webdataset's openers (http(s), pipe:, ...)."""
+    if is_url(url):
+        import webdataset as wds
+
+        return wds.gopen(url)
+    return open(url, "rb")
+
+
+def shard_documents(url: str, start: int = 0, vocab_size: int | None = None):
+    """Yield `(index, token_ids as int64)` for the documents of one shard, from document `start` on; ids
+    outside `vocab_size` make the shard bad (BadShard)."""
+    for index, _, tokens, _ in _documents(url, start, vocab_size, meta=False):
+        yield index, tokens.astype(np.int64)
+
+
+def read_shard(path):
+    """Yield `(key, token_ids, metadata)` from a shard written by `write_shard`."""
+    for _, key, tokens, meta in _documents(str(path), 0, None, meta=True):
+        yield key, tokens, meta
+
+
+def _documents(url: str, start: int, vocab_size: int | None, meta: bool):
+    """`(index, key, tokens, metadata)` per document of a shard from document `start` on.
 
     Shards are data, possibly made by someone else: only the members the format defines are read,
-    `tokens.npy` through numpy without pickle and `json` as JSON; other members are ignored. Read with
-    tarfile, not webdataset: its default decoders unpickle `.pyd`/`.pkl` members (running code) and its
-    URLs run `pipe:` commands. A sample without `tokens.npy` is not a document and is passed over.
+    `tokens.npy` through numpy without pickle and `json` as JSON (when `meta`); other members are ignored, as
+    is a sample without `tokens.npy` (not a document). Read with tarfile, not webdataset: its default
+    decoders unpickle `.pyd`/`.pkl` members (running code). tarfile ends an archive silently at the first
+    damaged header after the first member, so a local shard's tail is checked too: only zero padding may
+    follow the last member.
     """
+    index = -1
     try:
-        with tarfile.open(path, mode="r|*") as tar:
+        with open_shard(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
             key, members = None, {}
             for member in tar:
                 folder, _, base = member.name.rpartition("/")
@@ -144,27 +198,41 @@ def read_shard(path: Path):
                     continue
                 this = f"{folder}/{stem}" if folder else stem
                 if this != key:
-                    if key is not None:
-                        yield from _document(path, key, members)
+                    if "tokens.npy" in members:
+                        index += 1
+                        if index >= start:
+                            yield index, key, *_decode(key, members, vocab_size)
                     key, members = this, {}
-                if suffix in ("tokens.npy", "json"):
-                    members[suffix] = tar.extractfile(member).read()
-            if key is not None:
-                yield from _document(path, key, members)
-    except (tarfile.TarError, EOFError, OSError) as err:
-        raise SodaError(f"shard {path} is unreadable ({err})") from None
+                if suffix == "tokens.npy" and not meta:  # nothing else to wait for: the document is complete
+                    index += 1
+                    if index >= start:
+                        yield index, key, *_decode(key, {suffix: tar.extractfile(member).read()}, vocab_size)
+                elif suffix == "tokens.npy" or suffix == "json" and meta:  # skipped documents are not read
+                    members[suffix] = tar.extractfile(member).read() if index + 1 >= start else b""
+            if "tokens.npy" in members:
+                index += 1
+                if index >= start:
+                    yield index, key, *_decode(key, members, vocab_size)
+            end = tar.offset
+        if not is_url(url):
+            with open(url, "rb") as f:
+                f.seek(end)
+                if f.read().strip(b"\0"):
+                    raise ValueError("damaged data after the last readable document (truncated or corrupt)")
+    except (tarfile.TarError, ValueError, EOFError, OSError) as e:
+        raise BadShard(f"shard {url} is unreadable after document {index}: {e}") from None
 
 
-def _document(path: Path, key: str, members: dict):
-    if "tokens.npy" not in members:
-        return
+def _decode(key: str, members: dict, vocab_size: int | None) -> tuple[np.ndarray, dict]:
     try:
         tokens = np.load(io.BytesIO(members["tokens.npy"]), allow_pickle=False)
         meta = json.loads(members["json"]) if "json" in members else {}
     except (ValueError, UnicodeDecodeError, EOFError, OSError) as err:  # JSONDecodeError is a ValueError
-        raise SodaError(f"shard {path}: document {key} is unreadable ({err})") from None
+        raise ValueError(f"document {key} is unreadable ({err})") from None
     if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
-        raise SodaError(f"shard {path}: document {key} holds {tokens.dtype} {tokens.shape}, not a 1-D id array")
+        raise ValueError(f"document {key} holds {tokens.dtype} {tokens.shape}, not a 1-D id array")
+    if vocab_size is not None and tokens.size and int(tokens.max()) >= vocab_size:
+        raise ValueError(f"document {key} holds id {int(tokens.max())}, outside the vocabulary of {vocab_size:,}")
     if not isinstance(meta, dict):
-        raise SodaError(f"shard {path}: document {key} has JSON metadata that is not an object")
-    yield key, tokens, meta
+        raise ValueError(f"document {key} has JSON metadata that is not an object")
+    return tokens, meta

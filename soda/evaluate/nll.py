@@ -36,7 +36,8 @@ def _run_directory(source: str) -> Path | None:
 
 
 def load_held_out(ctx, spec: str | None) -> HeldOut:
-    from soda.train.data import ShardVocabularies, _expand, resolve_sources
+    from soda.train.data import ShardVocabularies, resolve_sources
+    from tokenize_audio.shards import expand_shards
 
     if spec is None:
         run = _run_directory(ctx.loaded.source)
@@ -50,7 +51,7 @@ def load_held_out(ctx, spec: str | None) -> HeldOut:
     elif Path(spec).expanduser().is_dir():
         data, val_data, vocab_dir, where = [str(Path(spec).expanduser())], [], None, spec
     else:  # shard files, a glob or brace pattern: every document in them is held out
-        shards = _expand(spec)
+        shards = expand_shards(spec)
         check = ShardVocabularies(ctx.vocab, "the model's", ctx.loaded.source)
         check(shards, f"nll: {spec}")
         check.warn()
@@ -67,7 +68,7 @@ def load_held_out(ctx, spec: str | None) -> HeldOut:
 
 
 def run_nll(ctx, data: HeldOut) -> dict:
-    from soda.train.data import BadShard, shard_documents
+    from tokenize_audio.shards import BadShard, shard_documents
 
     vocab, settings = ctx.vocab, ctx.settings
     skips = Skips()

@@ -17,11 +17,8 @@ windows it would have seen without the interruption.
 
 from __future__ import annotations
 
-import glob
-import io
 import json
 import sys
-import tarfile
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +28,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from tokenize_audio.errors import SodaError
+from tokenize_audio.shards import BadShard, expand_shards, is_url, open_shard, shard_documents
 from tokenize_audio.vocab import Vocabulary
 
 MANIFEST = "manifest.json"
@@ -51,34 +49,13 @@ class Source:
 # --------------------------------------------------------------------------------------------
 # Resolving --data into sources
 # --------------------------------------------------------------------------------------------
-def _is_url(location: str) -> bool:
-    return "://" in location or location.startswith("pipe:")
-
-
-def _expand(location: str) -> list[str]:
-    """A brace pattern, glob or single path/URL -> the shard list; local shards must exist."""
-    import braceexpand
-
-    names = list(braceexpand.braceexpand(location))
-    if _is_url(location):
-        return names
-    found: list[str] = []
-    for name in names:
-        matches = sorted(glob.glob(name)) if any(c in name for c in "*?[") else [name]
-        missing = [m for m in matches if not Path(m).is_file()]
-        if not matches or missing:
-            raise SodaError(f"--data {location}: shard {missing[0] if missing else name} not found")
-        found.extend(matches)
-    return found
-
-
 def _parse_entry(entry) -> dict:
     if isinstance(entry, dict):
         if "path" not in entry:
             raise SodaError(f"data entry {entry}: needs a 'path'")
         return dict(entry)
     name, sep, location = str(entry).partition("=")
-    if not sep or _is_url(name) or "/" in name:
+    if not sep or is_url(name) or "/" in name:
         name, location = "", str(entry)
     return {"name": name, "path": location}
 
@@ -118,11 +95,11 @@ def resolve_sources(data: list, val_data: list, mix: dict, vocab_dir: str | None
         e = _parse_entry(entry)
         location, name = str(e["path"]), e.get("name") or ""
         kind = e.get("kind") or (name if name in KINDS else None)
-        if not _is_url(location) and Path(location).is_dir():
+        if not is_url(location) and Path(location).is_dir():
             source, vocab = _from_directory(Path(location), name or Path(location).name, kind)
             vocabs.append((location, vocab))
         else:
-            source = Source(name or f"source{i}", _expand(location))
+            source = Source(name or f"source{i}", expand_shards(location))
         named.append((f"--data {location}", source.train + source.validation))
         if e.get("weight") is not None:
             source.weight = float(e["weight"])
@@ -135,7 +112,7 @@ def resolve_sources(data: list, val_data: list, mix: dict, vocab_dir: str | None
         target = next((s for s in sources if s.name == e.get("name")), None) if e.get("name") else sources[0]
         if target is None:
             raise SodaError(f"--val-data {entry}: no --data source named {e['name']!r}")
-        target.validation = _expand(str(e["path"]))
+        target.validation = expand_shards(str(e["path"]))
         named.append((f"--val-data {e['path']}", target.validation))
     _apply_mix(sources, mix)
     if vocab_dir:
@@ -204,9 +181,9 @@ class ShardVocabularies:
     def _beside(self, shard: str) -> tuple[str, Vocabulary] | None:
         if shard.startswith("pipe:"):
             return None
-        directory = shard.rsplit("/", 1)[0] if _is_url(shard) else str(Path(shard).resolve().parent)
+        directory = shard.rsplit("/", 1)[0] if is_url(shard) else str(Path(shard).resolve().parent)
         if directory not in self.found:
-            self.found[directory] = _remote_vocabulary(directory) if _is_url(shard) else _local_vocabulary(directory)
+            self.found[directory] = _remote_vocabulary(directory) if is_url(shard) else _local_vocabulary(directory)
         return self.found[directory]
 
 
@@ -228,7 +205,7 @@ def _remote_vocabulary(directory: str) -> tuple[str, Vocabulary] | None:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             for name in ("vocab.json", "text_tokenizer.json"):
-                with _open(f"{directory}/{name}") as stream:
+                with open_shard(f"{directory}/{name}") as stream:
                     (Path(tmp) / name).write_bytes(stream.read())
             return f"{directory}/vocab.json", Vocabulary.load(Path(tmp))
     except Exception:  # noqa: BLE001 -- whatever the scheme's opener raises, the shards are just unchecked
@@ -284,54 +261,6 @@ def parse_mix(text: str | None) -> dict:
         if not sep:
             raise SodaError(f"--mix {text!r}: expected NAME=WEIGHT,... e.g. speech=0.95,text=0.05")
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# Reading shards
-# --------------------------------------------------------------------------------------------
-def _open(url: str):
-    if _is_url(url):
-        import webdataset as wds
-
-        return wds.gopen(url)
-    return open(url, "rb")
-
-
-def shard_documents(url: str, start: int = 0, vocab_size: int | None = None):
-    """Yield `(index, token_ids)` for the documents of one shard, from document `start` on.
-
-    tarfile ends an archive silently at the first damaged header after the first member, so a
-    local shard's tail is checked too: only zero padding may follow the last member.
-    """
-    index = -1
-    try:
-        with _open(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for member in tar:
-                if not member.name.endswith(".tokens.npy"):
-                    continue
-                index += 1
-                if index < start:
-                    continue
-                data = tar.extractfile(member).read()
-                tokens = np.load(io.BytesIO(data), allow_pickle=False)
-                if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
-                    raise ValueError(f"{member.name} holds {tokens.dtype} {tokens.shape}, not a 1-D id array")
-                if vocab_size is not None and tokens.size and int(tokens.max()) >= vocab_size:
-                    raise ValueError(f"{member.name} holds id {int(tokens.max())}, outside the vocabulary of "
-                                     f"{vocab_size:,}")
-                yield index, tokens.astype(np.int64)
-            end = tar.offset
-        if not _is_url(url):
-            with open(url, "rb") as f:
-                f.seek(end)
-                if f.read().strip(b"\0"):
-                    raise ValueError("damaged data after the last readable document (truncated or corrupt)")
-    except (tarfile.TarError, ValueError, EOFError, OSError) as e:
-        raise BadShard(f"shard {url} is unreadable after document {index}: {e}") from None
-
-
-class BadShard(SodaError):
-    """A missing or corrupt shard found while streaming."""
 
 
 # --------------------------------------------------------------------------------------------
