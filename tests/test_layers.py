@@ -32,7 +32,7 @@ def module_name(root: Path, path: Path) -> str:
 
 
 def find_modules(root: Path, packages=PACKAGES) -> dict[str, Path]:
-    """Every module of `packages` under `root`, by dotted name (`soda.train.cli`; a package's `__init__` is `soda.train`)."""
+    """Every module of `packages` under `root` by dotted name (`soda/train/__init__.py` is `soda.train`)."""
     found = {}
     for package in packages:
         for path in sorted((root / package).rglob("*.py")):
@@ -94,8 +94,9 @@ def import_graph(root: Path, packages=PACKAGES):
 
 def direction_violations(root: Path, packages=PACKAGES) -> list[str]:
     modules, edges = import_graph(root, packages)
-    return sorted(f"{modules[src].relative_to(root)}:{line}: {src} -> {dst}  ({text})"
-                  for src, found in edges.items() for line, dst, text in found if upward(src, dst))
+    bad = sorted((str(modules[src].relative_to(root)), line, src, dst, text)
+                 for src, found in edges.items() for line, dst, text in found if upward(src, dst))
+    return [f"{path}:{line}: {src} -> {dst}  ({text})" for path, line, src, dst, text in bad]
 
 
 def cycles(root: Path, packages=PACKAGES) -> list[str]:
