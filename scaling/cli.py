@@ -14,8 +14,11 @@ import sys
 import textwrap
 from pathlib import Path
 
-from scaling.fit import FIT_FILE, FRONTIER_COSTS, fit_scaling, human_count, load_results, summary
+from scaling.fit import FIT_FILE, fit_scaling
+from scaling.frontier import FRONTIER_COSTS
 from scaling.plan import MIN_BATCH, MIN_SEQ_LEN, PAPER_BUDGETS, as_rows, plan_sweep
+from scaling.results import load_results
+from scaling.summary import human_count, summary
 from scaling.sweep import (DEFAULT_VAL_TOKENS, HOW_IT_RUNS, PREEMPTED, check_data, check_extra, gather, load_plan, lock,
                            run_sweep, state, sweep_lock_path)
 from soda.shape import SODA_VOCAB

@@ -1,8 +1,8 @@
 """Carry out a planned IsoFLOP sweep with soda-train and gather its results for `soda-scaling fit`.
 
 Each run is a separate `python -m soda.train` process: a crash or a leak costs one run, not the
-sweep, and `scaling` stays free of the trainer's imports (the command line is the interface, the
-same one a SLURM job array runs; see `scaling.slurm`). Everything is resumable from the files in
+sweep, and `scaling` imports of the trainer only its settings declaration (the command line is the
+interface, the same one a SLURM job array runs; see `scaling.slurm`). Everything is resumable from the files in
 SWEEP_DIR: a run counts as finished only once the sweep has written its marker after exit code 0,
 a run with a checkpoint continues with `--resume`, and an attempt that died before its first
 checkpoint starts again.
@@ -42,22 +42,19 @@ from typing import Iterator
 
 from scaling.plan import run_name
 from soda.shape import ModelShape, training_flops
+from soda.train.config import sweep_flags
 from tokenize_audio.errors import SodaError
 from tokenize_audio.shards import atomic_write_json, atomic_write_text
 
 TRAINER = (sys.executable, "-m", "soda.train")  # tests put a stand-in trainer here
 PLAN_COLUMNS = ("budget", "width", "layers", "heads", "kv_heads", "head_dim", "ffn", "vocab", "seq_len", "params",
                 "batch", "steps", "lr", "beta2", "skipped")
-SWEEP_RECIPE = {"beta1": 0.95, "weight_decay": 0.1, "z_loss": 0.0}  # DESIGN.md §2; beta2 comes from the plan
-# Flags the plan fixes (or the sweep sets per run): passing them after `--` would break the IsoFLOP design.
-RESERVED_FLAGS = {"--out", "--resume", "--config", "--data", "--size", "--sweep-width", "--width", "--layers",
-                  "--heads", "--kv-heads", "--head-dim", "--ffn", "--seq-len", "--tokens", "--batch-tokens",
-                  "--lr", "--max-steps", "--init-from", "--dry-run"}
-# Flags after `--` that change how a run runs, not what it computes: left out of the settings a re-run compares, so a
-# sweep may continue on other hardware. They are soda-train's RESUMABLE_CHANGES (soda/train.py) that the sweep does not
-# set itself; scaling may not import soda, so tests check that the two agree.
-HOW_IT_RUNS = {"--workers", "--devices", "--num-nodes", "--strategy", "--accelerator", "--micro-batch", "--precision",
-               "--log-every", "--ckpt-every", "--wandb", "--peak-flops"}
+SWEEP_RECIPE = {"beta1": 0.95, "weight_decay": 0.1, "z_loss": 0.0}  # SODA's sweep; beta2 comes from the plan
+# From soda-train's settings (`soda.train.config`): the flags the plan fixes or the sweep sets per run (passing them
+# after `--` would break the IsoFLOP design), and those that change how a run runs, not what it computes (left out
+# of the settings a re-run compares, so a sweep may continue on other hardware).
+RESERVED_FLAGS = sweep_flags("reserved")
+HOW_IT_RUNS = sweep_flags("how")
 DEFAULT_VAL_TOKENS = 2**22
 DONE, TRAIN_CONFIG, RECORD = "sweep-done.json", "config.yaml", "sweep-run.json"
 LOCKS = "locks"  # SWEEP/locks/sweep.lock and one NAME.lock per run, outside the run directories a restart removes
@@ -168,7 +165,7 @@ def check_extra(extra: list[str]) -> None:
 def write_run_config(run: PlannedRun, sweep: Path) -> Path:
     """The optimizer settings soda-train has no flags for (betas), with SODA's sweep wd and z-loss."""
     path = run.config_path(sweep)
-    atomic_write_text(path, f"# {run.name}: SODA's sweep recipe (DESIGN.md §2), written by soda-scaling run\n"
+    atomic_write_text(path, f"# {run.name}: SODA's sweep recipe, written by soda-scaling run\n"
                             f"betas: [{SWEEP_RECIPE['beta1']}, {run.beta2!r}]\n"
                             f"weight_decay: {SWEEP_RECIPE['weight_decay']}\n"
                             f"z_loss: {SWEEP_RECIPE['z_loss']}\n")

@@ -270,7 +270,7 @@ def test_a_slurm_task_leaves_a_locked_run_alone(fake, tmp_path, data):
 
 
 def test_flags_that_only_change_how_a_run_runs_are_ones_soda_train_lets_a_resume_change():
-    """HOW_IT_RUNS mirrors soda-train's RESUMABLE_CHANGES (scaling may not import soda): no flag that changes what a
+    """HOW_IT_RUNS (derived from soda-train's settings) lies within RESUMABLE_CHANGES: no flag that changes what a
     run computes may slip out of a run's record."""
     from soda.train.config import RESUMABLE_CHANGES
 

@@ -153,7 +153,7 @@ def main(argv=None):
     if argv and argv[0] == "--finalize":
         return finalize_main(argv[1:])
     args = build_parser().parse_args(argv)
-    return tokenize(args)
+    return tokenize_args(args)
 
 
 def finalize_main(argv) -> int:
@@ -168,11 +168,22 @@ def finalize_main(argv) -> int:
     return 0
 
 
-def tokenize(args) -> int:
+def tokenize(inputs: list, out: Path, **options) -> int:
+    """soda-tokenize as a function (soda-train's demo data): INPUTS into OUT, `options` by flag name (e.g.
+    codec="mimi:random", text_tokenizer="bytes", quiet=True), soda-tokenize's defaults for the rest. Errors raise."""
+    args = build_parser().parse_args(["--out", str(out), "--", *map(str, inputs)])  # the defaults, as the CLI's
+    unknown = sorted(set(options) - set(vars(args)))
+    if unknown:
+        raise TypeError(f"tokenize(): unknown option(s) {', '.join(unknown)}")
+    vars(args).update(options)
+    return tokenize_args(args)
+
+
+def tokenize_args(args) -> int:
     from tokenize_audio.codecs import load_codec
-    from tokenize_audio.pipeline import (MANIFEST, SETTINGS, Settings, ShardEncoder, check_settings,
-                                         default_batch_seconds, finalize, plan_shards, select_part, unfinished,
-                                         write_plan)
+    from tokenize_audio.encoding import default_batch_seconds
+    from tokenize_audio.pipeline import (MANIFEST, SETTINGS, ShardEncoder, TokenizeSettings, check_settings,
+                                         finalize, plan_shards, select_part, unfinished, write_plan)
     from tokenize_audio.shards import atomic_write_json
     from tokenize_audio.sources import read_inputs
     from tokenize_audio.vocab import Vocabulary, load_text_tokenizer
@@ -201,7 +212,7 @@ def tokenize(args) -> int:
                        encode_chunk_seconds=args.encode_chunk_seconds)
     if codec.random:
         print(f"note: {codec.describe()['label']}", file=sys.stderr)
-    settings = Settings(codec.describe(), args.text_tokenizer, formats, args.validation_fraction,
+    settings = TokenizeSettings(codec.describe(), args.text_tokenizer, formats, args.validation_fraction,
                         args.recordings_per_shard, args.texts_per_shard, args.keep_truncated)
     args.out.mkdir(parents=True, exist_ok=True)
     same = check_settings(args.out, settings, args.overwrite)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from soda.evaluate import report
 from soda.evaluate.scoring import codebook_choice
-from soda.evaluate.tasks import Context, Settings, available
+from soda.evaluate.tasks import Context, EvalSettings, available
+from soda.settings import add_arguments, check_bounds, from_args
 from tokenize_audio.errors import SodaError, cli_errors
 
 
@@ -41,51 +42,12 @@ def build_parser(tasks: dict) -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="discard the results already in --out (refused without it when they are of another "
                         "checkpoint)")
-    p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:1 ...")
-    p.add_argument("--codec", help="codec for audio inputs when the model does not record one (e.g. mimi, mimi:DIR)")
-    p.add_argument("--batch-tokens", type=int, default=16384, help="padded tokens per forward pass (default 16384)")
-    p.add_argument("--max-len", type=int, default=4096,
-                   help="longest sequence scored (default 4096, SODA's context): longer pairs/questions are skipped "
-                        "and reported; NLL documents are scored in windows of this length")
-    p.add_argument("--score", choices=("mean", "sum"), default="mean",
-                   help="a pair's score: mean (SODA) or sum of its tokens' log-probs")
-    p.add_argument("--codebooks", default="all",
-                   help="audio tokens a pair's score counts: all, semantic, or N (the first N codebooks)")
-    p.add_argument("--limit", type=int, help="at most N items per task (quick checks)")
-    p.add_argument("--mcq-template", default=Settings.mcq_template,
-                   help="question text before each option; {question} and {choices} are filled in "
-                        "(default: '{question}\\nAnswer:')")
-    p.add_argument("--split-weak-strong", action="store_true",
-                   help="mcq: write OUT/mcq_weak.json (answerable without audio) and OUT/mcq_strong.json")
-    p.add_argument("--judges", help="mcq: comma-separated judge checkpoints for the split (default: CHECKPOINT)")
-    p.add_argument("--weak-votes", type=int,
-                   help="mcq: an item is weak when at least this many judges answer it without audio "
-                        "(default: half of them, rounded up: 2 of 3)")
-    p.add_argument("--tts-asr", default="whisper",
-                   help="tts: ASR backend for intelligibility: whisper[:MODEL] (default openai/whisper-large-v3, "
-                        "as SODA), pocketsphinx (offline, rough), self (the model's own ASR)")
-    p.add_argument("--tts-speaker", default="wavlm",
-                   help="tts: speaker encoder for similarity: wavlm[:MODEL] (default microsoft/wavlm-base-plus-sv), "
-                        "resemblyzer (offline), none")
-    p.add_argument("--s2st-asr", default="whisper",
-                   help="s2st: ASR backend for ASR-BLEU of the generated speech (as --tts-asr; default whisper)")
-    p.add_argument("--s2st-speaker", default="wavlm",
-                   help="s2st: speaker encoder for similarity of output and source speech (as --tts-speaker)")
-    p.add_argument("--s2st-source-text", choices=("generated", "given"), default="generated",
-                   help="s2st: the model writes the source transcript itself (default, as trained) or is given the "
-                        "reference one")
-    p.add_argument("--source-language", help="s2st: source language for manifest rows without one (e.g. fr)")
-    p.add_argument("--s2st-max-seconds", type=float, default=30.0,
-                   help="s2st: longest target speech generated (default 30; a cap tied to the translation's length "
-                        "applies too)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed of generation tasks (tts, s2st)")
+    add_arguments(p, EvalSettings)  # --device ... --quiet
     p.add_argument("--compare", metavar="OTHER_EVAL_DIR",
                    help="draw another soda-eval --out's NLL vector beside this one's in OUT/report.html")
     p.add_argument("--lm-eval-task", action="append", default=[], metavar="NAME",
                    help="any lm-evaluation-harness task, scored on the model's text side (repeatable or "
                         "comma-separated; pip install '.[lmeval]'); --tasks hellaswag is one")
-    p.add_argument("--lm-eval-include", metavar="DIR", help="a directory of lm-eval task YAMLs of your own")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
 
@@ -103,7 +65,7 @@ def parse_data_for(values: list[str], chosen: list[str], tasks: dict) -> dict[st
     return data
 
 
-def evaluate(loaded, names: list[str], data_for: dict, settings: Settings, out: Path, codec=None,
+def evaluate(loaded, names: list[str], data_for: dict, settings: EvalSettings, out: Path, codec=None,
              log=print, overwrite: bool = False, checkpoint: dict | None = None, compare: Path | None = None) -> dict:
     """Load every task's inputs first (mistakes surface before any scoring), then score them in turn.
 
@@ -160,41 +122,39 @@ def main(argv=None) -> int:
         raise SodaError(f"--tasks: {problem}; choose from {', '.join(tasks)}")
     names = list(dict.fromkeys(names))
     data_for = parse_data_for(args.data_for, names, tasks)
-    for flag, value in (("--batch-tokens", args.batch_tokens), ("--max-len", args.max_len), ("--limit", args.limit)):
-        if value is not None and value < 1:
-            raise SodaError(f"{flag} {value}: must be at least 1")
-    judges = [j.strip() for j in (args.judges or "").split(",") if j.strip()]
-    if (judges or args.weak_votes is not None) and not args.split_weak_strong:
+    settings = from_args(EvalSettings, args, progress=args.progress and sys.stderr.isatty())
+    check_bounds(settings)
+    if (settings.judges or settings.weak_votes is not None) and not settings.split_weak_strong:
         raise SodaError("--judges and --weak-votes only apply with --split-weak-strong")
     try:
-        args.mcq_template.format(question="", choices="")
+        settings.mcq_template.format(question="", choices="")
     except (KeyError, IndexError, ValueError) as err:
         raise SodaError(f"--mcq-template: only {{question}} and {{choices}} can be filled in ({err})") from None
-    settings = Settings(batch_tokens=args.batch_tokens, max_len=args.max_len, reduction=args.score,
-                        codebooks=args.codebooks, limit=args.limit, progress=not args.quiet and sys.stderr.isatty(),
-                        device=args.device, codec=args.codec, mcq_template=args.mcq_template,
-                        split_weak_strong=args.split_weak_strong, judges=judges, weak_votes=args.weak_votes,
-                        seed=args.seed, tts_asr=args.tts_asr, tts_speaker=args.tts_speaker, s2st_asr=args.s2st_asr,
-                        s2st_speaker=args.s2st_speaker, s2st_source_text=args.s2st_source_text,
-                        s2st_source_language=args.source_language, s2st_max_seconds=args.s2st_max_seconds,
-                        lm_eval_include=args.lm_eval_include)
     compare = Path(args.compare) if args.compare else None
     if compare is not None and not (compare / report.RESULTS).is_file():
         raise SodaError(f"--compare {args.compare}: no {report.RESULTS} there (give another soda-eval --out)")
+    return evaluate_checkpoint(args.checkpoint, names, data_for, settings, Path(args.out), args.overwrite, compare)
+
+
+def evaluate_checkpoint(checkpoint: str, names: list[str], data_for: dict, settings: EvalSettings, out: Path,
+                        overwrite: bool = False, compare: Path | None = None) -> int:
+    """soda-eval after its flags are read: load CHECKPOINT (after refusing an OUT holding another checkpoint's
+    results), run the tasks `names` into OUT, say what was written. soda-finetune eval-s2st calls it too."""
     from soda.checkpoints import load_model
     from soda.generate.decode import model_fingerprint
 
+    check_bounds(settings)
     if not settings.progress:
         import transformers
 
         transformers.utils.logging.disable_progress_bar()
-    checkpoint = model_fingerprint(args.checkpoint)
-    if not args.overwrite:  # before loading the model: another checkpoint's results are not mixed in
-        report.check_checkpoint(Path(args.out), checkpoint)
-    loaded = load_model(args.checkpoint, device=args.device, codec=args.codec)
-    evaluate(loaded, names, data_for, settings, Path(args.out), log=lambda m: print(m, file=sys.stderr),
-             overwrite=args.overwrite, checkpoint=checkpoint, compare=compare)
-    print(f"soda-eval: wrote {Path(args.out) / 'results.json'}, results.md and report.html", file=sys.stderr)
+    fingerprint = model_fingerprint(checkpoint)
+    if not overwrite:  # before loading the model: another checkpoint's results are not mixed in
+        report.check_checkpoint(Path(out), fingerprint)
+    loaded = load_model(checkpoint, device=settings.device, codec=settings.codec)
+    evaluate(loaded, names, data_for, settings, Path(out), log=lambda m: print(m, file=sys.stderr),
+             overwrite=overwrite, checkpoint=fingerprint, compare=compare)
+    print(f"soda-eval: wrote {Path(out) / 'results.json'}, results.md and report.html", file=sys.stderr)
     return 0
 
 

@@ -106,10 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "manifest's transcript goes into the prompt")
     e.add_argument("--source-language", help="language code for rows without one, e.g. fr")
     e.add_argument("--max-seconds", type=float, default=30.0, help="longest target speech generated (default 30)")
-    for flag, text in (("--device", "auto (default), cpu, cuda, cuda:1, ..."),
-                       ("--codec", "codec spec overriding the one recorded with the checkpoint"),
-                       ("--limit", "evaluate only the first N pairs"), ("--seed", "sampling seed")):
-        e.add_argument(flag, help=text)
+    e.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
+    e.add_argument("--codec", help="codec spec overriding the one recorded with the checkpoint")
+    e.add_argument("--limit", type=int, help="evaluate only the first N pairs")
+    e.add_argument("--seed", type=int, help="sampling seed")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     e.add_argument("--overwrite", action="store_true",
                    help="discard the results already in --out (as soda-eval --overwrite)")
@@ -235,7 +235,7 @@ def prepare_s2st(args, out: Path, epochs: float, seq_len: int) -> dict:
     The report records the manifest's sha256, so a --resume refuses a manifest edited in place (its run would go
     on training on the old pairs), and names the documents longer than `seq_len`: they are cut across training
     windows, so the end of such a pair (its target) is trained without the source it translates."""
-    from soda.train.data import MANIFEST
+    from soda.train.sources import MANIFEST
     from tokenize_audio.s2st import epochs_to_tokens, manifest_sha256, read_pairs, write_s2st_shards
 
     data = out / DATA_DIR
@@ -296,7 +296,7 @@ def prepare_s2st(args, out: Path, epochs: float, seq_len: int) -> dict:
 def prepare_docs(args, cfg, out: Path, tokens_given: bool) -> dict:
     """Check the shards against the checkpoint (vocabulary, codec); the --init-from soda-train can load."""
     from soda.checkpoints import load_model
-    from soda.train.data import resolve_sources
+    from soda.train.sources import resolve_sources
 
     if args.resume:
         return {"report": None}
@@ -323,15 +323,16 @@ def prepare_docs(args, cfg, out: Path, tokens_given: bool) -> dict:
 
 def evaluate_s2st(args) -> int:
     """soda-eval's s2st task under a fine-tuning name."""
-    from soda.evaluate.cli import main as eval_main
+    from soda.evaluate.cli import evaluate_checkpoint
+    from soda.evaluate.tasks import EvalSettings
 
-    argv = [args.checkpoint, "--tasks", "s2st", "--data-for", f"s2st={args.data}", "--out", args.out,
-            "--s2st-asr", args.asr, "--s2st-speaker", args.speaker, "--s2st-source-text", args.source_text,
-            "--s2st-max-seconds", str(args.max_seconds)]
-    for flag in ("device", "codec", "limit", "seed", "source_language"):
-        if getattr(args, flag) is not None:
-            argv += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-    return eval_main(argv + [f"--{flag}" for flag in ("quiet", "overwrite") if getattr(args, flag)])
+    given = {"device": args.device, "codec": args.codec, "limit": args.limit, "seed": args.seed,
+             "s2st_source_language": args.source_language}
+    settings = EvalSettings(s2st_asr=args.asr, s2st_speaker=args.speaker, s2st_source_text=args.source_text,
+                            s2st_max_seconds=args.max_seconds, progress=not args.quiet and sys.stderr.isatty(),
+                            **{k: v for k, v in given.items() if v is not None})
+    return evaluate_checkpoint(args.checkpoint, ["s2st"], {"s2st": args.data}, settings, Path(args.out),
+                               overwrite=args.overwrite)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def flag_values(args) -> dict:
     if "data" in values:
         values["data"] = list(values["data"])
     if "mix" in values:
-        from soda.train.data import parse_mix
+        from soda.train.sources import parse_mix
 
         values["mix"] = parse_mix(values["mix"])
     return values
@@ -163,12 +163,12 @@ def prepare_demo_data(out: Path) -> None:
         return
     if not DEMO_CORPUS.is_dir():
         raise SodaError(f"the bundled demo corpus {DEMO_CORPUS} is missing; give --data")
-    from tokenize_audio.cli import main as tokenize_main
+    from tokenize_audio.cli import tokenize
 
     print(f"soda-train: no --data: tokenizing the bundled demo corpus into {tokens} "
           f"(codec mimi:random, an offline RANDOM codec; byte-level text)", file=sys.stderr)
-    tokenize_main([str(DEMO_CORPUS / "speech"), str(DEMO_CORPUS / "text" / "kjv_proverbs.txt"), "--out",
-                   str(tokens), "--codec", "mimi:random", "--text-tokenizer", "bytes", "--quiet"])
+    tokenize([DEMO_CORPUS / "speech", DEMO_CORPUS / "text" / "kjv_proverbs.txt"], tokens, codec="mimi:random",
+             text_tokenizer="bytes", quiet=True)
 
 
 def record_resume_changes(cfg: TrainConfig) -> None:
