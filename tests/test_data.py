@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from soda.train.config import TrainConfig, make_config, parse_count, soda_peak_lr
-from soda.train.data import PackedStream, dataloader, repeat_warnings, resolve_sources
+from soda.train.data import PackedStream, dataloader
 from soda.train.optim import wsd_factor
+from soda.train.sources import repeat_warnings, resolve_sources
 from tokenize_audio.errors import SodaError
 from tokenize_audio.shards import shard_documents
 
@@ -52,7 +53,7 @@ def test_mixture_follows_the_weights(sources):
 
 def synthetic_source(tmp_path, name: str, docs: int, length: int, first_id: int):
     """A source of `docs` documents of `length` ids each, every id telling its source (first_id...)."""
-    from soda.train.data import Source
+    from soda.train.sources import Source
     from tokenize_audio.shards import write_shard
 
     shard = tmp_path / f"train-{name}-00000.tar"
@@ -71,7 +72,7 @@ def token_shares(windows, n_sources: int) -> np.ndarray:
 def test_mix_weights_are_token_shares_whatever_the_document_lengths(tmp_path, seed):
     """SODA's 95/5 is a share of tokens. Speech documents of 20,000 tokens against text documents of 1,000: drawing
     documents by weight gave text 0.24% of the tokens; the windows' token shares must be the weights (+-0.5 pp)."""
-    from soda.train.data import _apply_mix
+    from soda.train.sources import _apply_mix
 
     speech = synthetic_source(tmp_path, "speech", 30, 20_000, 1000)
     text = synthetic_source(tmp_path, "text", 400, 1_000, 10)
@@ -87,7 +88,7 @@ def test_mix_weights_are_token_shares_whatever_the_document_lengths(tmp_path, se
 
 
 def test_token_shares_hold_for_three_sources_over_workers_and_across_resume(tmp_path):
-    from soda.train.data import _apply_mix
+    from soda.train.sources import _apply_mix
 
     srcs = [synthetic_source(tmp_path, "long", 20, 9_000, 1000), synthetic_source(tmp_path, "mid", 60, 700, 500),
             synthetic_source(tmp_path, "short", 400, 90, 10)]
@@ -111,7 +112,7 @@ def test_token_shares_hold_for_three_sources_over_workers_and_across_resume(tmp_
 
 
 def test_a_source_smaller_than_its_weight_repeats_with_a_warning_naming_it(tmp_path, capfd):
-    from soda.train.data import _apply_mix
+    from soda.train.sources import _apply_mix
 
     big = synthetic_source(tmp_path, "speech", 40, 5_000, 1000)
     small = synthetic_source(tmp_path, "text", 3, 300, 10)  # 900 tokens; a 30% weight takes far more

@@ -18,7 +18,7 @@ from conftest import DEMO
 
 from soda.evaluate.cli import main as eval_main
 from soda.train.cli import main as train_main
-from soda.train.data import resolve_sources
+from soda.train.sources import resolve_sources
 from tokenize_audio.errors import SodaError
 from tokenize_audio.vocab import Vocabulary
 

@@ -53,7 +53,7 @@ def tiny_tokens(tmp_path_factory) -> Path:
 # Item 7: an empty validation split is reported as empty
 # --------------------------------------------------------------------------------------------
 def test_validation_split_whose_recordings_are_all_skipped_is_empty_and_warned(tmp_path, capsys):
-    from soda.train.data import resolve_sources
+    from soda.train.sources import resolve_sources
     from tokenize_audio.documents import validation_recordings
 
     corpus = _tiny_corpus(tmp_path / "speech")

@@ -36,7 +36,7 @@ def _run_directory(source: str) -> Path | None:
 
 
 def load_held_out(ctx, spec: str | None) -> HeldOut:
-    from soda.train.data import ShardVocabularies, resolve_sources
+    from soda.train.sources import ShardVocabularies, resolve_sources
     from tokenize_audio.shards import expand_shards
 
     if spec is None:
