@@ -16,7 +16,7 @@ from conftest import DEMO, write_wave
 
 from soda.evaluate.cli import evaluate, main
 from soda.evaluate.scoring import audio_mask, audio_sequence, codebook_choice, reduce, text_sequence, token_log_probs
-from soda.evaluate.tasks import Settings
+from soda.evaluate.tasks import EvalSettings
 from tokenize_audio.errors import SodaError
 from tokenize_audio.vocab import Vocabulary, byte_tokenizer
 
@@ -303,7 +303,7 @@ def test_mcq_audio_contribution_split_separates_text_answerable_from_audio_items
     data = tmp_path / "mcq.json"
     data.write_text(json.dumps(questions))
     out = tmp_path / "eval"
-    settings = Settings(progress=False, split_weak_strong=True, judges=[listener, reader, deaf])
+    settings = EvalSettings(progress=False, split_weak_strong=True, judges=[listener, reader, deaf])
     r = evaluate(listener, ["mcq"], {"mcq": str(data)}, settings, out, codec=ToneCodec(), log=lambda m: None)["mcq"]
     assert r["count"] == 6 and r["skipped_count"] == 3 and r["total"] == 9
     reasons = {s["item"]: s["reason"] for s in r["skipped"]}
@@ -326,7 +326,7 @@ def test_mcq_audio_contribution_split_separates_text_answerable_from_audio_items
     # soft audio contribution: P(answer | options) with audio minus with silence
     assert items["a1"]["audio_effect"] > 0.4 and items["t1"]["audio_effect"] == pytest.approx(0, abs=1e-9)
     # the split files are valid inputs; with all three judges required nothing is weak
-    settings = Settings(progress=False, split_weak_strong=True, judges=[listener, reader, deaf], weak_votes=3)
+    settings = EvalSettings(progress=False, split_weak_strong=True, judges=[listener, reader, deaf], weak_votes=3)
     r = evaluate(listener, ["mcq"], {"mcq": str(out / "mcq_weak.json")}, settings, tmp_path / "again",
                  codec=ToneCodec(), log=lambda m: None)["mcq"]
     assert r["count"] == 3 and r["skipped_count"] == 0 and r["split"]["weak"] == 0
