@@ -196,7 +196,7 @@ def test_nll_vector_on_the_runs_held_out_shards(loaded, tiny_run, train_tokens, 
                                                        * r["settings"]["audio_tokens_per_second"])
     assert r["documents"] >= 2 and r["skipped_count"] == 0
     # one document, by hand with the training loss code
-    ctx = Context(loaded, Settings(limit=1, progress=False))
+    ctx = Context(loaded, EvalSettings(limit=1, progress=False))
     held = load_held_out(ctx, str(train_tokens))
     one = run_nll(ctx, held)
     doc = next(shard_documents(held.shards[0]))[1]
