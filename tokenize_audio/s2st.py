@@ -219,9 +219,9 @@ def write_s2st_shards(pairs: Pairs, vocab: Vocabulary, codec: Codec, out: Path, 
 
 
 def _write_shard(out: Path, name: str, split: str, chunk: list[Pair], vocab: Vocabulary, codec: Codec, bar) -> dict:
-    seconds = default_batch_seconds(codec)
-    sources = audio_codes(codec, [p.source_audio for p in chunk], seconds, "source audio", progress=False)
-    targets = audio_codes(codec, [p.target_audio for p in chunk], seconds, "target audio", progress=False)
+    batch_seconds = default_batch_seconds(codec)
+    sources = audio_codes(codec, [p.source_audio for p in chunk], batch_seconds, "source audio", progress=False)
+    targets = audio_codes(codec, [p.target_audio for p in chunk], batch_seconds, "target audio", progress=False)
     samples, skipped, stats = [], [], ShardStats()
     for pair, src, tgt in zip(chunk, sources, targets):
         bar.update(1)
