@@ -2,7 +2,10 @@
 
 One `TrainConfig` holds every knob of a run. Defaults are SODA's recipe; a YAML file (see
 `configs/`) overrides them, and command-line flags override the file. The resolved config is
-saved in the run directory, so a run can always be reproduced and resumed from it.
+saved in the run directory, so a run can always be reproduced and resumed from it. Each field
+declares its flag, help, bounds and resume rule (`soda.settings.setting`): soda-train's and
+soda-finetune's flags, the YAML keys, the bounds and resume checks and the sweep's reserved flags
+are all read from these declarations.
 """
 
 from __future__ import annotations
