@@ -123,7 +123,7 @@ def test_activation_checkpointing_recomputes_layers_with_the_same_gradients(trai
 
     from soda.train.config import TrainConfig
     from soda.train.loss import lm_loss
-    from soda.train.run import build_model
+    from soda.train.run import model_for_run
     from tokenize_audio.vocab import Vocabulary
 
     calls = []
@@ -134,7 +134,7 @@ def test_activation_checkpointing_recomputes_layers_with_the_same_gradients(trai
              "doc_ids": torch.tensor([[0] * 12 + [1] * 20, [0] * 32])}
     runs = []
     for checkpointing in (False, True):
-        model, _ = build_model(TrainConfig(size="tiny", activation_checkpointing=checkpointing), vocab)
+        model, _ = model_for_run(TrainConfig(size="tiny", activation_checkpointing=checkpointing), vocab)
         layers = len(model.model.layers)
         calls.clear()
         loss = lm_loss(model, batch, 1e-4)[0]

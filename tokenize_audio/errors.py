@@ -36,6 +36,17 @@ def one_line(err: BaseException) -> str:
     return msg
 
 
+def first_line(err: BaseException, limit: int | None = None, with_type: bool = False) -> str:
+    """The first line of an error's message, cut to `limit` characters: how a library's exception (torch, transformers,
+    YAML) is quoted inside a one-line SodaError. `with_type` gives `Type: first line` (`Type` alone for an empty
+    message), for errors whose type says as much as their text."""
+    text = str(err).strip()
+    line = text.splitlines()[0][:limit] if text else ""
+    if with_type:
+        return f"{type(err).__name__}: {line}" if line else type(err).__name__
+    return line
+
+
 def cli_errors(prog: str, interrupted: str = ""):
     """Decorate a console-script `main` so SodaError becomes `prog: error: ...` on stderr, exit code 2.
 

@@ -11,17 +11,19 @@ from pathlib import Path
 import torch
 import yaml
 
-from soda.shape import training_flops_per_token
+from soda.checkpoints import checkpoint_dir, export_hf, link_last, resumable_checkpoint
+from soda.model import (build_model, count_parameters, default_attention, describe, load_pretrained,
+                        prepare_for_training, shape_of)
+from soda.shape import ModelShape, training_flops_per_token
 from soda.train.config import CONFIG_FILE, TrainConfig
 from soda.train.plan import batch_layout, world_size
-from tokenize_audio.errors import SodaError
+from tokenize_audio.errors import SodaError, first_line
 from tokenize_audio.shards import atomic_write_text
 
 
-def build_model(cfg: TrainConfig, vocab):
-    from soda.model import build_model as fresh
-    from soda.model import default_attention, load_pretrained, prepare_for_training, shape_of
-
+def model_for_run(cfg: TrainConfig, vocab) -> tuple[torch.nn.Module, ModelShape]:
+    """The model this run trains (new from --size, or --init-from's weights) with its attention kernel and training
+    preparation (activation checkpointing, torch.compile), and its shape."""
     attention = cfg.attention if cfg.attention != "auto" else default_attention("cuda" if cfg.uses_gpu() else "cpu")
     if attention == "flex_attention" and not cfg.uses_gpu():
         raise SodaError("--attention flex_attention: torch has no flex attention backward on the CPU; use sdpa (the "
@@ -32,13 +34,12 @@ def build_model(cfg: TrainConfig, vocab):
             shape = shape_of(model)
         else:
             shape = cfg.shape(vocab.size)
-            model = fresh(shape, vocab, cfg.seed, rope_theta=cfg.rope_theta, rope_factor=cfg.rope_factor,
-                          attention=attention)
+            model = build_model(shape, vocab, cfg.seed, rope_theta=cfg.rope_theta, rope_factor=cfg.rope_factor,
+                                attention=attention)
     except (ValueError, ImportError) as e:  # transformers refuses an unknown or uninstalled attention kernel
         if "attn_implementation" not in str(e) and "Attention" not in str(e):
             raise
-        raise SodaError(f"--attention {attention}: transformers cannot use it here ({str(e).splitlines()[0][:300]})"
-                        ) from None
+        raise SodaError(f"--attention {attention}: transformers cannot use it here ({first_line(e)[:300]})") from None
     prepare_for_training(model, cfg.activation_checkpointing, cfg.compile)
     return model, shape
 
@@ -65,72 +66,135 @@ def precision_for(cfg: TrainConfig) -> str:
 
 
 def run(cfg: TrainConfig, resume: bool) -> int:
+    """Train the run `cfg` describes, or continue it from its newest readable checkpoint (`resume`); the exit code."""
     import lightning as L
-    from lightning.pytorch.callbacks import TQDMProgressBar
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-    from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-    from soda.checkpoints import checkpoint_dir, export_hf, link_last, resumable_checkpoint
-    from soda.model import count_parameters, describe
-    from soda.train.callbacks import AtomicCheckpointIO, Preemption, StepCheckpoint, StepMetrics
-    from soda.train.data import (OneAheadLoader, PackedStream, dataloader, repeat_warnings, resolve_sources,
-                                 stop_loader_workers)
-    from soda.train.module import SodaModule
-    from soda.train.report import write_reports
+    from soda.train.data import stop_loader_workers
+    from soda.train.sources import resolve_sources
 
     # a non-finite step returns no loss on purpose (SodaModule skips its update and says so)
     warnings.filterwarnings("ignore", message=".*`training_step` returned `None`")
-    out = Path(cfg.out)
     sources, vocab = resolve_sources(cfg.data, cfg.val_data, cfg.mix, cfg.vocab)
     world = world_size(cfg)
     micro, accumulate = batch_layout(cfg, world)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.uses_gpu():
         torch.set_float32_matmul_precision("high")  # TF32 for what autocast leaves in fp32 (Lightning's advice)
-    model, shape = build_model(cfg, vocab)
-    counted = count_parameters(model)
-    per_token = training_flops_per_token(shape, "3x-forward")
-    steps = cfg.steps
-    max_steps = min(steps, cfg.max_steps or steps)
+    module = build_module(cfg, vocab, sources, world, micro, accumulate)
+    trainer, preemption = build_trainer(cfg, module, sources, world, accumulate)
+    if is_rank_zero() and not resume:
+        save_config(cfg)
+    train_loader, val_loader = build_loaders(cfg, sources, vocab, trainer, micro)
+    log_hyperparams(trainer.loggers, cfg, module)
+    ckpt_path = checkpoint_to_resume(Path(cfg.out)) if resume else None
+    try:
+        trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=ckpt_path,
+                    weights_only=True)
+    finally:
+        stop_loader_workers()
+    return finish(cfg, trainer, module, preemption)
+
+
+def steps_this_run(cfg: TrainConfig) -> int:
+    """The step this invocation stops at: --steps, or --max-steps when that comes first (the schedule stays --steps)."""
+    return min(cfg.steps, cfg.max_steps or cfg.steps)
+
+
+def build_module(cfg: TrainConfig, vocab, sources: list, world: int, micro: int, accumulate: int):
+    """The LightningModule around `model_for_run`'s model; rank zero first says what is about to be trained."""
+    from soda.train.module import SodaModule
+
+    model, shape = model_for_run(cfg, vocab)
     if is_rank_zero():
-        say = lambda msg: print(f"soda-train: {msg}", file=sys.stderr)  # noqa: E731
-        say(f"model: {describe(shape)}")
-        say(f"kernels: {model.config._attn_implementation} attention"
-            f"{', torch.compile (layers and loss)' if cfg.compile else ''}"
-            f"{', activation checkpointing' if cfg.activation_checkpointing else ''}")
-        say(f"parameters: {counted['total']:,} total, {counted['non_embedding']:,} non-embedding")
-        say("data (weights are shares of tokens): " + "; ".join(
-            f"{s.name} {s.weight:.1%} ({len(s.train)} train / {len(s.validation)} validation shards)" for s in sources))
-        for line in repeat_warnings(sources, max_steps * cfg.batch_sequences * cfg.seq_len):
-            say(f"warning: {line}")
-        if not any(s.validation for s in sources):
-            say("warning: the data has no validation shards: this run will report no validation loss (tokenize with "
-                "--validation-fraction above 0, or give --val-data)")
-        say(f"batch: {cfg.batch_sequences} x {cfg.seq_len} tokens = {world} devices x {micro} sequences x "
-            f"{accumulate} accumulation; {max_steps:,} of {steps:,} steps; peak LR {cfg.peak_lr(shape.width):.3g}")
-    loss_after = getattr(vocab, cfg.loss_after) if cfg.loss_after else None
+        describe_run(cfg, model, shape, sources, world, micro, accumulate)
     audio_rate = next((s.audio_tokens_per_second for s in sources if s.audio_tokens_per_second), None)
     codec = next((s.codec for s in sources if s.codec), None)
-    module = SodaModule(model, cfg, vocab, steps, accumulate, per_token, audio_rate, codec,
-                        source_names=[s.name for s in sources])
+    return SodaModule(model, cfg, vocab, cfg.steps, accumulate, training_flops_per_token(shape, "3x-forward"),
+                      audio_rate, codec, source_names=[s.name for s in sources])
 
-    ckpt_dir = checkpoint_dir(out)
+
+def describe_run(cfg: TrainConfig, model, shape: ModelShape, sources: list, world: int, micro: int,
+                 accumulate: int) -> None:
+    """The model, kernels, parameters, data and batch on stderr, with warnings about the data."""
+    from soda.train.sources import repeat_warnings
+
+    say = lambda msg: print(f"soda-train: {msg}", file=sys.stderr)  # noqa: E731
+    counted, max_steps = count_parameters(model), steps_this_run(cfg)
+    say(f"model: {describe(shape)}")
+    say(f"kernels: {model.config._attn_implementation} attention"
+        f"{', torch.compile (layers and loss)' if cfg.compile else ''}"
+        f"{', activation checkpointing' if cfg.activation_checkpointing else ''}")
+    say(f"parameters: {counted['total']:,} total, {counted['non_embedding']:,} non-embedding")
+    say("data (weights are shares of tokens): " + "; ".join(
+        f"{s.name} {s.weight:.1%} ({len(s.train)} train / {len(s.validation)} validation shards)" for s in sources))
+    for line in repeat_warnings(sources, max_steps * cfg.batch_sequences * cfg.seq_len):
+        say(f"warning: {line}")
+    if not any(s.validation for s in sources):
+        say("warning: the data has no validation shards: this run will report no validation loss (tokenize with "
+            "--validation-fraction above 0, or give --val-data)")
+    say(f"batch: {cfg.batch_sequences} x {cfg.seq_len} tokens = {world} devices x {micro} sequences x "
+        f"{accumulate} accumulation; {max_steps:,} of {cfg.steps:,} steps; peak LR {cfg.peak_lr(shape.width):.3g}")
+
+
+def build_trainer(cfg: TrainConfig, module, sources: list, world: int, accumulate: int):
+    """The Lightning Trainer with this run's callbacks, loggers and atomic checkpoint writes, and its `Preemption`
+    callback (which `finish` asks whether the run stopped early). Lightning's refusals become SodaErrors."""
+    import lightning as L
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    from soda.train.callbacks import AtomicCheckpointIO
+
+    max_steps = steps_this_run(cfg)
     log_every = max(1, min(cfg.log_every, max_steps // 2))  # a short run still logs a curve
+    callbacks, preemption = callbacks_for(cfg, module, sources, log_every)
+    has_val = any(s.validation for s in sources)
+    try:
+        trainer = L.Trainer(
+            accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
+            strategy=strategy_for(cfg, world), precision=precision_for(cfg), max_steps=max_steps, max_epochs=-1,
+            accumulate_grad_batches=accumulate, log_every_n_steps=log_every, num_sanity_val_steps=0,
+            val_check_interval=cfg.val_every * accumulate if has_val else None, check_val_every_n_epoch=None,
+            limit_val_batches=cfg.val_batches if has_val else 0, callbacks=callbacks, logger=loggers_for(cfg), plugins=[AtomicCheckpointIO()],
+            enable_model_summary=False, use_distributed_sampler=False, default_root_dir=Path(cfg.out),
+            gradient_clip_val=None,
+        )
+    except (ValueError, TypeError, MisconfigurationException) as e:
+        raise SodaError(f"Lightning refused these settings: {first_line(e)}") from None
+    return trainer, preemption
+
+
+def callbacks_for(cfg: TrainConfig, module, sources: list, log_every: int) -> tuple[list, object]:
+    """Checkpoints, per-step metrics, pre-emption, the progress bar and (when the codec is known) audio samples."""
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    from soda.train.callbacks import Preemption, StepCheckpoint, StepMetrics
+
+    out = Path(cfg.out)
+    ckpt_dir = checkpoint_dir(out)
     preemption = Preemption(ckpt_dir)
     callbacks = [
         StepCheckpoint(dirpath=ckpt_dir, filename="step{step:07d}", auto_insert_metric_name=False,
-                        every_n_train_steps=cfg.ckpt_every, save_top_k=-1, save_last="link"),
-        StepMetrics(cfg.batch_sequences * cfg.seq_len, per_token, cfg.peak_flops, log_every),
+                       every_n_train_steps=cfg.ckpt_every, save_top_k=-1, save_last="link"),
+        StepMetrics(cfg.batch_sequences * cfg.seq_len, module.flops_per_token, cfg.peak_flops, log_every),
         preemption,
         TQDMProgressBar(refresh_rate=1),
     ]
     sample_every = cfg.ckpt_every if cfg.sample_every is None else cfg.sample_every
+    codec = module.codec
     if sample_every and codec and codec.get("spec"):
         from soda.train.samples import Samples
 
         callbacks.append(Samples(out, sample_every, cfg.sample_max_seconds, sources, codec, cfg.seed))
     elif sample_every and cfg.sample_every and is_rank_zero():
         print("soda-train: --sample-every: no samples: the data's codec is not recorded", file=sys.stderr)
+    return callbacks, preemption
+
+
+def loggers_for(cfg: TrainConfig) -> list:
+    """CSV and TensorBoard in the run directory, plus W&B with --wandb."""
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    out = Path(cfg.out)
     loggers = [CSVLogger(out, name="logs"), TensorBoardLogger(out, name="tensorboard")]
     if cfg.wandb:
         from lightning.pytorch.loggers import WandbLogger
@@ -144,48 +208,53 @@ def run(cfg: TrainConfig, resume: bool) -> int:
             id_file.write_text(secrets.token_hex(4))
         run_id = id_file.read_text().strip() if id_file.is_file() else None
         loggers.append(WandbLogger(project=cfg.wandb, save_dir=str(out), id=run_id, resume="allow"))
-    has_val = any(s.validation for s in sources)
-    try:
-        trainer = L.Trainer(
-            accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=strategy_for(cfg, world),
-            precision=precision_for(cfg), max_steps=max_steps, max_epochs=-1, accumulate_grad_batches=accumulate,
-            val_check_interval=cfg.val_every * accumulate if has_val else None, check_val_every_n_epoch=None,
-            limit_val_batches=cfg.val_batches if has_val else 0, num_sanity_val_steps=0,
-            log_every_n_steps=log_every,
-            callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()],
-            enable_model_summary=False, use_distributed_sampler=False, default_root_dir=out,
-            gradient_clip_val=None,
-        )
-    except (ValueError, TypeError, MisconfigurationException) as e:
-        raise SodaError(f"Lightning refused these settings: {str(e).splitlines()[0]}") from None
-    if is_rank_zero() and not resume:
-        save_config(cfg)
+    return loggers
+
+
+def build_loaders(cfg: TrainConfig, sources: list, vocab, trainer, micro: int):
+    """This rank's training loader (endless, resumable, one batch ahead) and validation loader (None without
+    validation shards)."""
+    from soda.train.data import OneAheadLoader, PackedStream, dataloader
+
+    loss_after = getattr(vocab, cfg.loss_after) if cfg.loss_after else None
     train_loader = OneAheadLoader(dataloader(PackedStream(sources, cfg.seq_len, cfg.seed, trainer.global_rank,
                                                           trainer.world_size, skip_bad=cfg.skip_bad_shards,
                                                           vocab_size=vocab.size, loss_after=loss_after),
                                              micro, cfg.workers))
-    val_loader = None
-    if has_val:
-        val_loader = dataloader(PackedStream(sources, cfg.seq_len, cfg.seed, trainer.global_rank, trainer.world_size,
-                                             split="validation", infinite=False, skip_bad=cfg.skip_bad_shards,
-                                             vocab_size=vocab.size, loss_after=loss_after),
-                                micro, min(cfg.workers, 1), stateful=False)
-    for logger in loggers:  # hparams.yaml / TensorBoard's hparams: the settings and the model's size
-        logger.log_hyperparams({**cfg.to_dict(), "parameters_total": counted["total"],
-                                "parameters_non_embedding": counted["non_embedding"], "flops_per_token": per_token,
-                                "attention": model.config._attn_implementation, "steps": steps})
-    ckpt_path = None
-    if resume:  # the newest that loads (rank zero moved unreadable ones aside in resolve_resume)
-        ckpt_path = resumable_checkpoint(out, move_aside=False, say=lambda msg: None)
-        if ckpt_path is None:
-            raise SodaError(f"--resume: no readable checkpoint in {ckpt_dir}; start the run again without --resume "
-                            f"(into another --out to keep this one)")
-    try:
-        trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=ckpt_path,
-                    weights_only=True)
-    finally:
-        stop_loader_workers()
+    if not any(s.validation for s in sources):
+        return train_loader, None
+    val_loader = dataloader(PackedStream(sources, cfg.seq_len, cfg.seed, trainer.global_rank, trainer.world_size,
+                                         split="validation", infinite=False, skip_bad=cfg.skip_bad_shards,
+                                         vocab_size=vocab.size, loss_after=loss_after),
+                            micro, min(cfg.workers, 1), stateful=False)
+    return train_loader, val_loader
 
+
+def log_hyperparams(loggers: list, cfg: TrainConfig, module) -> None:
+    """hparams.yaml / TensorBoard's hparams: the settings and the model's size."""
+    counted = count_parameters(module.model)
+    for logger in loggers:
+        logger.log_hyperparams({**cfg.to_dict(), "parameters_total": counted["total"],
+                                "parameters_non_embedding": counted["non_embedding"],
+                                "flops_per_token": module.flops_per_token,
+                                "attention": module.model.config._attn_implementation, "steps": cfg.steps})
+
+
+def checkpoint_to_resume(out: Path) -> Path:
+    """The newest checkpoint that loads (rank zero moved unreadable ones aside in resolve_resume)."""
+    ckpt_path = resumable_checkpoint(out, move_aside=False, say=lambda msg: None)
+    if ckpt_path is None:
+        raise SodaError(f"--resume: no readable checkpoint in {checkpoint_dir(out)}; start the run again without "
+                        f"--resume (into another --out to keep this one)")
+    return ckpt_path
+
+
+def finish(cfg: TrainConfig, trainer, module, preemption) -> int:
+    """After `trainer.fit`: the reports, and then either the pre-emption's exit code and how to continue, or the
+    final checkpoint (saved unless the step's own was), `last.ckpt`, the export (--export) and exit code 0."""
+    from soda.train.report import write_reports
+
+    out, ckpt_dir = Path(cfg.out), checkpoint_dir(Path(cfg.out))
     if preemption.saved_at is not None:
         if is_rank_zero():
             write_reports(out)
@@ -200,15 +269,19 @@ def run(cfg: TrainConfig, resume: bool) -> int:
         link_last(final)
         reports = write_reports(out)
         if cfg.export:
-            vocab_dir = next((Path(str(d).split("=", 1)[-1]) for d in cfg.data
-                              if isinstance(d, str) and (Path(str(d).split("=", 1)[-1]) / "vocab.json").is_file()),
-                             Path(cfg.vocab) if cfg.vocab else None)
-            export_hf(final, out / "hf", vocab_dir)
+            export_hf(final, out / "hf", vocab_dir_of(cfg))
         skipped = (f" ({module.skipped_steps} skipped for a non-finite loss or gradient norm)"
                    if module.skipped_steps else "")
         print(f"soda-train: done: {trainer.global_step} steps{skipped}; {reports}; checkpoint {final}"
               f"{'; Hugging Face export ' + str(out / 'hf') if cfg.export else ''}", file=sys.stderr)
     return 0
+
+
+def vocab_dir_of(cfg: TrainConfig) -> Path | None:
+    """The directory whose vocab.json the export copies: the first --data directory that has one, else --vocab."""
+    return next((Path(str(d).split("=", 1)[-1]) for d in cfg.data
+                 if isinstance(d, str) and (Path(str(d).split("=", 1)[-1]) / "vocab.json").is_file()),
+                Path(cfg.vocab) if cfg.vocab else None)
 
 
 def is_rank_zero() -> bool:
