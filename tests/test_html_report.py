@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from soda.evaluate.html_report import ITEM_LIMIT, write_eval_page, write_run_page
+from soda.evaluate.html_report import write_eval_page
 from soda.evaluate.report import RESULTS
+from soda.html import ITEM_LIMIT
 
 SR = 16000
 
@@ -185,6 +186,7 @@ def _console_errors(log: str) -> list[str]:
     return [line for line in log.splitlines() if "CONSOLE" in line or "Uncaught" in line]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(_chromium() is None, reason="no chromium on PATH (scripts/install.sh --test installs Debian's)")
 @pytest.mark.parametrize("which", ["eval", "run"])
 def test_pages_render_in_headless_chromium_with_playable_audio(tmp_path, which):
