@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from tokenize_audio.codecs import resolve_device
-from tokenize_audio.errors import SodaError
+from tokenize_audio.errors import SodaError, first_line
 from tokenize_audio.shards import atomic_directory, atomic_write_text
 from tokenize_audio.vocab import Vocabulary
 
@@ -89,7 +89,7 @@ def unreadable_reason(path: Path) -> str | None:
     except FileNotFoundError:
         return "it is gone"
     except Exception as e:  # a truncated or foreign file: torch says why in its first line
-        return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160]}" if str(e).strip() else type(e).__name__
+        return first_line(e, 160, with_type=True)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "global_step" not in ckpt:
         return "not a soda-train checkpoint (no state_dict or global_step)"
     return None
@@ -136,7 +136,7 @@ def load_checkpoint(path: Path, mmap: bool = False) -> dict:
     except FileNotFoundError:
         raise SodaError(f"{path}: checkpoint not found") from None
     except Exception as e:  # a truncated or foreign file
-        raise SodaError(f"{path}: not a loadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise SodaError(f"{path}: not a loadable checkpoint ({first_line(e, 200, with_type=True)})") from None
 
 
 def check_weight_files(directory: Path) -> None:
@@ -149,9 +149,8 @@ def check_weight_files(directory: Path) -> None:
             with safe_open(str(file), framework="pt"):
                 pass
         except (SafetensorError, OSError) as e:
-            raise SodaError(f"{file}: not a loadable weights file ({type(e).__name__}: "
-                            f"{str(e).strip().splitlines()[0][:200]}); truncated or damaged? export or copy it "
-                            f"again") from None
+            raise SodaError(f"{file}: not a loadable weights file ({first_line(e, 200, with_type=True)}); truncated "
+                            f"or damaged? export or copy it again") from None
 
 
 def export_hf(checkpoint: Path, out_dir: Path, vocab_dir: Path | None = None, vocab: Vocabulary | None = None) -> Path:
@@ -280,7 +279,7 @@ def _from_hf(name: str, path: Path | None, dtype, attention, weights: bool = Tru
         else:
             model, config = None, AutoConfig.from_pretrained(name)
     except (OSError, ValueError, SafetensorError) as e:  # SafetensorError: a damaged file in the hub cache
-        raise SodaError(f"{name}: cannot load the model ({str(e).strip().splitlines()[0][:200]})") from None
+        raise SodaError(f"{name}: cannot load the model ({first_line(e, 200)})") from None
     meta: dict = {}
     if path is not None and (path / SODA_META).is_file():
         meta = json.loads((path / SODA_META).read_text())
@@ -292,7 +291,7 @@ def _from_hf(name: str, path: Path | None, dtype, attention, weights: bool = Tru
     try:
         tok = Tokenizer.from_file(str(path / "tokenizer.json")) if path is not None else Tokenizer.from_pretrained(name)
     except Exception as e:
-        raise SodaError(f"{name}: no usable tokenizer.json ({str(e).strip().splitlines()[0][:200]})") from None
+        raise SodaError(f"{name}: no usable tokenizer.json ({first_line(e, 200)})") from None
     vocab = Vocabulary.build(tok, SODA_CODEBOOKS, SODA_CODEBOOK_SIZE, source=name)
     meta.setdefault("default_codec", SODA_CODEC)
     return model, config, vocab, meta

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from soda.shape import ModelShape, params
-from tokenize_audio.errors import SodaError
+from tokenize_audio.errors import SodaError, first_line
 from tokenize_audio.vocab import Vocabulary
 
 ORIGINAL_CONTEXT = 8192  # Llama-3.1 RoPE scaling: original length 8192, low 1, high 4
@@ -73,7 +73,7 @@ def load_pretrained(source: str, vocab: Vocabulary, attention: str = "sdpa"):
     try:
         model = AutoModelForCausalLM.from_pretrained(source, attn_implementation=attention, dtype=torch.float32)
     except OSError as e:
-        raise SodaError(f"--init-from {source}: cannot load ({str(e).splitlines()[0]})") from None
+        raise SodaError(f"--init-from {source}: cannot load ({first_line(e)})") from None
     if model.config.vocab_size != vocab.size:
         raise SodaError(f"--init-from {source}: the model's vocabulary has {model.config.vocab_size:,} ids but the "
                         f"data's has {vocab.size:,}; tokenize with the same text tokenizer and codec as the model")

@@ -19,7 +19,7 @@ import json
 import tempfile
 
 from soda.evaluate.tasks import TASKS, Skips, Task, entry, register
-from tokenize_audio.errors import SodaError
+from tokenize_audio.errors import SodaError, first_line
 
 # The metric reported per task (SODA reports HellaSwag's length-normalised accuracy); others: the task's first.
 METRIC = {"hellaswag": "acc_norm"}
@@ -97,8 +97,7 @@ def load(ctx, data: str | None, name: str) -> dict:
     try:
         tasks = get_task_dict([name], manager)
     except Exception as err:  # noqa: BLE001 -- a hub download, a dataset script, a YAML mistake: one line
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-        raise SodaError(f"{name}: lm-eval could not build the task ({type(err).__name__}: {first})") from None
+        raise SodaError(f"{name}: lm-eval could not build the task ({first_line(err, 300, with_type=True)})") from None
     return {"name": name, "version": version, "tasks": tasks, "manager": manager}
 
 

@@ -13,7 +13,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from tokenize_audio.errors import SodaError, Stopped
+from tokenize_audio.errors import SodaError, Stopped, first_line
 from tokenize_audio.shards import atomic_file
 
 # Dense bf16 peak FLOP/s per GPU, for --dry-run wall-clock estimates (MFU during training uses
@@ -184,5 +184,5 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except Exception as e:
             if isinstance(e, SodaError):
                 raise
-            reason = unreadable_reason(Path(path)) or f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
+            reason = unreadable_reason(Path(path)) or first_line(e, 200, with_type=True)
             raise SodaError(f"{path}: cannot load the checkpoint ({reason})") from None
