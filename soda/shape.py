@@ -1,9 +1,12 @@
-"""Parameter and FLOP counts for Qwen3-style decoders, with the definitions as explicit settings.
+"""Model shapes: the size presets (`SIZES`), and parameter and FLOP counts for Qwen3-style decoders, with the
+definitions as explicit settings.
 
 SODA's scaling axis is C = 3 x analytic forward FLOPs (attention over the full sequence and the
 LM head included) and N = total parameters (both embedding matrices). 6*N*D overstates small,
 embedding-heavy models by 25% or more, so it is offered only as a named alternative. The same
-functions serve `soda-train --dry-run`, MFU logging and the sweep planner.
+functions serve `soda-train --dry-run`, MFU logging and the sweep planner (`scaling`).
+
+Torch-free on purpose (numpy only): `scaling` and `--dry-run` import it without loading torch.
 """
 
 from __future__ import annotations

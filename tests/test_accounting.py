@@ -6,7 +6,7 @@ import pytest
 
 from soda.shape import ModelShape, forward_flops_per_token, params, tokens_for_budget, training_flops_per_token
 
-SODA_SIZES = {  # width, layers, heads, kv heads, head dim, ffn -> (non-embedding, total), DESIGN.md §2
+SODA_SIZES = {  # width, layers, heads, kv heads, head dim, ffn -> (non-embedding, total) as SODA's paper lists them
     "135m": ((512, 15, 8, 8, 64, 1792), 57.0e6, 205.1e6),
     "600m": ((1024, 28, 16, 8, 128, 3072), 440.5e6, 736.7e6),
     "1.7b": ((2048, 28, 16, 8, 128, 6144), 1409e6, 2002e6),

@@ -15,7 +15,7 @@ from conftest import write_wave
 
 from soda.checkpoints import LoadedModel, load_model
 from soda.generate.cli import main
-from soda.generate.decode import (ENDINGS, Request, Settings, build_plan, generate, silence_codes, summarize,
+from soda.generate.decode import (ENDINGS, Request, GenerationSettings, build_plan, generate, silence_codes, summarize,
                                   synthesize, transcribe)
 from soda.model import build_model
 from soda.shape import ModelShape
@@ -86,7 +86,7 @@ def test_prompts_are_sodas(vocab):
 
 
 def test_constrained_decoding_never_emits_an_out_of_place_id(vocab):
-    settings = Settings(temperature=1.5, text_temperature=1.5, top_k=0, max_seconds=1.5, max_text_tokens=24,
+    settings = GenerationSettings(temperature=1.5, text_temperature=1.5, top_k=0, max_seconds=1.5, max_text_tokens=24,
                         batch_size=12)
     checked = 0
     for seed in range(4):
@@ -97,7 +97,7 @@ def test_constrained_decoding_never_emits_an_out_of_place_id(vocab):
         with torch.no_grad():
             probs = loaded.model(torch.tensor([plan.prompt])).logits[0, -1].softmax(-1)
         assert probs[vocab.audio_base: vocab.audio_base + CODES].sum() < 0.5
-        for r, res in zip(requests, generate(loaded, requests, Settings(**{**vars(settings), "seed": seed}))):
+        for r, res in zip(requests, generate(loaded, requests, GenerationSettings(**{**vars(settings), "seed": seed}))):
             check_ids(vocab, r.task, res.ids)
             if res.codes is not None:
                 assert res.codes.shape[0] == K and res.codes.min(initial=0) >= 0 and res.codes.max(initial=0) < CODES
@@ -109,9 +109,9 @@ def test_kv_cache_and_full_recompute_give_identical_greedy_outputs(vocab):
     loaded = random_model(vocab, 7)
     requests = mixed_requests(7, n=6)
     greedy = dict(temperature=0, max_seconds=1.2, max_text_tokens=16, batch_size=3)
-    cached = generate(loaded, requests, Settings(**greedy))
-    full = generate(loaded, requests, Settings(**greedy, use_cache=False))
-    alone = generate(loaded, requests, Settings(**{**greedy, "batch_size": 1}))  # no left padding
+    cached = generate(loaded, requests, GenerationSettings(**greedy))
+    full = generate(loaded, requests, GenerationSettings(**greedy, use_cache=False))
+    alone = generate(loaded, requests, GenerationSettings(**{**greedy, "batch_size": 1}))  # no left padding
     assert [r.ids for r in cached] == [r.ids for r in full] == [r.ids for r in alone]
     assert [r.ended for r in cached] == [r.ended for r in full]
     assert sum(len(r.ids) for r in cached) > 500
@@ -120,7 +120,7 @@ def test_kv_cache_and_full_recompute_give_identical_greedy_outputs(vocab):
 def test_sampling_is_seeded(vocab):
     loaded = random_model(vocab, 3)
     requests = [Request("tts", text="abc")] * 3
-    run = lambda **kw: [r.ids for r in generate(loaded, requests, Settings(max_seconds=0.8, **kw))]  # noqa: E731
+    run = lambda **kw: [r.ids for r in generate(loaded, requests, GenerationSettings(max_seconds=0.8, **kw))]  # noqa: E731
     assert run(seed=1, temperature=1.0, top_p=0.9) == run(seed=1, temperature=1.0, top_p=0.9)
     assert run(seed=1, temperature=1.0) != run(seed=2, temperature=1.0)
     assert run(seed=1, temperature=1.0, top_k=1) == run(temperature=0)  # top-1 sampling is greedy
@@ -133,7 +133,7 @@ def test_random_models_terminate_on_every_prompt_under_the_caps(vocab):
     for seed in range(3):
         loaded = random_model(vocab, 10 + seed)
         reqs = mixed_requests(seed, n=12)
-        out = generate(loaded, reqs, Settings(**settings, seed=seed, temperature=1.2, text_temperature=1.0))
+        out = generate(loaded, reqs, GenerationSettings(**settings, seed=seed, temperature=1.2, text_temperature=1.0))
         results += out
         requests += reqs
     assert len(results) == 36 and all(r.ended in ENDINGS for r in results)
@@ -161,7 +161,8 @@ def test_random_models_terminate_on_every_prompt_under_the_caps(vocab):
 def test_s2st_forces_the_audio_after_the_translation(vocab):
     loaded = random_model(vocab, 5)
     res = generate(loaded, [Request("s2st", audio=np.zeros((K, 3), np.int64), source_language="fr",
-                                    source_text="oui")], Settings(temperature=0, max_text_tokens=5, max_seconds=1))[0]
+                                    source_text="oui")],
+                   GenerationSettings(temperature=0, max_text_tokens=5, max_seconds=1))[0]
     ids = res.ids
     end = ids.index(vocab.text_end)  # closes the translation (forced when capped), then <|audio_start|> is forced
     assert ids[end + 1] == vocab.audio_start and res.text == vocab.decode_text(ids[:end])
@@ -172,7 +173,7 @@ def test_silence_run_stops_generation_and_is_cut(vocab, mimi):
     loaded = random_model(vocab, 2)
     everything_silent = frozenset(range(CODES))
     res = generate(loaded, [Request("tts", text="a long enough text to speak")] * 4,
-                   Settings(silence_codes=everything_silent, silence_seconds=0.4, max_seconds=3, seed=0))
+                   GenerationSettings(silence_codes=everything_silent, silence_seconds=0.4, max_seconds=3, seed=0))
     stopped = [r for r in res if r.ended == "silence"]
     assert stopped and all(r.seconds == 0 and len([i for i in r.ids if i >= vocab.audio_base]) == 5 * K
                            for r in stopped)
@@ -184,7 +185,7 @@ def test_silence_run_stops_generation_and_is_cut(vocab, mimi):
 
 def test_trained_run_with_codec_helpers(tiny_run, mimi, demo_waves):
     loaded = load_model(str(tiny_run), device="cpu")
-    settings = Settings(max_seconds=1.0, max_text_tokens=12)
+    settings = GenerationSettings(max_seconds=1.0, max_text_tokens=12)
     texts = transcribe(loaded, mimi, demo_waves[:2], settings)
     assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
     waves, ended = synthesize(loaded, mimi, ["Hello.", "Good day."], [(demo_waves[2], "A voice."), None], settings)
@@ -268,7 +269,7 @@ def test_nonsense_settings_are_refused(bad, said):
     from tokenize_audio.errors import SodaError
 
     with pytest.raises(SodaError, match=re.escape(said)):
-        Settings(**bad)
+        GenerationSettings(**bad)
 
 
 # --- outputs that survive a kill and a second run -------------------------------------------------------
@@ -357,6 +358,7 @@ def test_a_rerun_with_other_settings_is_refused_unless_overwrite(tiny_run, demo_
     assert main(argv + ["--seed", "3"]) == 0 and decoded.requests == 1
 
 
+@pytest.mark.slow
 def test_sigkill_midway_then_rerun_completes_the_batch(tiny_run, demo_waves, tmp_path):
     import os
     import signal

@@ -1,5 +1,8 @@
-"""`soda-eval`: likelihood benchmarks, the NLL vector and multiple-choice audio QA for one checkpoint.
+"""`soda-eval`: benchmarks of one checkpoint: likelihood pairs, the NLL vector, multiple-choice audio QA, ASR,
+TTS, speech-to-speech translation and lm-eval text tasks.
 
-`scoring` holds the shared log-prob bookkeeping, `tasks` the registry every benchmark joins,
-`pairs`/`nll`/`mcq` the benchmarks, `report` the outputs and `cli` the command.
+`tasks` is the registry every benchmark joins and `scoring` the shared log-prob bookkeeping; the benchmarks are
+`pairs`, `nll`, `mcq` (likelihood) and `asr`, `tts`, `s2st` (generation through `soda.generate`, judged by the
+ASR and speaker backends in `backends`), plus `lm_eval`; `report` and `html_report` write the outputs, `cli` is
+the command.
 """

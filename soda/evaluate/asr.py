@@ -41,7 +41,7 @@ def check_jiwer(task: str) -> None:
 
 
 def generation_settings(ctx, **overrides):
-    from soda.generate.decode import Settings as GenerationSettings
+    from soda.generate.decode import GenerationSettings
 
     return GenerationSettings(seed=ctx.settings.seed, batch_size=ctx.settings.generation_batch, **overrides)
 

@@ -2,8 +2,8 @@
 
 A task is two functions: `load(ctx, data)` reads its inputs and raises SodaError for user
 mistakes (so a wrong path fails in seconds, before any scoring), and `run(ctx, loaded)` scores
-them and returns one results entry. New benchmarks (ASR and TTS through `soda.generate`) plug in by
-calling `register` from their own module and being listed in `BUILTIN_MODULES`.
+them and returns one results entry. A benchmark (likelihood-scored, or generated through `soda.generate`
+as ASR, TTS and S2ST are) joins by calling `register` from its own module, listed in `BUILTIN_MODULES`.
 """
 
 from __future__ import annotations

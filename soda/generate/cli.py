@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from soda.generate.decode import (TASKS, Request, Result, Settings, check_request, generate_iter, model_fingerprint,
-                                  summarize)
+from soda.generate.decode import (TASKS, GenerationSettings, Request, Result, check_request, generate_iter,
+                                  model_fingerprint, summarize)
 from tokenize_audio.errors import SkipItem, SodaError, cli_errors
 
 FIELDS = {"task", "id", "text", "audio", "voice", "voice_text", "source_language", "source_text",
@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--source-language", help="s2st: language code of the source speech, e.g. fr")
     g.add_argument("--source-text", help="s2st: its transcript (default: the model transcribes it first)")
     g.add_argument("--target-language", default="en", help="s2st: target language code (default en)")
-    d = Settings()
+    d = GenerationSettings()
     g = p.add_argument_group("sampling")
     g.add_argument("--temperature", type=float, default=d.temperature, help="audio tokens (0: greedy)")
     g.add_argument("--text-temperature", type=float, default=d.text_temperature, help="text tokens (default "
@@ -290,11 +290,12 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.greedy:
         args.temperature = args.text_temperature = 0.0
-    settings = Settings(temperature=args.temperature, text_temperature=args.text_temperature, top_k=args.top_k,
-                        top_p=args.top_p, seed=args.seed, max_seconds=args.max_seconds,
-                        cap_base_seconds=args.cap_base_seconds, cap_seconds_per_char=args.cap_seconds_per_char,
-                        max_text_tokens=args.max_text_tokens, silence_seconds=args.silence_seconds,
-                        use_cache=not args.no_cache, batch_size=args.batch_size)
+    settings = GenerationSettings(temperature=args.temperature, text_temperature=args.text_temperature,
+                                  top_k=args.top_k, top_p=args.top_p, seed=args.seed, max_seconds=args.max_seconds,
+                                  cap_base_seconds=args.cap_base_seconds,
+                                  cap_seconds_per_char=args.cap_seconds_per_char,
+                                  max_text_tokens=args.max_text_tokens, silence_seconds=args.silence_seconds,
+                                  use_cache=not args.no_cache, batch_size=args.batch_size)
     rows = read_requests(Path(args.input)) if args.task == "batch" else [single_request(args)]
     out: Path = args.out
     record = {"checkpoint": model_fingerprint(args.checkpoint), "codec": args.codec,

@@ -4,21 +4,21 @@ translation, with codebook-aware, KV-cached decoding that always stops.
 Use it from Python (evaluation and fine-tuning call this; `soda-generate` is its command line)::
 
     from soda.inference import load_model
-    from soda.generate import Request, Settings, generate, synthesize, transcribe
+    from soda.generate import Request, GenerationSettings, generate, synthesize, transcribe
 
     loaded = load_model("runs/demo")                  # run dir, .ckpt, HF directory or hub id
     codec = loaded.load_codec()                       # the codec the model's audio ids came from
     texts = transcribe(loaded, codec, waves)          # ASR, greedy; waves at codec.sample_rate
     waves, ended = synthesize(loaded, codec, ["Hello there."], voice_prompts=[(voice_wave, "Its transcript.")])
     results = generate(loaded, [Request("s2st", audio=src_wave, source_language="fr", source_text="Bonjour.")],
-                       Settings(temperature=0.8, seed=1), codec)
+                       GenerationSettings(temperature=0.8, seed=1), codec)
     results[0].text, results[0].wave, results[0].ended   # translation, target speech, "audio_end" / "silence" / ...
     translate(loaded, codec, waves, "fr", source_texts)  # S2ST for many waves -> Results
     summarize(results)                                   # endings counted, termination rate
 
-Requests may mix tasks; they are decoded `Settings.batch_size` at a time and come back in input order.
+Requests may mix tasks; they are decoded `GenerationSettings.batch_size` at a time and come back in input order.
 Without a codec, requests must carry codes [K, F]; Results then hold codes, no waves (and silence is only
-detected with `Settings.silence_codes`).
+detected with `GenerationSettings.silence_codes`).
 
 Prompts are SODA's (each starts with BOS, as the training documents do):
 
@@ -68,7 +68,7 @@ ENDINGS = ("audio_end", "text_end", "silence", "text_length_cap", "max_seconds",
 
 
 @dataclass
-class Settings:
+class GenerationSettings:
     """How to decode. `temperature` 0 means greedy; text (ASR, translation) is greedy unless `text_temperature`."""
 
     temperature: float = 0.8        # audio tokens
@@ -220,7 +220,7 @@ def silence_codes(codec, fraction: float = 0.05) -> frozenset:
 class _Sequence:
     """One request's decoding state: which segment it is in, its position in the frame, caps, endings."""
 
-    def __init__(self, plan: _Plan, vocab, settings: Settings, frame_rate: float, silence: frozenset | None):
+    def __init__(self, plan: _Plan, vocab, settings: GenerationSettings, frame_rate: float, silence: frozenset | None):
         self.v, self.s, self.frame_rate, self.silence = vocab, settings, frame_rate, silence
         self.phases = plan.phases
         self.generated: list[int] = []
@@ -318,7 +318,7 @@ def _sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: int, top_p: 
 
 
 @torch.inference_mode()
-def decode_batch(model, vocab, plans: list[_Plan], settings: Settings, frame_rate: float,
+def decode_batch(model, vocab, plans: list[_Plan], settings: GenerationSettings, frame_rate: float,
                  silence: frozenset | None, gen: torch.Generator) -> list[_Sequence]:
     """Generate for several prompts at once (left-padded); finished rows leave the batch."""
     device = next(model.parameters()).device
@@ -393,7 +393,7 @@ def _as_codes(x, codec, vocab, what: str) -> np.ndarray:
     return codec.encode(arr.astype(np.float32))
 
 
-def generate(loaded, requests: list[Request], settings: Settings | None = None, codec=None,
+def generate(loaded, requests: list[Request], settings: GenerationSettings | None = None, codec=None,
              progress: bool = False) -> list[Result]:
     """Run `requests` (any mix of tasks) on `loaded` (from `soda.inference.load_model`); results in input order.
 
@@ -408,11 +408,11 @@ def generate(loaded, requests: list[Request], settings: Settings | None = None, 
     return results
 
 
-def generate_iter(loaded, requests: list[Request], settings: Settings | None = None, codec=None,
+def generate_iter(loaded, requests: list[Request], settings: GenerationSettings | None = None, codec=None,
                   progress: bool = False):
     """`generate`, yielding (index in `requests`, Result) as each batch finishes, in the order decoded: a caller
     that writes each result out and drops it holds one batch of generated audio, whatever the number of requests."""
-    settings = settings or Settings()
+    settings = settings or GenerationSettings()
     vocab = loaded.vocab
     for r in requests:
         check_request(r)
@@ -462,13 +462,13 @@ def _result(r: Request, plan: _Plan, s: _Sequence, vocab, codec, frame_rate: flo
     return out
 
 
-def transcribe(loaded, codec, waves, settings: Settings | None = None) -> list[str]:
+def transcribe(loaded, codec, waves, settings: GenerationSettings | None = None) -> list[str]:
     """ASR: one transcript per wave (mono, at codec.sample_rate), greedy unless settings say otherwise."""
     results = generate(loaded, [Request("asr", audio=w) for w in waves], settings, codec)
     return [r.text for r in results]
 
 
-def synthesize(loaded, codec, texts, voice_prompts=None, settings: Settings | None = None):
+def synthesize(loaded, codec, texts, voice_prompts=None, settings: GenerationSettings | None = None):
     """TTS: (waves, endings) for `texts`; `voice_prompts` is None or one (wave, transcript) or None per text."""
     voices = voice_prompts or [None] * len(texts)
     if len(voices) != len(texts):
@@ -480,7 +480,7 @@ def synthesize(loaded, codec, texts, voice_prompts=None, settings: Settings | No
 
 
 def translate(loaded, codec, waves, source_language: str, source_texts=None, target_language: str = "en",
-              settings: Settings | None = None) -> list[Result]:
+              settings: GenerationSettings | None = None) -> list[Result]:
     """S2ST with SODA's prompt: Result.text is the translation, Result.wave the target speech."""
     sources = source_texts or [None] * len(waves)
     requests = [Request("s2st", audio=w, source_language=source_language, source_text=t,

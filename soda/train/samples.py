@@ -27,6 +27,8 @@ import lightning as L
 import numpy as np
 import torch
 
+from tokenize_audio.errors import first_line
+
 SAMPLES_DIR = "samples"
 SAMPLES_FILE = "samples.json"
 TTS_TEXTS = (  # fixed, short English sentences (the same every round, so rounds compare by ear)
@@ -48,7 +50,7 @@ def say(message: str) -> None:
 def held_out_utterance(sources, vocab) -> tuple[np.ndarray, str] | str:
     """(codes [K, F], transcript) of the first utterance of the first validation speech document (sources in
     order, shards in order, documents in order), or the reason there is none."""
-    from soda.train.data import shard_documents
+    from tokenize_audio.shards import shard_documents
 
     seen = 0
     for source in sources:
@@ -170,9 +172,7 @@ class Samples(L.Callback):
             with RNGState():
                 self.sample(trainer, pl_module, step)
         except Exception as e:  # never stop training for a sample
-            reason = (str(e).strip().splitlines() or [""])[0][:200]
-            say(f"warning: step {step}: no samples ({type(e).__name__}{': ' + reason if reason else ''}); "
-                f"training goes on")
+            say(f"warning: step {step}: no samples ({first_line(e, 200, with_type=True)}); training goes on")
         finally:
             model.train(was_training)
             from soda.train.callbacks import StepMetrics
@@ -184,7 +184,7 @@ class Samples(L.Callback):
     def sample(self, trainer, pl_module, step: int) -> None:
         from soda.checkpoints import LoadedModel
         from soda.generate.cli import write_wave
-        from soda.generate.decode import Settings, generate
+        from soda.generate.decode import GenerationSettings, generate
         from tokenize_audio.codecs import load_codec
         from tokenize_audio.shards import atomic_write_bytes
 
@@ -201,7 +201,7 @@ class Samples(L.Callback):
         model.eval()
         loaded = LoadedModel(model, vocab, self.codec_info["spec"], self.codec_info.get("label", ""),
                              f"step {step}", device)
-        settings = Settings(seed=self.seed, max_seconds=AUDIO_SECONDS, max_text_tokens=ASR_MAX_TEXT_TOKENS,
+        settings = GenerationSettings(seed=self.seed, max_seconds=AUDIO_SECONDS, max_text_tokens=ASR_MAX_TEXT_TOKENS,
                             batch_size=1)  # one at a time: the budget is checked between prompts
         folder = self.out / SAMPLES_DIR / f"step_{step:07d}"
         folder.mkdir(parents=True, exist_ok=True)
