@@ -443,6 +443,10 @@ def test_eval_s2st_passes_overwrite_to_soda_eval(monkeypatch, tmp_path):
     import soda.evaluate.cli
 
     seen = []
-    monkeypatch.setattr(soda.evaluate.cli, "main", lambda argv: seen.append(argv) or 0)
-    assert main(["eval-s2st", "runs/x", "--data", "t.tsv", "--out", str(tmp_path), "--overwrite", "--quiet"]) == 0
-    assert seen[0][-2:] == ["--quiet", "--overwrite"] and seen[0][seen[0].index("--out") + 1] == str(tmp_path)
+    monkeypatch.setattr(soda.evaluate.cli, "evaluate_checkpoint", lambda *a, **kw: seen.append((a, kw)) or 0)
+    assert main(["eval-s2st", "runs/x", "--data", "t.tsv", "--out", str(tmp_path), "--overwrite", "--quiet",
+                 "--asr", "self", "--limit", "2"]) == 0
+    (checkpoint, tasks, data_for, settings, out), options = seen[0]
+    assert options == {"overwrite": True} and out == tmp_path and not settings.progress
+    assert (checkpoint, tasks, data_for) == ("runs/x", ["s2st"], {"s2st": "t.tsv"})
+    assert (settings.s2st_asr, settings.limit, settings.device, settings.s2st_max_seconds) == ("self", 2, "auto", 30.0)
