@@ -266,6 +266,38 @@ def resolve_checkpoint(source: str) -> Path | str:
     return str(source)
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
+_SAMPLE = 1 << 20  # bytes read from each end of a weight file
+
+
+def model_fingerprint(source: str) -> dict:
+    """What a CHECKPOINT argument names, recognisably, for outputs that must not mix models (soda-eval's
+    results.json, soda-generate's --out): the resolved path and a digest of each weight file's name, size and
+    first and last MiB. Reading the ends keeps it fast at any size, and a re-trained or replaced checkpoint differs
+    there (its first tensors and its end), while a copy elsewhere has the same digest. A hub id is its own digest;
+    a source that names no file (a model built in memory) is its name."""
+    import hashlib
+
+    try:
+        target = resolve_checkpoint(source)
+    except SodaError:
+        return {"path": str(source), "digest": f"name:{source}"}
+    if isinstance(target, str):
+        return {"path": target, "digest": f"hub:{target}"}
+    files = [target] if target.is_file() else sorted(p for p in target.iterdir()
+                                                     if p.suffix in WEIGHT_SUFFIXES or p.name == "config.json")
+    digest, total = hashlib.sha256(), 0
+    for f in files:
+        size = f.stat().st_size
+        total += size
+        digest.update(f"{f.name}:{size}:".encode())
+        with open(f, "rb") as fh:
+            digest.update(fh.read(_SAMPLE))
+            fh.seek(max(0, size - _SAMPLE))
+            digest.update(fh.read(_SAMPLE))
+    return {"path": str(target.resolve()), "bytes": total, "digest": digest.hexdigest()[:20]}
+
+
 def _from_hf(name: str, path: Path | None, dtype, attention, weights: bool = True):
     from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM

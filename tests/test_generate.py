@@ -15,8 +15,8 @@ from conftest import write_wave
 
 from soda.checkpoints import LoadedModel, load_model
 from soda.generate.cli import main
-from soda.generate.decode import (ENDINGS, Request, GenerationSettings, build_plan, generate, silence_codes, summarize,
-                                  synthesize, transcribe)
+from soda.generate.decode import generate, silence_codes, synthesize, transcribe
+from soda.generate.prompts import ENDINGS, GenerationSettings, Request, build_plan, summarize
 from soda.model import build_model
 from soda.shape import ModelShape
 from tokenize_audio.vocab import Vocabulary, byte_tokenizer

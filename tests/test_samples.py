@@ -53,7 +53,7 @@ def sampled(train_tokens, tmp_path_factory):
 
 
 def test_samples_are_written_at_checkpoint_steps_with_their_endings(sampled):
-    from soda.generate.decode import ENDINGS
+    from soda.generate.prompts import ENDINGS
 
     for step in (4, 8):
         folder = sampled / "samples" / f"step_{step:07d}"

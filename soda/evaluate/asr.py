@@ -41,7 +41,7 @@ def check_jiwer(task: str) -> None:
 
 
 def generation_settings(ctx, **overrides):
-    from soda.generate.decode import GenerationSettings
+    from soda.generate.prompts import GenerationSettings
 
     return GenerationSettings(seed=ctx.settings.seed, batch_size=ctx.settings.generation_batch, **overrides)
 
@@ -71,7 +71,8 @@ def load_speech(ctx, spec: str | None) -> Speech:
 
 
 def run_asr(ctx, data: Speech) -> dict:
-    from soda.generate.decode import Request, generate
+    from soda.generate.decode import generate
+    from soda.generate.prompts import Request
 
     usable, requests = [], []
     codes = ctx.audio_codes([(u.audio, u.start, u.end) for u in data.utterances], "asr: encoding")

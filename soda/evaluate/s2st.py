@@ -68,7 +68,8 @@ def load_s2st(ctx, spec: str | None) -> S2STData:
 
 
 def run_s2st(ctx, data: S2STData) -> dict:
-    from soda.generate.decode import Request, generate, summarize
+    from soda.generate.decode import generate
+    from soda.generate.prompts import Request, summarize
 
     codec, settings = ctx.codec, ctx.settings
     given = settings.s2st_source_text == "given"

@@ -127,7 +127,8 @@ def judge_speech(ctx, folder: str, ids: list[str], results, codec, transcribe, e
 
 
 def run_tts(ctx, data: Prompts) -> dict:
-    from soda.generate.decode import Request, generate
+    from soda.generate.decode import generate
+    from soda.generate.prompts import Request
 
     codec, settings = ctx.codec, ctx.settings
     voiced = [p for p in data.prompts if p.voice_audio]

@@ -1,1 +1,2 @@
-"""Prompting a trained model: codebook-aware decoding with a KV cache (`decode`) and the `soda-generate` CLI."""
+"""Prompting a trained model: requests, settings and prompts (`prompts`), codebook-aware decoding with a KV cache
+(`decode`) and the `soda-generate` CLI (`cli`)."""

@@ -25,8 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from soda.generate.decode import (TASKS, GenerationSettings, Request, Result, check_request, generate_iter,
-                                  model_fingerprint, summarize)
+from soda.checkpoints import model_fingerprint
+from soda.generate.decode import generate_iter
+from soda.generate.prompts import TASKS, GenerationSettings, Request, Result, check_request, summarize
 from tokenize_audio.errors import SkipItem, SodaError, cli_errors
 
 FIELDS = {"task", "id", "text", "audio", "voice", "voice_text", "source_language", "source_text",

@@ -3,8 +3,9 @@ translation, with codebook-aware, KV-cached decoding that always stops.
 
 Use it from Python (evaluation and fine-tuning call this; `soda-generate` is its command line)::
 
-    from soda.inference import load_model
-    from soda.generate import Request, GenerationSettings, generate, synthesize, transcribe
+    from soda.checkpoints import load_model
+    from soda.generate.decode import generate, synthesize, transcribe, translate
+    from soda.generate.prompts import GenerationSettings, Request, summarize
 
     loaded = load_model("runs/demo")                  # run dir, .ckpt, HF directory or hub id
     codec = loaded.load_codec()                       # the codec the model's audio ids came from
@@ -20,22 +21,7 @@ Requests may mix tasks; they are decoded `GenerationSettings.batch_size` at a ti
 Without a codec, requests must carry codes [K, F]; Results then hold codes, no waves (and silence is only
 detected with `GenerationSettings.silence_codes`).
 
-Prompts are SODA's (each starts with BOS, as the training documents do):
-
-    continue  <|audio_start|> A ...                                    -> audio
-    tts       [<|text_start|> Tv <|text_end|> <|audio_start|> Av <|audio_end|>]   (voice prompt, optional)
-              <|text_start|> T <|text_end|> <|audio_start|>           -> audio until <|audio_end|>
-    asr       <|audio_start|> A <|audio_end|> <|text_start|>          -> text until <|text_end|>
-    s2st      <|audio_start|> SRC <|audio_end|> <|text_start|><language>xx</language>src text <|text_end|>
-              <|text_start|><language>en</language>                   -> target text, <|text_end|>,
-              then <|audio_start|> is forced                          -> target audio until <|audio_end|>
-              (without a source text the model first writes it, as ASR, before the translation)
-
-S2ST prompts are prefixes of SODA's documents tokenized whole, where the tag and its text are one string:
-a given source text is encoded with its tag, and a prompt that stops before a text the model writes stops
-before the tag's last pre-tokenizer piece when the text can join it (Llama-3: `>Bonjour` is one piece), so
-the model writes `>` with the text's first token (`tokenize_audio.documents.language_prompt`; with a byte
-tokenizer nothing joins and the prompt keeps the whole tag). That `>` is not part of `Result.text`.
+Prompts and requests are `soda.generate.prompts`.
 
 Decoding is constrained: in audio, the k-th token of each frame may only be a codebook-k id and
 `<|audio_end|>` may only come between frames (so frames are always whole); in text, only text ids (not
@@ -54,173 +40,19 @@ import functools
 import inspect
 import math
 from collections import deque
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from tokenize_audio.documents import language_prompt, s2st_text
+from soda.generate.prompts import (GenerationSettings, Plan, Request, Result, build_plan, check_request,
+                                   segment_text)
 from tokenize_audio.errors import SodaError
 
-TASKS = ("continue", "tts", "asr", "s2st")
-TERMINATED = ("audio_end", "text_end")  # the model stopped by itself
-ENDINGS = ("audio_end", "text_end", "silence", "text_length_cap", "max_seconds", "max_tokens")
 
-
-@dataclass
-class GenerationSettings:
-    """How to decode. `temperature` 0 means greedy; text (ASR, translation) is greedy unless `text_temperature`."""
-
-    temperature: float = 0.8        # audio tokens
-    text_temperature: float = 0.0   # text tokens
-    top_k: int = 250                # 0: off
-    top_p: float = 1.0              # 1: off
-    seed: int = 0                   # same requests + same batch_size -> same outputs
-    max_seconds: float = 30.0       # audio cap for every audio output
-    cap_base_seconds: float = 2.0   # TTS / S2ST audio cap: base + per_char * characters of the text spoken
-    cap_seconds_per_char: float = 0.2   # (5 characters/s, a third of a normal speaking rate)
-    max_text_tokens: int = 256      # text cap
-    silence_seconds: float = 2.0    # stop after this much silence in a row; 0: off
-    silence_codes: frozenset | None = None  # codebook-0 codes that mean silence; None: found from the codec
-    use_cache: bool = True          # KV cache (False recomputes the whole sequence each step: for checks)
-    batch_size: int = 8
-    frame_rate: float = 12.5        # used only when no codec is given (Mimi's rate)
-
-    def __post_init__(self):
-        if self.temperature < 0 or self.text_temperature < 0:
-            raise SodaError("temperature must be >= 0 (0 = greedy)")
-        if not 0 < self.top_p <= 1:
-            raise SodaError(f"top_p {self.top_p}: must be in (0, 1]")
-        if self.top_k < 0 or self.batch_size < 1 or self.max_text_tokens < 1 or self.max_seconds <= 0:
-            raise SodaError("top_k must be >= 0; batch_size, max_text_tokens and max_seconds must be positive")
-        if min(self.cap_base_seconds, self.cap_seconds_per_char, self.silence_seconds) < 0:
-            raise SodaError("cap_base_seconds, cap_seconds_per_char and silence_seconds must be >= 0 "
-                            "(silence_seconds 0: no silence stop)")
-
-
-@dataclass
-class Request:
-    """One thing to generate. Audio is a mono float wave at the codec's sample rate, or codes [K, F] (ints)."""
-
-    task: str                               # continue | tts | asr | s2st
-    text: str | None = None                 # tts: the text to speak
-    audio: np.ndarray | None = None         # continue: the prompt; asr: the speech; s2st: the source speech
-    voice_audio: np.ndarray | None = None   # tts: a sample of the target voice ...
-    voice_text: str | None = None           # ... and its transcript
-    source_language: str | None = None      # s2st: e.g. "fr"
-    source_text: str | None = None          # s2st: the source transcript (None: the model writes it first)
-    target_language: str = "en"
-    max_seconds: float | None = None        # this request's audio cap (e.g. continuation length)
-    id: str | None = None
-
-
-@dataclass
-class Result:
-    """What one request produced, and how it ended."""
-
-    id: str | None
-    task: str
-    ended: str                  # why the output stopped (see the module docstring)
-    text: str = ""              # asr: transcript; s2st: translation
-    source_text: str = ""       # s2st without a given source text: what the model transcribed
-    codes: np.ndarray | None = None   # generated audio codes [K, F] (tts, continue, s2st)
-    wave: np.ndarray | None = None    # decoded `codes` at the codec's sample_rate (when a codec is given)
-    seconds: float = 0.0        # generated audio duration
-    ids: list = field(default_factory=list)  # every id after the prompt, forced ones included
-    prompt_tokens: int = 0
-    phase_endings: list = field(default_factory=list)  # per segment generated, e.g. ["text_end", "audio_end"]
-
-    @property
-    def terminated(self) -> bool:
-        return self.ended in TERMINATED
-
-
-# --------------------------------------------------------------------------------------------
-# Prompts
-# --------------------------------------------------------------------------------------------
-@dataclass
-class _Phase:
-    mode: str                   # "text" or "audio"
-    prefix: list                # ids forced before it (e.g. <|audio_start|>)
-    spoken: str | None = None   # audio: the text it speaks (for the length cap); None: no text cap
-    max_seconds: float | None = None
-    speaks_previous: bool = False  # audio: it speaks the text generated just before (S2ST)
-    rest: str = ""              # text: tag text the model writes before the text itself (`language_prompt`)
-
-
-@dataclass
-class _Plan:
-    prompt: list
-    phases: list
-
-
-def build_plan(vocab, request: Request, codes: dict) -> _Plan:
-    """The prompt ids and the segments to generate; `codes` holds the request's audio as codes [K, F]."""
-    v, r = vocab, request
-    audio = lambda c: [v.audio_start, *v.codes_to_ids(c).tolist()]  # noqa: E731
-    text = lambda t: [v.text_start, *v.encode_text(t).tolist(), v.text_end]  # noqa: E731
-    p = [v.bos_id]
-    if r.task == "continue":
-        return _Plan(p + audio(codes["audio"]), [_Phase("audio", [], None, r.max_seconds)])
-    if r.task == "tts":
-        if r.voice_audio is not None:
-            p += text(r.voice_text) + audio(codes["voice_audio"]) + [v.audio_end]
-        return _Plan(p + text(r.text) + [v.audio_start], [_Phase("audio", [], r.text, r.max_seconds)])
-    if r.task == "asr":
-        return _Plan(p + audio(codes["audio"]) + [v.audio_end, v.text_start], [_Phase("text", [])])
-    # s2st: [source text,] target text, target audio (its length cap follows the generated translation);
-    # prefixes of SODA's whole-string tokenization (module docstring)
-    p += audio(codes["audio"]) + [v.audio_end, v.text_start]
-    target_tag, target_rest = language_prompt(v, r.target_language)
-    target = [v.text_start, *target_tag.tolist()]
-    audio_phase = _Phase("audio", [v.audio_start], None, r.max_seconds, speaks_previous=True)
-    if r.source_text is not None:
-        p += s2st_text(v, r.source_language, r.source_text).tolist() + [v.text_end] + target
-        return _Plan(p, [_Phase("text", [], rest=target_rest), audio_phase])
-    source_tag, source_rest = language_prompt(v, r.source_language)
-    return _Plan(p + source_tag.tolist(), [_Phase("text", [], rest=source_rest),
-                                           _Phase("text", target, rest=target_rest), audio_phase])
-
-
-def _text(vocab, ids: list, phase: _Phase) -> str:
-    """A generated text segment, without the tag text the model wrote first (`_Phase.rest`)."""
-    text = vocab.decode_text(ids)
-    return text[len(phase.rest):] if text.startswith(phase.rest) else text
-
-
-def check_request(r: Request) -> None:
-    """Raise SodaError for a request that cannot be built (missing fields, unknown task)."""
-    if r.task not in TASKS:
-        raise SodaError(f"unknown task {r.task!r}; choose from {', '.join(TASKS)}")
-    need = {"continue": ["audio"], "tts": ["text"], "asr": ["audio"], "s2st": ["audio", "source_language"]}[r.task]
-    missing = [name for name in need if getattr(r, name) is None]
-    if missing:
-        raise SodaError(f"{r.task} request{f' {r.id}' if r.id else ''} needs {' and '.join(missing)}")
-    if r.task == "tts" and (r.voice_audio is None) != (r.voice_text is None):
-        raise SodaError("a TTS voice prompt needs both its audio and its transcript (voice_audio, voice_text)")
-
-
-@functools.lru_cache(maxsize=4)
-def silence_codes(codec, fraction: float = 0.05) -> frozenset:
-    """Codebook-0 codes the codec gives digital silence and very quiet noise (steady frames, >= `fraction`).
-
-    Found once per codec (cached), by encoding 3 s of each; the first frames (the codec settling) are left out.
-    """
-    rng = np.random.default_rng(0)
-    n = codec.samples_per_frame * 40
-    quiet = [np.zeros(n, np.float32), (rng.standard_normal(n) * 3e-4).astype(np.float32)]
-    found = np.concatenate([c[0, 5:] for c in codec.encode_batch(quiet)])
-    values, counts = np.unique(found, return_counts=True)
-    return frozenset(int(x) for x in values[counts >= fraction * len(found)])
-
-
-# --------------------------------------------------------------------------------------------
-# Decoding
-# --------------------------------------------------------------------------------------------
 class _Sequence:
     """One request's decoding state: which segment it is in, its position in the frame, caps, endings."""
 
-    def __init__(self, plan: _Plan, vocab, settings: GenerationSettings, frame_rate: float, silence: frozenset | None):
+    def __init__(self, plan: Plan, vocab, settings: GenerationSettings, frame_rate: float, silence: frozenset | None):
         self.v, self.s, self.frame_rate, self.silence = vocab, settings, frame_rate, silence
         self.phases = plan.phases
         self.generated: list[int] = []
@@ -240,7 +72,7 @@ class _Sequence:
         seconds = min(self.s.max_seconds, ph.max_seconds or math.inf)
         self.cap_reason = "max_seconds"
         if ph.spoken is not None or ph.speaks_previous:
-            spoken = _text(self.v, self.segments[-2], self.phases[i - 1]) if ph.speaks_previous else ph.spoken
+            spoken = segment_text(self.v, self.segments[-2], self.phases[i - 1]) if ph.speaks_previous else ph.spoken
             text_cap = self.s.cap_base_seconds + self.s.cap_seconds_per_char * len(spoken)
             if text_cap < seconds:
                 seconds, self.cap_reason = text_cap, "text_length_cap"
@@ -318,7 +150,7 @@ def _sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: int, top_p: 
 
 
 @torch.inference_mode()
-def decode_batch(model, vocab, plans: list[_Plan], settings: GenerationSettings, frame_rate: float,
+def decode_batch(model, vocab, plans: list[Plan], settings: GenerationSettings, frame_rate: float,
                  silence: frozenset | None, gen: torch.Generator) -> list[_Sequence]:
     """Generate for several prompts at once (left-padded); finished rows leave the batch."""
     device = next(model.parameters()).device
@@ -376,6 +208,20 @@ def decode_batch(model, vocab, plans: list[_Plan], settings: GenerationSettings,
     return seqs
 
 
+@functools.lru_cache(maxsize=4)
+def silence_codes(codec, fraction: float = 0.05) -> frozenset:
+    """Codebook-0 codes the codec gives digital silence and very quiet noise (steady frames, >= `fraction`).
+
+    Found once per codec (cached), by encoding 3 s of each; the first frames (the codec settling) are left out.
+    """
+    rng = np.random.default_rng(0)
+    n = codec.samples_per_frame * 40
+    quiet = [np.zeros(n, np.float32), (rng.standard_normal(n) * 3e-4).astype(np.float32)]
+    found = np.concatenate([c[0, 5:] for c in codec.encode_batch(quiet)])
+    values, counts = np.unique(found, return_counts=True)
+    return frozenset(int(x) for x in values[counts >= fraction * len(found)])
+
+
 # --------------------------------------------------------------------------------------------
 # The API
 # --------------------------------------------------------------------------------------------
@@ -395,7 +241,7 @@ def _as_codes(x, codec, vocab, what: str) -> np.ndarray:
 
 def generate(loaded, requests: list[Request], settings: GenerationSettings | None = None, codec=None,
              progress: bool = False) -> list[Result]:
-    """Run `requests` (any mix of tasks) on `loaded` (from `soda.inference.load_model`); results in input order.
+    """Run `requests` (any mix of tasks) on `loaded` (from `soda.checkpoints.load_model`); results in input order.
 
     `codec` (e.g. `loaded.load_codec()`) encodes waves in the requests and decodes generated audio to
     `Result.wave`; without one, requests must carry codes and results carry codes only. Requests are
@@ -446,10 +292,10 @@ def generate_iter(loaded, requests: list[Request], settings: GenerationSettings 
             bar.close()
 
 
-def _result(r: Request, plan: _Plan, s: _Sequence, vocab, codec, frame_rate: float) -> Result:
+def _result(r: Request, plan: Plan, s: _Sequence, vocab, codec, frame_rate: float) -> Result:
     out = Result(r.id, r.task, s.endings[-1], ids=s.generated, prompt_tokens=len(plan.prompt),
                  phase_endings=list(s.endings))
-    texts = [_text(vocab, seg, ph) for seg, ph in zip(s.segments, s.phases) if ph.mode == "text"]
+    texts = [segment_text(vocab, seg, ph) for seg, ph in zip(s.segments, s.phases) if ph.mode == "text"]
     if texts:
         out.text = texts[-1]
         out.source_text = texts[0] if len(texts) > 1 else ""
@@ -486,47 +332,3 @@ def translate(loaded, codec, waves, source_language: str, source_texts=None, tar
     requests = [Request("s2st", audio=w, source_language=source_language, source_text=t,
                         target_language=target_language) for w, t in zip(waves, sources)]
     return generate(loaded, requests, settings, codec)
-
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
-_SAMPLE = 1 << 20  # bytes read from each end of a weight file
-
-
-def model_fingerprint(source: str) -> dict:
-    """What a CHECKPOINT argument names, recognisably, for outputs that must not mix models (soda-eval's
-    results.json, soda-generate's --out): the resolved path and a digest of each weight file's name, size and
-    first and last MiB. Reading the ends keeps it fast at any size, and a re-trained or replaced checkpoint differs
-    there (its first tensors and its end), while a copy elsewhere has the same digest. A hub id is its own digest;
-    a source that names no file (a model built in memory) is its name."""
-    import hashlib
-
-    from soda.checkpoints import resolve_checkpoint
-
-    try:
-        target = resolve_checkpoint(source)
-    except SodaError:
-        return {"path": str(source), "digest": f"name:{source}"}
-    if isinstance(target, str):
-        return {"path": target, "digest": f"hub:{target}"}
-    files = [target] if target.is_file() else sorted(p for p in target.iterdir()
-                                                     if p.suffix in WEIGHT_SUFFIXES or p.name == "config.json")
-    digest, total = hashlib.sha256(), 0
-    for f in files:
-        size = f.stat().st_size
-        total += size
-        digest.update(f"{f.name}:{size}:".encode())
-        with open(f, "rb") as fh:
-            digest.update(fh.read(_SAMPLE))
-            fh.seek(max(0, size - _SAMPLE))
-            digest.update(fh.read(_SAMPLE))
-    return {"path": str(target.resolve()), "bytes": total, "digest": digest.hexdigest()[:20]}
-
-
-def summarize(results: list[Result]) -> dict:
-    """How the outputs ended: counts per reason, and the termination rate (model stopped by itself)."""
-    counts = {e: 0 for e in ENDINGS}
-    for r in results:
-        counts[r.ended] += 1
-    n = len(results)
-    return {"outputs": n, "ended": counts, "termination_rate": sum(r.terminated for r in results) / n if n else None,
-            "audio_seconds": round(sum(r.seconds for r in results), 3)}

@@ -88,7 +88,7 @@ def first_utterance(ids: np.ndarray, vocab) -> tuple[np.ndarray, str] | None:
 
 def sample_prompts(utterance, frame_rate: float) -> list[tuple[str, str, str, object]]:
     """(name, kind, prompt description, Request) for one round; `utterance` is `held_out_utterance`'s answer."""
-    from soda.generate.decode import Request
+    from soda.generate.prompts import Request
 
     prompts = [(f"tts_{i}", "tts", text, Request("tts", text=text, max_seconds=AUDIO_SECONDS, id=f"tts_{i}"))
                for i, text in enumerate(TTS_TEXTS)]
@@ -184,7 +184,8 @@ class Samples(L.Callback):
     def sample(self, trainer, pl_module, step: int) -> None:
         from soda.checkpoints import LoadedModel
         from soda.generate.cli import write_wave
-        from soda.generate.decode import GenerationSettings, generate
+        from soda.generate.decode import generate
+        from soda.generate.prompts import GenerationSettings
         from tokenize_audio.codecs import load_codec
         from tokenize_audio.shards import atomic_write_bytes
 
