@@ -11,6 +11,7 @@ import json
 import re
 from pathlib import Path
 
+from soda.evaluate.results import SODA_PUBLISHED, read_results
 from soda.html import ITEM_LIMIT, PAGE, audio_src, bar_chart, esc, fmt, limit_note, page, player, table
 from tokenize_audio.shards import atomic_write_text
 
@@ -158,8 +159,6 @@ def pairs_section(out: Path, name: str, title: str, entry: dict) -> str:
 
 
 def results_table(results: dict, tasks: dict) -> str:
-    from soda.evaluate.report import SODA_PUBLISHED
-
     size = (results.get("model") or {}).get("soda_size")
     header = ["task", "metric", "result", "items", "skipped"] + ([f"SODA-{size}"] if size else [])
     rows = []
@@ -194,8 +193,6 @@ def nll_section(out: Path, results: dict, compare: Path | None) -> str:
     series = {label: nll_vector(entry)}
     bits = {label: entry.get("bits_per_audio_second")}
     if compare is not None:
-        from soda.evaluate.report import read_results
-
         other = ((read_results(compare) or {}).get("tasks") or {}).get("nll")
         if other:
             name = Path(compare).resolve().name
@@ -208,7 +205,6 @@ def nll_section(out: Path, results: dict, compare: Path | None) -> str:
 
 
 def build_eval_page(out: Path, compare: Path | None = None) -> str:
-    from soda.evaluate.report import read_results
     from soda.evaluate.tasks import available
 
     out = Path(out)

@@ -15,32 +15,12 @@ import fcntl
 import json
 from pathlib import Path
 
+from soda.evaluate.html_report import write_eval_page
+from soda.evaluate.results import RESULTS, SODA_PUBLISHED, read_results, soda_size
 from tokenize_audio.errors import SodaError
 from tokenize_audio.shards import atomic_write_json, atomic_write_text
 
-RESULTS, TABLE, LOCK = "results.json", "results.md", "results.json.lock"
-
-# SODA's released base models, identified by shape (width, layers, FFN), and their published results
-# (the SODA-LongRun table of the authors' experiment log; accuracies in %, WER in %, SIM a cosine).
-SODA_SHAPES = {(512, 15, 1792): "135M", (1024, 28, 3072): "600M", (2048, 28, 6144): "1.7B",
-               (2560, 36, 9728): "4B"}
-SODA_PUBLISHED = {
-    "135M": {"sblimp": 50.1, "swuggy": 56.3, "salmon": 70.0, "tblimp": 67.4, "twuggy": 70.7, "asr": 28.1,
-             "tts_wer": 11.2, "tts_sim": 0.500},
-    "600M": {"sblimp": 51.2, "swuggy": 58.9, "salmon": 70.1, "tblimp": 70.7, "twuggy": 73.1, "asr": 10.2,
-             "tts_wer": 7.6, "tts_sim": 0.555},
-    "1.7B": {"sblimp": 51.4, "swuggy": 60.6, "salmon": 70.6, "tblimp": 70.3, "twuggy": 74.7, "asr": 7.0,
-             "tts_wer": 6.9, "tts_sim": 0.560},
-    "4B": {"sblimp": 52.4, "swuggy": 61.8, "salmon": 70.4, "tblimp": 71.3, "twuggy": 74.8, "asr": 5.0,
-           "tts_wer": 6.1, "tts_sim": 0.560, "hellaswag": 52.6},
-}
-
-
-def soda_size(model) -> str | None:
-    c = model.config
-    return SODA_SHAPES.get((getattr(c, "hidden_size", None), getattr(c, "num_hidden_layers", None),
-                            getattr(c, "intermediate_size", None)))
-
+TABLE, LOCK = "results.md", "results.json.lock"
 
 def model_summary(loaded) -> dict:
     model = loaded.model
@@ -63,17 +43,6 @@ def locked(out: Path):
     with open(out / LOCK, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes (also when the process dies)
         yield
-
-
-def read_results(out: Path) -> dict | None:
-    """OUT/results.json as written, or None when there is none."""
-    path = Path(out) / RESULTS
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise SodaError(f"{path}: unreadable ({err}); use another --out, or --overwrite to replace it") from None
 
 
 def check_checkpoint(out: Path, checkpoint: dict) -> None:
@@ -129,8 +98,6 @@ def merge(out: Path, header: dict, results: dict, tasks: dict, compare: Path | N
             merged[name] = result
         atomic_write_json(out / RESULTS, {**header, "tasks": merged})
         atomic_write_text(out / TABLE, markdown(header, {n: r for n, r in merged.items() if n in tasks}, tasks))
-        from soda.evaluate.html_report import write_eval_page
-
         write_eval_page(out, compare)
     return merged
 
