@@ -181,8 +181,8 @@ def test_hf_dataset_layout_and_offline_hub_error(tiny_run, demo_waves, tmp_path,
 def test_nll_vector_on_the_runs_held_out_shards(loaded, tiny_run, train_tokens, tmp_path):
     from soda.evaluate.nll import load_held_out, run_nll
     from soda.evaluate.tasks import Context
-    from soda.train.data import shard_documents
     from soda.train.loss import token_nll
+    from tokenize_audio.shards import shard_documents
 
     out = tmp_path / "eval"
     assert main([str(tiny_run / "hf"), "--tasks", "nll", "--out", str(out), "--quiet"]) == 0  # data: the run's

@@ -224,6 +224,7 @@ def _fsdp_adamc_worker(rank: int, world: int, port: int, results) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_fsdp2_sharded_adamc_step_equals_the_unsharded_one():
     import socket
 

@@ -15,6 +15,8 @@ from test_finetune import s2st_corpus  # noqa: F401 -- fixture: the synthetic Fr
 from test_sweep import make_plan
 from test_train import _wait_for, losses
 
+pytestmark = pytest.mark.slow  # every test here drives soda-train in subprocesses and signals them
+
 PY = sys.executable
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
 

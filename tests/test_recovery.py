@@ -180,6 +180,7 @@ def _read_only(path: Path) -> list[str]:
     return ["unshare", "-m", "sh", "-c", f"mount --bind -o ro '{path}' '{path}' && exec \"$0\" \"$@\""]
 
 
+@pytest.mark.slow
 def test_a_read_only_out_is_one_line_and_leaves_the_run_intact(train_tokens, tmp_path, capsys):
     out = tmp_path / "run"
     args = tiny_args(train_tokens, out, steps=4, **{"--ckpt-every": "2", "--no-export": "", "--workers": "0"})

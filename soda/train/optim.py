@@ -16,6 +16,8 @@ import math
 
 import torch
 
+from soda.train.config import WEIGHT_DECAY_MODES
+
 
 def is_sharded(t: torch.Tensor) -> bool:
     """A DTensor: one rank's shard of a parameter or gradient (FSDP2)."""
@@ -30,8 +32,6 @@ def local_tensors(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """This rank's part of each tensor (DTensors' local shards, in place-updatable views; others as they are)."""
     return [t.to_local() if is_sharded(t) else t for t in tensors]
 
-
-WEIGHT_DECAY_MODES = ("adamc", "adamw")
 
 # What each trained parameter holds for the whole run: its fp32 weight and gradient and AdamW's two fp32 moments.
 STATE_BYTES_PER_PARAMETER = 4 + 4 + 2 * 4

@@ -67,7 +67,7 @@ def dry_run(cfg: TrainConfig, mfu: float, codec_rate: float | None = None) -> in
         raise SodaError(f"--mfu {mfu}: give a fraction in (0, 1], e.g. 0.4")
     vocab_size = SODA_VOCAB
     if cfg.data:
-        from soda.train.data import resolve_sources
+        from soda.train.sources import resolve_sources
 
         vocab_size = resolve_sources(cfg.data, cfg.val_data, cfg.mix, cfg.vocab)[1].size
     shape = cfg.shape(vocab_size)
