@@ -11,15 +11,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tokenize_audio.errors import SodaError
+from tokenize_audio.errors import SodaError, first_line
 from tokenize_audio.sources import resample
 
 WHISPER = "openai/whisper-large-v3"  # SODA's TTS-WER model
 WAVLM_SV = "microsoft/wavlm-base-plus-sv"  # a WavLM speaker-verification model that transformers loads
-
-
-def _reason(err: Exception) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
 
 
 def _whisper(model: str | None, ctx):
@@ -29,7 +25,8 @@ def _whisper(model: str | None, ctx):
     try:
         pipe = pipeline("automatic-speech-recognition", model=name, device=ctx.loaded.device)
     except Exception as err:
-        raise SodaError(f"--tts-asr whisper: cannot load {name} ({_reason(err)}); without hub access download it "
+        reason = first_line(err, 160) or type(err).__name__
+        raise SodaError(f"--tts-asr whisper: cannot load {name} ({reason}); without hub access download it "
                         f"elsewhere and pass --tts-asr whisper:DIR, or use --tts-asr pocketsphinx (offline, "
                         f"rough)") from None
     options = {"language": "en", "task": "transcribe"} if pipe.model.generation_config.is_multilingual else {}
@@ -83,7 +80,8 @@ def _wavlm(model: str | None, ctx):
         extractor = AutoFeatureExtractor.from_pretrained(name)
         encoder = WavLMForXVector.from_pretrained(name).to(ctx.loaded.device).eval()
     except Exception as err:
-        raise SodaError(f"--tts-speaker wavlm: cannot load {name} ({_reason(err)}); without hub access download it "
+        reason = first_line(err, 160) or type(err).__name__
+        raise SodaError(f"--tts-speaker wavlm: cannot load {name} ({reason}); without hub access download it "
                         f"elsewhere and pass --tts-speaker wavlm:DIR, or use --tts-speaker none") from None
     rate = extractor.sampling_rate
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from soda.evaluate.scoring import check_length
 from soda.evaluate.tasks import Context, Skips, Task, entry, register, share
-from tokenize_audio.errors import SodaError
+from tokenize_audio.errors import SodaError, first_line
 from tokenize_audio.shards import atomic_write_json
 from tokenize_audio.sources import HFAudio
 
@@ -181,7 +181,7 @@ def _hf_rows(spec: str):
         if isinstance(ds, datasets.DatasetDict):
             ds = ds[split]
     except Exception as err:
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        reason = first_line(err, 160) or type(err).__name__
         raise SodaError(f"mcq: cannot load the dataset {name} ({reason})") from None
     audio_col = next((c for c, f in ds.features.items() if type(f).__name__ == "Audio"), None)
     if audio_col:

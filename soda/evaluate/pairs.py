@@ -23,7 +23,7 @@ import numpy as np
 
 from soda.evaluate.scoring import audio_mask, audio_sequence, check_length, codebook_choice, reduce, text_sequence
 from soda.evaluate.tasks import Skips, Task, entry, register, share
-from tokenize_audio.errors import SodaError
+from tokenize_audio.errors import SodaError, first_line
 from tokenize_audio.sources import AUDIO_EXTENSIONS, HFAudio
 
 
@@ -109,7 +109,7 @@ def _hf_pairs(spec: str, layout: Layout, modality: str, limit, skips: Skips, nam
         else:
             ds = datasets.load_dataset(where, config, split=split)
     except Exception as err:
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        reason = first_line(err, 160) or type(err).__name__
         raise SodaError(f"{name}: cannot load the dataset {where} ({reason}); without hub access, download it "
                         f"elsewhere and pass --data-for {name}=DIR (a save_to_disk copy) or a pairs.jsonl") from None
     columns = layout.audio if modality == "audio" else layout.text
