@@ -171,7 +171,8 @@ def test_soda_train_tokenizes_its_demo_through_a_function(monkeypatch, tmp_path)
     monkeypatch.setattr(tokenize_audio.cli, "tokenize_args", lambda args: calls.append(args) or 0)
     prepare_demo_data(tmp_path)
     (args,) = calls
-    assert (args.codec, args.text_tokenizer, args.quiet, args.out) == ("mimi:random", "bytes", True, tmp_path / "tokens")
+    assert (args.codec, args.text_tokenizer, args.quiet) == ("mimi:random", "bytes", True)
+    assert args.out == tmp_path / "tokens"
     assert len(args.inputs) == 2 and args.workers >= 1  # soda-tokenize's own defaults for the rest
     with pytest.raises(TypeError, match="unknown option"):
         tokenize_audio.cli.tokenize(["x"], tmp_path, codex="mimi")

@@ -74,7 +74,7 @@ def evaluate(loaded, names: list[str], data_for: dict, settings: EvalSettings, o
     fingerprint (`model_fingerprint(loaded.source)` by default); an OUT holding another checkpoint's results is
     refused before any work, unless `overwrite` clears it.
     """
-    from soda.generate.decode import model_fingerprint
+    from soda.checkpoints import model_fingerprint
 
     tasks = available()
     out = Path(out)
@@ -140,8 +140,7 @@ def evaluate_checkpoint(checkpoint: str, names: list[str], data_for: dict, setti
                         overwrite: bool = False, compare: Path | None = None) -> int:
     """soda-eval after its flags are read: load CHECKPOINT (after refusing an OUT holding another checkpoint's
     results), run the tasks `names` into OUT, say what was written. soda-finetune eval-s2st calls it too."""
-    from soda.checkpoints import load_model
-    from soda.generate.decode import model_fingerprint
+    from soda.checkpoints import load_model, model_fingerprint
 
     check_bounds(settings)
     if not settings.progress:
