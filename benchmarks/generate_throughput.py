@@ -26,7 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from soda.checkpoints import LoadedModel, default_dtype  # noqa: E402
-from soda.generate.decode import Request, Settings, generate  # noqa: E402
+from soda.generate.decode import generate  # noqa: E402
+from soda.generate.prompts import GenerationSettings, Request  # noqa: E402
 from soda.model import build_model  # noqa: E402
 from soda.shape import (
     SIZES,  # noqa: E402
@@ -66,9 +67,9 @@ def main() -> None:
     print("|---|---|---|---|---|")
     figures = {}
     for cache in ([True] if args.skip_no_cache else [True, False]):
-        settings = Settings(temperature=0, max_seconds=args.seconds, silence_seconds=0, use_cache=cache,
+        settings = GenerationSettings(temperature=0, max_seconds=args.seconds, silence_seconds=0, use_cache=cache,
                             batch_size=args.batch)
-        generate(loaded, requests[:1], Settings(**{**vars(settings), "max_seconds": 0.16}))  # warm-up
+        generate(loaded, requests[:1], GenerationSettings(**{**vars(settings), "max_seconds": 0.16}))  # warm-up
         best, outputs = float("inf"), None
         for _ in range(args.repeat):
             if device.type == "cuda":

@@ -25,9 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from soda.model import build_model, default_attention, prepare_for_training  # noqa: E402
 from soda.shape import training_flops_per_token  # noqa: E402
 from soda.train.config import make_config  # noqa: E402
-from soda.train.data import PackedStream, dataloader, resolve_sources  # noqa: E402
-from soda.train.module import SodaModule, lm_loss  # noqa: E402
+from soda.train.data import PackedStream, dataloader  # noqa: E402
+from soda.train.loss import lm_loss  # noqa: E402
+from soda.train.module import SodaModule  # noqa: E402
 from soda.train.optim import CautiousAdamW, param_groups  # noqa: E402
+from soda.train.sources import resolve_sources  # noqa: E402
 
 
 def parse() -> argparse.Namespace:

@@ -12,6 +12,7 @@ from conftest import DEMO, REPO
 TOOLS = ("espeak-ng", "flite", "sox", "bible")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(any(shutil.which(t) is None for t in TOOLS),
                     reason=f"needs {', '.join(TOOLS)} (scripts/install.sh installs them)")
 def test_script_reproduces_the_bundled_corpus(tmp_path):

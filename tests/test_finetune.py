@@ -21,11 +21,13 @@ from test_evaluate import speaker_encoder  # noqa: F401 -- fixture: a tiny offli
 from test_train import losses
 
 from soda.finetune.cli import FINETUNE_DEFAULTS, main
-from soda.generate.decode import Request, Settings, build_plan, translate
+from soda.generate.decode import translate
+from soda.generate.prompts import GenerationSettings, Request, build_plan
 from soda.train.config import make_config
-from soda.train.data import PackedStream, Source, loss_mask
-from soda.train.module import scored_targets
+from soda.train.data import PackedStream, loss_mask
+from soda.train.loss import scored_targets
 from soda.train.optim import lr_factor
+from soda.train.sources import Source
 from tokenize_audio.documents import s2st_document
 from tokenize_audio.shards import write_shard
 from tokenize_audio.vocab import Vocabulary, byte_tokenizer
@@ -295,6 +297,7 @@ def finetuned(tiny_run, s2st_corpus, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_finetuned_tiny_model_emits_the_right_translation(finetuned, s2st_corpus):
     from soda.checkpoints import load_model
     from tokenize_audio.sources import load_audio
@@ -311,11 +314,12 @@ def test_finetuned_tiny_model_emits_the_right_translation(finetuned, s2st_corpus
     rows = manifest_rows(s2st_corpus)
     waves = [load_audio(str(s2st_corpus.parent / r["source_audio"]), codec.sample_rate) for r in rows]
     results = translate(loaded, codec, waves, "fr", [r["source_text"] for r in rows],
-                        settings=Settings(max_seconds=0.16, batch_size=12))  # the text is what is checked
+                        settings=GenerationSettings(max_seconds=0.16, batch_size=12))  # the text is what is checked
     assert [r.text for r in results] == [r["target_text"] for r in rows]
     assert all(r.wave is not None and len(r.wave) > 0 for r in results)
 
 
+@pytest.mark.slow
 def test_eval_s2st_reports_asr_bleu_text_bleu_similarity_and_termination(finetuned, s2st_corpus, speaker_encoder,
                                                                           tmp_path):
     pytest.importorskip("pocketsphinx")
@@ -415,6 +419,7 @@ def test_only_rank_zero_exports_the_initial_checkpoint(tiny_run, tmp_path, monke
     assert (tmp_path / "init" / "config.json").is_file() and len(waited) == 1
 
 
+@pytest.mark.slow
 def test_s2st_finetune_under_torchrun_prepares_once_and_trains_on_two_ranks(tiny_run, s2st_corpus, tmp_path):
     """Two processes under torchrun: rank 0 encodes the pairs and exports the .ckpt to RUN/init while rank 1 waits
     for both; then both train one DDP run (CPU, gloo)."""

@@ -11,7 +11,8 @@ import pytest
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from soda.generate.decode import Request, Settings, build_plan, generate
+from soda.generate.decode import generate
+from soda.generate.prompts import GenerationSettings, Request, build_plan
 from tokenize_audio.documents import language_prompt, language_tag, s2st_document, s2st_text
 from tokenize_audio.vocab import BOS, EOS, Vocabulary, byte_tokenizer, train_bpe_tokenizer
 
@@ -177,7 +178,8 @@ def test_s2st_prompt_is_a_prefix_and_generation_writes_sodas_document(vocab, giv
     assert prompt[len(prompt) - len(tag) - 1:] == [vocab.text_start, *tag.tolist()]
 
     loaded = SimpleNamespace(model=Oracle(doc, vocab.size), vocab=vocab, device=torch.device("cpu"))
-    settings = Settings(temperature=0, use_cache=False, silence_seconds=0, cap_base_seconds=30, max_text_tokens=64)
+    settings = GenerationSettings(temperature=0, use_cache=False, silence_seconds=0, cap_base_seconds=30,
+                                  max_text_tokens=64)
     result = generate(loaded, [request], settings)[0]
     assert prompt + result.ids == doc[:-1]  # everything up to <|audio_end|>; EOS is never generated
     assert result.ended == "audio_end" and (result.codes == tgt).all()

@@ -120,6 +120,7 @@ def local_ray():
     ray.shutdown()
 
 
+@pytest.mark.slow
 def test_ray_engine_equals_the_single_run_and_resumes_an_interrupted_run(
         local_ray, corpus_with_bad_file, single_run, tmp_path):
     out = tmp_path / "tokens"

@@ -102,6 +102,7 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
         time.sleep(0.02)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_reproduces_the_uninterrupted_run(trained, train_tokens, tmp_path):
     out = tmp_path / "killed"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -184,6 +185,7 @@ def preempt_reference(train_tokens, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target,sig,code", [("process", signal.SIGTERM, 143), ("group", signal.SIGTERM, 143),
                                              ("group", signal.SIGUSR1, 143), ("group", signal.SIGINT, 130)])
 def test_a_signal_checkpoints_at_a_step_boundary_and_resumes(preempt_reference, train_tokens, tmp_path, target, sig,
@@ -236,11 +238,13 @@ def ddp_run(train_tokens, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_two_process_ddp_on_cpu(ddp_run):
     assert sorted(losses(ddp_run)) == list(range(6))
     assert (ddp_run / "hf" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_ddp_stop_and_resume_continues_every_ranks_data_exactly(ddp_run, train_tokens, tmp_path):
     """Each rank reads its own share of the data; the checkpoint (written by rank 0) holds every rank's position,
     so a two-process run stopped at step 3 and resumed trains exactly the uninterrupted run's steps 3-5."""
@@ -263,6 +267,7 @@ def test_ddp_stop_and_resume_continues_every_ranks_data_exactly(ddp_run, train_t
     assert "data position is for 2 rank(s), this run has 1" in done.stderr
 
 
+@pytest.mark.slow
 def test_fsdp_on_cpu_trains_exactly_like_ddp_and_resumes(ddp_run, train_tokens, tmp_path):
     """--strategy fsdp (FSDP2: every decoder layer, the LM head and the rest sharded over the two ranks; gloo on
     the CPU): the same losses, gradient norms and validation as DDP; stopped and resumed from its single-file
@@ -295,6 +300,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["torchrun", "slurm"])
 def test_ddp_under_torchrun_and_slurm_matches_lightnings_own_launch(ddp_run, train_tokens, tmp_path, launcher):
     """The ranks come from the launcher, as on a cluster: torchrun's environment, or SLURM's (two tasks started as
@@ -538,15 +544,16 @@ def test_step_row_is_that_steps_loss_and_gradient_norm(trained):
     """Row 0 of metrics.csv recomputed outside Lightning: the first batch's loss through the same model, and the
     norm of its accumulated gradient (before clipping) — the step's own, not the previous step's."""
     from soda.train.config import load_yaml, make_config
-    from soda.train.data import PackedStream, dataloader, resolve_sources
-    from soda.train.module import lm_loss
+    from soda.train.data import PackedStream, dataloader
+    from soda.train.loss import lm_loss
+    from soda.train.sources import resolve_sources
     from soda.train.plan import batch_layout
-    from soda.train.run import build_model
+    from soda.train.run import model_for_run
 
     cfg = make_config(load_yaml(trained / "config.yaml"))
     sources, vocab = resolve_sources(cfg.data, cfg.val_data, cfg.mix, cfg.vocab)
     micro, accumulate = batch_layout(cfg, 1)
-    model, _ = build_model(cfg, vocab)
+    model, _ = model_for_run(cfg, vocab)
     batches = iter(dataloader(PackedStream(sources, cfg.seq_len, cfg.seed, vocab_size=vocab.size), micro, 0))
     total = 0.0
     for _ in range(accumulate):
@@ -559,6 +566,7 @@ def test_step_row_is_that_steps_loss_and_gradient_norm(trained):
     assert float(row["grad_norm"]) == pytest.approx(norm, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_wandb_logging_offline(train_tokens, tmp_path):
     """--wandb PROJECT adds Lightning's WandbLogger; offline (WANDB_MODE=offline, no account, no network) the run
     is written under OUT/wandb with the step metrics and the model's size, ready for `wandb sync`."""
