@@ -19,7 +19,7 @@ from scaling.frontier import FRONTIER_COSTS
 from scaling.plan import MIN_BATCH, MIN_SEQ_LEN, PAPER_BUDGETS, as_rows, plan_sweep
 from scaling.results import load_results
 from scaling.summary import human_count, summary
-from scaling.sweep import (DEFAULT_VAL_TOKENS, HOW_IT_RUNS, PREEMPTED, check_data, check_extra, gather, load_plan, lock,
+from scaling.sweep import (DEFAULT_VAL_TOKENS, HOW_IT_RUNS, check_data, check_extra, gather, load_plan, lock,
                            run_sweep, state, sweep_lock_path)
 from soda.shape import SODA_VOCAB
 from tokenize_audio.errors import SodaError, cli_errors

@@ -22,13 +22,14 @@ def default_batch_seconds(codec: Codec) -> float:
     return 120.0 if codec.device.type == "cuda" else 5.0
 
 
-def length_batches(lengths: list[int], budget: int) -> list[list[int]]:
-    """Indices in batches of similar length, shortest first, each of at most `budget` padded samples (a longer
-    item gets a batch of its own)."""
+def length_batches(lengths: list[int], budget: int, longest_first: bool = False) -> list[list[int]]:
+    """Indices in batches of similar length, each of at most `budget` padded items (a longer item gets a batch of
+    its own). Shortest first for tokenizing; longest first for evaluation, whose scores and codes must stay as
+    they were (batch membership can move a codec's rounding near-ties)."""
     batches: list[list[int]] = []
     batch: list[int] = []
-    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
-        if batch and lengths[i] * (len(batch) + 1) > budget:
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i] if longest_first else lengths[i]):
+        if batch and max(lengths[batch[0]], lengths[i]) * (len(batch) + 1) > budget:
             batches.append(batch)
             batch = []
         batch.append(i)
@@ -38,11 +39,12 @@ def length_batches(lengths: list[int], budget: int) -> list[list[int]]:
 
 
 def encode_waves(codec: Codec, waves: list[np.ndarray], batch_seconds: float,
-                 done: Callable[[list[int]], None] | None = None) -> list[np.ndarray]:
+                 done: Callable[[list[int]], None] | None = None, longest_first: bool = False) -> list[np.ndarray]:
     """Codes [K, F] per whole-frame wave, in order, from batches of at most `batch_seconds` padded audio;
     `done(indices)` after each batch (progress)."""
     out: list = [None] * len(waves)
-    for batch in length_batches([len(w) for w in waves], max(1, int(batch_seconds * codec.sample_rate))):
+    budget = max(1, int(batch_seconds * codec.sample_rate))
+    for batch in length_batches([len(w) for w in waves], budget, longest_first):
         for i, codes in zip(batch, codec.encode_batch([waves[i] for i in batch])):
             out[i] = codes
         if done is not None:
@@ -66,7 +68,8 @@ def audio_codes(codec: Codec, sources: list, batch_seconds: float, desc: str = "
                 progress: bool = True) -> list:
     """Codes for each source (a path, HFAudio, wave, or (source, start, end)), or why it is unusable (str).
 
-    Audio is read and encoded a block at a time: only the codes stay in memory.
+    Audio is read and encoded a block at a time: only the codes stay in memory. Longest first, as evaluation and
+    S2ST preparation always batched (their codes stay bit-identical).
     """
     from tqdm import tqdm
 
@@ -81,7 +84,7 @@ def audio_codes(codec: Codec, sources: list, batch_seconds: float, desc: str = "
                     slots.append(len(waves) - 1)
                 except SkipItem as err:
                     slots.append(str(err))
-            codes = encode_waves(codec, waves, batch_seconds)
+            codes = encode_waves(codec, waves, batch_seconds, longest_first=True)
             out += [slot if isinstance(slot, str) else codes[slot] for slot in slots]
             bar.update(len(slots))
     return out

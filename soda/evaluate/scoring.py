@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from tokenize_audio.encoding import length_batches
 from tokenize_audio.errors import SodaError
 from tokenize_audio.vocab import Vocabulary
 
@@ -70,20 +71,6 @@ def reduce(log_probs: np.ndarray, how: str) -> float:
     return float(log_probs.sum() if how == "sum" else log_probs.mean())
 
 
-def _batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
-    """Indices grouped longest first so that a batch's padded size stays within `batch_tokens`."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches, current = [], []
-    for i in order:
-        if current and (len(current) + 1) * lengths[current[0]] > batch_tokens:
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches
-
-
 @torch.inference_mode()
 def token_log_probs(model, sequences: list[np.ndarray], masks: list[np.ndarray], batch_tokens: int = 16384,
                     progress: bool = False, desc: str = "scoring", pad_id: int = 0) -> list[np.ndarray]:
@@ -95,7 +82,7 @@ def token_log_probs(model, sequences: list[np.ndarray], masks: list[np.ndarray],
     weight = head.weight.float()
     bias = head.bias.float() if getattr(head, "bias", None) is not None else None
     out: list[np.ndarray | None] = [None] * len(sequences)
-    batches = _batches([len(s) for s in sequences], batch_tokens)
+    batches = length_batches([len(s) for s in sequences], batch_tokens, longest_first=True)
     for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress, dynamic_ncols=True, leave=False):
         length = len(sequences[batch[0]])
         ids = torch.full((len(batch), length), pad_id, dtype=torch.long)

@@ -123,7 +123,7 @@ class Context:
 
     def encode(self, waves: list[np.ndarray]) -> list[np.ndarray]:
         """Codes [K, F] per wave, encoded in batches of similar length (whole frames: batching is exact)."""
-        return encode_waves(self.codec, waves, self.codec_batch_seconds)
+        return encode_waves(self.codec, waves, self.codec_batch_seconds, longest_first=True)
 
     def audio_codes(self, sources: list, desc: str = "encoding audio") -> list:
         """Codes for each source (a path, HFAudio, wave, or (source, start, end)), or why it is unusable (str)."""
