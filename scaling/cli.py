@@ -16,11 +16,13 @@ from pathlib import Path
 
 from scaling.fit import FIT_FILE, fit_scaling
 from scaling.frontier import FRONTIER_COSTS
+from scaling.locks import lock, sweep_lock_path
 from scaling.plan import MIN_BATCH, MIN_SEQ_LEN, PAPER_BUDGETS, as_rows, plan_sweep
+from scaling.records import DEFAULT_VAL_TOKENS, HOW_IT_RUNS
 from scaling.results import load_results
+from scaling.runs import state
 from scaling.summary import human_count, summary
-from scaling.sweep import (DEFAULT_VAL_TOKENS, HOW_IT_RUNS, check_data, check_extra, gather, load_plan, lock,
-                           run_sweep, state, sweep_lock_path)
+from scaling.sweep import check_data, check_extra, gather, load_plan, run_sweep
 from soda.shape import SODA_VOCAB
 from tokenize_audio.errors import SodaError, cli_errors
 from tokenize_audio.shards import atomic_write_json, atomic_write_text

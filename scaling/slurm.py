@@ -17,8 +17,10 @@ import shlex
 import shutil
 from pathlib import Path
 
-from scaling.sweep import (CHECKPOINTS, DONE, LOCKS, PREEMPTED, RECORD, TRAIN_CONFIG, PlannedRun, Setting,
-                           check_records, lock, run_lock_path, state, train_command, write_record, write_run_config)
+from scaling.locks import LOCKS, lock, run_lock_path
+from scaling.records import Setting, check_records, write_record
+from scaling.runs import CHECKPOINTS, DONE, RECORD, TRAIN_CONFIG, PlannedRun, state
+from scaling.sweep import PREEMPTED, train_command, write_run_config
 from tokenize_audio.errors import SodaError
 from tokenize_audio.shards import atomic_write_text
 

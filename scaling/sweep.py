@@ -3,97 +3,50 @@
 Each run is a separate `python -m soda.train` process: a crash or a leak costs one run, not the
 sweep, and `scaling` imports of the trainer only its settings declaration (the command line is the
 interface, the same one a SLURM job array runs; see `scaling.slurm`). Everything is resumable from the files in
-SWEEP_DIR: a run counts as finished only once the sweep has written its marker after exit code 0,
+SWEEP_DIR (`scaling.runs`): a run counts as finished only once the sweep has written its marker after exit code 0,
 a run with a checkpoint continues with `--resume`, and an attempt that died before its first
 checkpoint starts again.
 
 Results one can trust: flags that would change what a run computes are refused in any spelling
-soda-train accepts; each run directory records what the run is trained with (its plan row, its data
-and what the data held, the flags after `--`), and a re-run that would continue or reuse a run with
-other settings is refused (or, asked to, trains it again from scratch); results.csv holds the steps
-and tokens each run really trained, read from the run, and a fingerprint of its settings, so `fit`
-can refuse rows of differently trained sweeps. One runner at a time works on a sweep and on a run
-(a lock that SLURM tasks take too, released by the kernel when its holder dies).
+soda-train accepts; each run directory records what the run is trained with, and a re-run that would continue or
+reuse a run with other settings is refused (or, asked to, trains it again from scratch; `scaling.records`);
+results.csv holds the steps and tokens each run really trained, read from the run, and a fingerprint of its
+settings, so `fit` can refuse rows of differently trained sweeps. One runner at a time works on a sweep and on a run
+(`scaling.locks`).
 """
 
 from __future__ import annotations
 
 import csv
-import errno
-import fcntl
-import hashlib
 import io
-import json
 import math
-import os
-import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
-from typing import Iterator
 
+from scaling.locks import lock, run_lock_path
 from scaling.plan import run_name
+from scaling.records import DEFAULT_VAL_TOKENS, SWEEP_RECIPE, Setting, check_records, read_record, write_record
+from scaling.runs import DONE, PLAN_COLUMNS, TRAIN_CONFIG, PlannedRun, state
 from soda.shape import ModelShape, training_flops
 from soda.train.config import sweep_flags
 from tokenize_audio.errors import SodaError
 from tokenize_audio.shards import atomic_write_json, atomic_write_text
 
 TRAINER = (sys.executable, "-m", "soda.train")  # tests put a stand-in trainer here
-PLAN_COLUMNS = ("budget", "width", "layers", "heads", "kv_heads", "head_dim", "ffn", "vocab", "seq_len", "params",
-                "batch", "steps", "lr", "beta2", "skipped")
-SWEEP_RECIPE = {"beta1": 0.95, "weight_decay": 0.1, "z_loss": 0.0}  # SODA's sweep; beta2 comes from the plan
 # From soda-train's settings (`soda.train.config`): the flags the plan fixes or the sweep sets per run (passing them
-# after `--` would break the IsoFLOP design), and those that change how a run runs, not what it computes (left out
-# of the settings a re-run compares, so a sweep may continue on other hardware).
+# after `--` would break the IsoFLOP design).
 RESERVED_FLAGS = sweep_flags("reserved")
-HOW_IT_RUNS = sweep_flags("how")
-DEFAULT_VAL_TOKENS = 2**22
-DONE, TRAIN_CONFIG, RECORD = "sweep-done.json", "config.yaml", "sweep-run.json"
-LOCKS = "locks"  # SWEEP/locks/sweep.lock and one NAME.lock per run, outside the run directories a restart removes
-# soda-train resumes from its highest-numbered checkpoints/stepN.ckpt, else checkpoints/last.ckpt: a run holding
-# either can continue (the link alone may lag behind when a kill lands between a save and the link).
-CHECKPOINTS = ("checkpoints/step*.ckpt", "checkpoints/last.ckpt")
 RESULTS_FILE = "results.csv"
 RESULT_COLUMNS = ("name", "budget", "width", "params", "tokens", "steps", "flops", "loss", "loss_source",
                   "fingerprint")
 TRAIN_LOSS_WINDOW = 5  # logged train losses averaged when a run has no final validation loss
 PREEMPTED, INTERRUPTED = 143, 130
-
-
-@dataclass(frozen=True)
-class PlannedRun:
-    """One usable plan row and where its files live in the sweep directory."""
-
-    name: str
-    budget: float
-    shape: ModelShape
-    params: int
-    batch: int
-    steps: int
-    lr: float
-    beta2: float
-
-    @property
-    def tokens(self) -> int:
-        """Exactly the steps' tokens (the plan's `tokens` column is this product too)."""
-        return self.steps * self.batch * self.shape.seq_len
-
-    def run_dir(self, sweep: Path) -> Path:
-        return sweep / "runs" / self.name
-
-    def config_path(self, sweep: Path) -> Path:
-        return sweep / "configs" / f"{self.name}.yaml"
-
-    def log_path(self, sweep: Path) -> Path:
-        return sweep / "logs" / f"{self.name}.log"
 
 
 def load_plan(path: Path) -> list[PlannedRun]:
@@ -185,236 +138,6 @@ def train_command(run: PlannedRun, sweep: Path, data: list[str], extra: list[str
             "--lr", repr(run.lr), *(a for d in data for a in ("--data", d)),
             "--val-every", str(run.steps), "--val-batches", str(val_batches), "--no-export",
             "--sample-every", "0", *extra]  # listening samples cost time and tell a loss fit nothing (extra may ask)
-
-
-def state(run: PlannedRun, sweep: Path) -> str:
-    """done | resume (a checkpoint to continue from) | stale (started, no checkpoint yet) | new."""
-    d = run.run_dir(sweep)
-    if (d / DONE).is_file():
-        return "done"
-    if any(any(d.glob(pattern)) for pattern in CHECKPOINTS):
-        return "resume"
-    return "stale" if (d / TRAIN_CONFIG).exists() else "new"
-
-
-# --------------------------------------------------------------------------------------------
-# What each run is trained with: recorded in its directory, compared on every re-run
-# --------------------------------------------------------------------------------------------
-def data_content(entry: str) -> str:
-    """What a --data entry holds, as a short hash: a tokenized directory's manifest.json (soda-tokenize writes it
-    whenever it writes the directory), else the names and sizes of the files a directory or shard pattern holds.
-    A URL cannot be read from here: its text stands for it."""
-    location = entry.split("=", 1)[-1]
-    if "://" in location or location.startswith("pipe:"):
-        return f"url {_digest(location.encode())}"
-    path = Path(location)
-    if (path / "manifest.json").is_file():
-        return f"manifest {_digest((path / 'manifest.json').read_bytes())}"
-    if path.is_dir():
-        files = [(str(f.relative_to(path)), f.stat().st_size) for f in sorted(path.rglob("*")) if f.is_file()]
-    else:
-        import glob
-
-        try:
-            from braceexpand import braceexpand  # soda-train expands brace patterns the same way
-        except ImportError:
-            braceexpand = lambda pattern: [pattern]  # noqa: E731
-        names = sorted({f for name in braceexpand(location) for f in (glob.glob(name) or [name])})
-        files = [(name, os.path.getsize(name) if os.path.isfile(name) else -1) for name in names]
-    return f"files {_digest(json.dumps(files).encode())}"
-
-
-def _digest(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()[:12]
-
-
-def data_key(data: list[dict]) -> list[list[str]]:
-    """Recorded data as compared: each source's NAME (empty without one) and content, not where it lies."""
-    return [[d["source"].split("=", 1)[0] if "=" in d["source"] else "", d["content"]] for d in data]
-
-
-def computing_flags(extra) -> list[str]:
-    """The flags after `--` that change what a run computes (HOW_IT_RUNS left out), `--flag=value` as `--flag value`."""
-    groups: list[list[str]] = []
-    for arg in extra:
-        if arg.startswith("--") or not groups:
-            groups.append(arg.split("=", 1) if arg.startswith("--") else [arg])
-        else:
-            groups[-1].append(arg)
-    return [a for group in groups if group[0] not in HOW_IT_RUNS for a in group]
-
-
-@dataclass(frozen=True)
-class Setting:
-    """What every run of a sweep is trained with beside its plan row: the data (and what it holds), the soda-train
-    flags after `--` and the validation tokens; with the sweep recipe, a run's record holds these."""
-
-    data: tuple[str, ...]
-    extra: tuple[str, ...] = ()
-    val_tokens: int = DEFAULT_VAL_TOKENS
-
-    @cached_property
-    def contents(self) -> list[str]:
-        return [data_content(entry) for entry in self.data]
-
-
-def plan_row(run: PlannedRun) -> dict:
-    """The plan's values for a run: what an edited plan.csv would change."""
-    return {"budget": run.budget, **{k: getattr(run.shape, k) for k in PLAN_COLUMNS[1:9]}, "params": run.params,
-            "batch": run.batch, "steps": run.steps, "lr": run.lr, "beta2": run.beta2}
-
-
-def new_record(run: PlannedRun, setting: Setting | None) -> dict:
-    """What `run` is trained with now; only its plan row without a `setting` (gathering knows no --data)."""
-    record: dict = {"plan": plan_row(run)}
-    if setting is not None:
-        record |= {"data": [{"source": d, "content": c} for d, c in zip(setting.data, setting.contents)],
-                   "flags": list(setting.extra), "val_tokens": setting.val_tokens, "recipe": SWEEP_RECIPE}
-        record["fingerprint"] = fingerprint(record)
-    return record
-
-
-# The parts of a record beside the plan row that a re-run compares, each as compared: what the data held (not where it
-# lies), the flags that change what a run computes, the validation tokens and the recipe.
-COMPARED = {"data": data_key, "flags": computing_flags, "val_tokens": lambda v: v, "recipe": lambda v: v}
-
-
-def fingerprint(record: dict) -> str:
-    """A hash of what makes the losses of one sweep's runs comparable: the COMPARED parts, the vocabulary and the
-    sequence length. results.csv carries it, and `fit` refuses rows whose fingerprints differ."""
-    key = {**{part: compare(record[part]) for part, compare in COMPARED.items()},
-           "vocab": record["plan"]["vocab"], "seq_len": record["plan"]["seq_len"]}
-    return _digest(json.dumps(key, sort_keys=True).encode())
-
-
-def write_record(run: PlannedRun, sweep: Path, setting: Setting) -> None:
-    atomic_write_json(run.run_dir(sweep) / RECORD, new_record(run, setting))
-
-
-def read_record(run: PlannedRun, sweep: Path) -> dict | None:
-    path = run.run_dir(sweep) / RECORD
-    try:
-        return json.loads(path.read_text()) if path.is_file() else None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
-
-
-def describe(part: str, value) -> str:
-    """One recorded setting as a message shows it."""
-    if part == "data":
-        return "data " + " ".join(f"{d['source']} ({d['content']})" for d in value)
-    if part == "flags":
-        flags = computing_flags(value)
-        return f"flags after `--` {shlex.join(flags)!r}" if flags else "no flags after `--`"
-    if part == "val_tokens":
-        return f"--val-tokens {value}"
-    return f"{part} {value}"
-
-
-def changes(old: dict | None, new: dict) -> tuple[list[str], list[str]] | None:
-    """The settings of `new` (a `new_record`) that differ from the run's record `old`, as (was, now) descriptions;
-    None when they agree. A missing record differs from everything."""
-    if old is None:
-        return ["settings it did not record (an older soda-scaling)"], ["this sweep's settings"]
-    was, now = [], []
-    for k, v in new["plan"].items():
-        if old.get("plan", {}).get(k) != v:
-            was.append(describe(k, old.get("plan", {}).get(k)))
-            now.append(describe(k, v))
-    for part, compare in COMPARED.items():
-        if part in new and (part not in old or compare(old[part]) != compare(new[part])):
-            was.append(describe(part, old.get(part)) if part in old else f"no recorded {part}")
-            now.append(describe(part, new[part]))
-    return (was, now) if was else None
-
-
-def check_records(runs: list[PlannedRun], sweep: Path, setting: Setting | None,
-                  rerun_changed: bool = False) -> dict[str, tuple[list[str], list[str]]]:
-    """Runs holding training (finished, or with a checkpoint) whose record differs from what they would be trained
-    with now: refused with one line naming the first one's differences, or with `rerun_changed` returned (name ->
-    (was, now)) to be trained again from scratch. Without a `setting` only the plan rows are compared."""
-    changed = {}
-    for run in runs:
-        if state(run, sweep) in ("done", "resume"):
-            diff = changes(read_record(run, sweep), new_record(run, setting))
-            if diff:
-                changed[run.name] = diff
-    if changed and not rerun_changed:
-        (name, (was, now)), more = next(iter(changed.items())), len(changed) - 1
-        also = f" (and {more} more run{'s' * (more > 1)})" if more else ""
-        raise SodaError(f"{name} was trained with {', '.join(was)}; now {', '.join(now)}{also}: one sweep must not mix "
-                        f"differently trained runs; re-train {'them' if more else 'it'} from scratch with "
-                        f"`soda-scaling run ... --rerun-changed`, or run with the settings {'they were' if more else 'it was'} "
-                        "trained with")
-    return changed
-
-
-# --------------------------------------------------------------------------------------------
-# One runner per sweep and per run
-# --------------------------------------------------------------------------------------------
-HOST = socket.gethostname()
-HOLDER = re.compile(r"pid (\d+) on host (\S+)")  # what a lock file says; the SLURM task writes the same line
-NO_FLOCK = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}  # file systems mounted without flock
-
-
-def sweep_lock_path(sweep: Path) -> Path:
-    return Path(sweep) / LOCKS / "sweep.lock"
-
-
-def run_lock_path(run: PlannedRun, sweep: Path) -> Path:
-    return Path(sweep) / LOCKS / f"{run.name}.lock"
-
-
-def _running(holder: str) -> bool:
-    """Whether a lock's holder may still run: only a process of this host can be seen to be gone."""
-    m = HOLDER.fullmatch(holder)
-    if not m or m.group(2) != HOST:
-        return True
-    try:
-        os.kill(int(m.group(1)), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
-
-
-@contextmanager
-def lock(path: Path, what: Path) -> Iterator[int]:
-    """Hold `path` as the lock on `what` (a sweep or one run directory), refused with one line while another runner
-    or SLURM task holds it. It is an flock(2), which the kernel drops when its holder dies however it dies, so a
-    killed runner's lock is free (and said to be taken over); the file names the holder for the message. On a
-    file system without flock the holder's pid decides alone. Yields the file descriptor: a child given it (pass_fds)
-    keeps the lock while it runs."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            flock = True
-        except BlockingIOError:
-            flock = False
-        except OSError as err:
-            if err.errno not in NO_FLOCK:
-                raise
-            flock = None
-        f.seek(0)
-        holder = f.read().strip()
-        if flock is False or (flock is None and holder and _running(holder)):
-            gone = " (gone; a soda-train it started still runs)" if flock is False and not _running(holder) else ""
-            remove = f", or delete {path} if it is no longer running" if flock is None else ""
-            raise SodaError(f"another soda-scaling run ({holder or 'unknown'}{gone}) is using {what}; wait for it to "
-                            f"finish, or stop it{remove}")
-        if holder:
-            print(f"{what}: taking over the lock of {holder} (no longer running)", flush=True)
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on host {HOST}\n")
-        f.flush()
-        try:
-            yield f.fileno()
-        finally:
-            f.seek(0)
-            f.truncate()  # released cleanly: no holder to name
 
 
 # --------------------------------------------------------------------------------------------

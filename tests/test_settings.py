@@ -93,18 +93,18 @@ def test_yaml_keys_are_the_fields(tmp_path):
 
 
 def test_sweep_flags_are_derived_from_soda_trains_settings():
-    from scaling import sweep
+    from scaling import records, sweep
     from soda.train.cli import build_parser
 
     assert sweep.RESERVED_FLAGS == sweep_flags("reserved") == {
         "--out", "--resume", "--config", "--data", "--size", "--sweep-width", "--width", "--layers", "--heads",
         "--kv-heads", "--head-dim", "--ffn", "--seq-len", "--tokens", "--batch-tokens", "--lr", "--max-steps",
         "--init-from", "--dry-run"}
-    assert sweep.HOW_IT_RUNS == sweep_flags("how")
+    assert records.HOW_IT_RUNS == sweep_flags("how")
     options = {o for a in build_parser()._actions for o in a.option_strings}
-    assert sweep.RESERVED_FLAGS | sweep.HOW_IT_RUNS <= options
+    assert sweep.RESERVED_FLAGS | records.HOW_IT_RUNS <= options
     fields = {flag_of(f): f for f in dataclasses.fields(TrainConfig)}
-    assert all(fields[flag].metadata["resume"] == RESUMABLE for flag in sweep.HOW_IT_RUNS)
+    assert all(fields[flag].metadata["resume"] == RESUMABLE for flag in records.HOW_IT_RUNS)
 
 
 def test_finetune_flags_come_from_the_same_declaration_with_its_own_defaults():

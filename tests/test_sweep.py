@@ -13,9 +13,10 @@ import textwrap
 
 import pytest
 
-from scaling import sweep
+from scaling import records, sweep
 from scaling.cli import main
 from scaling.results import load_results
+from scaling.runs import DONE
 from tokenize_audio.errors import SodaError
 
 # soda-train's contract: refuses a used --out without --resume, writes config.yaml (its settings), checkpoints/last.ckpt
@@ -128,7 +129,7 @@ def test_resume_failure_and_rerun(fake, tmp_path, capsys, monkeypatch):
     stale.mkdir(parents=True)
     (stale / "config.yaml").write_text("from an attempt killed before its first checkpoint")
     (interrupted / "checkpoints").mkdir(parents=True)
-    sweep.write_record(sweep.load_plan(plan)[1], out, sweep.Setting((str(data),)))  # what it started with
+    records.write_record(sweep.load_plan(plan)[1], out, records.Setting((str(data),)))  # what it started with
     (interrupted / "config.yaml").write_text("x")
     (interrupted / "checkpoints" / "last.ckpt").write_text("")
     monkeypatch.setenv("FAKE_FAIL", failing.name)
@@ -236,7 +237,7 @@ def test_emit_slurm_and_its_tasks(fake, tmp_path, capsys):
                "SLURM_ARRAY_JOB_ID": "7"}
         return subprocess.run(["bash", str(out / "sweep.sbatch")], env=env, capture_output=True, text=True)
 
-    assert task(1).returncode == 0 and (runs[0].run_dir(out) / sweep.DONE).is_file()
+    assert task(1).returncode == 0 and (runs[0].run_dir(out) / DONE).is_file()
     assert "finished earlier" in task(1).stdout
     second = runs[1].run_dir(out)
     (second / "checkpoints").mkdir(parents=True)

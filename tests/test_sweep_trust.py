@@ -16,8 +16,9 @@ import time
 import pytest
 from test_sweep import FAKE_TRAINER, fake, make_plan, results, run  # noqa: F401 -- fake: fixture
 
-from scaling import sweep
+from scaling import locks, records, sweep
 from scaling.cli import main
+from scaling.runs import DONE, RECORD
 from soda.shape import training_flops
 
 HOST = socket.gethostname()
@@ -143,7 +144,7 @@ def test_other_data_or_flags_are_refused_for_trained_runs(fake, tmp_path, data, 
     err = refused(capsys, *sweep_args(plan, out, data, "--", "--seed", "2"))
     assert f"{names[0]} was trained with flags after `--` '--seed 1'; now flags after `--` '--seed 2'" in err
     err = refused(capsys, *sweep_args(plan, out, data, "--val-tokens", "1024", "--", "--seed", "1"))
-    assert f"{names[0]} was trained with --val-tokens {sweep.DEFAULT_VAL_TOKENS}; now --val-tokens 1024" in err
+    assert f"{names[0]} was trained with --val-tokens {records.DEFAULT_VAL_TOKENS}; now --val-tokens 1024" in err
     (data / "manifest.json").write_text('{"shards": 3}')  # tokenized again in place
     err = refused(capsys, *sweep_args(plan, out, data, "--", "--seed", "1"))
     assert f"{names[0]} was trained with data {data} (manifest" in err
@@ -200,7 +201,7 @@ def test_a_stale_lock_of_a_killed_runner_is_taken_over(fake, tmp_path, data, cap
     out = tmp_path / "sweep"
     gone = subprocess.Popen([sys.executable, "-c", ""])
     gone.wait()
-    lock = sweep.sweep_lock_path(out)
+    lock = locks.sweep_lock_path(out)
     lock.parent.mkdir(parents=True)
     lock.write_text(f"pid {gone.pid} on host {HOST}\n")
     assert run(plan, out, data) == 0
@@ -261,7 +262,7 @@ def test_a_slurm_task_leaves_a_locked_run_alone(fake, tmp_path, data):
     out = tmp_path / "sweep"
     assert run(plan, out, data, "--emit", "slurm") == 0
     (r,) = sweep.load_plan(plan)
-    with sweep.lock(sweep.run_lock_path(r, out), r.run_dir(out)):
+    with locks.lock(locks.run_lock_path(r, out), r.run_dir(out)):
         task = slurm_task(out / "sweep.sbatch", 1, tmp_path)
     assert task.returncode == 1 and not fake()
     assert f"another soda-scaling run (pid {os.getpid()} on host {HOST}) is using {r.run_dir(out)}" in task.stderr
@@ -274,9 +275,9 @@ def test_flags_that_only_change_how_a_run_runs_are_ones_soda_train_lets_a_resume
     run computes may slip out of a run's record."""
     from soda.train.config import RESUMABLE_CHANGES
 
-    assert {f.removeprefix("--").replace("-", "_") for f in sweep.HOW_IT_RUNS} <= RESUMABLE_CHANGES
-    assert not sweep.HOW_IT_RUNS & sweep.RESERVED_FLAGS
-    assert sweep.computing_flags(["--workers=2", "--seed", "3", "--devices", "8", "--mix", "a=1,b=2"]) == \
+    assert {f.removeprefix("--").replace("-", "_") for f in records.HOW_IT_RUNS} <= RESUMABLE_CHANGES
+    assert not records.HOW_IT_RUNS & sweep.RESERVED_FLAGS
+    assert records.computing_flags(["--workers=2", "--seed", "3", "--devices", "8", "--mix", "a=1,b=2"]) == \
         ["--seed", "3", "--mix", "a=1,b=2"]
 
 
@@ -285,18 +286,18 @@ def test_a_lock_on_a_file_system_without_flock_goes_by_its_pid(tmp_path, monkeyp
     respected, one naming a process gone from this host is taken over."""
     def no_flock(*_):
         raise OSError(38, "Function not implemented")  # ENOSYS
-    monkeypatch.setattr(sweep.fcntl, "flock", no_flock)
+    monkeypatch.setattr(locks.fcntl, "flock", no_flock)
     path = tmp_path / "locks" / "sweep.lock"
     path.parent.mkdir()
     for holder in (f"pid {os.getpid()} on host {HOST}", "pid 1 on host another-node"):
         path.write_text(holder + "\n")
-        with pytest.raises(sweep.SodaError, match=f"another soda-scaling run \\({holder}\\) is using .*, or delete"):
-            with sweep.lock(path, tmp_path):
+        with pytest.raises(locks.SodaError, match=f"another soda-scaling run \\({holder}\\) is using .*, or delete"):
+            with locks.lock(path, tmp_path):
                 pass
     gone = subprocess.Popen([sys.executable, "-c", ""])
     gone.wait()
     path.write_text(f"pid {gone.pid} on host {HOST}\n")
-    with sweep.lock(path, tmp_path):
+    with locks.lock(path, tmp_path):
         assert path.read_text() == f"pid {os.getpid()} on host {HOST}\n"
     assert "taking over the lock of pid" in capsys.readouterr().out and path.read_text() == ""
 
@@ -305,7 +306,7 @@ def test_the_local_runner_leaves_a_run_a_slurm_task_holds_alone(fake, tmp_path, 
     plan = make_plan(tmp_path, "1e13", "64,128")
     out = tmp_path / "sweep"
     held, other = sweep.load_plan(plan)
-    with sweep.lock(sweep.run_lock_path(held, out), held.run_dir(out)):
+    with locks.lock(locks.run_lock_path(held, out), held.run_dir(out)):
         assert run(plan, out, data) == 1
     printed = capsys.readouterr()
     assert f"[1/2] {held.name}: left alone: another soda-scaling run (pid {os.getpid()} on host {HOST})" in printed.out
@@ -319,12 +320,12 @@ def test_emit_slurm_checks_what_trained_runs_were_trained_with(fake, tmp_path, d
     first, second = sweep.load_plan(plan)
     assert run(plan, out, data, "--emit", "slurm") == 0
     assert slurm_task(out / "sweep.sbatch", 1, tmp_path).returncode == 0
-    assert json.loads((first.run_dir(out) / sweep.RECORD).read_text())["plan"]["steps"] == first.steps
+    assert json.loads((first.run_dir(out) / RECORD).read_text())["plan"]["steps"] == first.steps
     edit_plan(plan, first.name, lr=0.003)
     err = refused(capsys, *sweep_args(plan, out, data, "--emit", "slurm"))
     assert f"{first.name} was trained with lr {first.lr!r}; now lr 0.003" in err
     assert run(plan, out, data, "--emit", "slurm", "--rerun-changed") == 0
-    assert not (first.run_dir(out) / sweep.DONE).exists()  # to be trained again by its task
-    assert json.loads((first.run_dir(out) / sweep.RECORD).read_text())["plan"]["lr"] == 0.003
+    assert not (first.run_dir(out) / DONE).exists()  # to be trained again by its task
+    assert json.loads((first.run_dir(out) / RECORD).read_text())["plan"]["lr"] == 0.003
     assert slurm_task(out / "sweep.sbatch", 1, tmp_path).returncode == 0
     assert [(c["name"], c["resume"]) for c in fake()] == [(first.name, False), (first.name, False)]
