@@ -9,7 +9,7 @@ sides are normalised as SODA's WER is (punctuation dropped, lower-cased), since 
 punctuation. By default the model is given no source transcript (it writes one first, as trained);
 `--s2st-source-text given` puts the reference transcript into the prompt instead. Outputs: OUT/s2st/.
 
-Data: a CVSS-style manifest (see `soda.s2st`): TSV or JSONL of source audio, source text, source
+Data: a CVSS-style manifest (see `tokenize_audio.s2st`): TSV or JSONL of source audio, source text, source
 language, target text, target audio (the target audio is not needed here but kept for one format).
 """
 

@@ -5,10 +5,10 @@
     soda-finetune eval-s2st CKPT --data pairs.tsv --out DIR          # = soda-eval --tasks s2st
 
 `s2st` turns a CVSS-style manifest into SODA's speech-to-speech translation documents (encoded with the
-checkpoint's own codec and vocabulary: `soda.s2st`) in RUN/data, then trains on them; `docs` trains on
+checkpoint's own codec and vocabulary: `tokenize_audio.s2st`) in RUN/data, then trains on them; `docs` trains on
 shards made by `soda-tokenize` (e.g. `--formats audio-first` for ASR-only or `text-first` for TTS-only
 fine-tuning), after checking they share the checkpoint's vocabulary and codec. Both hand a `TrainConfig`
-to `soda.train.train`: the same Lightning run as pre-training (resume, logging, strategies, checkpoints,
+to `soda.train.cli.train`: the same Lightning run as pre-training (resume, logging, strategies, checkpoints,
 HF export), only with fine-tuning defaults: SODA's CVSS-T recipe (`FINETUNE_DEFAULTS`, spelled out in
 configs/finetune-s2st.yaml), five epochs of the data for s2st and one for docs unless --tokens or --epochs
 say otherwise.

@@ -97,7 +97,7 @@ class Preemption(L.Callback):
 
     Lightning's own SIGTERM handling stops mid-accumulation without a checkpoint; this replaces it for the
     duration of training and restores the previous handlers afterwards. Data-loader workers ignore these
-    signals (`soda.data.dataloader`): a signal sent to the whole process group, as SLURM and `timeout` send it,
+    signals (`soda.train.data.dataloader`): a signal sent to the whole process group, as SLURM and `timeout` send it,
     must not kill them before the main process has checkpointed.
     """
 

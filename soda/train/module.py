@@ -189,7 +189,7 @@ class SodaModule(L.LightningModule):
     def on_train_start(self) -> None:
         """After a resume restored the optimizer and scheduler, which carry the LR and weight decay they were saved
         with: this run's settings replace them (a resume may lower --lr or change --weight-decay; see
-        soda.train.ADJUSTABLE_ON_RESUME). A fresh run is unchanged by this."""
+        soda.train.config.ADJUSTABLE_ON_RESUME). A fresh run is unchanged by this."""
         cfg, opt = self.cfg, self.trainer.optimizers[0]
         sched = self.trainer.lr_scheduler_configs[0].scheduler
         peak = cfg.peak_lr(self.model.config.hidden_size)
