@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tokenize_audio.errors import SodaError
+from tokenize_audio.errors import SodaError, first_line
 
 HUB_DEFAULTS = {"mimi": "kyutai/mimi", "encodec": "facebook/encodec_24khz"}
 CODEC_CHOICES = "mimi, mimi:random, encodec, encodec:random, FAMILY:PATH_OR_HUB_ID, or a local model directory"
@@ -320,7 +320,7 @@ def randomize_codebooks(codec: Codec, seed: int = RANDOM_SEED) -> None:
 
 
 def _hub_error(family: str, source: str, err: Exception) -> SodaError:
-    reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+    reason = first_line(err, 200) or type(err).__name__
     return SodaError(
         f"could not load the {family} codec {source!r} ({reason}). Without hub access, download it "
         f"elsewhere (e.g. `hf download {source} --local-dir DIR`) and pass --codec {family}:DIR, "

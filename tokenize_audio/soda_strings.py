@@ -35,7 +35,7 @@ import numpy as np
 from tqdm import tqdm
 
 from tokenize_audio.documents import holdout_score
-from tokenize_audio.errors import SkipItem, SodaError
+from tokenize_audio.errors import SkipItem, SodaError, first_line
 from tokenize_audio.pipeline import (SETTINGS, ShardStats, TokenizeSettings, check_settings, finished_sidecar,
                                      sample_key, write_manifest)
 from tokenize_audio.shards import atomic_write_json, write_shard
@@ -232,7 +232,7 @@ def _hf_rows(spec: str, text_column, recording_column):
     try:
         columns = list(ds.column_names or next(iter(ds)).keys())
     except Exception as err:  # a streamed dataset reads its first row to know its columns
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        reason = first_line(err, 200) or type(err).__name__
         raise SodaError(f"could not read dataset {PREFIX}{spec} ({reason})") from None
     features = ds.features or {}
     strings = [c for c in columns if getattr(features.get(c), "dtype", None) in ("string", "large_string")]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tokenize_audio.errors import SkipItem, SodaError
+from tokenize_audio.errors import SkipItem, SodaError, first_line
 
 AUDIO_EXTENSIONS = {".flac", ".wav", ".ogg", ".opus", ".mp3", ".aiff", ".aif", ".au", ".sph"}
 TEXT_COLUMNS = ("text", "transcript", "transcription", "sentence", "normalized_text", "raw_text")
@@ -124,7 +124,7 @@ def load_audio(source, sample_rate: int, start: float | None = None, end: float 
     except SkipItem:
         raise
     except Exception as err:  # soundfile/libsndfile errors on corrupt or unsupported files
-        msg = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        msg = first_line(err, 160) or type(err).__name__
         raise SkipItem(f"unreadable audio: {msg}") from None
     wave = data.mean(axis=1) if data.ndim == 2 else data
     if isinstance(source, HFAudio) and (start is not None or end is not None):
@@ -381,7 +381,7 @@ def open_hf_dataset(spec: str, prefix: str = "", streaming: bool = False):
     except SodaError:
         raise
     except Exception as err:
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        reason = first_line(err, 200) or type(err).__name__
         raise SodaError(f"could not load dataset {shown} ({reason})") from None
 
 

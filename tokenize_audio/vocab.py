@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from tokenize_audio.errors import SodaError
+from tokenize_audio.errors import SodaError, first_line
 
 BOS = "<|begin_of_text|>"
 EOS = "<|end_of_text|>"
@@ -121,7 +121,7 @@ def load_text_tokenizer(spec: str, corpus_texts=None) -> Tokenizer:
     try:
         return Tokenizer.from_pretrained(source)
     except Exception as err:
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        reason = first_line(err, 200) or type(err).__name__
         raise SodaError(
             f"could not load the text tokenizer {source!r} from the hub ({reason}); download its tokenizer.json "
             f"and pass the file or directory, or use --text-tokenizer bytes / bpe:N offline"

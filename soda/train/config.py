@@ -20,7 +20,7 @@ import yaml
 
 from soda.settings import ADJUSTABLE, RESUMABLE, add_arguments, check_bounds, flag_of, names_with, setting
 from soda.shape import SHAPE_FIELDS, SIZES, ModelShape
-from tokenize_audio.errors import SodaError
+from tokenize_audio.errors import SodaError, first_line
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_CORPUS = REPO / "demo" / "corpus"
@@ -296,7 +296,7 @@ def load_yaml(path: Path) -> dict:
     try:
         values = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise SodaError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise SodaError(f"{path}: not valid YAML ({first_line(e)})") from None
     if not isinstance(values, dict):
         raise SodaError(f"{path}: expected a mapping of settings at the top level")
     values = {k.replace("-", "_"): v for k, v in values.items()}

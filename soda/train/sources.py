@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tokenize_audio.errors import SodaError
+from tokenize_audio.errors import SodaError, first_line
 from tokenize_audio.shards import expand_shards, is_url, open_shard
 from tokenize_audio.vocab import Vocabulary
 
@@ -182,7 +182,7 @@ def _local_vocabulary(directory: str) -> tuple[str, Vocabulary] | None:
     try:
         return str(path), Vocabulary.load(Path(directory))
     except (ValueError, KeyError, OSError, SodaError) as e:  # a damaged vocab.json cannot vouch for the shards
-        raise SodaError(f"{path}: unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200]}); it gives the "
+        raise SodaError(f"{path}: unreadable ({first_line(e, 200, with_type=True)}); it gives the "
                         f"vocabulary of the shards beside it") from None
 
 
