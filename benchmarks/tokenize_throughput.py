@@ -27,9 +27,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tokenize_audio.audio import load_audio  # noqa: E402
 from tokenize_audio.codecs import load_codec  # noqa: E402
 from tokenize_audio.errors import SodaError  # noqa: E402
-from tokenize_audio.sources import AUDIO_EXTENSIONS, load_audio  # noqa: E402
+from tokenize_audio.sources import AUDIO_EXTENSIONS  # noqa: E402
 
 DEFAULT_AUDIO = Path(__file__).resolve().parents[1] / "demo" / "corpus" / "speech"
 

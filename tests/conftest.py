@@ -62,7 +62,7 @@ def encodec():
 @pytest.fixture(scope="session")
 def demo_waves(demo_speech, mimi):
     """Twelve demo utterances of different lengths, at 24 kHz, cut to whole Mimi frames."""
-    from tokenize_audio.sources import load_audio
+    from tokenize_audio.audio import load_audio
 
     files = sorted(demo_speech.rglob("*.flac"))[::20][:12]
     waves = [load_audio(str(f), mimi.sample_rate) for f in files]

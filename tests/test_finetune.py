@@ -300,7 +300,7 @@ def finetuned(tiny_run, s2st_corpus, tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_finetuned_tiny_model_emits_the_right_translation(finetuned, s2st_corpus):
     from soda.checkpoints import load_model
-    from tokenize_audio.sources import load_audio
+    from tokenize_audio.audio import load_audio
 
     config = yaml.safe_load((finetuned / "config.yaml").read_text())
     assert config["schedule"] == "cosine" and config["warmup"] == 0.03 and config["loss_after"] == "text_end"

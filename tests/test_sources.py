@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from conftest import write_wave
 
+from tokenize_audio.audio import load_audio
 from tokenize_audio.errors import SkipItem, SodaError
-from tokenize_audio.sources import load_audio, read_hf_dataset, read_inputs, read_manifest, scan_directory
+from tokenize_audio.sources import read_hf_dataset, read_inputs, read_manifest, scan_directory
 
 
 def test_directory_recordings_in_file_order(small_corpus):

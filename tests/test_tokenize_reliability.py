@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 from conftest import DEMO, SMALL_RECORDINGS, write_wave
 
+from tokenize_audio.audio import load_audio
 from tokenize_audio.cli import main as tokenize_main
 from tokenize_audio.errors import SkipItem, SodaError
 from tokenize_audio.shards import atomic_directory, atomic_file, atomic_write_bytes, read_shard
-from tokenize_audio.sources import HFAudio, load_audio
+from tokenize_audio.sources import HFAudio
 
 
 def _tiny_corpus(root: Path) -> Path:

@@ -10,9 +10,9 @@ from typing import Callable
 
 import numpy as np
 
+from tokenize_audio.audio import load_audio
 from tokenize_audio.codecs import Codec
 from tokenize_audio.errors import SkipItem
-from tokenize_audio.sources import load_audio
 
 AUDIO_BLOCK = 256  # clips read and encoded at a time by `audio_codes`
 

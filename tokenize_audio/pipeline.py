@@ -18,12 +18,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from tokenize_audio.audio import load_audio
 from tokenize_audio.codecs import Codec
 from tokenize_audio.documents import build_document, holdout_score, text_document, validation_recordings
 from tokenize_audio.encoding import encode_waves
 from tokenize_audio.errors import SkipItem, SodaError
 from tokenize_audio.shards import atomic_write_json, write_shard
-from tokenize_audio.sources import Corpus, TextDocument, Utterance, load_audio
+from tokenize_audio.sources import Corpus, TextDocument, Utterance
 from tokenize_audio.vocab import TYPE_NAMES, Vocabulary
 
 MANIFEST = "manifest.json"

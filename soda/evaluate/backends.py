@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from tokenize_audio.audio import resample
 from tokenize_audio.errors import SodaError, first_line
-from tokenize_audio.sources import resample
 
 WHISPER = "openai/whisper-large-v3"  # SODA's TTS-WER model
 WAVLM_SV = "microsoft/wavlm-base-plus-sv"  # a WavLM speaker-verification model that transformers loads

@@ -176,7 +176,7 @@ def single_request(args) -> dict:
 
 def to_request(row: dict, codec) -> Request:
     """The row's Request, its audio read and encoded to codes (a request holds codes, not its wave)."""
-    from tokenize_audio.sources import load_audio
+    from tokenize_audio.audio import load_audio
 
     audio = {}
     for key in AUDIO_FIELDS:
