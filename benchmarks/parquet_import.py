@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tokenize_audio.cli import main as soda_tokenize  # noqa: E402
-from tokenize_audio.soda_strings import document_ids, parse_soda_string  # noqa: E402
+from tokenize_audio.soda_format import document_ids, parse_soda_string  # noqa: E402
 from tokenize_audio.vocab import AUDIO_END, AUDIO_START, BOS, EOS, TEXT_END, TEXT_START, Vocabulary, load_text_tokenizer
 
 WORDS = "the of and to in a is that for it as was with be by on not he this are or his from at which".split()
