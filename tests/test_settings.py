@@ -12,8 +12,8 @@ import yaml
 
 from soda.settings import (ADJUSTABLE, FIXED, RESUMABLE, add_arguments, check_bounds, flag_of, from_args,
                            names_with, setting)
-from soda.train.config import (ABOVE_ZERO, ADJUSTABLE_ON_RESUME, AT_LEAST, PREDATES, RESUMABLE_CHANGES, RunOptions,
-                               TrainConfig, load_yaml, sweep_flags)
+from soda.train.config import (ADJUSTABLE_ON_RESUME, PREDATES, RESUMABLE_CHANGES, RunOptions, TrainConfig, load_yaml,
+                               sweep_flags)
 from tokenize_audio.errors import SodaError
 
 
@@ -53,8 +53,11 @@ def test_derived_resume_rules_bounds_and_predates():
     assert {"workers", "devices", "max_steps", "out", "export"} <= RESUMABLE_CHANGES
     assert not RESUMABLE_CHANGES & {"seq_len", "tokens", "size", "data", "seed", "schedule"}
     assert PREDATES == {"weight_decay_mode": "adamw"}
-    assert AT_LEAST["seq_len"] == 2 and AT_LEAST["workers"] == 0 and AT_LEAST["width"] == 1
-    assert set(ABOVE_ZERO) == {"lr", "eps", "peak_flops", "epochs", "sample_max_seconds"}
+    fields = dataclasses.fields(TrainConfig)
+    at_least = {f.name: f.metadata["at_least"] for f in fields if f.metadata["at_least"] is not None}
+    assert at_least["seq_len"] == 2 and at_least["workers"] == 0 and at_least["width"] == 1
+    assert {f.name for f in fields if f.metadata["positive"]} == {"lr", "eps", "peak_flops", "epochs",
+                                                                     "sample_max_seconds"}
 
 
 @pytest.mark.parametrize("name", sorted(RESUMABLE_CHANGES | set(ADJUSTABLE_ON_RESUME)))

@@ -242,10 +242,6 @@ RESUMABLE_CHANGES = set(names_with(TrainConfig, "resume", RESUMABLE))
 ADJUSTABLE_ON_RESUME = names_with(TrainConfig, "resume", ADJUSTABLE)
 # Settings added after runs were saved without them: the value those runs were trained with.
 PREDATES = {f.name: f.metadata["predates"] for f in dataclasses.fields(TrainConfig) if "predates" in f.metadata}
-# Lowest allowed value of each numeric setting (None = not given, allowed; zero where zero means "off").
-AT_LEAST = {f.name: f.metadata["at_least"] for f in dataclasses.fields(TrainConfig)
-            if f.metadata["at_least"] is not None}
-ABOVE_ZERO = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata["positive"])
 
 
 @dataclass
