@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from soda.model import build_model, default_attention, prepare_for_training  # noqa: E402
 from soda.shape import training_flops_per_token  # noqa: E402
 from soda.train.config import make_config  # noqa: E402
-from soda.train.data import PackedStream, dataloader  # noqa: E402
+from soda.train.datamodule import training_loader  # noqa: E402
 from soda.train.loss import lm_loss  # noqa: E402
 from soda.train.module import SodaModule  # noqa: E402
 from soda.train.optim import CautiousAdamW, param_groups  # noqa: E402
@@ -63,7 +63,10 @@ def setup(args):
 
 
 def loader(cfg, sources, vocab, micro):
-    return dataloader(PackedStream(sources, cfg.seq_len, cfg.seed, vocab_size=vocab.size), micro, cfg.workers)
+    import tempfile
+
+    index = Path(tempfile.mkdtemp(prefix="soda-bench-index-"))  # the shard index, as a run keeps in RUN/data_index
+    return training_loader(sources, cfg.seq_len, cfg.seed, micro, cfg.workers, index, vocab.size)
 
 
 def bench_loader(cfg, sources, vocab, micro, batches: int) -> float:

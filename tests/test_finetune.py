@@ -24,7 +24,8 @@ from soda.finetune.cli import FINETUNE_DEFAULTS, main
 from soda.generate.decode import translate
 from soda.generate.prompts import GenerationSettings, Request, build_plan
 from soda.train.config import make_config
-from soda.train.data import PackedStream, loss_mask
+from soda.train.data import Layout, TrainWindows, ValidationWindows, loss_mask
+from soda.train.index import index_sources
 from soda.train.loss import scored_targets
 from soda.train.optim import lr_factor
 from soda.train.sources import Source
@@ -105,9 +106,8 @@ def test_target_only_labels_are_exact_across_packing_boundaries_and_resume(vocab
     assert [list(np.flatnonzero(~loss_mask(d, vocab.text_end))) for d in docs] == [list(range(s)) for s in starts]
 
     seq = 37
-    stream = PackedStream([Source("s2st", [str(shard)], weight=1.0)], seq, infinite=False,
-                          loss_after=vocab.text_end)
-    windows = list(stream)
+    _, val = index_sources([Source("s2st", [], [str(shard)])], tmp_path / "index", quiet=True)
+    windows = list(ValidationWindows(val, seq, 1, loss_after=vocab.text_end))  # in order, unshuffled
     # Independent expectation: the documents concatenated, cut into windows; a target counts when it is in
     # the target part of its document and its predecessor is in the same window and document.
     flat = np.concatenate(docs)
@@ -124,21 +124,21 @@ def test_target_only_labels_are_exact_across_packing_boundaries_and_resume(vocab
         expected[1:][doc_of[span][1:] != doc_of[span][:-1]] = -100
         assert (got == expected).all(), w
         assert (window["input_ids"].numpy() == flat[span]).all()
-    plain = next(iter(PackedStream([Source("s2st", [str(shard)], weight=1.0)], seq, infinite=False)))
-    assert "loss_mask" not in plain  # without loss_after only document boundaries are masked, as in pre-training
+    assert "loss_mask" not in next(iter(ValidationWindows(val, seq, 1)))  # without loss_after only document
+    # boundaries are masked, as in pre-training
 
-    # a resumed stream (position saved mid-document) gives the same masks as an uninterrupted one
-    train = PackedStream([Source("s2st", [str(shard)], weight=1.0)], seq, loss_after=vocab.text_end)
-    it = iter(train)
-    for _ in range(3):
-        next(it)
-    state = train.state_dict()
-    assert state["pending"][0] is not None  # the window cut a document of the (only) source
-    expected_next = [next(it) for _ in range(4)]
-    resumed = PackedStream([Source("s2st", [str(shard)], weight=1.0)], seq, loss_after=vocab.text_end)
-    resumed.load_state_dict(state)
-    for a, b in zip(expected_next, iter(resumed)):
+    # training windows (shuffled, each read by seeking into its document) carry the same masks, resumed or not
+    train, _ = index_sources([Source("s2st", [str(shard)], weight=1.0)], tmp_path / "index", quiet=True)
+    straight = TrainWindows(train, [1.0], seq, 0, Layout(1, 1), loss_after=vocab.text_end)
+    it = iter(straight)
+    first = [next(it) for _ in range(7)]
+    resumed = iter(TrainWindows(train, [1.0], seq, 0, Layout(1, 1), step=3, counts=[3], loss_after=vocab.text_end))
+    for a, b in zip(first[3:], resumed):
         assert torch.equal(a["loss_mask"], b["loss_mask"]) and torch.equal(a["input_ids"], b["input_ids"])
+    by_ids = {tuple(w["input_ids"].tolist()): w["loss_mask"] for w in windows}
+    for w in first:
+        if tuple(w["input_ids"].tolist()) in by_ids:
+            assert torch.equal(w["loss_mask"], by_ids[tuple(w["input_ids"].tolist())])
 
 
 def test_cosine_schedule_and_recipe_file():

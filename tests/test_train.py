@@ -245,9 +245,10 @@ def test_two_process_ddp_on_cpu(ddp_run):
 
 
 @pytest.mark.slow
-def test_ddp_stop_and_resume_continues_every_ranks_data_exactly(ddp_run, train_tokens, tmp_path):
-    """Each rank reads its own share of the data; the checkpoint (written by rank 0) holds every rank's position,
-    so a two-process run stopped at step 3 and resumed trains exactly the uninterrupted run's steps 3-5."""
+def test_ddp_stop_and_resume_continues_the_data_exactly_on_any_number_of_ranks(ddp_run, train_tokens, tmp_path):
+    """The data order is global (the checkpoint holds the step and each source's window count, not each rank's
+    stream), so a two-process run stopped at step 3 and resumed on two processes, or on one, trains exactly the
+    uninterrupted run's steps 3-5: the same windows (data/windows_digest) and the same losses."""
     import shutil
 
     out = tmp_path / "stopped"
@@ -255,16 +256,14 @@ def test_ddp_stop_and_resume_continues_every_ranks_data_exactly(ddp_run, train_t
     assert done.returncode == 0, done.stderr[-3000:]
     other = tmp_path / "one-rank"
     shutil.copytree(out, other)
-    done = run_cli(ddp_args(train_tokens, out) + ["--resume", "--max-steps", "6", "--no-export"])
-    assert done.returncode == 0, done.stderr[-3000:]
-    got, want = losses(out), losses(ddp_run)
-    assert sorted(got) == sorted(want) == list(range(6))
-    for step in want:
-        assert got[step] == pytest.approx(want[step], rel=1e-5), step
-    # another number of ranks cannot take over the positions: said in one line, and the run goes on
-    done = run_cli(["--out", str(other), "--resume", "--devices", "1", "--max-steps", "4", "--no-export"])
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "data position is for 2 rank(s), this run has 1" in done.stderr
+    for run, devices in ((out, "2"), (other, "1")):
+        done = run_cli(["--out", str(run), "--resume", "--devices", devices, "--max-steps", "6", "--no-export"])
+        assert done.returncode == 0, done.stderr[-3000:]
+        for key in ("train/loss", "data/windows_digest"):
+            got, want = losses(run, key), losses(ddp_run, key)
+            assert sorted(got) == sorted(want) == list(range(6)), (devices, key)
+            for step in want:
+                assert got[step] == pytest.approx(want[step], rel=1e-5), (devices, key, step)
 
 
 @pytest.mark.slow
@@ -290,6 +289,38 @@ def test_fsdp_on_cpu_trains_exactly_like_ddp_and_resumes(ddp_run, train_tokens, 
         # atol 1e-5: sharded and replicated gradients are summed in another order, and an embedding row that got a
         # near-zero gradient moves by Adam's sign-like step (eps 1e-16), so a few such entries differ by ~6e-6
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+def test_fsdp_stopped_on_two_ranks_resumes_exactly_on_three_and_on_one(train_tokens, tmp_path):
+    """A requeued job landing on another number of GPUs: an FSDP run of 6 steps (6 windows a step) stopped at step 3
+    on 2 ranks and resumed on 3 ranks, or on 1, trains the uninterrupted run's steps: the same windows at every step
+    (data/windows_digest), the same losses within float tolerance (the ranks' shares are summed in another order)."""
+    import shutil
+
+    def args(out, devices):
+        return tiny_args(train_tokens, out, steps=6, **{"--batch-tokens": "768", "--tokens": "4608", "--micro-batch": "1",
+                                                        "--ckpt-every": "3", "--val-every": "3"}) + [
+            "--accelerator", "cpu", "--devices", devices, "--strategy", "fsdp", "--no-export"]
+
+    straight = tmp_path / "straight"
+    done = run_cli(args(straight, "2"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    stopped = tmp_path / "stopped"
+    done = run_cli(args(stopped, "2") + ["--max-steps", "3"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    for devices in ("3", "1"):
+        run = tmp_path / f"on{devices}"
+        shutil.copytree(stopped, run)
+        done = run_cli(["--out", str(run), "--resume", "--devices", devices, "--max-steps", "6"])
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert f"{devices} devices x 1 sequences" in done.stderr or devices == "1"
+        for key in ("data/windows_digest", "train/loss", "val/loss"):
+            got, want = losses(run, key), losses(straight, key)
+            assert sorted(got) == sorted(want) and want, (devices, key, got, want)
+            for step in want:
+                assert got[step] == pytest.approx(want[step], rel=1e-5 if key != "data/windows_digest" else 0), (
+                    devices, key, step)
 
 
 def _free_port() -> int:
@@ -544,7 +575,7 @@ def test_step_row_is_that_steps_loss_and_gradient_norm(trained):
     """Row 0 of metrics.csv recomputed outside Lightning: the first batch's loss through the same model, and the
     norm of its accumulated gradient (before clipping) — the step's own, not the previous step's."""
     from soda.train.config import load_yaml, make_config
-    from soda.train.data import PackedStream, dataloader
+    from soda.train.datamodule import training_loader
     from soda.train.loss import lm_loss
     from soda.train.sources import resolve_sources
     from soda.train.plan import batch_layout
@@ -554,7 +585,8 @@ def test_step_row_is_that_steps_loss_and_gradient_norm(trained):
     sources, vocab = resolve_sources(cfg.data, cfg.val_data, cfg.mix, cfg.vocab)
     micro, accumulate = batch_layout(cfg, 1)
     model, _ = model_for_run(cfg, vocab)
-    batches = iter(dataloader(PackedStream(sources, cfg.seq_len, cfg.seed, vocab_size=vocab.size), micro, 0))
+    batches = iter(training_loader(sources, cfg.seq_len, cfg.seed, micro, 0, trained / "data_index", vocab.size,
+                                   accumulate=accumulate))
     total = 0.0
     for _ in range(accumulate):
         loss = lm_loss(model, next(batches), cfg.z_loss)[0]

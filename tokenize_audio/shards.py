@@ -236,3 +236,64 @@ def _decode(key: str, members: dict, vocab_size: int | None) -> tuple[np.ndarray
     if not isinstance(meta, dict):
         raise ValueError(f"document {key} has JSON metadata that is not an object")
     return tokens, meta
+
+
+# --------------------------------------------------------------------------------------------
+# Seeking: where each document's ids lie, so a reader takes any slice without reading the rest
+# --------------------------------------------------------------------------------------------
+INDEX_DTYPE = np.dtype([("offset", "<i8"), ("length", "<i8"), ("dtype", "S4")])  # one row per document
+
+
+def index_shard(path: str) -> np.ndarray:
+    """One INDEX_DTYPE row per document of a local shard, in `shard_documents`' order: the byte offset of its ids
+    (past the `.npy` header), their count and dtype. Reads only tar and `.npy` headers; a damaged or truncated shard
+    raises BadShard (the same checks as reading it whole, bar the ids' range, which `read_ids` checks)."""
+    rows, key, size = [], None, os.path.getsize(path)
+    try:
+        with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            for member in tar:
+                folder, _, base = member.name.rpartition("/")
+                stem, dot, suffix = base.partition(".")
+                if not member.isfile() or not dot or suffix != "tokens.npy":
+                    continue
+                this = f"{folder}/{stem}" if folder else stem
+                if this == key:  # a second tokens.npy of one sample: the reader keeps the first
+                    continue
+                key = this
+                f.seek(member.offset_data)
+                version = np.lib.format.read_magic(f)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, _, dtype = read_header(f)
+                if len(shape) != 1 or dtype.kind not in "iu" or dtype.hasobject:
+                    raise ValueError(f"document {this} holds {dtype} {shape}, not a 1-D id array")
+                start = f.tell()
+                if start + shape[0] * dtype.itemsize > min(size, member.offset_data + member.size):
+                    raise ValueError(f"document {this} is truncated")
+                rows.append((start, shape[0], dtype.str.encode()))
+            end = tar.offset
+            f.seek(end)
+            if f.read().strip(b"\0"):
+                raise ValueError("damaged data after the last readable document (truncated or corrupt)")
+    except (tarfile.TarError, ValueError, EOFError, OSError) as e:
+        raise BadShard(f"shard {path} is unreadable after document {len(rows) - 1}: {e}") from None
+    return np.array(rows, dtype=INDEX_DTYPE)
+
+
+def read_ids(path: str, row, start: int, stop: int, vocab_size: int | None = None) -> np.ndarray:
+    """Ids `start:stop` (int64) of the document `row` (an `index_shard` row) of a local shard; ids outside
+    `vocab_size` make the shard bad (BadShard)."""
+    dtype = np.dtype(row["dtype"].decode())
+    try:
+        with open(path, "rb") as f:
+            f.seek(int(row["offset"]) + start * dtype.itemsize)
+            data = f.read((stop - start) * dtype.itemsize)
+    except OSError as e:
+        raise BadShard(f"shard {path} is unreadable: {e.strerror or e}") from None
+    if len(data) != (stop - start) * dtype.itemsize:
+        raise BadShard(f"shard {path} is shorter than its index says (changed since it was indexed?)")
+    ids = np.frombuffer(data, dtype=dtype).astype(np.int64)
+    if vocab_size is not None and ids.size and (int(ids.max()) >= vocab_size or int(ids.min()) < 0):
+        raise BadShard(f"shard {path}: a document holds id {int(ids.max())}, outside the vocabulary of "
+                       f"{vocab_size:,}")
+    return ids

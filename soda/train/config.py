@@ -143,7 +143,9 @@ class TrainConfig:
                                     help="stop after this many optimizer steps (the schedule still spans --tokens)")
     val_every: int = setting(1000, type=int, at_least=1, resume=RESUMABLE, group="hardware and logging",
                              help="validate every N optimizer steps")
-    val_batches: int = setting(50, type=int, at_least=0, resume=RESUMABLE, help="validation batches per check")
+    val_batches: int = setting(50, type=int, at_least=0, resume=RESUMABLE,
+                               help="validation batches per check, each as large as the global batch (--batch-tokens): "
+                                    "any number of GPUs validates on the same windows")
     ckpt_every: int = setting(1000, type=int, at_least=1, resume=RESUMABLE, sweep="how",
                               help="checkpoint every N optimizer steps")
     log_every: int = setting(10, type=int, at_least=1, resume=RESUMABLE, sweep="how",

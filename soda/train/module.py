@@ -22,6 +22,17 @@ from tokenize_audio.errors import SodaError
 from tokenize_audio.vocab import Vocabulary
 
 
+DIGEST_MODULUS = 2**31 - 1
+
+
+def windows_digest(ids: torch.Tensor) -> int:
+    """A fingerprint of a micro-batch's windows whose sum over a step does not depend on how the step's windows were
+    split over ranks, workers and micro-batches: two runs trained on the same windows log the same
+    `data/windows_digest` at every step (exact: integers below 2**53 in float64)."""
+    weights = (torch.arange(1, ids.shape[1] + 1, device=ids.device, dtype=torch.int64) * 40503) % 16777213
+    return int(((ids.long() * weights).sum(dim=1) % DIGEST_MODULUS).sum())
+
+
 class NonFiniteLoss(SodaError):
     """The loss became NaN or Inf; the last good checkpoint is kept."""
 
@@ -65,7 +76,8 @@ class SodaModule(L.LightningModule):
             finite = flag.bool()
         self._micro += 1
         if finite:
-            stats = [sums.flatten(), torch.tensor([loss.item(), 1.0], dtype=torch.float64, device=sums.device)]
+            stats = [sums.flatten(), torch.tensor([loss.item(), 1.0, windows_digest(batch["input_ids"])],
+                                                  dtype=torch.float64, device=sums.device)]
             if self.source_names:  # tokens per source: a window holds one source's tokens
                 windows = torch.bincount(batch["source"].flatten(), minlength=len(self.source_names))
                 stats.append(windows.to(sums.device, torch.float64) * batch["input_ids"].shape[1])
@@ -95,8 +107,9 @@ class SodaModule(L.LightningModule):
         for i, name in enumerate(self.groups):
             if count[i] > 0:
                 metrics[f"train/nll_{name}"] = float(nll[i] / count[i])
+        metrics["data/windows_digest"] = float(acc[2 * g + 2] % DIGEST_MODULUS)
         if self.source_names:
-            tokens = acc[2 * g + 2:]
+            tokens = acc[2 * g + 3:]
             for name, n in zip(self.source_names, tokens):
                 metrics[f"data/share_{name}"] = float(n / tokens.sum())
         metrics["lr"] = float(self.trainer.optimizers[0].param_groups[0]["lr"])
@@ -198,6 +211,20 @@ class SodaModule(L.LightningModule):
             group.update(lr=peak * factor, peak_lr=peak, initial_lr=peak, weight_decay=wd)
         sched.base_lrs = [peak] * len(opt.param_groups)
         sched._last_lr = [group["lr"] for group in opt.param_groups]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Lightning counts micro-batches and steps the optimizer when the count reaches a multiple of the
+        accumulation. A run resumed on another number of GPUs accumulates another number of micro-batches per step
+        (the global batch stays), so the count saved with the checkpoint would end its first steps early: it is
+        shifted to what this accumulation would have counted (checkpoints are taken between steps)."""
+        progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress")
+        if not progress:
+            return
+        batches = checkpoint["global_step"] * self.trainer.accumulate_grad_batches
+        for counts in (progress["total"], progress["current"]):
+            shift = batches - counts["ready"]
+            for key in ("ready", "started", "processed", "completed"):
+                counts[key] += shift
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Enough to rebuild the model for an HF export without the run's config (primitives only).

@@ -84,12 +84,11 @@ def run(cfg: TrainConfig, resume: bool) -> int:
     trainer, preemption = build_trainer(cfg, module, sources, world, accumulate)
     if is_rank_zero() and not resume:
         save_config(cfg)
-    train_loader, val_loader = build_loaders(cfg, sources, vocab, trainer, micro)
+    data = build_data(cfg, sources, vocab, micro, accumulate)
     log_hyperparams(trainer.loggers, cfg, module)
     ckpt_path = checkpoint_to_resume(Path(cfg.out)) if resume else None
     try:
-        trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=ckpt_path,
-                    weights_only=True)
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
     finally:
         stop_loader_workers()
     return finish(cfg, trainer, module, preemption)
@@ -116,8 +115,6 @@ def build_module(cfg: TrainConfig, vocab, sources: list, world: int, micro: int,
 def describe_run(cfg: TrainConfig, model, shape: ModelShape, sources: list, world: int, micro: int,
                  accumulate: int) -> None:
     """The model, kernels, parameters, data and batch on stderr, with warnings about the data."""
-    from soda.train.sources import repeat_warnings
-
     say = lambda msg: print(f"soda-train: {msg}", file=sys.stderr)  # noqa: E731
     counted, max_steps = count_parameters(model), steps_this_run(cfg)
     say(f"model: {describe(shape)}")
@@ -127,8 +124,6 @@ def describe_run(cfg: TrainConfig, model, shape: ModelShape, sources: list, worl
     say(f"parameters: {counted['total']:,} total, {counted['non_embedding']:,} non-embedding")
     say("data (weights are shares of tokens): " + "; ".join(
         f"{s.name} {s.weight:.1%} ({len(s.train)} train / {len(s.validation)} validation shards)" for s in sources))
-    for line in repeat_warnings(sources, max_steps * cfg.batch_sequences * cfg.seq_len):
-        say(f"warning: {line}")
     if not any(s.validation for s in sources):
         say("warning: the data has no validation shards: this run will report no validation loss (tokenize with "
             "--validation-fraction above 0, or give --val-data)")
@@ -154,7 +149,7 @@ def build_trainer(cfg: TrainConfig, module, sources: list, world: int, accumulat
             strategy=strategy_for(cfg, world), precision=precision_for(cfg), max_steps=max_steps, max_epochs=-1,
             accumulate_grad_batches=accumulate, log_every_n_steps=log_every, num_sanity_val_steps=0,
             val_check_interval=cfg.val_every * accumulate if has_val else None, check_val_every_n_epoch=None,
-            limit_val_batches=cfg.val_batches if has_val else 0, callbacks=callbacks, logger=loggers_for(cfg), plugins=[AtomicCheckpointIO()],
+            limit_val_batches=1.0 if has_val and cfg.val_batches else 0, callbacks=callbacks, logger=loggers_for(cfg), plugins=[AtomicCheckpointIO()],
             enable_model_summary=False, use_distributed_sampler=False, default_root_dir=Path(cfg.out),
             gradient_clip_val=None,
         )
@@ -211,23 +206,14 @@ def loggers_for(cfg: TrainConfig) -> list:
     return loggers
 
 
-def build_loaders(cfg: TrainConfig, sources: list, vocab, trainer, micro: int):
-    """This rank's training loader (endless, resumable, one batch ahead) and validation loader (None without
-    validation shards)."""
-    from soda.train.data import OneAheadLoader, PackedStream, dataloader
+def build_data(cfg: TrainConfig, sources: list, vocab, micro: int, accumulate: int):
+    """The run's data module: the global window order (`soda.train.data`), this rank's slice of it."""
+    from soda.train.datamodule import SodaData
 
-    loss_after = getattr(vocab, cfg.loss_after) if cfg.loss_after else None
-    train_loader = OneAheadLoader(dataloader(PackedStream(sources, cfg.seq_len, cfg.seed, trainer.global_rank,
-                                                          trainer.world_size, skip_bad=cfg.skip_bad_shards,
-                                                          vocab_size=vocab.size, loss_after=loss_after),
-                                             micro, cfg.workers))
-    if not any(s.validation for s in sources):
-        return train_loader, None
-    val_loader = dataloader(PackedStream(sources, cfg.seq_len, cfg.seed, trainer.global_rank, trainer.world_size,
-                                         split="validation", infinite=False, skip_bad=cfg.skip_bad_shards,
-                                         vocab_size=vocab.size, loss_after=loss_after),
-                            micro, min(cfg.workers, 1), stateful=False)
-    return train_loader, val_loader
+    return SodaData(sources, cfg.seq_len, cfg.seed, cfg.batch_sequences, micro, accumulate, cfg.workers, Path(cfg.out),
+                    skip_bad=cfg.skip_bad_shards, vocab_size=vocab.size,
+                    loss_after=getattr(vocab, cfg.loss_after) if cfg.loss_after else None,
+                    run_tokens=steps_this_run(cfg) * cfg.batch_sequences * cfg.seq_len, val_batches=cfg.val_batches)
 
 
 def log_hyperparams(loggers: list, cfg: TrainConfig, module) -> None:

@@ -1,0 +1,140 @@
+"""The shard index: each source's documents located once, so any window of the run is read by seeking.
+
+`index_sources` turns every source's train and validation shards into a `Stream`: the shards' paths and, per
+shard, an `INDEX_DTYPE` table (where each document's ids lie) and its token count. Tables are cached in
+`RUN/data_index/` (one `.npy` per shard, memory-mapped by every reader, so workers share one copy in the page
+cache), keyed by the shard's path, size and modification time: a resume finds them, a changed shard is indexed
+again. Shards named by URL (`http://`, `pipe:`) are copied once into `RUN/data_index/shards/` first, since seeking
+needs a file. Indexing reads only tar and `.npy` headers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from soda.train.sources import Source
+from tokenize_audio.errors import SodaError
+from tokenize_audio.shards import BadShard, atomic_file, atomic_write_json, index_shard, is_url, open_shard
+
+INDEX_DIR = "data_index"
+SUMMARY = "summary.json"  # shard key -> [documents, tokens]: the token counts without opening every table
+
+
+@dataclass
+class Stream:
+    """One source's split as one token stream: its readable shards in order, their tables and token counts."""
+    name: str
+    shards: list[str]  # as named in --data (messages)
+    paths: list[str]  # local files to read (a URL's cached copy)
+    tables: list[str]  # the `.npy` index table of each
+    tokens: np.ndarray  # int64 per shard
+    skipped: list[str] = field(default_factory=list)  # shards left out (--skip-bad-shards), with why
+
+    @property
+    def total(self) -> int:
+        return int(self.tokens.sum())
+
+
+def shard_key(shard: str) -> str:
+    """What identifies a shard's contents cheaply: a local file's path, size and modification time; a URL itself."""
+    if is_url(shard):
+        ident = shard
+    else:
+        st = os.stat(shard)
+        ident = f"{Path(shard).resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    return hashlib.sha1(ident.encode()).hexdigest()[:20]
+
+
+def index_sources(sources: list[Source], cache: Path, skip_bad: bool = False, quiet: bool = False
+                  ) -> tuple[list[Stream], list[Stream]]:
+    """(train streams, validation streams), one per source, from the cache in `cache` or by indexing the shards
+    (in parallel; a progress bar when there are many). A shard that cannot be indexed stops the run with one line
+    naming it, or with `skip_bad` is left out and named in a warning (and in `Stream.skipped`)."""
+    cache = Path(cache)
+    summary = _read_summary(cache)
+    every = sorted({s for src in sources for s in src.train + src.validation})
+    todo = [s for s in every if shard_key(s) not in summary or not (cache / f"{shard_key(s)}.npy").is_file()]
+    failed: dict[str, str] = {}
+    if todo:
+        bar = None
+        if len(todo) >= 20 and not quiet:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(todo), desc="soda-train: indexing shards", unit="shard", file=sys.stderr)
+        with ThreadPoolExecutor(min(8, len(todo))) as pool:
+            for shard, result in zip(todo, pool.map(lambda s: _index_one(s, cache), todo)):
+                if isinstance(result, str):
+                    failed[shard] = result
+                else:
+                    summary[shard_key(shard)] = result
+                if bar is not None:
+                    bar.update()
+        if bar is not None:
+            bar.close()
+        _write_summary(cache, summary)
+    if failed and not skip_bad:
+        shard, why = next(iter(failed.items()))
+        raise SodaError(f"{why}; remove it from the data, or pass --skip-bad-shards to train without it"
+                        + (f" ({len(failed) - 1} more unreadable)" if len(failed) > 1 else ""))
+    for why in failed.values():
+        print(f"soda-train: warning: skipping {why}", file=sys.stderr)
+
+    def stream(source: Source, shards: list[str]) -> Stream:
+        good = [s for s in shards if s not in failed]
+        return Stream(source.name, good, [_local_copy(s, cache) if is_url(s) else s for s in good],
+                      [str(cache / f"{shard_key(s)}.npy") for s in good],
+                      np.array([summary[shard_key(s)][1] for s in good], dtype=np.int64),
+                      [failed[s] for s in shards if s in failed])
+
+    return [stream(s, s.train) for s in sources], [stream(s, s.validation) for s in sources]
+
+
+def _index_one(shard: str, cache: Path) -> list[int] | str:
+    """Index one shard into the cache: [documents, tokens], or why it cannot be read."""
+    key = shard_key(shard)
+    try:
+        path = _download(shard, cache) if is_url(shard) else shard
+        table = index_shard(path)
+    except BadShard as e:
+        return str(e)
+    with atomic_file(cache / f"{key}.npy") as f:
+        np.save(f, table, allow_pickle=False)
+    return [len(table), int(table["length"].sum())]
+
+
+def _local_copy(url: str, cache: Path) -> str:
+    return str(cache / "shards" / f"{shard_key(url)}.tar")
+
+
+def _download(url: str, cache: Path) -> str:
+    path = Path(_local_copy(url, cache))
+    if not path.is_file():
+        try:
+            with open_shard(url) as stream, atomic_file(path) as f:
+                shutil.copyfileobj(stream, f, 1 << 20)
+        except OSError as e:
+            raise BadShard(f"shard {url} cannot be fetched ({e})") from None
+        except Exception as e:  # noqa: BLE001 -- whatever the scheme's opener raises names the shard here
+            raise BadShard(f"shard {url} cannot be fetched ({type(e).__name__}: {e})") from None
+    return str(path)
+
+
+def _read_summary(cache: Path) -> dict:
+    try:
+        return json.loads((cache / SUMMARY).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def _write_summary(cache: Path, summary: dict) -> None:
+    """Merged with what another rank may have written meanwhile (every entry is a fact about one shard)."""
+    atomic_write_json(cache / SUMMARY, _read_summary(cache) | summary)
