@@ -238,7 +238,7 @@ def test_corrupt_shard_is_named_or_skipped(sources, tmp_path, capfd):
     source = Source("text", [str(bad), srcs[1].train[0]], weight=1.0)
     with pytest.raises(SodaError, match="train-text-00000.tar.*--skip-bad-shards"):
         streams([source], tmp_path)
-    train, _ = streams([source], tmp_path, skip_bad=True)
+    train, _ = index_sources([source], tmp_path / "index", skip_bad=True)
     assert train[0].shards == [srcs[1].train[0]] and len(train[0].skipped) == 1
     assert "skipping shard" in capfd.readouterr().err
     assert len(windows(train, [1.0], 64, 5)) == 5

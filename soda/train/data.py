@@ -96,9 +96,9 @@ class StreamReader:
             path = self.stream.paths[shard]
             if self.loss_after is None:
                 part, mask = read_ids(path, row, a, b, self.vocab_size), np.ones(b - a, dtype=bool)
-            else:  # the mask depends on where the document's marker is: read it from its start
-                part = read_ids(path, row, 0, b, self.vocab_size)
-                mask, part = loss_mask(part, self.loss_after)[a:], part[a:]
+            else:  # the mask depends on where (and whether) the document holds its marker: read it whole
+                whole = read_ids(path, row, 0, int(row["length"]), self.vocab_size)
+                mask, part = loss_mask(whole, self.loss_after)[a:b], whole[a:b]
             ids.append(part)
             docs.append(np.full(b - a, n, np.int64))
             masks.append(mask)

@@ -57,7 +57,7 @@ def shard_key(shard: str) -> str:
 def index_sources(sources: list[Source], cache: Path, skip_bad: bool = False, quiet: bool = False
                   ) -> tuple[list[Stream], list[Stream]]:
     """(train streams, validation streams), one per source, from the cache in `cache` or by indexing the shards
-    (in parallel; a progress bar when there are many). A shard that cannot be indexed stops the run with one line
+    (in parallel; a progress bar when there are many; `quiet`: neither it nor warnings). A shard that cannot be indexed stops the run with one line
     naming it, or with `skip_bad` is left out and named in a warning (and in `Stream.skipped`)."""
     cache = Path(cache)
     summary = _read_summary(cache)
@@ -85,7 +85,7 @@ def index_sources(sources: list[Source], cache: Path, skip_bad: bool = False, qu
         shard, why = next(iter(failed.items()))
         raise SodaError(f"{why}; remove it from the data, or pass --skip-bad-shards to train without it"
                         + (f" ({len(failed) - 1} more unreadable)" if len(failed) > 1 else ""))
-    for why in failed.values():
+    for why in failed.values() if not quiet else ():  # said once, where the index is built (the first rank)
         print(f"soda-train: warning: skipping {why}", file=sys.stderr)
 
     def stream(source: Source, shards: list[str]) -> Stream:

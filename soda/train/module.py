@@ -217,7 +217,10 @@ class SodaModule(L.LightningModule):
         accumulation. A run resumed on another number of GPUs accumulates another number of micro-batches per step
         (the global batch stays), so the count saved with the checkpoint would end its first steps early: it is
         shifted to what this accumulation would have counted (checkpoints are taken between steps)."""
-        progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress")
+        fit_loop = checkpoint.get("loops", {}).get("fit_loop", {})
+        # before the global data order, the loader saved each rank's stream position here (SodaData now holds it)
+        fit_loop.get("state_dict", {}).pop("combined_loader", None)
+        progress = fit_loop.get("epoch_loop.batch_progress")
         if not progress:
             return
         batches = checkpoint["global_step"] * self.trainer.accumulate_grad_batches
