@@ -6,7 +6,7 @@
 #    144,644-id vocabulary (the data's ids are a subset): flex attention (the GPU default) --compile'd and eager,
 #    sdpa's dense mask for comparison, and once a bare PyTorch loop (the framework's overhead),
 # 3. the LM-head loss three ways at one 135m micro-batch (8 x 4096 tokens).
-# Needs a Python with torch (CUDA), transformers, lightning, webdataset, torchdata, soundfile and tokenizers;
+# Needs a Python with torch (CUDA), transformers, lightning, webdataset, soundfile and tokenizers;
 # PYTHON picks it (default python3). Every step's output is kept in RESULTS_DIR (default runs/gpu_check).
 # A quick rehearsal on a CPU (small sizes; checks the script, not the figures):
 #   SMALL=1 PYTHON=.venv/bin/python bash benchmarks/gpu_check.sh runs/gpu_rehearsal
