@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -107,3 +108,21 @@ def tiny_run(train_tokens, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run") / "full"
     assert train_main(tiny_args(train_tokens, out)) == 0
     return out
+
+
+@contextlib.contextmanager
+def http_server(directory: Path):
+    """Serve `directory` over HTTP on a free local port (shards read as a cluster's object store would serve them);
+    yields the base URL."""
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(directory))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()

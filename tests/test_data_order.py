@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import http_server
 
 from soda.train.data import Layout, Mixture, TrainWindows, ValidationWindows
 from soda.train.datamodule import SodaData, loader
@@ -255,16 +256,7 @@ def test_ids_outside_the_vocabulary_are_named(tmp_path):
 def test_remote_urls_and_pipes_give_the_same_windows(sources, train_tokens, tmp_path):
     """--data with http:// brace patterns (a local HTTP server) and pipe: commands, as a cluster's object store
     would be read: fetched once into the run's index, then the same windows as the local directory."""
-    import functools
-    import http.server
-    import threading
-
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(train_tokens))
-    handler.log_message = lambda *a: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}"
+    with http_server(train_tokens) as url:
         remote, vocab = resolve_sources(
             [f"speech={url}/train-speech-{{00000..00000}}.tar", f"text=pipe:cat {train_tokens}/train-text-00000.tar"],
             [f"speech={url}/validation-speech-00000.tar"], {"speech": 0.8, "text": 0.2}, str(train_tokens))
@@ -275,5 +267,3 @@ def test_remote_urls_and_pipes_give_the_same_windows(sources, train_tokens, tmp_
             key(w) for w in windows(theirs[0], [0.8, 0.2], 64, 12)]
         assert [key(w) for w in ValidationWindows(mine[1][:1], 64, 1)] == [
             key(w) for w in ValidationWindows(theirs[1][:1], 64, 1)]
-    finally:
-        server.shutdown()

@@ -6,15 +6,12 @@ used to train silently, and soda-eval reported an NLL on them.
 
 from __future__ import annotations
 
-import functools
-import http.server
 import shutil
-import threading
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEMO
+from conftest import DEMO, http_server
 
 from soda.evaluate.cli import main as eval_main
 from soda.train.cli import main as train_main
@@ -112,16 +109,9 @@ def test_validation_patterns_and_urls_are_checked_too(one_codebook, train_tokens
     bad = str(sorted(one_codebook.glob("validation-*.tar"))[0])
     with pytest.raises(SodaError, match=f"--val-data .*shard {bad} .*{SHARD_VOCAB}"):
         resolve_sources([str(train_tokens)], [bad], {}, None)
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(one_codebook))
-    handler.log_message = lambda *a: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/train-text-{{00000..00001}}.tar"
+    with http_server(one_codebook) as base:
         with pytest.raises(SodaError, match=f"train-text-00000.tar .*{SHARD_VOCAB}.*{RUN_VOCAB}"):
-            resolve_sources([url], [], {}, str(train_tokens))
-    finally:
-        server.shutdown()
+            resolve_sources([f"{base}/train-text-{{00000..00001}}.tar"], [], {}, str(train_tokens))
 
 
 def test_shards_without_a_vocabulary_beside_them_are_used_with_a_warning(train_tokens, tmp_path, capsys):
