@@ -20,6 +20,7 @@ import json
 import math
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -235,7 +236,9 @@ def _read_tensors(path: Path, names: list[str], index=None) -> dict[str, torch.T
     meta = index.state_dict_metadata
     tensors = {k: torch.empty(tuple(meta[k].size), dtype=meta[k].properties.dtype) for k in names}
     try:
-        dcp.load(tensors, storage_reader=dcp.FileSystemReader(str(path)), no_dist=True)
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(tensors, storage_reader=dcp.FileSystemReader(str(path)), no_dist=True)
     except Exception as e:  # a damaged shard file
         raise SodaError(f"{path}: cannot read the checkpoint's shards ({first_line(e, 200, with_type=True)})") from None
     return tensors
