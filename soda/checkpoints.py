@@ -34,7 +34,7 @@ from tokenize_audio.vocab import Vocabulary
 LAST = "last.ckpt"
 SODA_META = "soda.json"  # beside an HF export: the codec its audio ids came from
 DCP_INDEX = ".metadata"  # torch.distributed.checkpoint's index of every rank's shards
-LIGHTNING_META = "meta.pt"  # Lightning's non-tensor state of a sharded checkpoint (lightning.fabric...._METADATA_FILENAME)
+LIGHTNING_META = "meta.pt"  # Lightning's non-tensor state of a sharded checkpoint (its _METADATA_FILENAME)
 EXPORT_SHARD_BYTES = 2 << 30  # an export from a sharded checkpoint holds at most this much in memory at once
 
 

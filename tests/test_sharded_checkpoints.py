@@ -33,13 +33,9 @@ def losses(out: Path, key: str = "train/loss") -> dict[int, float]:
 
 def fsdp_args(train_tokens, out: Path, devices: int = 2, *extra: str) -> list[str]:
     """12 sequences a step: they split over 1, 2 and 3 ranks."""
-    return tiny_args(train_tokens, out, steps=6, **{"--batch-tokens": "1536", "--ckpt-every": "3",
+    return tiny_args(train_tokens, out, steps=6, **{"--batch-tokens": "1536", "--tokens": "9216", "--ckpt-every": "3",
                                                     "--val-every": "3"}) + [
         "--accelerator", "cpu", "--devices", str(devices), "--strategy", "fsdp", *extra]
-
-
-def model_tensors(state: dict) -> dict[str, torch.Tensor]:
-    return {k.removeprefix("model."): v for k, v in state.items()}
 
 
 @pytest.fixture(scope="module")
@@ -300,7 +296,8 @@ def test_async_single_file_checkpoints_equal_blocking_ones(train_tokens, tmp_pat
 
     args = {"--ckpt-every": "2", "--workers": "0"}
     assert main(tiny_args(train_tokens, tmp_path / "sync", steps=4, **args) + ["--no-export"]) == 0
-    assert main(tiny_args(train_tokens, tmp_path / "async", steps=4, **args) + ["--no-export", "--async-checkpoint"]) == 0
+    assert main(tiny_args(train_tokens, tmp_path / "async", steps=4, **args)
+                + ["--no-export", "--async-checkpoint"]) == 0
     assert (tmp_path / "async" / "checkpoints" / "last.ckpt").resolve().name == "step0000004.ckpt"
     for step in ("step0000002.ckpt", "step0000004.ckpt"):
         a, b = (torch.load(tmp_path / run / "checkpoints" / step, weights_only=True) for run in ("sync", "async"))

@@ -260,7 +260,10 @@ class BackgroundSaves:
 def wait_for_checkpoints(trainer) -> None:
     """Every rank: wait until the checkpoint being written in the background (--async-checkpoint) is whole, then
     stop all ranks together if any rank's write failed. Nothing to wait for without --async-checkpoint."""
-    strategy = trainer.strategy
+    _wait_for_saves(trainer.strategy)
+
+
+def _wait_for_saves(strategy) -> None:
     saves = [s for s in (getattr(strategy, "saves", None), getattr(strategy.checkpoint_io, "saves", None)) if s]
     error = None
     for background in saves:
@@ -294,7 +297,7 @@ class ShardedCheckpoints(ModelParallelStrategy):
 
         path = Path(self.broadcast(str(filepath)))
         if self.saves is not None:
-            wait_for_checkpoints(self.lightning_module.trainer)
+            _wait_for_saves(self)
         state = {"state_dict": checkpoint.pop("state_dict")}
         state.update({f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))})
         bad = [b for b in self._all_gather_object(first_nonfinite(state)) if b is not None]  # each rank's shards
