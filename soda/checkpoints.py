@@ -432,7 +432,7 @@ def load_model(source: str, device: str = "auto", codec: str | None = None, dtyp
     path = resolve_checkpoint(source)
     if isinstance(path, str):
         model, config, vocab, meta = _from_hf(path, None, dtype, attention, weights)
-    elif path.is_file() or _is_step_directory(path):
+    elif is_checkpoint(path):
         model, config, vocab, meta = _from_checkpoint(path, dtype, attention, weights)
     else:
         model, config, vocab, meta = _from_hf(str(path), path, dtype, attention, weights)
@@ -466,6 +466,11 @@ def resolve_checkpoint(source: str) -> Path | str:
     if str(source).startswith((".", "/", "~")) or str(source).count("/") != 1:
         raise SodaError(f"{source}: no such checkpoint, run directory or model directory")
     return str(source)
+
+
+def is_checkpoint(path: Path) -> bool:
+    """A soda-train checkpoint (a `.ckpt` file or a sharded step directory), as opposed to a model directory."""
+    return Path(path).is_file() or _is_step_directory(Path(path))
 
 
 def _is_step_directory(path: Path) -> bool:

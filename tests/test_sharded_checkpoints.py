@@ -182,7 +182,8 @@ def test_a_sharded_checkpoint_resumes_on_another_number_of_ranks(sharded_run, tr
     out = tmp_path / f"on{devices}"
     shutil.copytree(sharded_run, out, symlinks=True)
     (out / "checkpoints" / "step0000006.ckpt").rename(out / "checkpoints" / "later")  # resume from step 3
-    done = run_cli(fsdp_args(train_tokens, out, devices) + ["--resume", "--no-export"])
+    # --val-every 100: two validation shards leave a third rank without validation data (the data side's concern)
+    done = run_cli(fsdp_args(train_tokens, out, devices) + ["--resume", "--no-export", "--val-every", "100"])
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Restored all states from the checkpoint" in done.stderr
     assert {p.name for p in (out / "checkpoints" / "step0000006.ckpt").glob("*.distcp")} == {
@@ -249,6 +250,10 @@ def test_export_command_for_both_layouts_and_its_errors(sharded_run, train_token
     for (name, a), b in zip(loaded.model.state_dict().items(), direct.model.state_dict().values()):
         assert torch.equal(a, b), name
     assert loaded.vocab.size == direct.vocab.size and loaded.codec_spec == "mimi:random"
+    from soda.finetune.cli import init_target
+
+    step3 = sharded_run / "checkpoints" / "step0000003.ckpt"
+    assert init_target(str(step3), tmp_path) == (str(tmp_path / "init"), step3)  # soda-finetune exports it first
 
     single = tmp_path / "single"
     assert main(tiny_args(train_tokens, single, steps=4, **{"--ckpt-every": "2", "--workers": "0"})
@@ -313,3 +318,35 @@ def test_a_sharded_checkpoint_is_refused_without_fsdp_in_one_line(tmp_path):
     with pytest.raises(SodaError, match="sharded \\(FSDP\\) checkpoint; resume with --strategy fsdp"):
         check_checkpoint_layout(tmp_path, "ddp")
     check_checkpoint_layout(tmp_path, "fsdp")
+
+
+@pytest.mark.slow
+def test_sigterm_with_async_sharded_checkpoints_waits_for_a_whole_checkpoint(train_tokens, tmp_path):
+    """SIGTERM to the process group of a two-rank FSDP run saving in the background: the run saves the step, waits
+    until the directory is whole, points last.ckpt at it and exits 143; --resume finishes the run."""
+    import signal
+    import time
+
+    out = tmp_path / "preempted"
+    args = tiny_args(train_tokens, out, steps=24, **{"--batch-tokens": "1536", "--tokens": str(24 * 1536),
+                                                     "--ckpt-every": "4", "--val-every": "100"}) + [
+        "--accelerator", "cpu", "--devices", "2", "--strategy", "fsdp", "--async-checkpoint", "--no-export"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen([PY, "-m", "soda.train", *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    start = time.time()
+    while not (out / "checkpoints" / "step0000004.ckpt").exists():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() - start < 300
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-3000:]
+    assert "Traceback" not in err and "checkpoint saved" in err
+    last = (out / "checkpoints" / "last.ckpt").resolve()
+    assert 4 <= int(last.name.removeprefix("step").removesuffix(".ckpt")) < 24
+    assert unreadable_reason(last) is None
+    assert not list((out / "checkpoints").glob(".*"))  # no temporary directory left
+    done = run_cli(args + ["--resume"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(losses(out)) == list(range(24))
