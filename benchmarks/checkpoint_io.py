@@ -61,6 +61,7 @@ def strategy_on(rank: int, world: int, **kwargs):
     env.set_global_rank(rank)
     env.set_world_size(world)
     strategy.cluster_environment = env
+    strategy.parallel_devices = [torch.device("cpu")] * world
     return strategy
 
 
