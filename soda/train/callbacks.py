@@ -252,10 +252,6 @@ class BackgroundSaves:
         if error is not None:
             raise error
 
-    @property
-    def busy(self) -> bool:
-        return self._pending is not None and not self._pending.done()
-
 
 def wait_for_checkpoints(trainer) -> None:
     """Every rank: wait until the checkpoint being written in the background (--async-checkpoint) is whole, then
@@ -309,8 +305,14 @@ class ShardedCheckpoints(ModelParallelStrategy):
             tmp.mkdir(parents=True)
         self.barrier()
         if self.saves is None:
-            self._write(state, checkpoint, tmp, path, group=None)
-            self.barrier()
+            error = None
+            try:
+                self._write(state, checkpoint, tmp, path, group=None)
+            except SodaError as e:  # rank 0 alone fails on meta.pt or the rename: every rank must stop with it
+                error = e
+            if self._any_rank(error is not None):
+                raise error or SodaError(f"{path}: rank 0 could not complete the checkpoint (its error is in its "
+                                         f"log); the previous checkpoints are kept")
             return
         if self._save_group is None:  # background collectives must not interleave with training's
             import torch.distributed as dist
@@ -338,6 +340,12 @@ class ShardedCheckpoints(ModelParallelStrategy):
             reason = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e, 200, with_type=True)
             raise SodaError(f"{path}: cannot write the checkpoint ({reason}); nothing was written and the previous "
                             f"checkpoints are kept") from None
+
+    def _any_rank(self, flag: bool) -> bool:
+        """Whether `flag` holds on any rank (a collective: every rank returns from it together)."""
+        import torch.distributed as dist
+
+        return self.reduce_boolean_decision(flag, all=False) if dist.is_initialized() else flag
 
     def _all_gather_object(self, obj) -> list:
         import torch.distributed as dist
