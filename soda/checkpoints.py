@@ -214,7 +214,7 @@ def _load_sharded(path: Path, weights: bool) -> dict:
         raise SodaError(f"{path}: not a loadable checkpoint ({reason})")
     ckpt = torch.load(path / LIGHTNING_META, map_location="cpu", weights_only=True)
     if weights:
-        names = [k for k in _model_tensors(_read_index(path))]
+        names = list(_model_tensors(_read_index(path)))
         ckpt["state_dict"] = {k.removeprefix("state_dict."): v for k, v in _read_tensors(path, names).items()}
     return ckpt
 
