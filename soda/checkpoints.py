@@ -1,7 +1,13 @@
 """Checkpoints: where a run keeps them, reading them safely, exporting them, and loading a model from any of them.
 
+A checkpoint is `checkpoints/stepNNNNNNN.ckpt`, in one of two layouts: a single file (DDP, one device), or under
+FSDP a sharded directory of the same name (`torch.distributed.checkpoint`: each rank's `__R_0.distcp`, the index
+`.metadata`, and Lightning's `meta.pt` holding the loop and data state). Both are written whole under a temporary
+name and renamed: a directory without its index and `meta.pt` was cut short outside our writes and is torn.
+
 A CHECKPOINT argument (soda-generate, soda-eval, soda-finetune --init-from) may be a soda-train run directory
-(its `hf/` export, or its last checkpoint), a `.ckpt` file, a Hugging Face model directory (a soda-train export,
+(its `hf/` export, or its last checkpoint), a `.ckpt` file or sharded `.ckpt` directory, a Hugging Face model
+directory (a soda-train export,
 or SODA's release layout), or a hub id such as `soda-research/soda-135m-base`. `load_model` returns the model, the
 vocabulary that gives its ids a meaning, and the codec its audio ids came from (so audio is encoded and decoded
 with the same one).
@@ -11,8 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,10 +33,28 @@ from tokenize_audio.vocab import Vocabulary
 
 LAST = "last.ckpt"
 SODA_META = "soda.json"  # beside an HF export: the codec its audio ids came from
+DCP_INDEX = ".metadata"  # torch.distributed.checkpoint's index of every rank's shards
+LIGHTNING_META = "meta.pt"  # Lightning's non-tensor state of a sharded checkpoint (its _METADATA_FILENAME)
+EXPORT_SHARD_BYTES = 2 << 30  # an export from a sharded checkpoint holds at most this much in memory at once
 
 
 def checkpoint_dir(out: Path) -> Path:
     return Path(out) / "checkpoints"
+
+
+def is_sharded(path: Path) -> bool:
+    """Whether `path` (a step or `last.ckpt`, links followed) is a sharded checkpoint directory."""
+    return Path(path).is_dir()
+
+
+def step_of(path: Path) -> int | None:
+    """The step a `stepN.ckpt` (file or directory) holds, from its name; None for other names."""
+    return _step(Path(path))
+
+
+def step_checkpoints(out: Path) -> dict[int, Path]:
+    """Every saved step of a run, by step (files and sharded directories alike)."""
+    return dict(sorted((n, p) for p in checkpoint_dir(out).glob("step*.ckpt") if (n := _step(p)) is not None))
 
 
 def _step(path: Path) -> int | None:
@@ -44,11 +70,10 @@ def last_checkpoint(out: Path) -> Path | None:
 
 
 def _candidates(out: Path) -> list[Path]:
-    """Step files, newest first; the `last.ckpt` link only when there are none."""
-    steps = sorted(((n, p) for p in checkpoint_dir(out).glob("step*.ckpt") if (n := _step(p)) is not None),
-                   reverse=True)
+    """Step checkpoints (files or sharded directories), newest first; the `last.ckpt` link only when there are none."""
+    steps = step_checkpoints(out)
     if steps:
-        return [p for _, p in steps]
+        return [steps[n] for n in sorted(steps, reverse=True)]
     path = checkpoint_dir(out) / LAST
     return [path] if path.exists() else []
 
@@ -82,8 +107,11 @@ def first_nonfinite(tree, name: str = "") -> str | None:
 
 
 def unreadable_reason(path: Path) -> str | None:
-    """Why `path` cannot be resumed from (truncated, not a checkpoint), or None. Cheap: the archive's index and
-    pickle are read, the tensor data only mapped."""
+    """Why `path` cannot be resumed from (truncated, torn, not a checkpoint), or None. Cheap: the archive's index and
+    pickle are read, the tensor data only mapped; of a sharded directory, its index and `meta.pt`, and whether every
+    shard file the index names is there."""
+    if is_sharded(path):
+        return _torn_reason(Path(path))
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except FileNotFoundError:
@@ -93,6 +121,32 @@ def unreadable_reason(path: Path) -> str | None:
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "global_step" not in ckpt:
         return "not a soda-train checkpoint (no state_dict or global_step)"
     return None
+
+
+def _torn_reason(path: Path) -> str | None:
+    if not (path / DCP_INDEX).is_file():
+        return f"torn: no {DCP_INDEX} (the shards' index, written after every rank's shards)"
+    if not (path / LIGHTNING_META).is_file():
+        return f"torn: no {LIGHTNING_META} (the loop and data state, written last)"
+    try:
+        meta = torch.load(path / LIGHTNING_META, map_location="cpu", weights_only=True)
+        index = _read_index(path)
+    except Exception as e:
+        return first_line(e, 160, with_type=True)
+    if not isinstance(meta, dict) or "global_step" not in meta:
+        return f"not a soda-train checkpoint (no global_step in {LIGHTNING_META})"
+    files = {item.relative_path for item in (index.storage_data or {}).values() if hasattr(item, "relative_path")}
+    missing = sorted(f for f in files if not (path / f).is_file())
+    if missing:
+        return f"torn: shard file {missing[0]} is missing ({len(missing)} of {len(files)})"
+    return None
+
+
+def _read_index(path: Path):
+    """The DCP index (tensor names, shapes, dtypes, where each shard lies) of a sharded checkpoint."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    return FileSystemReader(str(path)).read_metadata()
 
 
 def resumable_checkpoint(out: Path, move_aside: bool, say=print) -> Path | None:
@@ -121,22 +175,73 @@ def resumable_checkpoint(out: Path, move_aside: bool, say=print) -> Path | None:
 
 def link_last(target: Path) -> None:
     """Point last.ckpt beside `target` at it, atomically (a symlink swapped in by rename)."""
+    import threading
+
     target = Path(target)
-    tmp = target.parent / f".{LAST}.tmp{os.getpid()}"
+    tmp = target.parent / f".{LAST}.tmp{os.getpid()}-{threading.get_ident()}"  # a background save links too
     tmp.unlink(missing_ok=True)
     os.symlink(target.name, tmp)
     os.replace(tmp, target.parent / LAST)
 
 
+def link_newest(target: Path) -> None:
+    """Point last.ckpt at `target` (once it exists) unless it already points at a later step: a background save
+    completes after the loop has moved on, and must not turn the link back to an older step."""
+    target = Path(target)
+    last = target.parent / LAST
+    current = step_of(Path(os.readlink(last))) if last.is_symlink() else None
+    if target.exists() and (current is None or (step_of(target) or 0) >= current or not last.exists()):
+        link_last(target)
+
+
 def load_checkpoint(path: Path, mmap: bool = False) -> dict:
     """Load with `weights_only=True`: tensors and plain data only, no arbitrary pickled code. `mmap`: tensors are
-    mapped from the file, read only when touched (for reading a checkpoint's metadata)."""
+    mapped from the file, read only when touched (for reading a checkpoint's metadata). A sharded checkpoint gives
+    its `meta.pt` with the whole model's `state_dict` (not with `mmap`: then only the metadata) and no optimizer
+    state."""
+    if is_sharded(path):
+        return _load_sharded(Path(path), weights=not mmap)
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise SodaError(f"{path}: checkpoint not found") from None
     except Exception as e:  # a truncated or foreign file
         raise SodaError(f"{path}: not a loadable checkpoint ({first_line(e, 200, with_type=True)})") from None
+
+
+def _load_sharded(path: Path, weights: bool) -> dict:
+    if (reason := _torn_reason(path)) is not None:
+        raise SodaError(f"{path}: not a loadable checkpoint ({reason})")
+    ckpt = torch.load(path / LIGHTNING_META, map_location="cpu", weights_only=True)
+    if weights:
+        names = list(_model_tensors(_read_index(path)))
+        ckpt["state_dict"] = {k.removeprefix("state_dict."): v for k, v in _read_tensors(path, names).items()}
+    return ckpt
+
+
+def _model_tensors(index) -> dict:
+    """The model's tensors in a DCP index (name -> TensorStorageMetadata), without the optimizer's."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    return {k: v for k, v in index.state_dict_metadata.items()
+            if k.startswith("state_dict.") and isinstance(v, TensorStorageMetadata)}
+
+
+def _read_tensors(path: Path, names: list[str], index=None) -> dict[str, torch.Tensor]:
+    """The whole tensors `names` (DCP names, e.g. `state_dict.model.lm_head.weight`) of a sharded checkpoint, read in
+    this process alone (no process group): each from whichever ranks' files hold its pieces."""
+    import torch.distributed.checkpoint as dcp
+
+    index = index or _read_index(path)
+    meta = index.state_dict_metadata
+    tensors = {k: torch.empty(tuple(meta[k].size), dtype=meta[k].properties.dtype) for k in names}
+    try:
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(tensors, storage_reader=dcp.FileSystemReader(str(path)), no_dist=True)
+    except Exception as e:  # a damaged shard file
+        raise SodaError(f"{path}: cannot read the checkpoint's shards ({first_line(e, 200, with_type=True)})") from None
+    return tensors
 
 
 def check_weight_files(directory: Path) -> None:
@@ -154,24 +259,31 @@ def check_weight_files(directory: Path) -> None:
 
 
 def export_hf(checkpoint: Path, out_dir: Path, vocab_dir: Path | None = None, vocab: Vocabulary | None = None) -> Path:
-    """Write config, safetensors weights and tokenizer files that `AutoModelForCausalLM` loads.
+    """Write config, safetensors weights and tokenizer files that `AutoModelForCausalLM` loads, from a single-file or
+    a sharded checkpoint (streamed: at most EXPORT_SHARD_BYTES of weights in memory; the optimizer's moments are
+    never read).
 
     The vocabulary comes from `vocab`, or from a directory holding one (`vocab_dir`); without either, none is
     written."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    ckpt = load_checkpoint(checkpoint)
+    checkpoint = Path(checkpoint)
+    sharded = is_sharded(checkpoint)
+    ckpt = load_checkpoint(checkpoint, mmap=sharded)  # sharded: the metadata only; the weights are streamed below
     if "soda" not in ckpt:
         raise SodaError(f"{checkpoint}: not a soda-train checkpoint (no model config inside)")
     config = Qwen3Config.from_dict(ckpt["soda"]["model_config"])
     with torch.device("meta"):
         model = Qwen3ForCausalLM(config)
-    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
-    if (bad := first_nonfinite(state)) is not None:
-        raise SodaError(f"{checkpoint}: not exported: {bad} holds a NaN or Inf")
-    model.load_state_dict(state, assign=True, strict=True)
     with atomic_directory(Path(out_dir)) as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        if sharded:
+            _export_sharded_weights(checkpoint, model, tmp)
+        else:
+            state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
+            if (bad := first_nonfinite(state)) is not None:
+                raise SodaError(f"{checkpoint}: not exported: {bad} holds a NaN or Inf")
+            model.load_state_dict(state, assign=True, strict=True)
+            model.save_pretrained(str(tmp), safe_serialization=True)
         if vocab is None and vocab_dir is not None:
             vocab = Vocabulary.load(Path(vocab_dir))
         if vocab is not None:
@@ -180,9 +292,97 @@ def export_hf(checkpoint: Path, out_dir: Path, vocab_dir: Path | None = None, vo
                 shutil.move(str(f), tmp / f.name)
             (tmp / "tokenizer").rmdir()
         atomic_write_text(tmp / SODA_META, json.dumps({"codec": ckpt["soda"].get("codec")}, indent=2))
-        atomic_write_text(tmp / "README.md", f"Exported by soda-train from {Path(checkpoint).name} "
+        atomic_write_text(tmp / "README.md", f"Exported by soda-train from {checkpoint.name} "
                                              f"(step {ckpt.get('global_step', '?')}).\n")
     return Path(out_dir)
+
+
+def export_step(run: Path, step: int | None = None, out: Path | None = None, vocab_dir: Path | None = None) -> Path:
+    """`soda-train export`: the run's checkpoint of `step` (default: its newest) as a Hugging Face directory, `out`
+    (default `RUN/hf` for the newest step, else `RUN/hf-stepN`), with the vocabulary the run was trained on (from its
+    data directories, or `vocab_dir`). Either layout; one line for a missing run or step or a torn checkpoint."""
+    run = Path(run)
+    if not checkpoint_dir(run).is_dir():
+        raise SodaError(f"{run}: no such soda-train run (no {checkpoint_dir(run).name}/ directory)")
+    steps = step_checkpoints(run)
+    newest = max(steps) if steps else None
+    if step is None:
+        path = last_checkpoint(run)
+        if path is None:
+            raise SodaError(f"{run}: the run has no checkpoint yet")
+        step = step_of(path) if step_of(path) is not None else step_of(path.resolve())  # last.ckpt: its target
+    elif step not in steps:
+        saved = ", ".join(map(str, steps)) or "none"
+        raise SodaError(f"--step {step}: {run} has no checkpoint of that step; saved steps: {saved}")
+    else:
+        path = steps[step]
+    if (reason := unreadable_reason(path)) is not None:
+        raise SodaError(f"{path}: cannot be exported ({reason})")
+    if out is None:
+        out = run / "hf" if step in (None, newest) else run / f"hf-step{step}"
+    if vocab_dir is not None:
+        vocab = Vocabulary.load(Path(vocab_dir))
+    else:
+        meta = load_checkpoint(path, mmap=True)
+        try:
+            vocab = _run_vocabulary(run.resolve(), meta["soda"]["vocab"], path)
+        except SodaError:
+            raise SodaError(f"{path}: cannot find the vocabulary it was trained with in the run's data directories; "
+                            f"give its directory with --vocab") from None
+    return export_hf(path, Path(out), vocab=vocab)
+
+
+def _export_sharded_weights(checkpoint: Path, model: torch.nn.Module, out: Path) -> None:
+    """The model's weights from a sharded checkpoint as Hugging Face safetensors, a group of tensors at a time:
+    `model.safetensors`, or above EXPORT_SHARD_BYTES `model-0000i-of-0000n.safetensors` with the index
+    `model.safetensors.index.json` (the layout `save_pretrained` writes for large models), plus config.json and
+    generation_config.json. `model` (on the meta device) gives the names and shapes the weights must have."""
+    from safetensors.torch import save_file
+
+    index = _read_index(checkpoint)
+    stored = _model_tensors(index)
+    expected = {k: v for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:  # save_pretrained leaves the tied copy out
+        expected.pop("lm_head.weight", None)
+    names = {k: f"state_dict.model.{k}" for k in expected}
+    missing = sorted(k for k, dcp_name in names.items() if dcp_name not in stored)
+    if missing:
+        raise SodaError(f"{checkpoint}: not exported: the checkpoint lacks {missing[0]} ({len(missing)} tensors)")
+    for k, dcp_name in names.items():
+        if tuple(stored[dcp_name].size) != tuple(expected[k].shape):
+            raise SodaError(f"{checkpoint}: not exported: {k} is {tuple(stored[dcp_name].size)} in the checkpoint, "
+                            f"the model config needs {tuple(expected[k].shape)}")
+    groups: list[list[str]] = [[]]
+    size = 0
+    for k in names:
+        nbytes = math.prod(stored[names[k]].size) * stored[names[k]].properties.dtype.itemsize
+        if groups[-1] and size + nbytes > EXPORT_SHARD_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(k)
+        size += nbytes
+    files = (["model.safetensors"] if len(groups) == 1 else
+             [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))])
+    weight_map, total = {}, 0
+    dtype = None
+    for group, file in zip(groups, files):
+        tensors = _read_tensors(checkpoint, [names[k] for k in group], index)
+        tensors = {k: tensors[names[k]].contiguous() for k in group}
+        if (bad := first_nonfinite(tensors)) is not None:
+            raise SodaError(f"{checkpoint}: not exported: {bad} holds a NaN or Inf")
+        dtype = dtype or next((t.dtype for t in tensors.values() if t.is_floating_point()), None)
+        save_file(tensors, str(out / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(group, file))
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        del tensors
+    if len(files) > 1:
+        atomic_write_text(out / "model.safetensors.index.json", json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    if dtype is not None:
+        model.config.dtype = dtype
+    model.config.save_pretrained(str(out))
+    if model.can_generate():
+        model.generation_config.save_pretrained(str(out))
 
 
 # --------------------------------------------------------------------------------------------
@@ -232,7 +432,7 @@ def load_model(source: str, device: str = "auto", codec: str | None = None, dtyp
     path = resolve_checkpoint(source)
     if isinstance(path, str):
         model, config, vocab, meta = _from_hf(path, None, dtype, attention, weights)
-    elif path.is_file():
+    elif is_checkpoint(path):
         model, config, vocab, meta = _from_checkpoint(path, dtype, attention, weights)
     else:
         model, config, vocab, meta = _from_hf(str(path), path, dtype, attention, weights)
@@ -249,9 +449,11 @@ def load_model(source: str, device: str = "auto", codec: str | None = None, dtyp
 
 
 def resolve_checkpoint(source: str) -> Path | str:
-    """CHECKPOINT -> a `.ckpt` file or model directory (Path), or a hub id (str); a run directory gives its
-    `hf/` export, else its last checkpoint."""
+    """CHECKPOINT -> a `.ckpt` file, sharded `.ckpt` directory or model directory (Path), or a hub id (str); a run
+    directory gives its `hf/` export, else its last checkpoint."""
     path = Path(source).expanduser()
+    if _is_step_directory(path):
+        return path
     if path.is_dir() and not (path / "config.json").is_file():  # a run directory
         if (path / "hf" / "config.json").is_file():
             return path / "hf"
@@ -266,7 +468,18 @@ def resolve_checkpoint(source: str) -> Path | str:
     return str(source)
 
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
+def is_checkpoint(path: Path) -> bool:
+    """A soda-train checkpoint (a `.ckpt` file or a sharded step directory), as opposed to a model directory."""
+    return Path(path).is_file() or _is_step_directory(Path(path))
+
+
+def _is_step_directory(path: Path) -> bool:
+    """A sharded checkpoint directory (complete or torn), as opposed to a run or model directory."""
+    return is_sharded(path) and (path.suffix == ".ckpt" or (path / DCP_INDEX).is_file()
+                                 or (path / LIGHTNING_META).is_file())
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".distcp")
 _SAMPLE = 1 << 20  # bytes read from each end of a weight file
 
 
@@ -284,8 +497,8 @@ def model_fingerprint(source: str) -> dict:
         return {"path": str(source), "digest": f"name:{source}"}
     if isinstance(target, str):
         return {"path": target, "digest": f"hub:{target}"}
-    files = [target] if target.is_file() else sorted(p for p in target.iterdir()
-                                                     if p.suffix in WEIGHT_SUFFIXES or p.name == "config.json")
+    files = [target] if target.is_file() else sorted(p for p in target.iterdir() if p.suffix in WEIGHT_SUFFIXES or
+                                                     p.name in ("config.json", DCP_INDEX))
     digest, total = hashlib.sha256(), 0
     for f in files:
         size = f.stat().st_size

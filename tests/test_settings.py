@@ -68,7 +68,7 @@ def test_a_setting_marked_resumable_passes_the_resume_check(name, tmp_path):
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved.to_dict(), sort_keys=False))
     other = {"out": str(tmp_path), "export": False, "devices": 2, "precision": "32-true", "on_nonfinite": "skip",
              "skip_bad_shards": True, "wandb": "p", "accelerator": "cpu", "strategy": "ddp", "peak_flops": 1e12,
-             "max_steps": 3, "micro_batch": 2, "sample_every": 0}
+             "max_steps": 3, "micro_batch": 2, "sample_every": 0, "async_checkpoint": True}
     value = other.get(name, getattr(saved, name) * 2 if getattr(saved, name) else 1)
     cfg = resolve_config({name: value}, tmp_path, True, None, [])
     if name != "out":

@@ -190,11 +190,11 @@ def _yaml(path) -> dict:
 
 def init_target(source: str, out: Path) -> tuple[str, Path | None]:
     """(what soda-train's --init-from loads, the `.ckpt` to export there first or None): a Hugging Face directory
-    or hub id as it is; a `.ckpt` (or a run without an export) becomes RUN/init."""
-    from soda.checkpoints import resolve_checkpoint
+    or hub id as it is; a `.ckpt` file or sharded directory (or a run without an export) becomes RUN/init."""
+    from soda.checkpoints import is_checkpoint, resolve_checkpoint
 
     target = resolve_checkpoint(source)
-    if isinstance(target, Path) and target.is_file():
+    if isinstance(target, Path) and is_checkpoint(target):
         return str(out / "init"), target
     return str(target), None
 

@@ -35,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
                "  soda-train --size 1b --tokens 500B --dry-run  # the plan of a SODA-scale run\n"
                "  soda-train --size 600m --data speech=tok/speech --data text=tok/text --mix speech=0.95,text=0.05 \\\n"
                "             --micro-batch 8 --devices 8 --num-nodes 4 --strategy fsdp --out runs/600m\n"
-               "  soda-train --out runs/600m --resume           # continue after a stop or pre-emption",
+               "  soda-train --out runs/600m --resume           # continue after a stop or pre-emption\n"
+               "  soda-train export runs/600m --step 20000      # any saved step as a Hugging Face model "
+               "(see soda-train export --help)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_train_arguments(p)
@@ -54,8 +56,42 @@ def flag_values(args) -> dict:
     return values
 
 
+def build_export_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="soda-train export", allow_abbrev=False,
+        description="Export a saved checkpoint of a soda-train run as one Hugging Face model directory (config, "
+                    "safetensors weights, tokenizer and vocabulary) that transformers, soda-generate, soda-eval and "
+                    "soda-finetune --init-from load. Works for single-file checkpoints (DDP, one device) and sharded "
+                    "ones (--strategy fsdp: read a few tensors at a time, without the optimizer state).",
+        epilog="examples:\n"
+               "  soda-train export runs/600m                    # the newest checkpoint -> runs/600m/hf\n"
+               "  soda-train export runs/600m --step 20000       # -> runs/600m/hf-step20000\n"
+               "  soda-train export runs/600m --step 20000 --out models/600m-20k",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", type=Path, help="the run directory (soda-train --out)")
+    p.add_argument("--step", type=int, help="the step to export (default: the newest checkpoint)")
+    p.add_argument("--out", type=Path, help="the directory to write (default: RUN/hf for the newest checkpoint, "
+                                            "RUN/hf-stepN for an earlier one); replaced whole if it exists")
+    p.add_argument("--vocab", type=Path, help="directory with the run's vocab.json (default: found in the run's "
+                                              "data directories)")
+    return p
+
+
+def export_main(argv: list[str]) -> int:
+    """`soda-train export RUN [--step N] [--out DIR]`."""
+    from soda.checkpoints import export_step
+
+    args = build_export_parser().parse_args(argv)
+    out = export_step(args.run, args.step, args.out, args.vocab)
+    print(f"soda-train: exported {out}", file=sys.stderr)
+    return 0
+
+
 @cli_errors("soda-train")
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["export"]:
+        return export_main(argv[1:])
     args = build_parser().parse_args(argv)
     flags = flag_values(args)
     out = run_directory(flags, args.config)
@@ -211,8 +247,22 @@ def check_run_directory(out: Path, resume: bool) -> None:
         raise SodaError(f"{out} already holds a run; continue it with --resume, or choose another --out")
 
 
+def check_checkpoint_layout(out: Path, strategy: str) -> None:
+    """A sharded (FSDP) checkpoint resumes under --strategy fsdp only (on any number of devices: it is resharded);
+    under DDP or one device, Lightning would fail on the directory with a traceback."""
+    from soda.checkpoints import is_sharded, last_checkpoint
+
+    ckpt = last_checkpoint(out)
+    if strategy != "fsdp" and ckpt is not None and is_sharded(ckpt):
+        raise SodaError(f"--resume: {ckpt} is a sharded (FSDP) checkpoint; resume with --strategy fsdp (any number "
+                        f"of devices), or export it (soda-train export {out}) and start a new run from it with "
+                        f"--init-from")
+
+
 def train(cfg: TrainConfig, resume: bool) -> int:
     out = Path(cfg.out)
+    if resume:
+        check_checkpoint_layout(out, cfg.strategy)
     if is_rank_zero():
         check_run_directory(out, resume)
         out.mkdir(parents=True, exist_ok=True)

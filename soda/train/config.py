@@ -148,6 +148,10 @@ class TrainConfig:
                                     "any number of GPUs validates on the same windows")
     ckpt_every: int = setting(1000, type=int, at_least=1, resume=RESUMABLE, sweep="how",
                               help="checkpoint every N optimizer steps")
+    async_checkpoint: bool = setting(
+        False, action="store_true", resume=RESUMABLE, sweep="how",
+        help="write checkpoints in the background while training goes on (a copy of the state in CPU memory "
+             "first; one save in flight); pre-emption and the end of the run wait for it")
     log_every: int = setting(10, type=int, at_least=1, resume=RESUMABLE, sweep="how",
                              help="write metrics every N steps")
     sample_every: int | None = setting(

@@ -46,12 +46,11 @@ def model_for_run(cfg: TrainConfig, vocab) -> tuple[torch.nn.Module, ModelShape]
 
 def strategy_for(cfg: TrainConfig, world: int):
     if cfg.strategy == "fsdp":
-        from lightning.pytorch.strategies import ModelParallelStrategy
+        from soda.train.callbacks import ShardedCheckpoints
 
-        # FSDP2 (fully_shard, applied per decoder layer in SodaModule.configure_model) over all ranks; full state
-        # dicts so checkpoints and exports are single files.
-        return ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1,
-                                     save_distributed_checkpoint=False)
+        # FSDP2 (fully_shard, applied per decoder layer in SodaModule.configure_model) over all ranks; each rank
+        # saves its own shards (a checkpoint is a directory; see soda.checkpoints); the export is one model.
+        return ShardedCheckpoints(data_parallel_size=world, tensor_parallel_size=1, background=cfg.async_checkpoint)
     if cfg.strategy == "ddp":
         from lightning.pytorch.strategies import DDPStrategy
 
@@ -149,7 +148,8 @@ def build_trainer(cfg: TrainConfig, module, sources: list, world: int, accumulat
             strategy=strategy_for(cfg, world), precision=precision_for(cfg), max_steps=max_steps, max_epochs=-1,
             accumulate_grad_batches=accumulate, log_every_n_steps=log_every, num_sanity_val_steps=0,
             val_check_interval=cfg.val_every * accumulate if has_val else None, check_val_every_n_epoch=None,
-            limit_val_batches=1.0 if has_val and cfg.val_batches else 0, callbacks=callbacks, logger=loggers_for(cfg), plugins=[AtomicCheckpointIO()],
+            limit_val_batches=1.0 if has_val and cfg.val_batches else 0, callbacks=callbacks, logger=loggers_for(cfg),
+            plugins=[AtomicCheckpointIO(background=cfg.async_checkpoint)],
             enable_model_summary=False, use_distributed_sampler=False, default_root_dir=Path(cfg.out),
             gradient_clip_val=None,
         )
@@ -238,6 +238,7 @@ def checkpoint_to_resume(out: Path) -> Path:
 def finish(cfg: TrainConfig, trainer, module, preemption) -> int:
     """After `trainer.fit`: the reports, and then either the pre-emption's exit code and how to continue, or the
     final checkpoint (saved unless the step's own was), `last.ckpt`, the export (--export) and exit code 0."""
+    from soda.train.callbacks import wait_for_checkpoints
     from soda.train.report import write_reports
 
     out, ckpt_dir = Path(cfg.out), checkpoint_dir(Path(cfg.out))
@@ -248,9 +249,11 @@ def finish(cfg: TrainConfig, trainer, module, preemption) -> int:
             print(f"soda-train: {how} at step {preemption.saved_at}; checkpoint saved in {ckpt_dir}; "
                   f"continue with: soda-train --out {shlex.quote(str(out))} --resume", file=sys.stderr)
         return preemption.exit_code
+    wait_for_checkpoints(trainer)  # a background save of the last step may still be under way
     final = ckpt_dir / f"step{trainer.global_step:07d}.ckpt"
     if not final.exists():
         trainer.save_checkpoint(final, weights_only=False)
+        wait_for_checkpoints(trainer)
     if is_rank_zero():
         link_last(final)
         reports = write_reports(out)
