@@ -54,7 +54,7 @@ def build(args, world: int, shard: bool):
 def strategy_on(rank: int, world: int, **kwargs):
     from lightning.fabric.plugins.environments import LightningEnvironment
 
-    from soda.train.callbacks import ShardedCheckpoints
+    from soda.train.checkpointing import ShardedCheckpoints
 
     strategy = ShardedCheckpoints(data_parallel_size=world, tensor_parallel_size=1, **kwargs)
     env = LightningEnvironment()
@@ -81,7 +81,7 @@ def worker(rank: int, world: int, port: int, args, out: str, results: dict) -> N
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
 
-    from soda.train.callbacks import AtomicCheckpointIO
+    from soda.train.checkpointing import AtomicCheckpointIO
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

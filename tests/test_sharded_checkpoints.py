@@ -134,7 +134,7 @@ def test_sharded_save_refuses_nan_and_a_failed_write_leaves_nothing(tmp_path, mo
     a NaN in a shard refuses the save; a failed write is one line and removes the temporary directory."""
     import torch.distributed.checkpoint as dcp
 
-    from soda.train.callbacks import ShardedCheckpoints
+    from soda.train.checkpointing import ShardedCheckpoints
 
     strategy = ShardedCheckpoints()
     path = tmp_path / "checkpoints" / "step0000002.ckpt"

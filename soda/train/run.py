@@ -46,7 +46,7 @@ def model_for_run(cfg: TrainConfig, vocab) -> tuple[torch.nn.Module, ModelShape]
 
 def strategy_for(cfg: TrainConfig, world: int):
     if cfg.strategy == "fsdp":
-        from soda.train.callbacks import ShardedCheckpoints
+        from soda.train.checkpointing import ShardedCheckpoints
 
         # FSDP2 (fully_shard, applied per decoder layer in SodaModule.configure_model) over all ranks; each rank
         # saves its own shards (a checkpoint is a directory; see soda.checkpoints); the export is one model.
@@ -136,7 +136,7 @@ def build_trainer(cfg: TrainConfig, module, sources: list, world: int, accumulat
     import lightning as L
     from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-    from soda.train.callbacks import AtomicCheckpointIO
+    from soda.train.checkpointing import AtomicCheckpointIO
 
     max_steps = steps_this_run(cfg)
     log_every = max(1, min(cfg.log_every, max_steps // 2))  # a short run still logs a curve
@@ -238,7 +238,7 @@ def checkpoint_to_resume(out: Path) -> Path:
 def finish(cfg: TrainConfig, trainer, module, preemption) -> int:
     """After `trainer.fit`: the reports, and then either the pre-emption's exit code and how to continue, or the
     final checkpoint (saved unless the step's own was), `last.ckpt`, the export (--export) and exit code 0."""
-    from soda.train.callbacks import wait_for_checkpoints
+    from soda.train.checkpointing import wait_for_checkpoints
     from soda.train.report import write_reports
 
     out, ckpt_dir = Path(cfg.out), checkpoint_dir(Path(cfg.out))
