@@ -173,6 +173,23 @@ def resumable_checkpoint(out: Path, move_aside: bool, say=print) -> Path | None:
     return None
 
 
+def remove_partial_writes(out: Path, say=print) -> None:
+    """Remove what saves cut short by a kill left in the run's checkpoint directory (a sharded `.stepN.ckpt.tmp/`,
+    a single file's `.stepN.ckpt.*.tmp`): never a checkpoint (those are renamed into place whole), but up to a whole
+    checkpoint's size each. Rank zero, before a resumed run saves again."""
+    leftovers = sorted(checkpoint_dir(out).glob(".step*.ckpt*.tmp"))
+    if not leftovers:
+        return
+    size = sum(f.stat().st_size for p in leftovers for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file())
+    for p in leftovers:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    say(f"removed {len(leftovers)} partial checkpoint write{'s' * (len(leftovers) != 1)} left by an interrupted "
+        f"save ({size / 2**20:,.1f} MiB) from {checkpoint_dir(out)}")
+
+
 def link_last(target: Path) -> None:
     """Point last.ckpt beside `target` at it, atomically (a symlink swapped in by rename)."""
     import threading

@@ -349,3 +349,18 @@ def test_sigterm_with_async_sharded_checkpoints_waits_for_a_whole_checkpoint(tra
     done = run_cli(args + ["--resume"])
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(losses(out)) == list(range(24))
+
+
+def test_partial_writes_of_killed_saves_are_removed_on_resume(tmp_path, capsys):
+    """A kill mid-save leaves `.stepN.ckpt.tmp/` (sharded) or `.stepN.ckpt.*.tmp` (a single file), each up to a whole
+    checkpoint's size: a resume removes them, says so, and keeps every checkpoint."""
+    from soda.train.cli import resolve_resume
+
+    ckpts = tmp_path / "checkpoints"
+    (ckpts / ".step0000006.ckpt.tmp").mkdir(parents=True)
+    (ckpts / ".step0000006.ckpt.tmp" / "__0_0.distcp").write_bytes(b"x" * 2048)
+    (ckpts / ".step0000009.ckpt.k2j3.tmp").write_bytes(b"y" * 1024)
+    torch.save({"state_dict": {}, "global_step": 3}, ckpts / "step0000003.ckpt")
+    assert resolve_resume("yes", tmp_path)
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step0000003.ckpt"]
+    assert "removed 2 partial checkpoint writes left by an interrupted save" in capsys.readouterr().err

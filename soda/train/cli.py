@@ -157,11 +157,13 @@ def stop_on_signals(out: Path, prog: str) -> None:
 
 def resolve_resume(resume: str | None, out: Path) -> bool:
     """--resume (yes) / --resume auto (whether OUT holds a checkpoint) / absent, as a yes or no."""
-    from soda.checkpoints import last_checkpoint, resumable_checkpoint
+    from soda.checkpoints import last_checkpoint, remove_partial_writes, resumable_checkpoint
 
     if resume and last_checkpoint(out) is not None:  # a newest checkpoint that does not load is moved aside here
         say = lambda msg: print(f"soda-train: warning: {msg}", file=sys.stderr)  # noqa: E731
         resumable_checkpoint(out, move_aside=is_rank_zero(), say=say if is_rank_zero() else lambda msg: None)
+        if is_rank_zero():
+            remove_partial_writes(out, say=lambda msg: print(f"soda-train: {msg}", file=sys.stderr))
     return resume == "yes" or (resume == "auto" and last_checkpoint(out) is not None)
 
 
