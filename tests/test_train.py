@@ -338,6 +338,7 @@ def test_fsdp_stopped_on_two_ranks_resumes_exactly_on_three_and_on_one(train_tok
         done = run_cli(["--out", str(run), "--resume", "--devices", devices, "--max-steps", "6"])
         assert done.returncode == 0, done.stderr[-3000:]
         assert f"{devices} devices x 1 sequences" in done.stderr or devices == "1"
+        assert not list((run / "checkpoints").glob("*-v*"))  # the step it resumed at is not saved again
         for key in ("data/windows_digest", "train/loss", "val/loss"):
             got, want = losses(run, key), losses(straight, key)
             assert sorted(got) == sorted(want) and want, (devices, key, got, want)

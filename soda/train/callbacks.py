@@ -82,7 +82,15 @@ class StepCheckpoint(ModelCheckpoint):
     Its own `save_last` writes a *full* file `last-v1.ckpt` beside an existing `last.ckpt` whenever it has not
     saved that link itself (after a resume, or a pre-emption checkpoint): one full-size copy per requeue at real
     scale. Here "saving last" only points `last.ckpt` at the newest step file, and is nothing otherwise.
+
+    Nor does it save again the step a run resumed at: Lightning forgets which step it saved last, so with gradient
+    accumulation the first micro-batch after a resume (still at that step) wrote a full `stepN-v1.ckpt` copy,
+    holding half an accumulation.
     """
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._last_global_step_saved = trainer.global_step  # 0 for a new run; a resumed run's step is saved
 
     def _save_last_checkpoint(self, trainer, monitor_candidates) -> None:
         from soda.checkpoints import link_last
