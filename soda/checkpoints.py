@@ -198,7 +198,10 @@ def link_last(target: Path) -> None:
     tmp = target.parent / f".{LAST}.tmp{os.getpid()}-{threading.get_ident()}"  # a background save links too
     tmp.unlink(missing_ok=True)
     os.symlink(target.name, tmp)
-    os.replace(tmp, target.parent / LAST)
+    last = target.parent / LAST
+    if last.is_dir() and not last.is_symlink():  # a copied run (copytree, some syncs) holds the linked sharded
+        shutil.rmtree(last)  # checkpoint itself there: a second copy of a step directory, which a link cannot replace
+    os.replace(tmp, last)
 
 
 def link_newest(target: Path) -> None:

@@ -364,3 +364,15 @@ def test_partial_writes_of_killed_saves_are_removed_on_resume(tmp_path, capsys):
     assert resolve_resume("yes", tmp_path)
     assert sorted(p.name for p in ckpts.iterdir()) == ["step0000003.ckpt"]
     assert "removed 2 partial checkpoint writes left by an interrupted save" in capsys.readouterr().err
+
+
+def test_last_link_replaces_a_copied_directory(tmp_path):
+    """A run copied by a tool that follows links (shutil.copytree, some syncs) holds a full copy of the sharded step
+    directory as `last.ckpt`: the next link replaces it."""
+    from soda.checkpoints import link_last
+
+    (tmp_path / "step0000006.ckpt").mkdir()
+    (tmp_path / "last.ckpt").mkdir()
+    (tmp_path / "last.ckpt" / "__0_0.distcp").write_bytes(b"x")
+    link_last(tmp_path / "step0000006.ckpt")
+    assert (tmp_path / "last.ckpt").is_symlink() and os.readlink(tmp_path / "last.ckpt") == "step0000006.ckpt"
