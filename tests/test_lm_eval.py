@@ -42,8 +42,9 @@ def local_task(tmp_path, name="tiny_hellaswag"):
 
 
 def hand_scores(run_dir) -> tuple[float, float]:
-    """acc and acc_norm by hand: BOS + context, sum of the ending's log-probs (the byte tokenizer encodes a string's
-    parts independently, so context and ending ids just concatenate); acc_norm divides by the ending's bytes."""
+    """acc and acc_norm by hand, as lm-eval asks them: BOS + context, then the sum of the log-probs of the ending after
+    the task's target delimiter (a space: lm-eval scores " " + ending; the byte tokenizer encodes a string's parts
+    independently, so the ids just concatenate); acc_norm divides by the ending's length without the delimiter."""
     import torch
 
     from soda.checkpoints import load_model
@@ -55,12 +56,12 @@ def hand_scores(run_dir) -> tuple[float, float]:
         ctx = [vocab.bos_id, *vocab.encode_text(row["ctx"]).tolist()]
         scores = []
         for ending in row["endings"]:
-            cont = vocab.encode_text(ending).tolist()
+            cont = vocab.encode_text(" " + ending).tolist()
             ids = torch.tensor([ctx + cont])
             with torch.no_grad():
                 logp = torch.log_softmax(loaded.model(ids).logits[0].float(), -1)
             lp = sum(logp[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont))
-            scores.append((lp, lp / len(ending.encode())))
+            scores.append((lp, lp / len(ending)))
         acc += int(np.argmax([s[0] for s in scores])) == int(row["label"])
         norm += int(np.argmax([s[1] for s in scores])) == int(row["label"])
     return acc / len(ROWS), norm / len(ROWS)
