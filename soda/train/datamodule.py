@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from soda.train.data import Layout, Mixture, TrainWindows, ValidationWindows, ignore_stop_signals
-from soda.train.index import INDEX_DIR, index_sources
+from soda.train.index import index_sources
 from soda.train.sources import repeat_warnings
 
 ORDER = "global"  # what a checkpoint's data position is; earlier ones held each rank's own stream position
@@ -24,14 +24,12 @@ ORDER = "global"  # what a checkpoint's data position is; earlier ones held each
 
 class SodaData(L.LightningDataModule):
     def __init__(self, sources: list, seq_len: int, seed: int, batch: int, micro: int, accumulate: int,
-                 workers: int, out: Path, skip_bad: bool = False, vocab_size: int | None = None,
+                 workers: int, cache: Path, skip_bad: bool = False, vocab_size: int | None = None,
                  loss_after: int | None = None, run_tokens: int | None = None, val_batches: int | None = None):
         super().__init__()
         self.prepare_data_per_node = False  # the index lives in the (shared) run directory
         self.sources, self.seq_len, self.seed, self.batch, self.micro = sources, seq_len, seed, batch, micro
-        self.accumulate, self.workers, self.cache = accumulate, workers, Path(out) / INDEX_DIR
-        if Path(out).name == INDEX_DIR:  # given the index directory itself
-            self.cache = Path(out)
+        self.accumulate, self.workers, self.cache = accumulate, workers, Path(cache)  # the shard index: OUT/data_index
         self.skip_bad, self.vocab_size, self.loss_after, self.run_tokens = skip_bad, vocab_size, loss_after, run_tokens
         self.val_windows = None if val_batches is None else val_batches * batch  # global batches: any GPU count
         self.mixture = Mixture([s.weight or 0.0 for s in sources], seed)
@@ -41,10 +39,11 @@ class SodaData(L.LightningDataModule):
 
     # --- Lightning hooks -----------------------------------------------------------------------
     def prepare_data(self) -> None:
-        index_sources(self.sources, self.cache, self.skip_bad)
+        self.train_streams, self.val_streams = index_sources(self.sources, self.cache, self.skip_bad)
 
     def setup(self, stage: str) -> None:
-        self.train_streams, self.val_streams = index_sources(self.sources, self.cache, self.skip_bad, quiet=True)
+        if self.train_streams is None:  # the other ranks: the index rank 0 built in prepare_data
+            self.train_streams, self.val_streams = index_sources(self.sources, self.cache, self.skip_bad, quiet=True)
         if self.trainer is None or self.trainer.is_global_zero:
             for source, stream in zip(self.sources, self.train_streams):
                 source.train_tokens = stream.total  # exact now, for every kind of source

@@ -61,8 +61,8 @@ def index_sources(sources: list[Source], cache: Path, skip_bad: bool = False, qu
     naming it, or with `skip_bad` is left out and named in a warning (and in `Stream.skipped`)."""
     cache = Path(cache)
     summary = _read_summary(cache)
-    every = sorted({s for src in sources for s in src.train + src.validation})
-    todo = [s for s in every if shard_key(s) not in summary or not (cache / f"{shard_key(s)}.npy").is_file()]
+    keys = {s: shard_key(s) for src in sources for s in src.train + src.validation}  # a stat per shard, once
+    todo = [s for s in sorted(keys) if keys[s] not in summary or not (cache / f"{keys[s]}.npy").is_file()]
     failed: dict[str, str] = {}
     if todo:
         bar = None
@@ -71,11 +71,11 @@ def index_sources(sources: list[Source], cache: Path, skip_bad: bool = False, qu
 
             bar = tqdm(total=len(todo), desc="soda-train: indexing shards", unit="shard", file=sys.stderr)
         with ThreadPoolExecutor(min(8, len(todo))) as pool:
-            for shard, result in zip(todo, pool.map(lambda s: _index_one(s, cache), todo)):
+            for shard, result in zip(todo, pool.map(lambda s: _index_one(s, keys[s], cache), todo)):
                 if isinstance(result, str):
                     failed[shard] = result
                 else:
-                    summary[shard_key(shard)] = result
+                    summary[keys[shard]] = result
                 if bar is not None:
                     bar.update()
         if bar is not None:
@@ -91,16 +91,15 @@ def index_sources(sources: list[Source], cache: Path, skip_bad: bool = False, qu
     def stream(source: Source, shards: list[str]) -> Stream:
         good = [s for s in shards if s not in failed]
         return Stream(source.name, good, [_local_copy(s, cache) if is_url(s) else s for s in good],
-                      [str(cache / f"{shard_key(s)}.npy") for s in good],
-                      np.array([summary[shard_key(s)][1] for s in good], dtype=np.int64),
+                      [str(cache / f"{keys[s]}.npy") for s in good],
+                      np.array([summary[keys[s]][1] for s in good], dtype=np.int64),
                       [failed[s] for s in shards if s in failed])
 
     return [stream(s, s.train) for s in sources], [stream(s, s.validation) for s in sources]
 
 
-def _index_one(shard: str, cache: Path) -> list[int] | str:
-    """Index one shard into the cache: [documents, tokens], or why it cannot be read."""
-    key = shard_key(shard)
+def _index_one(shard: str, key: str, cache: Path) -> list[int] | str:
+    """Index one shard (its `shard_key` is `key`) into the cache: [documents, tokens], or why it cannot be read."""
     try:
         path = _download(shard, cache) if is_url(shard) else shard
         table = index_shard(path)
@@ -112,7 +111,7 @@ def _index_one(shard: str, cache: Path) -> list[int] | str:
 
 
 def _local_copy(url: str, cache: Path) -> str:
-    return str(cache / "shards" / f"{shard_key(url)}.tar")
+    return str(cache / "shards" / f"{shard_key(url)}.tar")  # a URL's key is itself: no I/O
 
 
 def _download(url: str, cache: Path) -> str:

@@ -209,8 +209,10 @@ def loggers_for(cfg: TrainConfig) -> list:
 def build_data(cfg: TrainConfig, sources: list, vocab, micro: int, accumulate: int):
     """The run's data module: the global window order (`soda.train.data`), this rank's slice of it."""
     from soda.train.datamodule import SodaData
+    from soda.train.index import INDEX_DIR
 
-    return SodaData(sources, cfg.seq_len, cfg.seed, cfg.batch_sequences, micro, accumulate, cfg.workers, Path(cfg.out),
+    return SodaData(sources, cfg.seq_len, cfg.seed, cfg.batch_sequences, micro, accumulate, cfg.workers,
+                    Path(cfg.out) / INDEX_DIR,
                     skip_bad=cfg.skip_bad_shards, vocab_size=vocab.size,
                     loss_after=getattr(vocab, cfg.loss_after) if cfg.loss_after else None,
                     run_tokens=steps_this_run(cfg) * cfg.batch_sequences * cfg.seq_len, val_batches=cfg.val_batches)
