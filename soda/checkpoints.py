@@ -49,17 +49,14 @@ def is_sharded(path: Path) -> bool:
 
 def step_of(path: Path) -> int | None:
     """The step a `stepN.ckpt` (file or directory) holds, from its name; None for other names."""
-    return _step(Path(path))
+    stem = Path(path).stem
+    digits = stem.removeprefix("step")
+    return int(digits) if stem.startswith("step") and digits.isdigit() else None
 
 
 def step_checkpoints(out: Path) -> dict[int, Path]:
     """Every saved step of a run, by step (files and sharded directories alike)."""
-    return dict(sorted((n, p) for p in checkpoint_dir(out).glob("step*.ckpt") if (n := _step(p)) is not None))
-
-
-def _step(path: Path) -> int | None:
-    digits = path.stem.removeprefix("step")
-    return int(digits) if path.stem.startswith("step") and digits.isdigit() else None
+    return dict(sorted((n, p) for p in checkpoint_dir(out).glob("step*.ckpt") if (n := step_of(p)) is not None))
 
 
 def last_checkpoint(out: Path) -> Path | None:
