@@ -10,6 +10,13 @@ Speech-to-speech translation (SODA's fine-tuning on CVSS-T), one document per pa
 s2st:        BOS <|audio_start|> SRC <|audio_end|> <|text_start|> <language>xx</language>S <|text_end|>
              <|text_start|> <language>en</language>T <|text_end|> <|audio_start|> TGT <|audio_end|> EOS
              (each `<language>xx</language>S` is encoded as one string, as SODA does)
+
+Audio instruction following (`soda-finetune instruct`, `soda-generate instruct`), one document per item:
+instruct:    BOS <|audio_start|> A <|audio_end|> <|text_start|> I <|text_end|> <|text_start|> R <|text_end|> EOS
+             (I the instruction, R the response; the loss scores R, its <|text_end|> and EOS: everything after
+             the document's first <|text_end|>, the same rule as S2ST's --target-only-loss)
+A multiple-choice item becomes an instruction with AudioMCQ's (R1-AQA's) template and the response
+`<answer>OPTION TEXT</answer>` (`mcq_instruction`, `mcq_response`).
 """
 
 from __future__ import annotations
@@ -112,6 +119,34 @@ def s2st_document(vocab: Vocabulary, source_audio: np.ndarray, source_language: 
               [vocab.text_end, vocab.audio_start], target_audio, [vocab.audio_end, vocab.eos_id]]
     ids = np.concatenate([np.asarray(p, dtype=np.int64) for p in source + target]).astype(np.uint32)
     return ids, sum(len(p) for p in source)
+
+
+def instruct_document(vocab: Vocabulary, audio: np.ndarray, instruction: str, response: str
+                      ) -> tuple[np.ndarray, int]:
+    """One instruction item (audio ids, texts) -> (uint32 document ids, index of the first response token).
+
+    The prompt (everything before the response) is exactly `soda.generate`'s `instruct` prompt, so a model
+    tuned on these documents is asked the way it was taught."""
+    prompt = [[vocab.bos_id, vocab.audio_start], audio, [vocab.audio_end, vocab.text_start],
+              vocab.encode_text(instruction), [vocab.text_end, vocab.text_start]]
+    answer = [vocab.encode_text(response), [vocab.text_end, vocab.eos_id]]
+    ids = np.concatenate([np.asarray(p, dtype=np.int64) for p in prompt + answer]).astype(np.uint32)
+    return ids, sum(len(p) for p in prompt) - 1  # the response segment's <|text_start|> is scored too
+
+
+# AudioMCQ's prompt (R1-AQA's dataset.py; its system line is not used: the native model has no chat roles)
+MCQ_INSTRUCTION = ("{question} Please choose the answer from the following options: {options}. "
+                   "Output the final answer in <answer> </answer>.")
+
+
+def mcq_instruction(question: str, choices: list[str]) -> str:
+    """A multiple-choice question as an instruction (the options as Python writes a list, as R1-AQA does)."""
+    return MCQ_INSTRUCTION.format(question=question.strip(), options=str([c.strip() for c in choices]))
+
+
+def mcq_response(answer: str) -> str:
+    """The trained (and rewarded) answer form: the option's text inside <answer> tags."""
+    return f"<answer>{answer.strip()}</answer>"
 
 
 def text_document(vocab: Vocabulary, text_ids: np.ndarray) -> np.ndarray:

@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  soda-generate runs/demo tts \"Hello there.\" --voice me.wav --voice-text \"What I said.\"\n"
                "  soda-generate runs/demo asr speech.wav --greedy                   # prints the transcript\n"
                "  soda-generate runs/demo continue prompt.wav --max-seconds 10\n"
+               "  soda-generate runs/qa instruct clip.wav --instruction \"How many beeps are there?\"\n"
                "  soda-generate runs/s2st s2st source.wav --source-language fr --source-text \"Bonjour.\"\n"
                "  soda-generate runs/demo batch requests.jsonl --out gen/ --batch-size 16\n"
                "\n"
@@ -58,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  {\"task\": \"asr\", \"audio\": \"speech.wav\"}\n"
                "  {\"task\": \"continue\", \"audio\": \"prompt.wav\", \"max_seconds\": 5}\n"
                "  {\"task\": \"s2st\", \"audio\": \"src.wav\", \"source_language\": \"fr\", \"source_text\": \"...\"}\n"
+               "  {\"task\": \"instruct\", \"audio\": \"clip.wav\", \"text\": \"What is the speaker's mood?\"}\n"
                "\n"
                "ended: audio_end / text_end (the model stopped: counted as terminated), silence, "
                "text_length_cap, max_seconds, max_tokens",
@@ -65,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("checkpoint", help="run directory, .ckpt file, Hugging Face model directory or hub id")
     p.add_argument("task", choices=[*TASKS, "batch"], help="what to generate; batch: a JSONL file of requests")
-    p.add_argument("input", help="WAV (continue, asr, s2st), text (tts) or JSONL (batch)")
+    p.add_argument("input", help="WAV (continue, asr, s2st, instruct), text (tts) or JSONL (batch)")
     p.add_argument("--out", type=Path, default=Path("generated"),
                    help="output directory (default: generated); each output is written as it finishes, and a "
                         "re-run into it with the same checkpoint and settings generates only what is missing")
@@ -75,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--source-language", help="s2st: language code of the source speech, e.g. fr")
     g.add_argument("--source-text", help="s2st: its transcript (default: the model transcribes it first)")
     g.add_argument("--target-language", default="en", help="s2st: target language code (default en)")
+    g.add_argument("--instruction", help="instruct: what to do with the audio (the model answers in text; "
+                                         "the format soda-finetune instruct trains)")
     d = GenerationSettings()
     g = p.add_argument_group("sampling")
     g.add_argument("--temperature", type=float, default=d.temperature, help="audio tokens (0: greedy)")
@@ -167,6 +171,10 @@ def single_request(args) -> dict:
         if args.task != "tts" or not (args.voice and args.voice_text):
             raise SodaError("--voice and --voice-text go together, with the tts task")
         row["voice"], row["voice_text"] = _audio_path(args.voice, Path("."), "--voice"), args.voice_text
+    if (args.task == "instruct") != bool(args.instruction):
+        raise SodaError("--instruction goes with the instruct task, which needs it")
+    if args.task == "instruct":
+        row["text"] = args.instruction
     if args.task == "s2st":
         if not args.source_language:
             raise SodaError("s2st needs --source-language (e.g. fr)")

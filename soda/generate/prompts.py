@@ -7,6 +7,9 @@ Prompts are SODA's (each starts with BOS, as the training documents do):
     tts       [<|text_start|> Tv <|text_end|> <|audio_start|> Av <|audio_end|>]   (voice prompt, optional)
               <|text_start|> T <|text_end|> <|audio_start|>           -> audio until <|audio_end|>
     asr       <|audio_start|> A <|audio_end|> <|text_start|>          -> text until <|text_end|>
+    instruct  <|audio_start|> A <|audio_end|> <|text_start|> I <|text_end|> <|text_start|>
+                                                                       -> response text until <|text_end|>
+              (I the instruction; the prompt of `tokenize_audio.documents.instruct_document`)
     s2st      <|audio_start|> SRC <|audio_end|> <|text_start|><language>xx</language>src text <|text_end|>
               <|text_start|><language>en</language>                   -> target text, <|text_end|>,
               then <|audio_start|> is forced                          -> target audio until <|audio_end|>
@@ -28,7 +31,7 @@ import numpy as np
 from tokenize_audio.documents import language_prompt, s2st_text
 from tokenize_audio.errors import SodaError
 
-TASKS = ("continue", "tts", "asr", "s2st")
+TASKS = ("continue", "tts", "asr", "s2st", "instruct")
 TERMINATED = ("audio_end", "text_end")  # the model stopped by itself
 ENDINGS = ("audio_end", "text_end", "silence", "text_length_cap", "max_seconds", "max_tokens")
 
@@ -68,9 +71,10 @@ class GenerationSettings:
 class Request:
     """One thing to generate. Audio is a mono float wave at the codec's sample rate, or codes [K, F] (ints)."""
 
-    task: str                               # continue | tts | asr | s2st
-    text: str | None = None                 # tts: the text to speak
-    audio: np.ndarray | None = None         # continue: the prompt; asr: the speech; s2st: the source speech
+    task: str                               # continue | tts | asr | s2st | instruct
+    text: str | None = None                 # tts: the text to speak; instruct: the instruction
+    audio: np.ndarray | None = None         # continue: the prompt; asr: the speech; s2st: the source speech;
+                                            # instruct: the audio the instruction is about
     voice_audio: np.ndarray | None = None   # tts: a sample of the target voice ...
     voice_text: str | None = None           # ... and its transcript
     source_language: str | None = None      # s2st: e.g. "fr"
@@ -145,6 +149,8 @@ def build_plan(vocab, request: Request, codes: dict) -> Plan:
         return Plan(p + text(r.text) + [v.audio_start], [Phase("audio", [], r.text, r.max_seconds)])
     if r.task == "asr":
         return Plan(p + audio(codes["audio"]) + [v.audio_end, v.text_start], [Phase("text", [])])
+    if r.task == "instruct":
+        return Plan(p + audio(codes["audio"]) + [v.audio_end] + text(r.text) + [v.text_start], [Phase("text", [])])
     # s2st: [source text,] target text, target audio (its length cap follows the generated translation);
     # prefixes of SODA's whole-string tokenization (module docstring)
     p += audio(codes["audio"]) + [v.audio_end, v.text_start]
@@ -169,7 +175,8 @@ def check_request(r: Request) -> None:
     """Raise SodaError for a request that cannot be built (missing fields, unknown task)."""
     if r.task not in TASKS:
         raise SodaError(f"unknown task {r.task!r}; choose from {', '.join(TASKS)}")
-    need = {"continue": ["audio"], "tts": ["text"], "asr": ["audio"], "s2st": ["audio", "source_language"]}[r.task]
+    need = {"continue": ["audio"], "tts": ["text"], "asr": ["audio"], "s2st": ["audio", "source_language"],
+            "instruct": ["audio", "text"]}[r.task]
     missing = [name for name in need if getattr(r, name) is None]
     if missing:
         raise SodaError(f"{r.task} request{f' {r.id}' if r.id else ''} needs {' and '.join(missing)}")
