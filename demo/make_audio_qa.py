@@ -79,7 +79,6 @@ def _pad(wave: np.ndarray, seconds: float) -> np.ndarray:
 
 
 def spoken_digit(word: str, voice: tuple, tmp: Path) -> np.ndarray:
-    import soundfile as sf
 
     from tokenize_audio.audio import load_audio
 
