@@ -126,6 +126,8 @@ def main(argv=None) -> int:
     check_bounds(settings)
     if (settings.judges or settings.weak_votes is not None) and not settings.split_weak_strong:
         raise SodaError("--judges and --weak-votes only apply with --split-weak-strong")
+    if settings.mcq_permutations > 1 and settings.mcq_mode != "likelihood":
+        raise SodaError("--mcq-permutations applies to --mcq-mode likelihood")
     try:
         settings.mcq_template.format(question="", choices="")
     except (KeyError, IndexError, ValueError) as err:
