@@ -196,6 +196,7 @@ def test_generated_answers_get_the_expected_official_and_strict_accuracies(tmp_p
     assert [i["strict_pick"] for i in items] == [0, None, None, 1, 1]
     table = (tmp_path / "eval" / "results.md").read_text()
     assert "strict parser" in table and "with silence" in table
+    assert "strict accuracy" in (tmp_path / "eval" / "report.html").read_text()
 
 
 def test_mmsu_prompt_and_letter_scoring_report_the_official_denominator_beside_ours(tmp_path, monkeypatch):

@@ -130,8 +130,9 @@ def run_generated(ctx: Context, data: Questions) -> dict:
                             if k in ("strict", "mmsu_letter" if kind == "mmsu" else "string_match")},
         "also": [{"metric": "accuracy (generated, strict parser)", "value": share(totals["correct_strict"], count),
                   "count": count, "percent": True, "soda_key": None},
-                 {"metric": f"accuracy with silence ({official_name})", "value": share(totals["correct_silence"], count),
-                  "count": count, "percent": True, "soda_key": None}],
+                 {"metric": f"accuracy with silence ({official_name})",
+                  "value": share(totals["correct_silence"], count), "count": count, "percent": True,
+                  "soda_key": None}],
     }
     if kind == "mmsu":  # the official script's own figure: wrong-format answers leave the denominator
         compat = mmsu_compat_accuracy([(r["response"], items[r["index"]].choices, r["answer_text"]) for r in rows])

@@ -163,7 +163,7 @@ def _mcq_notes(task, r: dict) -> list[str]:
 
     if r.get("settings", {}).get("mode") == "generate":
         scores = (f"official {pc(r['accuracy_official'])}"
-                  + (f" (the script's own denominator: {pc(r['accuracy_official_compat'])})"
+                  + (f" (MMSU's script, which drops malformed answers from the total: {pc(r['accuracy_official_compat'])})"
                      if "accuracy_official_compat" in r else "")
                   + f", strict {pc(r['accuracy_strict'])} ({r['malformed']} answers malformed)")
     else:
