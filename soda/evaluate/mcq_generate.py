@@ -6,7 +6,8 @@ The model is asked with a fixed prompt (`--mcq-prompt`) through the `instruct` t
 `string_match` for the `answer` prompt, MMSU's letter parser for the `mmsu` prompt), so numbers compare with
 published tables, and by the strict parser (one well-formed answer naming one option, else wrong), which has none
 of the official scorers' loopholes. Every item is asked again with silence of the same length as its audio: what
-is still right is answerable without listening.
+is still right is answerable without listening. With `--split-weak-strong` the model's own vote is its generated
+answer with silence (official scorer); other `--judges` vote by likelihood, as in the default mode.
 """
 
 from __future__ import annotations

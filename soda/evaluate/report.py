@@ -163,7 +163,8 @@ def _mcq_notes(task, r: dict) -> list[str]:
 
     if r.get("settings", {}).get("mode") == "generate":
         scores = (f"official {pc(r['accuracy_official'])}"
-                  + (f" (MMSU's script, which drops malformed answers from the total: {pc(r['accuracy_official_compat'])})"
+                  + (" (MMSU's script, which drops malformed answers from the total: "
+                     f"{pc(r['accuracy_official_compat'])})"
                      if "accuracy_official_compat" in r else "")
                   + f", strict {pc(r['accuracy_strict'])} ({r['malformed']} answers malformed)")
     else:
