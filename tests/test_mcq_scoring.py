@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,19 @@ def test_string_match_false_positives_come_from_distractors_with_the_answers_wor
     assert not string_match("ninety-one", "ninety", ["ninety-one", "ninety", "eighty"])
     assert not string_match("ninety", "ninety-one", ["ninety-one", "ninety", "eighty"])
     assert not string_match("is a bad thing", "is not a bad thing", ["is a bad thing", "is not a bad thing"])
+
+
+@pytest.mark.skipif(not os.environ.get("SODA_MMAU_TEST_MINI"),
+                    reason="set SODA_MMAU_TEST_MINI to Sakshi113/MMAU's mmau-test-mini.json to check these counts")
+def test_string_match_on_mmau_test_mini_gives_the_documented_counts():
+    items = json.loads(Path(os.environ["SODA_MMAU_TEST_MINI"]).read_text())
+    letter = [("ABCDEFGH"[d["choices"].index(d["answer"])], d) for d in items]
+    assert sum(string_match(d["answer"], d["answer"], d["choices"]) for d in items) == 1000
+    assert sum(string_match(d["answer"], x, d["choices"]) for x, d in letter) == 2
+    assert sum(string_match(d["answer"], f"{x}. {d['answer']}", d["choices"]) for x, d in letter) == 967
+    assert sum(string_match(d["answer"], f"The answer is {d['answer']}.", d["choices"]) for d in items) == 907
+    wrong = [(w, d) for d in items for i, w in enumerate(d["choices"]) if i != d["choices"].index(d["answer"])]
+    assert sum(string_match(d["answer"], w, d["choices"]) for w, d in wrong) == 28
 
 
 # --- MMSU's letter parser -------------------------------------------------------------------------
