@@ -59,9 +59,10 @@ class EvalSettings:
         help="mcq generate: answer (default; AudioMCQ/R1-AQA's '<answer> </answer>' instruction, as soda-finetune "
              "instruct trains; scored by MMAU/MMAR string_match) or mmsu (MMSU's 'A. ...' letter prompt and letter "
              "parser)")
-    mcq_max_tokens: int = setting(128, type=int, at_least=1, help="mcq generate: longest answer (default 128 tokens)")
+    mcq_max_tokens: int = setting(128, type=int, at_least=1, metavar="N",
+                                  help="mcq generate: longest answer in tokens (default 128)")
     mcq_permutations: int = setting(
-        1, type=int, at_least=1,
+        1, type=int, at_least=1, metavar="K",
         help="mcq likelihood: ask each item with its options in K orders (the original first, then seeded ones; "
              "only a --mcq-template with {choices} makes the order matter); reports the mean accuracy and the share "
              "right under all orders (default 1)")
