@@ -15,8 +15,8 @@ from conftest import write_wave
 from test_evaluate import BagJudge, ToneCodec
 
 from soda.evaluate.cli import evaluate, main
-from soda.evaluate.mcq_scorers import (chance, mmsu_compat_accuracy, mmsu_correct, mmsu_letter, string_match,
-                                       strict_answer, strict_letter)
+from soda.evaluate.mcq_scorers import (chance, mmsu_compat_accuracy, mmsu_correct, mmsu_letter, r1aqa_answer,
+                                       string_match, strict_answer, strict_letter)
 from soda.evaluate.tasks import EvalSettings
 from tokenize_audio.documents import mcq_instruction
 from tokenize_audio.vocab import Vocabulary
@@ -50,6 +50,15 @@ def test_string_match_false_positives_come_from_distractors_with_the_answers_wor
     assert not string_match("ninety-one", "ninety", ["ninety-one", "ninety", "eighty"])
     assert not string_match("ninety", "ninety-one", ["ninety-one", "ninety", "eighty"])
     assert not string_match("is a bad thing", "is not a bad thing", ["is a bad thing", "is not a bad thing"])
+
+
+def test_r1aqa_hands_string_match_the_first_one_line_answer_tag():
+    response = "I hear a bird, then a cat. <answer> cat meowing </answer>"
+    assert r1aqa_answer(response) == "cat meowing" and string_match(ANIMALS[1], r1aqa_answer(response), ANIMALS)
+    assert not string_match(ANIMALS[1], response, ANIMALS)  # the whole output names a wrong option's word
+    assert r1aqa_answer("<answer>dog barking</answer><answer>cat meowing</answer>") == "dog barking"  # the first
+    assert r1aqa_answer("<answer>cat\nmeowing</answer>") == "<answer>cat\nmeowing</answer>"  # one line only
+    assert r1aqa_answer("  cat meowing ") == "cat meowing"  # no tag: the whole output
 
 
 @pytest.mark.skipif(not os.environ.get("SODA_MMAU_TEST_MINI"),
@@ -199,7 +208,7 @@ def test_generated_answers_get_the_expected_official_and_strict_accuracies(tmp_p
     assert ac["accuracy_silence"] == pytest.approx(2 / 5) and ac["accuracy_silence_strict"] == pytest.approx(1 / 5)
     assert ac["correct_only_with_audio"] == 1  # q4
     assert r["benchmark"]["sha256"] == hashlib.sha256(Path(data).read_bytes()).hexdigest()
-    assert "string_match" in r["scorer_versions"] and "strict" in r["scorer_versions"]
+    assert set(r["scorer_versions"]) == {"r1aqa_answer", "string_match", "strict"}
     assert "mmsu_letter" not in r["scorer_versions"] and "accuracy_official_compat" not in r
     assert r["chance"] == pytest.approx(0.5)
     # the prompt is the instruction soda-finetune instruct trains on
@@ -256,7 +265,7 @@ def test_generate_mode_end_to_end_through_soda_eval_on_a_tiny_model(tiny_run, tm
         assert 0 <= r[key] <= 1
     assert r["audio_contribution"]["accuracy_silence"] is not None
     assert r["benchmark"]["sha256"] == hashlib.sha256((tmp_path / "mcq.jsonl").read_bytes()).hexdigest()
-    assert set(r["scorer_versions"]) == {"string_match", "strict"}
+    assert set(r["scorer_versions"]) == {"r1aqa_answer", "string_match", "strict"}
     items = [json.loads(line) for line in (out / "items" / "mcq.jsonl").read_text().splitlines()]
     assert all(isinstance(i["response"], str) and isinstance(i["response_silence"], str) for i in items)
     # likelihood on the same model: options listed in the question, in 1 and in 3 orders
@@ -281,9 +290,9 @@ def test_generate_mode_end_to_end_through_soda_eval_on_a_tiny_model(tiny_run, tm
         assert flag in help_text
 
 
-def test_permutations_in_generate_mode_are_a_one_line_error(tiny_run, tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(tiny_run), "--tasks", "mcq", "--data-for", "mcq=x.json", "--mcq-mode", "generate",
+def test_permutations_in_generate_mode_are_a_one_line_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:  # refused before any checkpoint is looked at
+        main([str(tmp_path / "run"), "--tasks", "mcq", "--data-for", "mcq=x.json", "--mcq-mode", "generate",
               "--mcq-permutations", "2", "--out", str(tmp_path / "eval")])
     assert exit_info.value.code == 2
     assert "--mcq-permutations applies to --mcq-mode likelihood" in capsys.readouterr().err

@@ -3,7 +3,8 @@
 The model is asked with a fixed prompt (`--mcq-prompt`) through the `instruct` task of `soda.generate`
 (`BOS <|audio_start|>A<|audio_end|><|text_start|>instruction<|text_end|><|text_start|>`, greedy, text until
 `<|text_end|>`), and its answer is judged twice: by the benchmark's official scorer (`mcq_scorers`: MMAU/MMAR
-`string_match` for the `answer` prompt, MMSU's letter parser for the `mmsu` prompt), so numbers compare with
+`string_match` of what R1-AQA extracts from the `<answer>` tag for the `answer` prompt, MMSU's letter parser for
+the `mmsu` prompt), so numbers compare with
 published tables, and by the strict parser (one well-formed answer naming one option, else wrong), which has none
 of the official scorers' loopholes. Every item is asked again with silence of the same length as its audio: what
 is still right is answerable without listening. With `--split-weak-strong` the model's own vote is its generated
@@ -16,7 +17,7 @@ from collections import defaultdict
 
 from soda.evaluate.mcq import Item, Questions, benchmark, silence_like
 from soda.evaluate.mcq_scorers import (SCORER_VERSIONS, mmsu_compat_accuracy, mmsu_correct, mmsu_letter,
-                                       string_match, strict_answer, strict_letter)
+                                       r1aqa_answer, string_match, strict_answer, strict_letter)
 from soda.evaluate.scoring import check_length
 from soda.evaluate.tasks import Context, entry, share
 from tokenize_audio.documents import mcq_instruction
@@ -46,7 +47,7 @@ def judge(prompt: str, response: str, item: Item) -> dict:
         official = mmsu_correct(letter, item.choices, answer)
         pick = strict_letter(response, len(item.choices))
     else:
-        letter, official = None, string_match(answer, response, item.choices)
+        letter, official = None, string_match(answer, r1aqa_answer(response), item.choices)
         pick = strict_answer(response, item.choices)
     return {"official": official, "strict_pick": pick, "strict": pick == item.answer, "mmsu_letter": letter}
 
@@ -127,8 +128,8 @@ def run_generated(ctx: Context, data: Questions) -> dict:
             "correct_only_without_audio": totals["only_without_audio"],
         },
         "benchmark": benchmark(data.source),
-        "scorer_versions": {k: v for k, v in SCORER_VERSIONS.items()
-                            if k in ("strict", "mmsu_letter" if kind == "mmsu" else "string_match")},
+        "scorer_versions": {k: SCORER_VERSIONS[k] for k in (("mmsu_letter", "strict") if kind == "mmsu"
+                                                            else ("r1aqa_answer", "string_match", "strict"))},
         "also": [{"metric": "accuracy (generated, strict parser)", "value": share(totals["correct_strict"], count),
                   "count": count, "percent": True, "soda_key": None},
                  {"metric": f"accuracy with silence ({official_name})",
@@ -142,7 +143,8 @@ def run_generated(ctx: Context, data: Questions) -> dict:
                                                       "the total; empty/'None' reuse the previous letter"}
     how = {"data": data.source, "mode": "generate", "prompt": kind, "decoding": "greedy",
            "max_answer_tokens": settings.mcq_max_tokens, "codec": ctx.loaded.codec_label,
-           "official_scorer": official_name + " on the whole response (malformed counted wrong)",
+           "official_scorer": official_name + (" (malformed counted wrong)" if kind == "mmsu" else
+                                              " of the <answer> content as R1-AQA extracts it (else the response)"),
            "strict": SCORER_VERSIONS["strict"]}
     if settings.split_weak_strong:
         from soda.evaluate.mcq import split_weak_strong

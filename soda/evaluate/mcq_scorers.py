@@ -7,6 +7,9 @@ re-implement them exactly (quirks included) and are checked against fixtures of 
   `code/evaluation.py` (ddlBoJack/MMAR, a355584b33638e48462c817a7c001db1c54f6eb2) share one `string_match`: a
   bag-of-words test, so a bare letter ("B") is almost never counted, and a wrong option whose words are a subset of
   the answer's (or the same words in another order) is counted right.
+* R1-AQA `src/test.py` (xiaomi-research/r1-aqa, 2850ffbb30cf4bcf5f74bc8c25738e537951639e), whose `<answer>` prompt
+  AudioMCQ and `soda-finetune instruct` use, hands `string_match` the first `<answer>...</answer>` on one line
+  (stripped), or the whole output when there is none: `r1aqa_answer`.
 * MMSU `mmsu_evaluation.py` (dingdongwang/MMSU_Bench, 321b2767d8fcab91e117e63d7fab920c78bd5db1) reads a letter: the
   first character if it is A-D, else the second-to-last ("The answer is C."). A response in neither form is
   dropped from the denominator, and an empty or "None" response reuses the previous record's letter (a variable
@@ -22,6 +25,7 @@ import re
 
 SCORER_VERSIONS = {
     "string_match": "MMAU evaluation.py @74682927 (2025-01-29) = MMAR code/evaluation.py @a355584b (2026-02-16)",
+    "r1aqa_answer": "r1-aqa src/test.py extract_answer @2850ffbb",
     "mmsu_letter": "MMSU_Bench mmsu_evaluation.py @321b2767",
     "strict": "soda-strict-1: exactly one <answer>...</answer> equal to one option's text (case-insensitive), "
               "or for the mmsu prompt a single letter",
@@ -48,6 +52,15 @@ def string_match(answer: str, prediction: str, choices: list[str]) -> bool:
         if words != wanted:
             wrong |= words - wanted
     return wanted <= predicted and predicted.isdisjoint(wrong)
+
+
+R1AQA_TAG = re.compile(r"<answer>(.*?)</answer>")  # no DOTALL, as R1-AQA: a tag split over lines is not found
+
+
+def r1aqa_answer(output: str) -> str:
+    """What R1-AQA's test script scores: the first <answer>...</answer> on one line, stripped, else the output."""
+    m = R1AQA_TAG.search(output)
+    return (m.group(1) if m else output).strip()
 
 
 # --- MMSU -----------------------------------------------------------------------------------------
