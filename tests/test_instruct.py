@@ -220,3 +220,20 @@ def test_a_tiny_model_learns_the_synthetic_audio_qa_set(tuned, qa):
     right = sum(r for r, _ in score.values())
     total = sum(t for _, t in score.values())
     assert right / total > 0.8, score
+
+
+def test_soda_generate_instruct_answers_in_text_and_needs_its_instruction(tiny_run, qa, tmp_path, capsys):
+    from soda.generate.cli import main as generate_main
+
+    clip = str(qa / "audio" / "train-beeps-000.wav")
+    assert generate_main([str(tiny_run), "instruct", clip, "--instruction", "Count the beeps.", "--out",
+                          str(tmp_path / "o"), "--max-text-tokens", "6", "--quiet"]) == 0
+    line = json.loads((tmp_path / "o" / "results.jsonl").read_text())
+    assert line["task"] == "instruct" and line["wav"] is None and line["ended"] in ("text_end", "max_tokens")
+    capsys.readouterr()
+    for argv in ([str(tiny_run), "instruct", clip], [str(tiny_run), "asr", clip, "--instruction", "x"]):
+        with pytest.raises(SystemExit) as exit_info:
+            generate_main(argv + ["--out", str(tmp_path / "p")])
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            "soda-generate: error: --instruction goes with the instruct task, which needs it")
