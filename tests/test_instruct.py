@@ -63,6 +63,25 @@ def test_instruct_document_is_token_exact_and_its_loss_mask_scores_the_response_
     assert plan.prompt == expected[:start + 1] and plan.phases[0].mode == "text"
 
 
+def test_mcq_likelihood_in_the_instruct_format_scores_the_documents_own_answer_tokens(vocab):
+    """--mcq-format instruct: prefix + the right option is the instruction document up to `</answer>`."""
+    from types import SimpleNamespace
+
+    from soda.evaluate.mcq import Item, _option, _question
+    from soda.evaluate.tasks import EvalSettings
+
+    ctx = SimpleNamespace(vocab=vocab, settings=EvalSettings(mcq_format="instruct"))
+    item = Item("q", "How many beeps?", ["one", "two", "three"], 1, "x.wav", None, {})
+    codes = np.arange(16).reshape(8, 2) % vocab.codebook_size
+    audio = vocab.codes_to_ids(codes)
+    prefix = [vocab.bos_id, vocab.audio_start, *audio, vocab.audio_end, vocab.text_start]
+    scored = prefix + list(_question(ctx, item, [0, 1, 2])) + list(_option(ctx, "two"))
+    ids, _ = instruct_document(vocab, audio, mcq_instruction(item.question, item.choices), mcq_response("two"))
+    assert scored == list(ids[:-2])  # all but <|text_end|> EOS
+    reordered = vocab.decode_text(_question(ctx, item, [2, 0, 1]))
+    assert "['three', 'one', 'two']" in reordered and reordered.endswith("<answer>")
+
+
 def _write(path: Path, rows, jsonl: bool = True) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows) if jsonl else json.dumps(rows))
     return path
@@ -237,3 +256,25 @@ def test_soda_generate_instruct_answers_in_text_and_needs_its_instruction(tiny_r
         assert exit_info.value.code == 2
         assert capsys.readouterr().err.strip().splitlines()[-1] == (
             "soda-generate: error: --instruction goes with the instruct task, which needs it")
+
+
+@pytest.mark.slow
+def test_weak_strong_split_labels_text_answerable_items_weak_and_audio_required_ones_strong(tuned, qa, tmp_path):
+    """AudioMCQ's filter on the tuned model (likelihood, --mcq-format instruct): asked with silence, it still answers
+    the questions whose words give the answer, and falls to guessing on those that need the clip."""
+    from soda.evaluate.cli import main as eval_main
+
+    out = tmp_path / "eval"
+    assert eval_main([str(tuned), "--tasks", "mcq", "--data-for", f"mcq={qa / 'train.json'}", "--mcq-format",
+                      "instruct", "--split-weak-strong", "--out", str(out), "--quiet"]) == 0
+    kind = {i["id"]: i["kind"] for i in json.loads((qa / "train.json").read_text())}
+    weak = [kind[i["id"]] for i in json.loads((out / "mcq_weak.json").read_text())]
+    strong = [kind[i["id"]] for i in json.loads((out / "mcq_strong.json").read_text())]
+    text_weak = weak.count("text-answerable") / (weak + strong).count("text-answerable")
+    audio_weak = weak.count("audio-required") / (weak + strong).count("audio-required")
+    assert text_weak >= 0.9 and audio_weak <= 0.5, (text_weak, audio_weak)
+    rows = [json.loads(line) for line in (out / "items" / "mcq.jsonl").read_text().splitlines()]
+    soft = {k: np.mean([r["soft_score"] for r in rows if kind[r["id"]] == k]) for k in set(kind.values())}
+    assert soft["audio-required"] > soft["text-answerable"] + 1.0, soft
+    result = json.loads((out / "results.json").read_text())["tasks"]["mcq"]
+    assert result["value"] > 0.8 and result["settings"]["format"] == "instruct"

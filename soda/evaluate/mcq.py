@@ -30,6 +30,7 @@ import numpy as np
 
 from soda.evaluate.scoring import check_length
 from soda.evaluate.tasks import Context, Skips, Task, entry, register, share
+from tokenize_audio.documents import mcq_instruction, mcq_response
 from tokenize_audio.errors import SodaError, first_line
 from tokenize_audio.shards import atomic_write_json
 from tokenize_audio.sources import HFAudio
@@ -200,13 +201,26 @@ def _hf_rows(spec: str):
 
 # --- scoring ---------------------------------------------------------------------------------
 # Items are keyed by their position in `Questions.items` (benchmark ids need not be unique).
+ANSWER_OPEN = "<answer>"  # --mcq-format instruct: the options are scored as what follows it
 PMI_PREFIX = "Answer:"  # the audio-free, question-free context of PMI's baseline: BOS <|text_start|> Answer:
 
 
 def _question(ctx: Context, item: Item, order: list[int]) -> np.ndarray:
-    """The question's ids, its options listed (when the template has {choices}) in `order`."""
+    """The question's ids (after `<|text_start|>`), its options listed in `order` (by the template's {choices}, or
+    in the instruction of `--mcq-format instruct`: AudioMCQ's prompt, `<|text_end|><|text_start|><answer>`)."""
+    v = ctx.vocab
+    if ctx.settings.mcq_format == "instruct":
+        instruction = mcq_instruction(item.question, [item.choices[j] for j in order])
+        return np.concatenate([v.encode_text(instruction), [v.text_end, v.text_start],
+                               v.encode_text(ANSWER_OPEN)]).astype(np.int64)
     letters = ", ".join(f"({chr(65 + i)}) {item.choices[j]}" for i, j in enumerate(order))
-    return ctx.vocab.encode_text(ctx.settings.mcq_template.format(question=item.question, choices=letters))
+    return v.encode_text(ctx.settings.mcq_template.format(question=item.question, choices=letters))
+
+
+def _option(ctx: Context, choice: str) -> np.ndarray:
+    """An option's ids as its continuation: ` TEXT` after the template, `TEXT</answer>` in the instruct format."""
+    instruct = ctx.settings.mcq_format == "instruct"
+    return ctx.vocab.encode_text(mcq_response(choice)[len(ANSWER_OPEN):] if instruct else " " + choice)
 
 
 def _prompts(ctx: Context, items: list[Item], codes: list, skips: Skips | None) -> dict:
@@ -217,8 +231,7 @@ def _prompts(ctx: Context, items: list[Item], codes: list, skips: Skips | None) 
             if skips is not None:
                 skips.add(item.id, f"audio: {c}")
             continue
-        out[n] = (_question(ctx, item, list(range(len(item.choices)))),
-                  [ctx.vocab.encode_text(" " + choice) for choice in item.choices])
+        out[n] = (_question(ctx, item, list(range(len(item.choices)))), [_option(ctx, c) for c in item.choices])
     return out
 
 
@@ -317,7 +330,7 @@ def _permuted(ctx: Context, data: Questions, codes: dict, prompts: dict, scores:
     re-scored (they cannot differ)."""
     settings = ctx.settings
     plans = {n: orderings(len(data.items[n].choices), settings.mcq_permutations, settings.seed, n) for n in prompts}
-    if "{choices}" not in settings.mcq_template:
+    if "{choices}" not in settings.mcq_template and settings.mcq_format != "instruct":
         return {n: [_correct(scores[n][1], data.items[n].answer)] * len(p) for n, p in plans.items()}
     keyed = {(n, j): (_question(ctx, data.items[n], order), [prompts[n][1][i] for i in order])
              for n, p in plans.items() for j, order in enumerate(p) if j > 0}
@@ -436,7 +449,8 @@ def run_mcq(ctx: Context, data: Questions) -> dict:
         "scorer_versions": {"likelihood": "soda-likelihood-2: per-token mean (headline), raw sum, PMI against "
                                           f"BOS <|text_start|>{PMI_PREFIX}; ties wrong"},
     }
-    how = {"data": data.source, "mode": "likelihood", "template": settings.mcq_template,
+    how = {"data": data.source, "mode": "likelihood", "format": settings.mcq_format,
+           "template": settings.mcq_template if settings.mcq_format == "plain" else "instruct",
            "codec": ctx.loaded.codec_label, "permutations": settings.mcq_permutations,
            "score": "per-token mean log-prob of each option (raw sum in accuracy_raw, minus its log-prob after "
                     f"'BOS <|text_start|>{PMI_PREFIX}' in accuracy_pmi)",

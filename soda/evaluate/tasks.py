@@ -50,6 +50,11 @@ class EvalSettings:
     mcq_template: str = setting("{question}\nAnswer:",
                                 help="question text before each option; {question} and {choices} are filled in "
                                      "(default: '{question}\\nAnswer:')")
+    mcq_format: str = setting(
+        "plain", choices=("plain", "instruct"),
+        help="mcq likelihood: plain (default: each option after --mcq-template) or instruct (each option as "
+             "'OPTION</answer>' after the instruction document's prompt and '<answer>': for models tuned by "
+             "soda-finetune instruct)")
     mcq_mode: str = setting(
         "likelihood", choices=("likelihood", "generate"),
         help="mcq: likelihood (default; any model: each option's log-prob) or generate (instruction-tuned models: "
