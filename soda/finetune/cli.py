@@ -363,8 +363,8 @@ def _long_documents(lengths: dict, seq_len: int, what: str, report_file: Path) -
 def prepare_instruct(args, cfg, out: Path) -> dict:
     """RUN/data (one shard directory per source) and RUN/data_report.json, by rank 0 (kept on --resume; a --data
     file edited since is refused); what training needs from them."""
-    from soda.finetune.instruct_data import (contamination_message, mixture, parse_caps, prepare_instruct_data,
-                                             read_report, save_report)
+    from soda.finetune.instruct_data import (contamination_message, file_sha256, mixture, parse_caps, parse_data,
+                                             prepare_instruct_data, read_report, save_report)
 
     report_file = out / REPORT
     if args.resume or not is_rank_zero():
@@ -373,14 +373,14 @@ def prepare_instruct(args, cfg, out: Path) -> dict:
         if not report_file.is_file():
             raise SodaError(f"--resume: {out / DATA_DIR} holds no prepared data; start the run again without --resume")
         report = read_report(report_file)
+        if not report.get("init_from"):
+            raise SodaError(f"{report_file}: rank 0 refused this data ({contamination_message(report)}); see the "
+                            f"report")
         for spec, digest in report["data_sha256"].items():
-            path = Path(spec.partition("=")[2] or spec) if "=" in spec and not spec.startswith("hf:") else Path(spec)
-            if not spec.startswith("hf:") and path.is_file():
-                import hashlib
-
-                if hashlib.sha256(path.read_bytes()).hexdigest() != digest:
-                    raise SodaError(f"--resume: {path} changed since {out / DATA_DIR} was prepared from it; start a "
-                                    f"new run (another --out) from the edited file, or restore it")
+            path = Path(parse_data(spec)[1])
+            if not spec.startswith("hf:") and path.is_file() and file_sha256(path) != digest:
+                raise SodaError(f"--resume: {path} changed since {out / DATA_DIR} was prepared from it; start a new "
+                                f"run (another --out) from the edited file, or restore it")
         return {"data": report["train_data"], "init_from": report["init_from"], "mix": report["mix"],
                 "train_tokens": report["train_tokens"], "report": None}
     if not 0 <= args.validation_fraction < 1 or args.items_per_shard < 1:

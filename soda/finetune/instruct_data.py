@@ -122,7 +122,7 @@ def read_items(specs: list[str]) -> tuple[list[InstructItem], list[dict], dict]:
                 raise SodaError(f"--data {spec}: no such file (a .json/.jsonl of instruction or MCQ rows, or "
                                 f"hf:NAME:SPLIT)")
             rows, base = _file_rows(file, skips), file.parent
-            hashes[spec] = hashlib.sha256(file.read_bytes()).hexdigest()
+            hashes[spec] = file_sha256(file)
         for pid, row in rows:
             try:
                 item = to_item(row, base, pid, name)
@@ -139,6 +139,11 @@ def read_items(specs: list[str]) -> tuple[list[InstructItem], list[dict], dict]:
         reasons = "; ".join(sorted({s["reason"].split(" (")[0] for s in skipped})) or "no rows"
         raise SodaError(f"--data: no usable items in {', '.join(specs)} ({len(skipped)} rows skipped: {reasons})")
     return items, skipped, hashes
+
+
+def file_sha256(path: Path) -> str:
+    """What a --resume compares: an edited --data file would leave the run training on the old items."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def cap_items(items: list[InstructItem], caps: dict, seed: int) -> tuple[list[InstructItem], dict]:
