@@ -373,6 +373,18 @@ def silent_correct(ctx: Context, data: Questions) -> dict[int, bool]:
     return {n: _correct(v[1], data.items[n].answer) for n, v in scores.items()}
 
 
+def tally(flags: dict, item: Item, by_domain: dict, totals: dict) -> None:
+    """Add the audio-contribution flags to an item's `flags` and count them overall and in its domain."""
+    flags["only_with_audio"] = flags["correct"] and not flags["correct_silence"]
+    flags["only_without_audio"] = flags["correct_silence"] and not flags["correct"]
+    d = by_domain[item.domain or "all"]
+    d["count"] += 1
+    d["chance"] += 1 / len(item.choices)
+    for key, value in flags.items():
+        totals[key] += value
+        d[key] += value
+
+
 def run_mcq(ctx: Context, data: Questions) -> dict:
     if ctx.settings.mcq_mode == "generate":
         from soda.evaluate.mcq_generate import run_generated
@@ -396,15 +408,8 @@ def run_mcq(ctx: Context, data: Questions) -> dict:
                  "correct_pmi": _correct(pmi, item.answer), "correct_silence": _correct(silent, item.answer)}
         if n in with_other:
             flags["correct_mismatched"] = _correct(with_other[n][1], item.answer)
-        flags["only_with_audio"] = flags["correct"] and not flags["correct_silence"]
-        flags["only_without_audio"] = flags["correct_silence"] and not flags["correct"]
         flags["correct_all_orderings"] = all(permuted[n])
-        d = by_domain[item.domain or "all"]
-        d["count"] += 1
-        d["chance"] += 1 / len(item.choices)
-        for key, value in flags.items():
-            totals[key] += value
-            d[key] += value
+        tally(flags, item, by_domain, totals)
         totals["orderings_mean"] += float(np.mean(permuted[n]))
         totals["orderings"] += len(permuted[n])
         soft = raw[item.answer] - silent_raw[item.answer]

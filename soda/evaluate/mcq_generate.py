@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from soda.evaluate.mcq import Item, Questions, benchmark, silence_like
+from soda.evaluate.mcq import Item, Questions, benchmark, silence_like, tally
 from soda.evaluate.mcq_scorers import (SCORER_VERSIONS, mmsu_compat_accuracy, mmsu_correct, mmsu_letter,
                                        r1aqa_answer, string_match, strict_answer, strict_letter)
 from soda.evaluate.scoring import check_length
@@ -94,14 +94,7 @@ def run_generated(ctx: Context, data: Questions) -> dict:
         flags = {"correct": judged["official"], "correct_strict": judged["strict"],
                  "correct_silence": judged_silent["official"], "correct_silence_strict": judged_silent["strict"],
                  "malformed": judged["strict_pick"] is None}
-        flags["only_with_audio"] = flags["correct"] and not flags["correct_silence"]
-        flags["only_without_audio"] = flags["correct_silence"] and not flags["correct"]
-        d = by_domain[item.domain or "all"]
-        d["count"] += 1
-        d["chance"] += 1 / len(item.choices)
-        for key, value in flags.items():
-            totals[key] += value
-            d[key] += value
+        tally(flags, item, by_domain, totals)
         rows.append({"index": n, "id": item.id, "domain": item.domain, "answer": item.answer,
                      "answer_text": item.choices[item.answer], "response": text, "ended": ended,
                      "strict_pick": judged["strict_pick"], "mmsu_letter": judged["mmsu_letter"],
