@@ -1,0 +1,294 @@
+"""soda-finetune grpo: AudioMCQ's rewards against plugin.py's semantics, group advantages and the GRPO loss by hand,
+a tiny SFT'd model whose reward rises under GRPO on the synthetic audio-QA set, resume, and one-line errors."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import REPO
+
+from soda.finetune.cli import main
+from soda.finetune.grpo import (completion_logprobs, group_advantages, grpo_loss, step_prompts, text_ids_mask)
+from soda.finetune.rewards import accuracy_reward, format_reward, mcq_rewards
+
+K, CODES = 8, 2048  # mimi:random's codebooks
+
+
+def _error(capsys, argv) -> str:
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and err.splitlines()[-1].startswith("soda-finetune: error: "), err
+    return err.splitlines()[-1]
+
+
+# --------------------------------------------------------------------------------------------
+# Rewards (AudioMCQ training_scripts/plugin.py)
+# --------------------------------------------------------------------------------------------
+SOLUTION = "<answer>three</answer>"
+
+
+@pytest.mark.parametrize("completion, accuracy, fmt", [
+    ("<answer>three</answer>", 1, 1),                       # exact
+    ("<answer>Three</answer>", 1, 1),                       # case-insensitive content
+    ("  <answer> THREE </answer>\n", 1, 1),                 # stripped, inside and out
+    ("<answer>two</answer>", 0, 1),                         # wrong option, right format
+    ("three", 1, 0),                                        # no tags: the whole string is the answer
+    ("  three ", 1, 0),
+    ("three.", 0, 0),
+    ("<answer>three</answer><answer>two</answer>", 1, 0),   # two answers: the first counts; format 0
+    ("The answer is <answer>three</answer>", 1, 0),         # text before the tags
+    ("<answer>three</answer> because", 1, 0),               # text after the tags
+    ("<ANSWER>three</ANSWER>", 1, 0),                       # the tag search ignores case, the format does not
+    ("<answer>three", 0, 0),                                # unclosed: the whole string is compared
+    ("<answer><answer>three</answer>", 0, 0),               # nested: content "<answer>three"
+    ("<answer>\nthree\n</answer>", 1, 1),                   # content across lines (re.DOTALL)
+    ("", 0, 0),                                             # empty
+])
+def test_rewards_follow_audiomcq_plugin(completion, accuracy, fmt):
+    assert accuracy_reward(completion, SOLUTION) == accuracy
+    assert format_reward(completion) == fmt
+    assert mcq_rewards(completion, SOLUTION) == {"accuracy": accuracy, "format": fmt,
+                                                  "reward": 2.0 * accuracy + 0.5 * fmt}
+
+
+def test_solution_without_tags_and_empty_answers():
+    assert accuracy_reward("<answer>Higher</answer>", "higher") == 1.0  # the solution side falls back too
+    assert accuracy_reward("", "") == 1.0 and accuracy_reward("<answer></answer>", "<answer> </answer>") == 1.0
+    assert format_reward("<answer></answer>") == 1.0  # the plugin checks the wrapping, not the content
+
+
+# --------------------------------------------------------------------------------------------
+# Advantages and the loss, by hand
+# --------------------------------------------------------------------------------------------
+def test_group_advantages_are_normalised_within_each_group():
+    rewards = torch.tensor([2.5, 0.5, 0.5, 0.5, 1.0, 1.0, 1.0, 1.0])
+    adv = group_advantages(rewards, 4)
+    std = math.sqrt(((2.5 - 1.0) ** 2 + 3 * 0.5 ** 2) / 3)  # Bessel's correction, as torch.std and TRL
+    assert adv[:4].tolist() == pytest.approx([1.5 / (std + 1e-4)] + [-0.5 / (std + 1e-4)] * 3)
+    assert adv[4:].tolist() == [0.0] * 4  # a group that agrees teaches nothing
+    assert float(adv[:4].sum()) == pytest.approx(0, abs=1e-6)
+
+
+def test_grpo_loss_by_hand_kl_zero_at_the_reference_and_gradient_sign():
+    logp = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, 0.0, 0.0]], requires_grad=True)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    adv = torch.tensor([1.0, -2.0])
+    loss, kl = grpo_loss(logp, logp.detach().clone(), adv, mask, beta=0.001)
+    assert float(kl) == 0.0 and float(loss.detach()) == pytest.approx((-1.0 + 2.0) / 2)  # -A per sequence, then the mean
+    loss.backward()
+    # d loss / d logp = -A / (tokens of the sequence) / (sequences): up for A > 0, down for A < 0, 0 on padding
+    assert logp.grad.flatten().tolist() == pytest.approx([-0.25, -0.25, 0.0, 1.0, 0.0, 0.0])
+
+    # k3 KL by hand: ref - logp = d; exp(d) - d - 1; its gradient pulls the policy towards the reference
+    logp = torch.tensor([[-1.0]], requires_grad=True)
+    ref = torch.tensor([[-2.0]])
+    loss, kl = grpo_loss(logp, ref, torch.zeros(1), torch.ones(1, 1), beta=0.5)
+    assert float(kl) == pytest.approx(math.exp(-1) - (-1) - 1)
+    assert float(loss.detach()) == pytest.approx(0.5 * (math.exp(-1) + 1 - 1))
+    loss.backward()
+    assert float(logp.grad) == pytest.approx(0.5 * (1 - math.exp(-1))) and float(logp.grad) > 0  # lower logp
+
+
+def test_completion_logprobs_match_a_plain_forward_of_each_sequence():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from tokenize_audio.vocab import Vocabulary, byte_tokenizer
+
+    vocab = Vocabulary.build(byte_tokenizer(), 2, 16)
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(Qwen3Config(vocab_size=vocab.size, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                         head_dim=16)).eval()
+    prompts = [[vocab.bos_id, 5, 6, 7, vocab.text_start], [vocab.bos_id, 9, vocab.text_start]]
+    completions = [[65, 66, vocab.text_end], [67]]
+    allowed = text_ids_mask(vocab, vocab.size, torch.device("cpu"))
+    logp, mask = completion_logprobs(model, prompts, completions, allowed, 1.5, vocab.eos_id)
+    assert mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    for b, (p, c) in enumerate(zip(prompts, completions)):
+        logits = model(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1: len(p) + len(c) - 1]
+        logits = logits.masked_fill(~allowed, -math.inf) / 1.5
+        expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(c)[:, None])[:, 0]
+        assert torch.allclose(logp[b, :len(c)], expected, atol=1e-5)
+    assert logp[1, 1:].tolist() == [0.0, 0.0]
+
+
+def test_each_step_takes_its_questions_from_a_reshuffled_pass():
+    steps = [step_prompts(10, 4, s, seed=3) for s in range(5)]  # 20 draws: two whole passes
+    flat = sum(steps, [])
+    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
+    assert flat[:10] != flat[10:20]
+    assert step_prompts(10, 4, 3, seed=3) == steps[3]  # a function of the step: a resumed run asks the same
+
+
+# --------------------------------------------------------------------------------------------
+# A tiny model: SFT (soda-train, loss after the instruction) then GRPO on the audio-required items
+# --------------------------------------------------------------------------------------------
+def make_audio_qa():
+    spec = importlib.util.spec_from_file_location("make_audio_qa", REPO / "demo" / "make_audio_qa.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_instruct_shards(questions: Path, vocab, codec, out: Path) -> Path:
+    """The MCQ items of `questions` as instruct documents (AudioMCQ's prompt, `<answer>` response) in one shard
+    with a soda-tokenize manifest: what soda-train --loss-after text_end trains an SFT model on."""
+    from tokenize_audio.documents import instruct_document, mcq_instruction, mcq_response
+    from tokenize_audio.encoding import audio_codes
+    from tokenize_audio.pipeline import ShardStats, TokenizeSettings, sample_key, write_manifest
+    from tokenize_audio.shards import write_shard
+    from tokenize_audio.sources import Corpus
+
+    rows = json.loads(questions.read_text())
+    codes = audio_codes(codec, [str(questions.parent / r["audio"]) for r in rows], 5.0, progress=False)
+    samples, stats = [], ShardStats()
+    for r, c in zip(rows, codes):
+        ids, _ = instruct_document(vocab, vocab.codes_to_ids(c), mcq_instruction(r["question"], r["choices"]),
+                                   mcq_response(r["answer"]))
+        counts = vocab.count_types(ids)
+        stats.add_document(counts)
+        stats.recordings += 1
+        stats.utterances += 1
+        stats.audio_seconds += c.shape[1] / codec.frame_rate
+        samples.append((sample_key(r["id"], "instruct"), ids, {"recording": r["id"], "format": "instruct",
+                                                              "kind": "speech", "tokens": counts}))
+    out.mkdir(parents=True, exist_ok=True)
+    write_shard(out / "train-speech-00000.tar", samples)
+    sidecar = {"name": "train-speech-00000", "file": "train-speech-00000.tar", "split": "train", "kind": "speech",
+               **stats.to_dict()}
+    vocab.save(out)
+    settings = TokenizeSettings(codec.describe(), vocab.text_tokenizer_source, ("instruct",), 0.0)
+    write_manifest(out, codec, vocab, settings, Corpus(), [sidecar])
+    return out
+
+
+@pytest.fixture(scope="module")
+def audio_qa(tmp_path_factory) -> Path:
+    """demo/make_audio_qa.py without speech: beeps and pitch (audio-required) and text items, 12 clips each."""
+    return make_audio_qa().make_set(tmp_path_factory.mktemp("qa") / "set", items=12, test_items=2, seed=0,
+                                    speech=False)
+
+
+@pytest.fixture(scope="module")
+def strong(audio_qa) -> Path:
+    """The audio-required items: what --split-weak-strong calls strong on this set."""
+    rows = [r for r in json.loads((audio_qa / "train.json").read_text()) if r["kind"] == "audio-required"]
+    path = audio_qa / "strong.json"
+    path.write_text(json.dumps(rows))
+    return path
+
+
+SFT_STEPS = 60
+
+
+@pytest.fixture(scope="module")
+def sft_run(audio_qa, mimi, tmp_path_factory) -> Path:
+    """A tiny model taught the answer format briefly by soda-train on instruct documents of every train item."""
+    from soda.train.cli import main as train_main
+    from tokenize_audio.vocab import Vocabulary, byte_tokenizer
+
+    root = tmp_path_factory.mktemp("sft")
+    vocab = Vocabulary.build(byte_tokenizer(), K, CODES)
+    data = write_instruct_shards(audio_qa / "train.json", vocab, mimi, root / "tokens")
+    fast = root / "fast.yaml"
+    fast.write_text(yaml.safe_dump({"betas": [0.9, 0.95], "z_loss": 0.0, "weight_decay": 0.0}))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert train_main(["--size", "tiny", "--data", str(data), "--config", str(fast), "--seq-len", "512",
+                           "--batch-tokens", "2048", "--tokens", str(SFT_STEPS * 2048), "--lr", "1e-2",
+                           "--loss-after", "text_end", "--workers", "0", "--ckpt-every", "1000", "--log-every",
+                           "10", "--sample-every", "0", "--out", str(root / "run")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return root / "run"
+
+
+def sampled_reward(source: str, questions: Path, n: int = 8, seed: int = 123) -> dict:
+    """Mean rewards of `n` answers per question sampled as GRPO samples them (temperature 1.5, top-k 4)."""
+    from soda.checkpoints import load_model
+    from soda.generate.decode import generate
+    from soda.generate.prompts import GenerationSettings, Request
+    from tokenize_audio.audio import load_audio
+    from tokenize_audio.documents import mcq_instruction, mcq_response
+
+    loaded = load_model(source, device="cpu")
+    codec = loaded.load_codec()
+    rows = json.loads(questions.read_text())
+    requests = []
+    for r in rows:
+        wave = load_audio(str(questions.parent / r["audio"]), codec.sample_rate)
+        wave = wave[: len(wave) // codec.samples_per_frame * codec.samples_per_frame]
+        requests += [Request("instruct", audio=wave, text=mcq_instruction(r["question"], r["choices"]))] * n
+    results = generate(loaded, requests, GenerationSettings(text_temperature=1.5, top_k=4, max_text_tokens=32,
+                                                            seed=seed, batch_size=64), codec)
+    scores = [mcq_rewards(res.text, mcq_response(r["answer"])) for res, r in zip(results, [r for r in rows
+                                                                                           for _ in range(n)])]
+    return {k: float(np.mean([s[k] for s in scores])) for k in ("reward", "accuracy", "format")}
+
+
+GRPO_STEPS, STOP_AT = 30, 12
+
+
+def grpo_args(init: Path | None, data: Path | None, out: Path, *extra) -> list[str]:
+    args = ["grpo", "--out", str(out), "--steps", str(GRPO_STEPS), "--prompts-per-step", "4", "--generations", "8",
+            "--lr", "2e-3", "--warmup", "0", "--max-completion-tokens", "32", "--ckpt-every", "6", "--quiet"]
+    return args + (["--init-from", str(init)] if init else []) + (["--data", str(data)] if data else []) + list(extra)
+
+
+@pytest.fixture(scope="module")
+def grpo_run(sft_run, strong, tmp_path_factory) -> Path:
+    """GRPO from the SFT run on the strong items, stopped at STOP_AT and resumed to GRPO_STEPS."""
+    out = tmp_path_factory.mktemp("grpo") / "run"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(grpo_args(sft_run, strong, out, "--max-steps", str(STOP_AT))) == 0
+        assert main(["grpo", "--out", str(out), "--resume", "--quiet"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def metrics(out: Path) -> list[dict]:
+    with open(out / "metrics.csv", newline="") as f:
+        return [r for r in csv.DictReader(f) if r.get("reward/mean")]
+
+
+def test_grpo_raises_the_reward_of_a_tiny_sft_model(sft_run, grpo_run, strong):
+    before = sampled_reward(str(sft_run), strong)
+    after = sampled_reward(str(grpo_run), strong)  # the run's hf/ export
+    print(f"sampled reward before {before}, after {after}")
+    assert after["reward"] > before["reward"] + 0.2, (before, after)
+    rows = metrics(grpo_run)
+    first = np.mean([float(r["reward/mean"]) for r in rows[:5]])
+    last = np.mean([float(r["reward/mean"]) for r in rows[-5:]])
+    print(f"training reward: first 5 steps {first:.3f}, last 5 {last:.3f}")
+    assert last > first
+    for key in ("reward/accuracy", "reward/format", "kl", "completion/mean_tokens", "lr", "grad_norm", "train/loss"):
+        assert all(r.get(key) not in (None, "") for r in rows), key
+    assert float(rows[0]["kl"]) == pytest.approx(0, abs=1e-6)  # the first step samples the reference itself
+    assert max(float(r["kl"]) for r in rows) > 0
+
+
+def test_a_stopped_grpo_run_resumes_and_finishes(grpo_run):
+    rows = metrics(grpo_run)
+    assert [int(r["step"]) for r in rows] == list(range(GRPO_STEPS))  # one run, continued
+    ckpts = grpo_run / "checkpoints"
+    assert (ckpts / f"step{STOP_AT:07d}.ckpt").is_file() and (ckpts / f"step{GRPO_STEPS:07d}.ckpt").is_file()
+    assert (grpo_run / "hf" / "config.json").is_file() and (grpo_run / "hf" / "vocab.json").is_file()
+    report = json.loads((grpo_run / "data_report.json").read_text())
+    assert report["questions"] == 24 and report["skipped_count"] == 0
+    config = yaml.safe_load((grpo_run / "config.yaml").read_text())
+    assert config["task"] == "grpo" and config["steps"] == GRPO_STEPS and config["max_steps"] == STOP_AT
