@@ -209,9 +209,7 @@ def prepare_prompts(s: GRPOSettings, out: Path, loaded, codec, quiet: bool) -> d
     from tokenize_audio.documents import mcq_instruction, mcq_response
     from tokenize_audio.encoding import audio_codes, default_batch_seconds
 
-    if not str(s.data).startswith("hf:") and not Path(s.data).expanduser().is_file():
-        raise SodaError(f"--data {s.data}: no such file (expected a JSON/JSONL file of multiple-choice questions, "
-                        f"or hf:NAME:SPLIT)")
+    check_data(s.data)
     questions = read_questions(s.data, s.limit)
     skipped = list(questions.skips.items)
     vocab = loaded.vocab
@@ -240,6 +238,12 @@ def prepare_prompts(s: GRPOSettings, out: Path, loaded, codec, quiet: bool) -> d
     report = {"data": s.data, "questions": len(rows), "codec": codec.describe(), **summarize_skips(skipped)}
     atomic_write_json(out / REPORT, report)
     return report
+
+
+def check_data(data: str) -> None:
+    if not str(data).startswith("hf:") and not Path(data).expanduser().is_file():
+        raise SodaError(f"--data {data}: no such file (expected a JSON/JSONL file of multiple-choice questions, "
+                        f"or hf:NAME:SPLIT)")
 
 
 def read_prompts(out: Path) -> list[dict]:
@@ -418,6 +422,7 @@ def resolve_settings(args, out: Path, resume: bool) -> GRPOSettings:
         if given.get("data") and Path(str(given["data"])).expanduser().resolve() != Path(values["data"]):
             raise SodaError(f"--resume: --data {given['data']} is not the questions this run was prepared from "
                             f"({values['data']})")
+        values["max_steps"] = None  # a stop asked for once is not asked again: a resume runs to --steps unless told
         s = GRPOSettings(**(values | {k: v for k, v in given.items() if k in resumable}))
     s.out = str(out)
     s.check()
@@ -445,8 +450,8 @@ def run_grpo(args) -> int:
         missing = [f for f, v in (("--init-from", args.init_from), ("--data", args.data)) if not v]
         if missing:
             raise SodaError(f"grpo: give {' and '.join(missing)} (or --resume a run)")
-    s = resolve_settings(args, out, resume)
     check_run_directory(out, resume)
+    s = resolve_settings(args, out, resume)
     if args.quiet:
         import transformers
 
@@ -459,6 +464,7 @@ def run_grpo(args) -> int:
 
         vocab, codec_meta = Vocabulary.load(out / DATA_DIR), report.get("codec")
     else:
+        check_data(s.data)
         if not str(s.data).startswith("hf:"):
             s.data = str(Path(s.data).expanduser().resolve())
         loaded = load_model(s.init_from, device="cpu", codec=s.codec, weights=False)
