@@ -336,7 +336,7 @@ def test_questions_with_unreadable_audio_are_skipped_and_counted(audio_qa, mimi,
     wave = load_audio(str(audio_qa / rows[0]["audio"]), mimi.sample_rate)
     codes = mimi.encode(wave[: len(wave) // mimi.samples_per_frame * mimi.samples_per_frame])
     request = Request("instruct", audio=codes, text=mcq_instruction(rows[0]["question"], rows[0]["choices"]))
-    assert prompts[0]["prompt"] == [int(x) for x in build_plan(vocab, request, {"audio": codes}).prompt]
+    assert prompts[0]["prompt"].tolist() == [int(x) for x in build_plan(vocab, request, {"audio": codes}).prompt]
     assert (tmp_path / "data" / "vocab.json").is_file()
     questions.write_text(json.dumps(bad))
     with pytest.raises(SodaError, match="no usable questions \\(3 skipped"):

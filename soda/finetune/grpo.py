@@ -250,7 +250,10 @@ def read_prompts(out: Path) -> list[dict]:
     path = out / DATA_DIR / PROMPTS
     if not path.is_file():
         raise SodaError(f"--resume: {path} is missing; start the run again without --resume")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    for r in rows:  # 4 bytes an id, not a Python int's 28: a large set's prompts stay in memory on every rank
+        r["prompt"] = np.asarray(r["prompt"], dtype=np.int32)
+    return rows
 
 
 # --------------------------------------------------------------------------------------------
@@ -279,7 +282,7 @@ class GRPOModule(L.LightningModule):
         from soda.generate.prompts import GenerationSettings, Phase, Plan
 
         s, v = self.s, self.vocab
-        plans = [Plan(list(r["prompt"]), [Phase("text", [])]) for r in rows for _ in range(s.generations)]
+        plans = [Plan(r["prompt"].tolist(), [Phase("text", [])]) for r in rows for _ in range(s.generations)]
         settings = GenerationSettings(text_temperature=s.temperature, top_k=s.top_k,
                                       max_text_tokens=s.max_completion_tokens, silence_seconds=0,
                                       batch_size=len(plans))
@@ -300,7 +303,7 @@ class GRPOModule(L.LightningModule):
         step, world, rank = self.trainer.global_step, self.trainer.world_size, self.global_rank
         rows = [self.prompts[i] for i in step_prompts(len(self.prompts), s.prompts_per_step, step, s.seed)[rank::world]]
         completions = self._sample(rows, step)
-        prompts = [r["prompt"] for r in rows for _ in range(s.generations)]
+        prompts = [r["prompt"].tolist() for r in rows for _ in range(s.generations)]
         solutions = [r["solution"] for r in rows for _ in range(s.generations)]
         texts = [v.decode_text([t for t in c if t != v.text_end]) for c in completions]
         scored = [mcq_rewards(t, sol) for t, sol in zip(texts, solutions)]
@@ -337,7 +340,13 @@ class GRPOModule(L.LightningModule):
         from soda.train.optim import clip_by_global_norm
 
         grads = [p.grad for p in self.parameters() if p.grad is not None]
-        self.grad_norm = clip_by_global_norm(grads, self.s.grad_clip or math.inf, None) if grads else None
+        self.grad_norm = clip_by_global_norm(grads, self.s.grad_clip or None, None) if grads else None
+        if self.grad_norm is not None and not torch.isfinite(self.grad_norm):  # as soda-train: no update from it
+            for p in self.parameters():
+                p.grad = None
+            if self.global_rank == 0:
+                say(f"warning: gradient norm is {float(self.grad_norm)} at step {self.trainer.global_step}; update "
+                    f"skipped")
 
     def configure_optimizers(self):
         from soda.train.optim import cosine_factor, param_groups
@@ -438,7 +447,8 @@ def save_settings(s: GRPOSettings, init: str, vocab_dir: Path) -> None:
 def run_grpo(args) -> int:
     """`soda-finetune grpo`: prepare (or reuse) RUN/data, then train; the exit code."""
     from soda.checkpoints import load_model
-    from soda.finetune.cli import init_model_dir
+    from soda.finetune.cli import _wait_for, init_model_dir
+    from soda.train.run import is_rank_zero
     from soda.train.cli import check_run_directory, resolve_resume, stop_on_signals
 
     if not args.out:
@@ -456,7 +466,9 @@ def run_grpo(args) -> int:
         import transformers
 
         transformers.utils.logging.disable_progress_bar()
-    if resume:
+    if resume or not is_rank_zero():  # under torchrun, rank 0 prepares RUN/data and RUN/init; the others wait
+        if not resume:
+            _wait_for(out / CONFIG)
         saved = yaml.safe_load((out / CONFIG).read_text())
         init, prompts = saved["init_model"], read_prompts(out)
         report = json.loads((out / REPORT).read_text())
@@ -524,7 +536,7 @@ def train_grpo(s: GRPOSettings, init: str, vocab, prompts: list[dict], codec: di
             f"top-k {s.top_k}, answers of at most {s.max_completion_tokens} tokens")
     loader = torch.utils.data.DataLoader(_Steps(), batch_size=None)
     trainer.fit(module, train_dataloaders=loader, ckpt_path=checkpoint_to_resume(out) if resume else None,
-                weights_only=False)
+                weights_only=True)
     return finish(s, trainer, preemption, vocab)
 
 
