@@ -303,6 +303,61 @@ def test_a_stopped_grpo_run_resumes_and_finishes(grpo_run, strong, capsys):
     assert "already holds a run" in _error(capsys, grpo_args(None, strong, grpo_run, "--init-from", "x"))
 
 
+@pytest.fixture(scope="module")
+def random_model(mimi, tmp_path_factory) -> Path:
+    """A micro Qwen3 with random weights as a Hugging Face directory (vocabulary and codec beside it)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from tokenize_audio.vocab import Vocabulary, byte_tokenizer
+
+    out = tmp_path_factory.mktemp("random") / "hf"
+    vocab = Vocabulary.build(byte_tokenizer(), K, CODES)
+    torch.manual_seed(0)
+    Qwen3ForCausalLM(Qwen3Config(vocab_size=vocab.size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1, head_dim=16)).save_pretrained(out)
+    vocab.save(out)
+    (out / "soda.json").write_text(json.dumps({"codec": mimi.describe()}))
+    return out
+
+
+def test_resumed_run_repeats_the_uninterrupted_one_step_for_step(random_model, strong, tmp_path, monkeypatch):
+    """Questions and samples of a step depend on the step number, and the weights and optimizer come back from the
+    checkpoint: stopping at step 2 and resuming gives the rows an uninterrupted run writes."""
+    import soda.finetune.rewards
+
+    # a random model never answers right: reward the answer's length instead, so every step has advantages
+    monkeypatch.setattr(soda.finetune.rewards, "mcq_rewards",
+                        lambda text, solution: {"reward": float(len(text) % 3), "accuracy": 0.0, "format": 0.0})
+    common = ["--steps", "4", "--prompts-per-step", "2", "--generations", "3", "--max-completion-tokens", "6",
+              "--limit", "6", "--lr", "1e-3", "--ckpt-every", "2", "--quiet"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert main(["grpo", "--init-from", str(random_model), "--data", str(strong), "--out", str(straight),
+                 "--no-export", *common]) == 0
+    assert main(["grpo", "--init-from", str(random_model), "--data", str(strong), "--out", str(stopped),
+                 "--max-steps", "2", *common]) == 0
+    assert (stopped / "hf" / "config.json").is_file()  # exported at the stop too, as soda-train does
+    # the same command line again (a requeued job, --resume auto) continues from step 2 to the end
+    assert main(["grpo", "--init-from", str(random_model), "--data", str(strong), "--out", str(stopped),
+                 "--resume", "auto", *common]) == 0
+    a, b = metrics(straight), metrics(stopped)
+    assert [int(r["step"]) for r in b] == [0, 1, 2, 3]
+    keys = ("reward/mean", "reward/format", "kl", "completion/mean_tokens", "train/loss", "lr")
+    assert [float(r[k]) for r in a for k in keys] == pytest.approx([float(r[k]) for r in b for k in keys], abs=1e-6)
+    assert len({r["reward/mean"] for r in b}) > 1 and float(b[-1]["kl"]) > 0
+    assert float(b[0]["kl"]) == 0.0  # the first step's policy is the reference
+    assert json.loads((stopped / "data_report.json").read_text())["questions"] == 6
+    # the run loads as a model (its export and its checkpoints, whose vocabulary is in RUN/data)
+    from soda.checkpoints import load_model
+
+    exported = load_model(str(stopped), device="cpu")
+    from_ckpt = load_model(str(stopped / "checkpoints" / "step0000004.ckpt"), device="cpu")
+    assert exported.codec_spec == from_ckpt.codec_spec == "mimi:random"
+    for (name, x), (_, y) in zip(exported.model.state_dict().items(), from_ckpt.model.state_dict().items()):
+        assert torch.equal(x, y), name
+    start = load_model(str(random_model), device="cpu").model.state_dict()
+    assert any(not torch.equal(start[k], v) for k, v in exported.model.state_dict().items())  # it trained
+
+
 # --------------------------------------------------------------------------------------------
 # Data preparation and user errors
 # --------------------------------------------------------------------------------------------
