@@ -231,8 +231,13 @@ def sampled_reward(source: str, questions: Path, n: int = 8, seed: int = 123) ->
         wave = load_audio(str(questions.parent / r["audio"]), codec.sample_rate)
         wave = wave[: len(wave) // codec.samples_per_frame * codec.samples_per_frame]
         requests += [Request("instruct", audio=wave, text=mcq_instruction(r["question"], r["choices"]))] * n
-    results = generate(loaded, requests, GenerationSettings(text_temperature=1.5, top_k=4, max_text_tokens=32,
-                                                            seed=seed, batch_size=64), codec)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        results = generate(loaded, requests, GenerationSettings(text_temperature=1.5, top_k=4, max_text_tokens=32,
+                                                                seed=seed, batch_size=64), codec)
+    finally:
+        torch.set_num_threads(threads)
     scores = [mcq_rewards(res.text, mcq_response(r["answer"])) for res, r in zip(results, [r for r in rows
                                                                                            for _ in range(n)])]
     return {k: float(np.mean([s[k] for s in scores])) for k in ("reward", "accuracy", "format")}
@@ -427,3 +432,62 @@ def test_help_explains_the_recipe_and_the_curriculum(capsys):
     for phrase in ("--generations", "temperature 1.5", "top-k 4", "2.0 x accuracy", "0.5 x format", "--beta",
                    "mcq_strong.json", "soda-finetune instruct", "--resume", "grpo.sh"):
         assert phrase in text, phrase
+
+
+@pytest.mark.slow
+def test_grpo_under_torchrun_splits_each_steps_questions_over_two_ranks(random_model, strong, tmp_path):
+    """Two CPU processes (gloo): rank 0 prepares RUN/data while rank 1 waits; each samples its half of the step's
+    questions; the metrics are over both; a requeued command line continues the run."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+               "soda.finetune", "grpo", "--init-from", str(random_model), "--data", str(strong), "--out", str(out),
+               "--steps", "3", "--prompts-per-step", "4", "--generations", "2", "--max-completion-tokens", "4",
+               "--limit", "8", "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", "--no-export",
+               "--quiet", "--resume", "auto"]
+    done = subprocess.run(command + ["--max-steps", "2"], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "4 per step x 2 answers" in done.stderr
+    rows = metrics(out)
+    assert [int(r["step"]) for r in rows] == [0, 1]
+    assert all(float(r["completion/mean_tokens"]) <= 4 for r in rows)
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert [int(r["step"]) for r in metrics(out)] == [0, 1, 2]
+
+
+@pytest.mark.slow
+def test_a_group_sigterm_checkpoints_the_step_and_the_requeue_finishes(random_model, strong, tmp_path):
+    """SIGTERM to the whole process group, as SLURM sends it: exit 143 after checkpointing the step; the same
+    command line again continues to the end."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "soda.finetune", "grpo", "--init-from", str(random_model), "--data", str(strong),
+               "--out", str(out), "--steps", "40", "--prompts-per-step", "2", "--generations", "2",
+               "--max-completion-tokens", "4", "--limit", "4", "--ckpt-every", "100", "--no-export", "--quiet",
+               "--resume", "auto"]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    rows = out / "logs" / "version_0" / "metrics.csv"
+    started = time.time()
+    while not rows.is_file() and proc.poll() is None and time.time() - started < 300:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-3000:]
+    assert "pre-empted at step" in err and "Traceback" not in err and "--resume" in err
+    step = int(err.split("pre-empted at step ")[1].split(";")[0])
+    assert 0 < step < 40 and (out / "checkpoints" / f"step{step:07d}.ckpt").is_file()
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [int(r["step"]) for r in metrics(out)] == list(range(40))

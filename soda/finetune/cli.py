@@ -3,6 +3,9 @@
     soda-finetune s2st --init-from CKPT --data pairs.tsv --out RUN [--target-only-loss]
     soda-finetune docs --init-from CKPT --data TOKENIZED_DIR --out RUN [--loss-after text_end]
     soda-finetune eval-s2st CKPT --data pairs.tsv --out DIR          # = soda-eval --tasks s2st
+    soda-finetune grpo --init-from RUN_SFT --data strong.json --out RUN   # GRPO, AudioMCQ's MCQ rewards
+
+`grpo` (soda.finetune.grpo) is reinforcement learning on multiple-choice audio questions, its own Lightning run.
 
 `s2st` turns a CVSS-style manifest into SODA's speech-to-speech translation documents (encoded with the
 checkpoint's own codec and vocabulary: `tokenize_audio.s2st`) in RUN/data, then trains on them; `docs` trains on

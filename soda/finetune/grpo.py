@@ -534,6 +534,8 @@ def train_grpo(s: GRPOSettings, init: str, vocab, prompts: list[dict], codec: di
         say(f"GRPO: {len(prompts):,} questions, {s.prompts_per_step} per step x {s.generations} answers, "
             f"{max_steps:,} of {s.steps:,} steps, LR {s.lr:g} cosine, beta {s.beta:g}, temperature {s.temperature:g}, "
             f"top-k {s.top_k}, answers of at most {s.max_completion_tokens} tokens")
+    for logger in trainer.loggers:  # hparams.yaml / TensorBoard's hparams, as soda-train's
+        logger.log_hyperparams(dataclasses.asdict(s) | {"questions": len(prompts), "init_model": init})
     loader = torch.utils.data.DataLoader(_Steps(), batch_size=None)
     trainer.fit(module, train_dataloaders=loader, ckpt_path=checkpoint_to_resume(out) if resume else None,
                 weights_only=True)
