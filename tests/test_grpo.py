@@ -325,7 +325,8 @@ def random_model(mimi, tmp_path_factory) -> Path:
     return out
 
 
-def test_resumed_run_repeats_the_uninterrupted_one_step_for_step(random_model, strong, tmp_path, monkeypatch):
+def test_resumed_run_repeats_the_uninterrupted_one_step_for_step(random_model, strong, tmp_path, monkeypatch,
+                                                                capsys):
     """Questions and samples of a step depend on the step number, and the weights and optimizer come back from the
     checkpoint: stopping at step 2 and resuming gives the rows an uninterrupted run writes."""
     import soda.finetune.rewards
@@ -359,6 +360,9 @@ def test_resumed_run_repeats_the_uninterrupted_one_step_for_step(random_model, s
     assert exported.codec_spec == from_ckpt.codec_spec == "mimi:random"
     for (name, x), (_, y) in zip(exported.model.state_dict().items(), from_ckpt.model.state_dict().items()):
         assert torch.equal(x, y), name
+    assert "Lightning refused these settings" in _error(capsys, ["grpo", "--init-from", str(random_model), "--data",
+                                                                 str(strong), "--out", str(tmp_path / "bad"),
+                                                                 "--precision", "bogus", "--quiet"])
     start = load_model(str(random_model), device="cpu").model.state_dict()
     assert any(not torch.equal(start[k], v) for k, v in exported.model.state_dict().items())  # it trained
 

@@ -46,7 +46,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from tokenize_audio.errors import SodaError
+from tokenize_audio.errors import SodaError, first_line
 from tokenize_audio.shards import atomic_write_json, atomic_write_text
 
 DATA_DIR, PROMPTS, REPORT, CONFIG = "data", "prompts.jsonl", "data_report.json", "config.yaml"
@@ -496,6 +496,7 @@ def run_grpo(args) -> int:
 def train_grpo(s: GRPOSettings, init: str, vocab, prompts: list[dict], codec: dict | None, resume: bool,
                quiet: bool = False) -> int:
     from lightning.pytorch.callbacks import TQDMProgressBar
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
     from soda.checkpoints import checkpoint_dir
     from soda.model import load_pretrained
@@ -505,8 +506,12 @@ def train_grpo(s: GRPOSettings, init: str, vocab, prompts: list[dict], codec: di
 
     out = Path(s.out)
     L.seed_everything(s.seed, verbose=False)
+    gpu = s.accelerator in ("gpu", "cuda") or (s.accelerator == "auto" and torch.cuda.is_available())
+    precision = s.precision if s.precision != "auto" else ("bf16-mixed" if gpu else "32-true")
     model = load_pretrained(init, vocab, "sdpa")
     reference = load_pretrained(init, vocab, "sdpa") if s.beta else None
+    if reference is not None and precision.startswith("bf16"):
+        reference.to(torch.bfloat16)  # only read under bf16 autocast: no fp32 master copy needed
     module = GRPOModule(model, reference, vocab, prompts, s, codec)
     max_steps = min(s.steps, s.max_steps or s.steps)
     preemption = Preemption(checkpoint_dir(out))
@@ -515,19 +520,20 @@ def train_grpo(s: GRPOSettings, init: str, vocab, prompts: list[dict], codec: di
                  GRPOMetrics(s.log_every), preemption]
     if not quiet:
         callbacks.append(TQDMProgressBar(refresh_rate=1))
-    gpu = s.accelerator in ("gpu", "cuda") or (s.accelerator == "auto" and torch.cuda.is_available())
     strategy = s.strategy
     if strategy == "ddp":
         from lightning.pytorch.strategies import DDPStrategy
 
         strategy = DDPStrategy()
     devices = int(s.devices) if str(s.devices).isdigit() else s.devices
-    trainer = L.Trainer(accelerator=s.accelerator, devices=devices, strategy=strategy,
-                        precision=s.precision if s.precision != "auto" else ("bf16-mixed" if gpu else "32-true"),
-                        max_steps=max_steps, max_epochs=-1, log_every_n_steps=s.log_every, num_sanity_val_steps=0,
-                        limit_val_batches=0, callbacks=callbacks, logger=loggers_for(s),
-                        plugins=[AtomicCheckpointIO()], enable_model_summary=False, use_distributed_sampler=False,
-                        enable_progress_bar=not quiet, default_root_dir=out, gradient_clip_val=None)
+    try:
+        trainer = L.Trainer(accelerator=s.accelerator, devices=devices, strategy=strategy, precision=precision,
+                            max_steps=max_steps, max_epochs=-1, log_every_n_steps=s.log_every, num_sanity_val_steps=0,
+                            limit_val_batches=0, callbacks=callbacks, logger=loggers_for(s),
+                            plugins=[AtomicCheckpointIO()], enable_model_summary=False, use_distributed_sampler=False,
+                            enable_progress_bar=not quiet, default_root_dir=out, gradient_clip_val=None)
+    except (ValueError, TypeError, MisconfigurationException) as e:
+        raise SodaError(f"Lightning refused these settings: {first_line(e)}") from None
     if s.prompts_per_step % trainer.world_size:
         raise SodaError(f"--prompts-per-step {s.prompts_per_step}: must divide by the {trainer.world_size} devices")
     if trainer.is_global_zero:
