@@ -308,6 +308,15 @@ def test_a_stopped_grpo_run_resumes_and_finishes(grpo_run, strong, capsys):
     assert "already holds a run" in _error(capsys, grpo_args(None, strong, grpo_run, "--init-from", "x"))
 
 
+@pytest.fixture
+def one_thread():
+    """A micro model on a shared 2-core machine: one thread is several times faster and far steadier."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def random_model(mimi, tmp_path_factory) -> Path:
     """A micro Qwen3 with random weights as a Hugging Face directory (vocabulary and codec beside it)."""
@@ -326,7 +335,7 @@ def random_model(mimi, tmp_path_factory) -> Path:
 
 
 def test_resumed_run_repeats_the_uninterrupted_one_step_for_step(random_model, strong, tmp_path, monkeypatch,
-                                                                capsys):
+                                                                capsys, one_thread):
     """Questions and samples of a step depend on the step number, and the weights and optimizer come back from the
     checkpoint: stopping at step 2 and resuming gives the rows an uninterrupted run writes."""
     import soda.finetune.rewards
