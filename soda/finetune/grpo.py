@@ -31,6 +31,7 @@ them back), `checkpoints/`, `logs/`, `metrics.csv`, `hf/`; `init/` when --init-f
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -122,8 +123,7 @@ def add_grpo_arguments(p) -> None:
         flag = "--" + f.name.replace("_", "-")
         help = f.metadata["help"]
         if f.type in ("bool", bool):
-            p.add_argument(flag, dest=f.name, action=__import__("argparse").BooleanOptionalAction, default=None,
-                           help=help)
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help)
             continue
         kind = {"int": int, "float": float}.get(str(f.type).split(" |")[0], str)
         metavar = {"init_from": "CHECKPOINT", "data": "QUESTIONS", "out": "RUN"}.get(f.name)
