@@ -29,7 +29,9 @@ def build_parser(tasks: dict) -> argparse.ArgumentParser:
                  "  soda-eval runs/600m --tasks swuggy,sblimp,salmon,twuggy,tblimp --out eval/600m\n"
                  "  soda-eval runs/600m --tasks nll --data-for nll=tokens/librispeech-dev --out eval/600m\n"
                  "  soda-eval soda-research/soda-135m-base --tasks mcq --data-for mcq=mmau-test-mini.json \\\n"
-                 "            --split-weak-strong --judges runs/a,runs/b,runs/c --out eval/mmau",
+                 "            --split-weak-strong --judges runs/a,runs/b,runs/c --out eval/mmau\n"
+                 "  soda-eval runs/instruct --tasks mcq --data-for mcq=mmau-test-mini.json --mcq-mode generate \\\n"
+                 "            --out eval/mmau-generated",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("checkpoint", help="run directory, .ckpt file, Hugging Face model directory or hub id")
@@ -126,6 +128,8 @@ def main(argv=None) -> int:
     check_bounds(settings)
     if (settings.judges or settings.weak_votes is not None) and not settings.split_weak_strong:
         raise SodaError("--judges and --weak-votes only apply with --split-weak-strong")
+    if settings.mcq_permutations > 1 and settings.mcq_mode != "likelihood":
+        raise SodaError("--mcq-permutations applies to --mcq-mode likelihood")
     try:
         settings.mcq_template.format(question="", choices="")
     except (KeyError, IndexError, ValueError) as err:

@@ -127,16 +127,24 @@ def asr_section(out: Path, name: str, title: str, entry: dict) -> str:
 
 def mcq_section(name: str, title: str, entry: dict) -> str:
     ac = entry.get("audio_contribution") or {}
-    rows = [[esc(d), fmt(v.get("accuracy"), True), fmt(v.get("accuracy_silence"), True),
-             fmt(v.get("accuracy_raw"), True), fmt(v.get("chance"), True), f"{v.get('count', 0):,}"]
+    generated = (entry.get("settings") or {}).get("mode") == "generate"
+    # the other scores of the same answers: strict parsing of generated ones, raw-sum and PMI of likelihoods
+    others = [("accuracy_strict", "strict")] if generated else [("accuracy_raw", "raw-sum"), ("accuracy_pmi", "PMI")]
+    rows = [[esc(d), fmt(v.get("accuracy"), True)] + [fmt(v.get(k), True) for k, _ in others]
+            + [fmt(v.get("accuracy_silence"), True), fmt(v.get("chance"), True), f"{v.get('count', 0):,}"]
             for d, v in (entry.get("by_domain") or {}).items()]
-    rows.append(["<b>all</b>", fmt(entry.get("value"), True), fmt(ac.get("accuracy_silence"), True),
-                 fmt(entry.get("accuracy_raw"), True), fmt(entry.get("chance"), True), f"{entry.get('count', 0):,}"])
+    rows.append(["<b>all</b>", fmt(entry.get("value"), True)] + [fmt(entry.get(k), True) for k, _ in others]
+                + [fmt(ac.get("accuracy_silence"), True), fmt(entry.get("chance"), True), f"{entry.get('count', 0):,}"])
     note = (f"<p class=\"note\">Silence control: {esc(ac.get('condition'))}. {ac.get('correct_without_audio', 0)} "
-            f"items right without audio, {ac.get('correct_only_with_audio', 0)} only with it.</p>") if ac else ""
+            f"items right without audio, {ac.get('correct_only_with_audio', 0)} only with it."
+            + (f" With another item's clip: {fmt(ac['accuracy_mismatched'], True)}%."
+               if ac.get("accuracy_mismatched") is not None else "")
+            + (f" Mean soft score (log p(answer | audio) − log p(answer | silence)): {ac['mean_soft_score']:.3f}."
+               if ac.get("mean_soft_score") is not None else "") + "</p>") if ac else ""
+    header = ["domain", "official accuracy" if generated else "accuracy"] + [f"{label} accuracy" for _, label in others]
+    header += ["with silence", "chance", "items"]
     return "\n".join([f"<h2 id=\"items-{esc(name)}\">{esc(title)}: accuracy by domain (%)</h2>",
-                      table(["domain", "accuracy", "with silence", "raw-sum accuracy", "chance", "items"], rows,
-                            {1, 2, 3, 4, 5}), note])
+                      table(header, rows, set(range(1, len(header)))), note])
 
 
 def pairs_section(out: Path, name: str, title: str, entry: dict) -> str:

@@ -1,19 +1,24 @@
-"""Multiple-choice audio QA (MMAU / MMAR / MMSU / AudioMCQ-style), scored by log-likelihood.
+"""Multiple-choice audio QA (MMAU / MMAR / MMSU / AudioMCQ-style), scored by log-likelihood or by generation.
 
-Each option is scored as the continuation of `BOS <|audio_start|>A<|audio_end|><|text_start|>`
-+ the question (`--mcq-template`): the sum of its tokens' log-probs (raw) and their mean
-(length-normalised, the headline number: options differ in length). A base model cannot be
-judged fairly on free generation, so likelihood is the default. Chance is 1/options per item.
+Likelihood (`--mcq-mode likelihood`, the default: a base model cannot be judged fairly on free generation): each
+option is scored as the continuation of `BOS <|audio_start|>A<|audio_end|><|text_start|>` + the question
+(`--mcq-template`): the sum of its tokens' log-probs (raw), their mean (length-normalised, the headline number:
+options differ in length), and PMI (the raw sum minus the option's log-prob after `BOS <|text_start|>Answer:`
+alone, so options that are likely anyway gain nothing). `--mcq-permutations K` re-asks each item with its options
+listed in K orders (the original first) and reports the mean and the share right under all of them. Chance is
+1/options per item. Generation (`--mcq-mode generate`, for instruction-tuned models) is `mcq_generate`.
 
-Audio contribution: every item is scored again with silence of the same length in place of its
-audio. Items still answered correctly are answerable from the text alone (a soft measure beside it:
-how much the answer's probability among the options drops without audio); `--split-weak-strong`
-writes them (weak: correct without audio for at least `--weak-votes` of the judges) and the rest
-(strong) as two files in the input's format, the AudioMCQ filtering rule.
+Audio contribution: every item is scored again with silence of the same length in place of its audio, and with
+another item's clip (a seeded derangement). Items still answered correctly with silence are answerable from the
+text alone; the soft score per item is log p(answer | audio) - log p(answer | silence). `--split-weak-strong`
+writes them (weak: correct without audio for at least `--weak-votes` of the judges) and the rest (strong) as two
+files in the input's format, the AudioMCQ filtering rule.
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import math
 import re
@@ -25,6 +30,7 @@ import numpy as np
 
 from soda.evaluate.scoring import check_length
 from soda.evaluate.tasks import Context, Skips, Task, entry, register, share
+from tokenize_audio.documents import mcq_instruction, mcq_response
 from tokenize_audio.errors import SodaError, first_line
 from tokenize_audio.shards import atomic_write_json
 from tokenize_audio.sources import HFAudio
@@ -195,23 +201,42 @@ def _hf_rows(spec: str):
 
 # --- scoring ---------------------------------------------------------------------------------
 # Items are keyed by their position in `Questions.items` (benchmark ids need not be unique).
+ANSWER_OPEN = "<answer>"  # --mcq-format instruct: the options are scored as what follows it
+PMI_PREFIX = "Answer:"  # the audio-free, question-free context of PMI's baseline: BOS <|text_start|> Answer:
+
+
+def _question(ctx: Context, item: Item, order: list[int]) -> np.ndarray:
+    """The question's ids (after `<|text_start|>`), its options listed in `order` (by the template's {choices}, or
+    in the instruction of `--mcq-format instruct`: AudioMCQ's prompt, `<|text_end|><|text_start|><answer>`)."""
+    v = ctx.vocab
+    if ctx.settings.mcq_format == "instruct":
+        instruction = mcq_instruction(item.question, [item.choices[j] for j in order])
+        return np.concatenate([v.encode_text(instruction), [v.text_end, v.text_start],
+                               v.encode_text(ANSWER_OPEN)]).astype(np.int64)
+    letters = ", ".join(f"({chr(65 + i)}) {item.choices[j]}" for i, j in enumerate(order))
+    return v.encode_text(ctx.settings.mcq_template.format(question=item.question, choices=letters))
+
+
+def _option(ctx: Context, choice: str) -> np.ndarray:
+    """An option's ids as its continuation: ` TEXT` after the template, `TEXT</answer>` in the instruct format."""
+    instruct = ctx.settings.mcq_format == "instruct"
+    return ctx.vocab.encode_text(mcq_response(choice)[len(ANSWER_OPEN):] if instruct else " " + choice)
+
+
 def _prompts(ctx: Context, items: list[Item], codes: list, skips: Skips | None) -> dict:
     """index -> (question ids, [option ids]) for items whose audio could be encoded."""
-    vocab, template = ctx.vocab, ctx.settings.mcq_template
     out = {}
     for n, (item, c) in enumerate(zip(items, codes)):
         if isinstance(c, str):
             if skips is not None:
                 skips.add(item.id, f"audio: {c}")
             continue
-        letters = ", ".join(f"({chr(65 + i)}) {choice}" for i, choice in enumerate(item.choices))
-        question = vocab.encode_text(template.format(question=item.question, choices=letters))
-        out[n] = (question, [vocab.encode_text(" " + choice) for choice in item.choices])
+        out[n] = (_question(ctx, item, list(range(len(item.choices)))), [_option(ctx, c) for c in item.choices])
     return out
 
 
 def _score(ctx: Context, codes: dict, prompts: dict, desc: str) -> dict:
-    """index -> (raw sums, per-token means) over the item's options, given its audio codes."""
+    """key -> (raw sums, per-token means) over the item's options, given its audio codes (same keys as prompts)."""
     vocab = ctx.vocab
     seqs, masks, owners = [], [], []
     for n, (question, options) in prompts.items():
@@ -228,6 +253,20 @@ def _score(ctx: Context, codes: dict, prompts: dict, desc: str) -> dict:
     return dict(scores)
 
 
+def _unconditional(ctx: Context, prompts: dict) -> dict:
+    """index -> each option's summed log-prob after `BOS <|text_start|>Answer:` alone (PMI's baseline: how likely
+    the option's words are anyway); one pass per distinct option."""
+    vocab = ctx.vocab
+    prefix = np.concatenate([[vocab.bos_id, vocab.text_start], vocab.encode_text(PMI_PREFIX)]).astype(np.int64)
+    distinct = {tuple(o.tolist()) for _, options in prompts.values() for o in options}
+    keys = sorted(distinct)
+    seqs = [np.concatenate([prefix, np.asarray(k, dtype=np.int64)]) for k in keys]
+    masks = [np.arange(len(s)) >= len(prefix) for s in seqs]
+    sums = {k: float(lp.sum()) for k, lp in zip(keys, ctx.log_probs(seqs, masks, "mcq: PMI baseline") if seqs
+                                                 else [])}
+    return {n: [sums[tuple(o.tolist())] for o in options] for n, (_, options) in prompts.items()}
+
+
 def _correct(values: list[float], answer: int) -> bool:
     """Right only if the answer strictly beats every other option (a tie is not an answer)."""
     return all(values[answer] > v for i, v in enumerate(values) if i != answer)
@@ -240,13 +279,68 @@ def _option_probability(raw: list[float], answer: int) -> float:
     return float(weights[answer] / weights.sum())
 
 
-def _silence(ctx: Context, codes: dict) -> dict:
+def silence_like(ctx: Context, codes: dict) -> dict:
     """Codes of silence as long as each item's audio (one encoding per distinct length)."""
+    if not codes:
+        return {}
     frames = sorted({c.shape[1] for c in codes.values()})
     spf = ctx.codec.samples_per_frame
     encoded = ctx.encode([np.zeros(f * spf, dtype=np.float32) for f in frames])
     by_frames = dict(zip(frames, encoded))
     return {n: by_frames[c.shape[1]] for n, c in codes.items()}
+
+
+def mismatched(codes: dict, seed: int) -> tuple[dict, dict]:
+    """Each item's audio replaced by another item's clip, cut or repeated to its own number of frames (so lengths,
+    and what fits --max-len, stay as they were): a derangement, one seeded cycle through the items.
+    Returns (index -> codes, index -> the index whose clip it got); empty with fewer than two items."""
+    keys = sorted(codes)
+    if len(keys) < 2:
+        return {}, {}
+    order = [keys[i] for i in np.random.default_rng([seed, 1]).permutation(len(keys))]
+    partner = {order[i]: order[(i + 1) % len(order)] for i in range(len(order))}
+    out = {}
+    for n, m in partner.items():
+        frames = codes[n].shape[1]
+        clip = codes[m]
+        out[n] = np.tile(clip, (1, -(-frames // clip.shape[1])))[:, :frames]
+    return out, partner
+
+
+def orderings(n_choices: int, k: int, seed: int, index: int) -> list[list[int]]:
+    """Up to k distinct orderings of an item's options, the original first, then seeded random ones (all of them
+    when there are no more than k)."""
+    if math.factorial(n_choices) <= k:
+        rest = [list(p) for p in itertools.permutations(range(n_choices))][1:]
+        np.random.default_rng([seed, 2, index]).shuffle(rest)
+        return [list(range(n_choices))] + rest
+    rng, seen = np.random.default_rng([seed, 2, index]), {tuple(range(n_choices))}
+    out = [list(range(n_choices))]
+    while len(out) < k:
+        p = tuple(int(i) for i in rng.permutation(n_choices))
+        if p not in seen:
+            seen.add(p)
+            out.append(list(p))
+    return out
+
+
+def _permuted(ctx: Context, data: Questions, codes: dict, prompts: dict, scores: dict) -> dict:
+    """index -> correct under each ordering (`--mcq-permutations`). Options are scored one by one, so only the
+    question's listing of them ({choices} in the template) can move the scores: without it the orderings are not
+    re-scored (they cannot differ)."""
+    settings = ctx.settings
+    plans = {n: orderings(len(data.items[n].choices), settings.mcq_permutations, settings.seed, n) for n in prompts}
+    if "{choices}" not in settings.mcq_template and settings.mcq_format != "instruct":
+        return {n: [_correct(scores[n][1], data.items[n].answer)] * len(p) for n, p in plans.items()}
+    keyed = {(n, j): (_question(ctx, data.items[n], order), [prompts[n][1][i] for i in order])
+             for n, p in plans.items() for j, order in enumerate(p) if j > 0}
+    permuted = _score(ctx, {key: codes[key[0]] for key in keyed}, keyed, "mcq: scoring permuted options")
+    out = {}
+    for n, p in plans.items():
+        answer = data.items[n].answer
+        out[n] = [_correct(scores[n][1], answer)] + [_correct(permuted[(n, j)][1], order.index(answer))
+                                                     for j, order in enumerate(p) if j > 0]
+    return out
 
 
 def _prepare(ctx: Context, data: Questions, skips: Skips | None) -> tuple[dict, dict]:
@@ -264,58 +358,102 @@ def _prepare(ctx: Context, data: Questions, skips: Skips | None) -> tuple[dict, 
     return codes, prompts
 
 
+def benchmark(spec: str) -> dict:
+    """What the scores rest on: the file's sha256 (a revised benchmark moves numbers), or the hub spec."""
+    if spec.startswith("hf:"):
+        return {"source": spec}
+    path = Path(spec).expanduser()
+    return {"source": spec, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+
+
 def silent_correct(ctx: Context, data: Questions) -> dict[int, bool]:
     """Judge use: which items (by index) this model answers correctly with silence as the audio."""
     codes, prompts = _prepare(ctx, data, None)
-    scores = _score(ctx, _silence(ctx, codes), prompts, "judge: scoring with silence")
+    scores = _score(ctx, silence_like(ctx, codes), prompts, "judge: scoring with silence")
     return {n: _correct(v[1], data.items[n].answer) for n, v in scores.items()}
 
 
 def run_mcq(ctx: Context, data: Questions) -> dict:
+    if ctx.settings.mcq_mode == "generate":
+        from soda.evaluate.mcq_generate import run_generated
+
+        return run_generated(ctx, data)
     settings = ctx.settings
     codes, prompts = _prepare(ctx, data, data.skips)
     with_audio = _score(ctx, codes, prompts, "mcq: scoring")
-    with_silence = _score(ctx, _silence(ctx, codes), prompts, "mcq: scoring with silence")
+    with_silence = _score(ctx, silence_like(ctx, codes), prompts, "mcq: scoring with silence")
+    other_codes, partner = mismatched({n: codes[n] for n in prompts}, settings.seed)
+    with_other = _score(ctx, other_codes, {n: prompts[n] for n in other_codes}, "mcq: scoring with another clip")
+    baseline = _unconditional(ctx, prompts)
+    permuted = _permuted(ctx, data, codes, prompts, with_audio)
     rows, by_domain, totals = [], defaultdict(lambda: defaultdict(float)), defaultdict(int)
     for n in sorted(with_audio):
         item = data.items[n]
         raw, norm = with_audio[n]
         silent_raw, silent = with_silence[n]
+        pmi = [r - b for r, b in zip(raw, baseline[n])]
         flags = {"correct_raw": _correct(raw, item.answer), "correct": _correct(norm, item.answer),
-                 "correct_silence": _correct(silent, item.answer)}
+                 "correct_pmi": _correct(pmi, item.answer), "correct_silence": _correct(silent, item.answer)}
+        if n in with_other:
+            flags["correct_mismatched"] = _correct(with_other[n][1], item.answer)
         flags["only_with_audio"] = flags["correct"] and not flags["correct_silence"]
         flags["only_without_audio"] = flags["correct_silence"] and not flags["correct"]
+        flags["correct_all_orderings"] = all(permuted[n])
         d = by_domain[item.domain or "all"]
         d["count"] += 1
         d["chance"] += 1 / len(item.choices)
         for key, value in flags.items():
             totals[key] += value
             d[key] += value
+        totals["orderings_mean"] += float(np.mean(permuted[n]))
+        totals["orderings"] += len(permuted[n])
+        soft = raw[item.answer] - silent_raw[item.answer]
+        totals["soft"] += soft
         rows.append({"index": n, "id": item.id, "domain": item.domain, "answer": item.answer, "scores_raw": raw,
-                     "scores_norm": norm, "scores_norm_silence": silent, "pick": int(np.argmax(norm)),
-                     "pick_silence": int(np.argmax(silent)), **flags,
+                     "scores_norm": norm, "scores_pmi": pmi, "scores_norm_silence": silent,
+                     "pick": int(np.argmax(norm)), "pick_silence": int(np.argmax(silent)), **flags,
+                     "correct_by_ordering": permuted[n], "mismatched_with": partner.get(n),
                      "audio_effect": _option_probability(raw, item.answer)
-                     - _option_probability(silent_raw, item.answer)})
+                     - _option_probability(silent_raw, item.answer),
+                     "soft_score": soft})
     count = len(rows)
     extra = {
         "accuracy_raw": share(totals["correct_raw"], count),
+        "accuracy_pmi": share(totals["correct_pmi"], count),
         "chance": share(sum(d["chance"] for d in by_domain.values()), count),
         "by_domain": {name: {"accuracy": share(d["correct"], int(d["count"])),
                              "accuracy_raw": share(d["correct_raw"], int(d["count"])),
+                             "accuracy_pmi": share(d["correct_pmi"], int(d["count"])),
                              "accuracy_silence": share(d["correct_silence"], int(d["count"])),
                              "chance": d["chance"] / d["count"], "count": int(d["count"])}
                       for name, d in sorted(by_domain.items())},
+        "permutations": {
+            "requested": settings.mcq_permutations, "orderings_scored": totals["orderings"],
+            "mean_accuracy": share(totals["orderings_mean"], count),
+            "all_orderings_correct": share(totals["correct_all_orderings"], count),
+            "note": "options are scored one by one, so only the template's {choices} listing lets order matter"},
         "audio_contribution": {
             "condition": "the item's audio replaced by silence of the same length",
             "accuracy_silence": share(totals["correct_silence"], count),
+            "accuracy_mismatched": share(totals["correct_mismatched"], len(with_other)) if with_other else None,
+            "mismatched_condition": "another item's clip (a seeded derangement), cut or repeated to this item's "
+                                    "length",
             "correct_with_audio": totals["correct"], "correct_without_audio": totals["correct_silence"],
             "correct_only_with_audio": totals["only_with_audio"],
             "correct_only_without_audio": totals["only_without_audio"],
             "mean_audio_effect": share(sum(r["audio_effect"] for r in rows), count),
+            "mean_soft_score": share(totals["soft"], count),
+            "soft_score": "log p(answer | audio) - log p(answer | silence), the correct option's summed log-prob",
         },
+        "benchmark": benchmark(data.source),
+        "scorer_versions": {"likelihood": "soda-likelihood-2: per-token mean (headline), raw sum, PMI against "
+                                          f"BOS <|text_start|>{PMI_PREFIX}; ties wrong"},
     }
-    how = {"data": data.source, "template": settings.mcq_template, "codec": ctx.loaded.codec_label,
-           "score": "per-token mean log-prob of each option (raw sum in accuracy_raw)",
+    how = {"data": data.source, "mode": "likelihood", "format": settings.mcq_format,
+           "template": settings.mcq_template if settings.mcq_format == "plain" else "instruct",
+           "codec": ctx.loaded.codec_label, "permutations": settings.mcq_permutations,
+           "score": "per-token mean log-prob of each option (raw sum in accuracy_raw, minus its log-prob after "
+                    f"'BOS <|text_start|>{PMI_PREFIX}' in accuracy_pmi)",
            "correct_if": "the answer's score beats every other option (ties wrong)"}
     if settings.split_weak_strong:
         extra["split"] = split_weak_strong(ctx, data, rows)

@@ -147,12 +147,37 @@ def _notes(task, r: dict) -> list[str]:
         out.append(f"- {task.title} (nats/token): {vector}" + (f"; {bits:.1f} bits per audio-second" if bits else "")
                    + ".")
     if r.get("audio_contribution"):
-        ac = r["audio_contribution"]
-        out.append(f"- {task.title}: chance {_fmt(r['chance'], True)}, raw-sum accuracy "
-                   f"{_fmt(r['accuracy_raw'], True)}; with silence instead of audio "
-                   f"{_fmt(ac['accuracy_silence'], True)} ({ac['correct_without_audio']} items right without audio, "
-                   f"{ac['correct_only_with_audio']} only with it).")
+        out += _mcq_notes(task, r)
         if r.get("split"):
             s = r["split"]
             out.append(f"- {task.title} split ({s['rule']}): {s['weak']} weak, {s['strong']} strong.")
+    return out
+
+
+def _mcq_notes(task, r: dict) -> list[str]:
+    """MCQ: the other scores of the same answers, the controls without (or with the wrong) audio, orderings."""
+    ac = r["audio_contribution"]
+
+    def pc(value) -> str:
+        return _fmt(value, True)
+
+    if r.get("settings", {}).get("mode") == "generate":
+        scores = (f"official {pc(r['accuracy_official'])}"
+                  + (" (MMSU's script, which drops malformed answers from the total: "
+                     f"{pc(r['accuracy_official_compat'])})"
+                     if "accuracy_official_compat" in r else "")
+                  + f", strict {pc(r['accuracy_strict'])} ({r['malformed']} answers malformed)")
+    else:
+        scores = f"raw-sum {pc(r['accuracy_raw'])}, PMI {pc(r.get('accuracy_pmi'))}"
+        if ac.get("accuracy_mismatched") is not None:
+            scores += f"; with another item's clip {pc(ac['accuracy_mismatched'])}"
+        if ac.get("mean_soft_score") is not None:
+            scores += f"; mean log p(answer) gain from the audio over silence {ac['mean_soft_score']:.3f} nats"
+    out = [f"- {task.title}: chance {pc(r['chance'])}; {scores}; with silence instead of audio "
+           f"{pc(ac['accuracy_silence'])} ({ac['correct_without_audio']} items right without audio, "
+           f"{ac['correct_only_with_audio']} only with it)."]
+    perm = r.get("permutations") or {}
+    if perm.get("requested", 1) > 1:
+        out.append(f"- {task.title} over {perm['requested']} option orders: mean {pc(perm['mean_accuracy'])}, right "
+                   f"under all of them {pc(perm['all_orderings_correct'])}.")
     return out

@@ -50,6 +50,27 @@ class EvalSettings:
     mcq_template: str = setting("{question}\nAnswer:",
                                 help="question text before each option; {question} and {choices} are filled in "
                                      "(default: '{question}\\nAnswer:')")
+    mcq_format: str = setting(
+        "plain", choices=("plain", "instruct"),
+        help="mcq likelihood: plain (default: each option after --mcq-template) or instruct (each option as "
+             "'OPTION</answer>' after the instruction document's prompt and '<answer>': for models tuned by "
+             "soda-finetune instruct)")
+    mcq_mode: str = setting(
+        "likelihood", choices=("likelihood", "generate"),
+        help="mcq: likelihood (default; any model: each option's log-prob) or generate (instruction-tuned models: "
+             "the model writes its answer, judged by the benchmarks' official scorers and a strict parser)")
+    mcq_prompt: str = setting(
+        "answer", choices=("answer", "mmsu"),
+        help="mcq generate: answer (default; AudioMCQ/R1-AQA's '<answer> </answer>' instruction, as soda-finetune "
+             "instruct trains; scored by MMAU/MMAR string_match) or mmsu (MMSU's 'A. ...' letter prompt and letter "
+             "parser)")
+    mcq_max_tokens: int = setting(128, type=int, at_least=1, metavar="N",
+                                  help="mcq generate: longest answer in tokens (default 128)")
+    mcq_permutations: int = setting(
+        1, type=int, at_least=1, metavar="K",
+        help="mcq likelihood: ask each item with its options in K orders (the original first, then seeded ones; "
+             "only a --mcq-template with {choices} makes the order matter); reports the mean accuracy and the share "
+             "right under all orders (default 1)")
     split_weak_strong: bool = setting(
         False, action="store_true",
         help="mcq: write OUT/mcq_weak.json (answerable without audio) and OUT/mcq_strong.json")

@@ -2,19 +2,21 @@
 
     soda-finetune s2st --init-from CKPT --data pairs.tsv --out RUN [--target-only-loss]
     soda-finetune docs --init-from CKPT --data TOKENIZED_DIR --out RUN [--loss-after text_end]
+    soda-finetune instruct --init-from CKPT --data tasks.jsonl --data mcq=audiomcq.json --out RUN
     soda-finetune eval-s2st CKPT --data pairs.tsv --out DIR          # = soda-eval --tasks s2st
     soda-finetune grpo --init-from RUN_SFT --data strong.json --out RUN   # GRPO, AudioMCQ's MCQ rewards
-
-`grpo` (soda.finetune.grpo) is reinforcement learning on multiple-choice audio questions, its own Lightning run.
 
 `s2st` turns a CVSS-style manifest into SODA's speech-to-speech translation documents (encoded with the
 checkpoint's own codec and vocabulary: `tokenize_audio.s2st`) in RUN/data, then trains on them; `docs` trains on
 shards made by `soda-tokenize` (e.g. `--formats audio-first` for ASR-only or `text-first` for TTS-only
-fine-tuning), after checking they share the checkpoint's vocabulary and codec. Both hand a `TrainConfig`
+fine-tuning), after checking they share the checkpoint's vocabulary and codec; `instruct` turns audio instruction
+and multiple-choice files into instruction documents, one shard directory per source, with a data report and a
+contamination check (`soda.finetune.instruct_data`), and trains on the responses only. Both hand a `TrainConfig`
 to `soda.train.cli.train`: the same Lightning run as pre-training (resume, logging, strategies, checkpoints,
 HF export), only with fine-tuning defaults: SODA's CVSS-T recipe (`FINETUNE_DEFAULTS`, spelled out in
 configs/finetune-s2st.yaml), five epochs of the data for s2st and one for docs unless --tokens or --epochs
-say otherwise.
+say otherwise. `grpo` (`soda.finetune.grpo`) is reinforcement learning on multiple-choice audio questions after
+`instruct`, its own Lightning run on soda-train's callbacks.
 """
 
 from __future__ import annotations
@@ -43,10 +45,14 @@ FINETUNE_DEFAULTS = {"seq_len": 2048, "batch_tokens": 64 * 2048, "lr": 2e-5, "sc
                      "sample_every": 0}  # pre-training's sample prompts (TTS, continuation, ASR) say little here
 # `docs` takes the same recipe over one pass of its data (any soda-tokenize output: often far larger than CVSS-T).
 DOCS_DEFAULTS = FINETUNE_DEFAULTS | {"epochs": 1.0}
+# `instruct`: the same recipe with SODA's 4096 context (a 30 s clip is 3,000 Mimi tokens) and AudioMCQ's SFT
+# schedule (2 epochs, 5% warm-up); Falcon3-Audio's hyperparameters are not published.
+INSTRUCT_DEFAULTS = FINETUNE_DEFAULTS | {"seq_len": 4096, "batch_tokens": 32 * 4096, "epochs": 2.0, "warmup": 0.05}
 # soda-train flags that do not apply: the model comes from --init-from, which soda-finetune defines itself.
 MODEL_FLAGS = {"--size", "--sweep-width", "--width", "--layers", "--heads", "--kv-heads", "--head-dim", "--ffn",
                "--init-from", "--dry-run", "--mfu", "--vocab"}
 S2ST_ONLY = {"--data", "--val-data", "--mix", "--loss-after"}  # s2st makes its own data; --target-only-loss
+INSTRUCT_ONLY = {"--data", "--val-data", "--loss-after"}  # instruct makes its own data, scored after the instruction
 DATA_DIR, REPORT = "data", "data_report.json"
 
 
@@ -66,9 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
                "--target-only-loss\n"
                "  soda-finetune s2st --out runs/s2st-fr --resume\n"
                "  soda-finetune docs --init-from runs/600m --data tok/librispeech-asr --out runs/asr\n"
+               "  soda-finetune instruct --init-from runs/600m --data asqa=open_asqa.jsonl --data mcq=audiomcq.json "
+               "--temperature 2 --eval-sets mmau-test-mini.json --out runs/instruct\n"
                "  soda-finetune eval-s2st runs/s2st-fr --data cvss_t/fr/test.tsv --out eval/s2st-fr",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, metavar="{s2st,docs,eval-s2st,grpo}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{s2st,docs,instruct,eval-s2st,grpo}")
 
     s = sub.add_parser("s2st", allow_abbrev=False, help="speech-to-speech translation from a CVSS-style manifest",
                        description="Build SODA's S2ST documents from a manifest (TSV with a header, or JSONL: "
@@ -95,6 +103,44 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the checkpoint's vocabulary and codec.")
     _common(d, "DIR", DOCS_DEFAULTS)
     add_train_arguments(d, skip=MODEL_FLAGS, helps=_finetune_helps(DOCS_DEFAULTS))
+
+    i = sub.add_parser(
+        "instruct", allow_abbrev=False, help="audio instruction tuning (Falcon3-Audio's single mixed-task run)",
+        description="Turn audio instruction and multiple-choice files into instruction documents (BOS "
+                    "<|audio_start|>A<|audio_end|><|text_start|>instruction<|text_end|><|text_start|>response"
+                    "<|text_end|> EOS, encoded with the checkpoint's codec), one shard directory per source in "
+                    "RUN/data, and fine-tune on the responses only, in one mixed run. soda-generate's instruct task "
+                    "asks the tuned model the same way; soda-eval --tasks mcq --mcq-mode generate scores it.",
+        epilog="--data rows (JSON list or JSONL; audio paths relative to the file):\n"
+               "  {\"audio\": \"a.wav\", \"instruction\": \"Describe the sound.\", \"response\": \"A dog barks.\", "
+               "\"task\": \"caption\", \"source\": \"clotho\"}\n"
+               "  MMAU/MMAR/MMSU/AudioMCQ questions: question, choices (or choice_a..), answer -> AudioMCQ's "
+               "prompt and <answer>OPTION</answer>\n"
+               "  {\"audio\": \"a.wav\", \"question\": \"...\", \"answer\": \"...\"}   (free-form QA)\n"
+               "A row's source field (else the file's NAME) is the source it trains in; --mix weights sources by "
+               "token share.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(i, "FILE", INSTRUCT_DEFAULTS)
+    g = i.add_argument_group("instruction data")
+    g.add_argument("--data", dest="instruct_data", action="append", metavar="[NAME=]FILE",
+                   help="instruction or MCQ rows (.json/.jsonl, or hf:NAME[:CONFIG]:SPLIT); repeat for more sources")
+    g.add_argument("--temperature", type=float,
+                   help="without --mix: weight sources by token count^(1/T) (default 1: natural proportions; "
+                        "larger flattens toward uniform)")
+    g.add_argument("--cap", help="at most N items per source (N) or per named source (NAME=N,NAME=N): a seeded "
+                                 "choice")
+    g.add_argument("--eval-sets", action="append", default=[], metavar="FILE",
+                   help="evaluation files (MCQ or instruction rows) to check the training clips against, by file "
+                        "id and by audio-token hash; repeatable")
+    g.add_argument("--contamination", choices=("refuse", "warn", "drop"), default="refuse",
+                   help="training clips found in --eval-sets: refuse to train (default), warn, or drop those items")
+    g.add_argument("--codec", help="codec to encode audio with (default: the one recorded with the checkpoint)")
+    g.add_argument("--device", default="auto", help="device for encoding audio (auto: GPU when present)")
+    g.add_argument("--validation-fraction", type=float, default=0.02,
+                   help="clips held out for validation loss, chosen by hashing them (default 0.02; 0 for none)")
+    g.add_argument("--items-per-shard", type=int, default=1000)
+    g.add_argument("--prepare-only", action="store_true", help="write RUN/data and the report, and stop")
+    add_train_arguments(i, skip=MODEL_FLAGS | INSTRUCT_ONLY, helps=_finetune_helps(INSTRUCT_DEFAULTS))
 
     e = sub.add_parser("eval-s2st", allow_abbrev=False,
                        help="ASR-BLEU, text BLEU, speaker similarity and termination rate "
@@ -178,6 +224,8 @@ def main(argv=None) -> int:
     flags = flag_values(args)
     if args.command == "s2st" and args.target_only_loss:
         flags["loss_after"] = "text_end"
+    if args.command == "instruct":
+        flags["loss_after"] = "text_end"  # the response: everything after the instruction's <|text_end|>
     out = run_directory(flags, args.config, default="")
     if not str(out) or str(out) == ".":
         raise SodaError("give --out RUN_DIR")
@@ -186,24 +234,31 @@ def main(argv=None) -> int:
     if args.epochs is not None and not args.epochs > 0:
         raise SodaError(f"--epochs {args.epochs:g}: must be positive (e.g. 0.5 for half the data)")
     if not args.resume:
-        data = args.manifest if args.command == "s2st" else args.data
+        data = {"s2st": "manifest", "instruct": "instruct_data"}.get(args.command, "data")
+        data = getattr(args, data)
         missing = [f for f, v in (("--init-from", args.init_from), ("--data", data)) if not v]
         if missing:
             raise SodaError(f"{args.command}: give {' and '.join(missing)} (or --resume a run)")
     check_run_directory(out, args.resume)  # before preparing any data
     if args.resume and flags.get("init_from"):  # the same command line again: its .ckpt was trained from RUN/init
         flags["init_from"] = init_target(flags["init_from"], out)[0]
-    defaults = FINETUNE_DEFAULTS if args.command == "s2st" else DOCS_DEFAULTS
+    defaults = {"s2st": FINETUNE_DEFAULTS, "instruct": INSTRUCT_DEFAULTS}.get(args.command, DOCS_DEFAULTS)
     cfg = resolve_config(flags, out, args.resume, args.config, [] if args.resume else [defaults])
     tokens_given = "tokens" in flags or bool(args.config and "tokens" in _yaml(args.config))
     if args.command == "s2st":
         prepared = prepare_s2st(args, out, cfg.epochs or defaults["epochs"], cfg.seq_len)
         if args.prepare_only:
             return 0
+    elif args.command == "instruct":
+        prepared = prepare_instruct(args, cfg, out)
+        if args.prepare_only:
+            return 0
     else:
         prepared = prepare_docs(args, cfg, out, tokens_given)
     if not args.resume:
         cfg.init_from, cfg.data = prepared["init_from"], prepared["data"]
+        if "mix" in prepared:
+            cfg.mix = prepared["mix"]
         if tokens_given:
             cfg.epochs = None  # --tokens, not a number of passes, sets the schedule's length
         else:
@@ -324,6 +379,86 @@ def prepare_s2st(args, out: Path, epochs: float, seq_len: int) -> dict:
     say(line)
     return {"data": [str(data)], "init_from": init, "train_tokens": epochs_to_tokens(manifest, epochs),
             "report": line}
+
+
+def _long_documents(lengths: dict, seq_len: int, what: str, report_file: Path) -> dict:
+    """The documents longer than `seq_len` (cut across training windows), with a warning naming the longest."""
+    long = sorted(((n, i) for i, n in lengths.items() if n > seq_len), reverse=True)
+    if long:
+        named = ", ".join(f"{i} ({n:,} tokens)" for n, i in long[:LISTED_LONG])
+        say(f"warning: {len(long):,} of {len(lengths):,} {what} are longer than --seq-len {seq_len} and are cut "
+            f"across training windows: {named}" + (", ..." if len(long) > LISTED_LONG else "") + f"; all in "
+            f"{report_file}")
+    return {"seq_len": seq_len, "count": len(long), "documents": [{"id": i, "tokens": n} for n, i in long]}
+
+
+def prepare_instruct(args, cfg, out: Path) -> dict:
+    """RUN/data (one shard directory per source) and RUN/data_report.json, by rank 0 (kept on --resume; a --data
+    file edited since is refused); what training needs from them."""
+    from soda.finetune.instruct_data import (contamination_message, file_sha256, mixture, parse_caps, parse_data,
+                                             prepare_instruct_data, read_report, save_report)
+
+    report_file = out / REPORT
+    if args.resume or not is_rank_zero():
+        if not is_rank_zero():
+            _wait_for(report_file)
+        if not report_file.is_file():
+            raise SodaError(f"--resume: {out / DATA_DIR} holds no prepared data; start the run again without --resume")
+        report = read_report(report_file)
+        if not report.get("init_from"):
+            raise SodaError(f"{report_file}: rank 0 refused this data ({contamination_message(report)}); see the "
+                            f"report")
+        for spec, digest in report["data_sha256"].items():
+            path = Path(parse_data(spec)[1])
+            if not spec.startswith("hf:") and path.is_file() and file_sha256(path) != digest:
+                raise SodaError(f"--resume: {path} changed since {out / DATA_DIR} was prepared from it; start a new "
+                                f"run (another --out) from the edited file, or restore it")
+        return {"data": report["train_data"], "init_from": report["init_from"], "mix": report["mix"],
+                "train_tokens": report["train_tokens"], "report": None}
+    if not 0 <= args.validation_fraction < 1 or args.items_per_shard < 1:
+        raise SodaError("--validation-fraction must be in [0, 1) and --items-per-shard positive")
+    from soda.checkpoints import load_model
+
+    loaded = load_model(args.init_from, device=args.device, codec=args.codec, weights=False)
+    codec = loaded.load_codec()
+    say(f"encoding the clips of {', '.join(args.instruct_data)} with {loaded.codec_label} into {out / DATA_DIR}")
+    report = prepare_instruct_data(args.instruct_data, out / DATA_DIR, loaded.vocab, codec, caps=parse_caps(args.cap),
+                                   seed=cfg.seed, validation_fraction=args.validation_fraction,
+                                   items_per_shard=args.items_per_shard, eval_sets=args.eval_sets,
+                                   contamination=args.contamination, progress=not args.quiet)
+    lengths = report.pop("_lengths")
+    report["mix"] = mixture(report, cfg.mix, args.temperature)
+    unknown = sorted(set(report["mix"]) - set(report["sources"]))
+    if unknown:
+        raise SodaError(f"--mix names {', '.join(unknown)}, but the sources are {', '.join(report['sources'])}")
+    for name, source in report["sources"].items():
+        source["weight"] = report["mix"].get(name, 0.0)
+    report["train_data"] = [f"{name}={s['directory']}" for name, s in report["sources"].items()]
+    report["train_tokens"] = max(1, round((cfg.epochs or INSTRUCT_DEFAULTS["epochs"])
+                                          * sum(s["train_tokens"] for s in report["sources"].values())))
+    report["longer_than_seq_len"] = _long_documents(lengths, cfg.seq_len, "items", report_file)
+    problem = contamination_message(report)
+    if problem and args.contamination == "refuse":
+        report["init_from"] = None
+        save_report(report_file, report)
+        raise SodaError(f"{problem}; details in {report_file}. Use --contamination drop to leave them out, or warn "
+                        f"to train on them anyway")
+    if problem:
+        say(f"warning: {problem}" + (" (dropped)" if args.contamination == "drop" else ""))
+    report["init_from"] = init_model_dir(args.init_from, out, loaded.vocab)
+    del loaded, codec
+    save_report(report_file, report)
+    total = report["total"]
+    for name, s in report["sources"].items():
+        say(f"  {name}: {s['items']:,} items, {s['hours']:.2f} h ({s['unique_clips']:,} clips, {s['unique_hours']:.2f} "
+            f"h unique), weight {s['weight']:.3f}")
+    line = (f"data: {total['items']:,} items from {len(report['sources'])} sources, {total['hours']:.2f} h "
+            f"({total['unique_hours']:.2f} h unique), {report['skipped_count']:,} rows skipped"
+            + (f" ({', '.join(f'{n} {r}' for r, n in report['skipped_reasons'].items())})"
+               if report["skipped_count"] else "") + f"; details in {report_file}")
+    say(line)
+    return {"data": report["train_data"], "init_from": report["init_from"], "mix": report["mix"],
+            "train_tokens": report["train_tokens"], "report": line}
 
 
 def prepare_docs(args, cfg, out: Path, tokens_given: bool) -> dict:
