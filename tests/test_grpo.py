@@ -504,3 +504,25 @@ def test_a_group_sigterm_checkpoints_the_step_and_the_requeue_finishes(random_mo
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert [int(r["step"]) for r in metrics(out)] == list(range(40))
+
+
+def test_other_ranks_take_only_this_launchs_data_or_refusal(tmp_path):
+    import os
+    import threading
+    import time
+
+    from soda.finetune.grpo import wait_for_rank_zero
+    from tokenize_audio.errors import SodaError
+
+    stale = time.time() - 600  # an earlier attempt's files
+    (tmp_path / "config.yaml").write_text("task: grpo\n")
+    (tmp_path / "data_refused.txt").write_text("old reason")
+    for name in ("config.yaml", "data_refused.txt"):
+        os.utime(tmp_path / name, (stale, stale))
+    started = time.time()
+    timer = threading.Timer(1.0, lambda: (tmp_path / "data_refused.txt").write_text("--data q.json: no such file"))
+    timer.start()
+    with pytest.raises(SodaError, match="rank 0 could not prepare the data: --data q.json: no such file"):
+        wait_for_rank_zero(tmp_path, started, timeout=30)
+    (tmp_path / "config.yaml").write_text("task: grpo\n")
+    wait_for_rank_zero(tmp_path, started, timeout=30)  # rank 0's fresh config: go

@@ -38,6 +38,7 @@ import math
 import shlex
 import signal
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,6 +52,7 @@ from tokenize_audio.errors import SodaError, first_line
 from tokenize_audio.shards import atomic_write_json, atomic_write_text
 
 DATA_DIR, PROMPTS, REPORT, CONFIG = "data", "prompts.jsonl", "data_report.json", "config.yaml"
+REFUSED = "data_refused.txt"  # rank 0's one-line reason, for the other ranks
 STD_EPS = 1e-4  # TRL's: advantages / (std + 1e-4)
 
 
@@ -370,13 +372,9 @@ class GRPOMetrics(L.Callback):
         self.every, self._t0 = max(1, every), None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        import time
-
         self._t0 = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        import time
-
         metrics, pl_module.step_metrics = pl_module.step_metrics, None
         step = trainer.global_step - 1
         if metrics is None or ((step + 1) % self.every and trainer.global_step < trainer.max_steps):
@@ -447,10 +445,11 @@ def save_settings(s: GRPOSettings, init: str, vocab_dir: Path) -> None:
 def run_grpo(args) -> int:
     """`soda-finetune grpo`: prepare (or reuse) RUN/data, then train; the exit code."""
     from soda.checkpoints import load_model
-    from soda.finetune.cli import _wait_for, init_model_dir
+    from soda.finetune.cli import init_model_dir
     from soda.train.run import is_rank_zero
     from soda.train.cli import check_run_directory, resolve_resume, stop_on_signals
 
+    started = time.time()
     if not args.out:
         raise SodaError("grpo: give --out RUN_DIR")
     out = Path(args.out)
@@ -468,7 +467,7 @@ def run_grpo(args) -> int:
         transformers.utils.logging.disable_progress_bar()
     if resume or not is_rank_zero():  # under torchrun, rank 0 prepares RUN/data and RUN/init; the others wait
         if not resume:
-            _wait_for(out / CONFIG)
+            wait_for_rank_zero(out, started)
         saved = yaml.safe_load((out / CONFIG).read_text())
         init, prompts = saved["init_model"], read_prompts(out)
         report = json.loads((out / REPORT).read_text())
@@ -476,21 +475,39 @@ def run_grpo(args) -> int:
 
         vocab, codec_meta = Vocabulary.load(out / DATA_DIR), report.get("codec")
     else:
-        check_data(s.data)
-        if not str(s.data).startswith("hf:"):
-            s.data = str(Path(s.data).expanduser().resolve())
-        loaded = load_model(s.init_from, device="cpu", codec=s.codec, weights=False)
-        codec = loaded.load_codec()
-        say(f"encoding the questions of {s.data} with {loaded.codec_label}")
-        report = prepare_prompts(s, out, loaded, codec, args.quiet)
-        vocab, codec_meta = loaded.vocab, report["codec"]
-        init = init_model_dir(s.init_from, out, vocab)
+        try:
+            check_data(s.data)
+            if not str(s.data).startswith("hf:"):
+                s.data = str(Path(s.data).expanduser().resolve())
+            loaded = load_model(s.init_from, device="cpu", codec=s.codec, weights=False)
+            codec = loaded.load_codec()
+            say(f"encoding the questions of {s.data} with {loaded.codec_label}")
+            report = prepare_prompts(s, out, loaded, codec, args.quiet)
+            vocab, codec_meta = loaded.vocab, report["codec"]
+            init = init_model_dir(s.init_from, out, vocab)
+        except SodaError as e:  # the other ranks (under torchrun) stop with it instead of waiting
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(out / REFUSED, str(e))
+            raise
         prompts = read_prompts(out)
         save_settings(s, init, out / DATA_DIR)
+        (out / REFUSED).unlink(missing_ok=True)  # an earlier attempt's
         say(f"data: {report['questions']:,} questions used, {report['skipped_count']:,} skipped"
             + (f" ({', '.join(f'{n} {r}' for r, n in report['skipped_reasons'].items())})" if report['skipped_count']
                else "") + f"; details in {out / REPORT}")
     return train_grpo(s, init, vocab, prompts, codec_meta, resume, args.quiet)
+
+
+def wait_for_rank_zero(out: Path, started: float, timeout: float = 24 * 3600) -> None:
+    """Ranks other than 0 wait for rank 0's config.yaml (data prepared) or its refusal, written during this launch
+    (files older than this process's start, left by an earlier attempt, are not taken for this one's)."""
+    fresh = lambda p: p.is_file() and p.stat().st_mtime >= started - 2  # noqa: E731 -- ranks start together
+    while not fresh(out / CONFIG):
+        if fresh(out / REFUSED):
+            raise SodaError(f"rank 0 could not prepare the data: {(out / REFUSED).read_text().strip()}")
+        if time.time() - started > timeout:
+            raise SodaError(f"waited {timeout:.0f} s for rank 0 to write {out / CONFIG}")
+        time.sleep(1)
 
 
 def train_grpo(s: GRPOSettings, init: str, vocab, prompts: list[dict], codec: dict | None, resume: bool,
