@@ -426,7 +426,8 @@ def resolve_settings(args, out: Path, resume: bool) -> GRPOSettings:
             raise SodaError(f"--resume: {', '.join('--' + k.replace('_', '-') for k in changed)} differ from the run's "
                             f"{saved} (only how the run runs may change: --max-steps, devices, logging); start a "
                             f"new run into another --out")
-        if given.get("data") and Path(str(given["data"])).expanduser().resolve() != Path(values["data"]):
+        data = given.get("data")
+        if data and (data if data.startswith("hf:") else str(Path(data).expanduser().resolve())) != values["data"]:
             raise SodaError(f"--resume: --data {given['data']} is not the questions this run was prepared from "
                             f"({values['data']})")
         values["max_steps"] = None  # a stop asked for once is not asked again: a resume runs to --steps unless told
