@@ -15,9 +15,10 @@ takes one gradient step of the GRPO loss with one iteration per batch (TRL/ms-sw
 
 with l_t / ref_t the policy's / frozen reference's log-probability of completion token t. The ratio
 exp(l - sg(l)) is 1 in value, so the policy-gradient term is -A * grad l (PPO clipping never acts with one
-iteration). Log-probabilities are those the decoder sampled from: logits over the ids allowed in a text segment
-(text ids and <|text_end|>), divided by the temperature, as TRL divides them. The sequence-then-batch mean is
-TRL's `loss_type="grpo"` (ms-swift's default), the one AudioMCQ's ms-swift run used.
+iteration). Log-probabilities are over the ids the decoder may sample in a text segment (text ids and
+<|text_end|>), with the logits divided by the temperature as TRL divides them (top-k is not applied to them,
+as in TRL). The sequence-then-batch mean is TRL's `loss_type="grpo"` (ms-swift's default, so the one
+AudioMCQ's ms-swift run used).
 
 Why a LightningModule and not TRL's GRPOTrainer on the exported model: the prompts here are token ids with
 audio ids in them (no chat template or processor can make them), sampling must be the codebook-aware decoder
