@@ -4,6 +4,7 @@
     soda-finetune docs --init-from CKPT --data TOKENIZED_DIR --out RUN [--loss-after text_end]
     soda-finetune instruct --init-from CKPT --data tasks.jsonl --data mcq=audiomcq.json --out RUN
     soda-finetune eval-s2st CKPT --data pairs.tsv --out DIR          # = soda-eval --tasks s2st
+    soda-finetune grpo --init-from RUN_SFT --data strong.json --out RUN   # GRPO, AudioMCQ's MCQ rewards
 
 `s2st` turns a CVSS-style manifest into SODA's speech-to-speech translation documents (encoded with the
 checkpoint's own codec and vocabulary: `tokenize_audio.s2st`) in RUN/data, then trains on them; `docs` trains on
@@ -14,7 +15,8 @@ contamination check (`soda.finetune.instruct_data`), and trains on the responses
 to `soda.train.cli.train`: the same Lightning run as pre-training (resume, logging, strategies, checkpoints,
 HF export), only with fine-tuning defaults: SODA's CVSS-T recipe (`FINETUNE_DEFAULTS`, spelled out in
 configs/finetune-s2st.yaml), five epochs of the data for s2st and one for docs unless --tokens or --epochs
-say otherwise.
+say otherwise. `grpo` (`soda.finetune.grpo`) is reinforcement learning on multiple-choice audio questions after
+`instruct`, its own Lightning run on soda-train's callbacks.
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                "--temperature 2 --eval-sets mmau-test-mini.json --out runs/instruct\n"
                "  soda-finetune eval-s2st runs/s2st-fr --data cvss_t/fr/test.tsv --out eval/s2st-fr",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, metavar="{s2st,docs,instruct,eval-s2st}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{s2st,docs,instruct,eval-s2st,grpo}")
 
     s = sub.add_parser("s2st", allow_abbrev=False, help="speech-to-speech translation from a CVSS-style manifest",
                        description="Build SODA's S2ST documents from a manifest (TSV with a header, or JSONL: "
@@ -160,7 +162,33 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     e.add_argument("--overwrite", action="store_true",
                    help="discard the results already in --out (as soda-eval --overwrite)")
+    _grpo_parser(sub)
     return p
+
+
+def _grpo_parser(sub) -> None:
+    from soda.finetune.grpo import add_grpo_arguments
+
+    g = sub.add_parser("grpo", allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       help="GRPO with AudioMCQ's verifiable multiple-choice rewards (after instruction SFT)",
+                       description="Reinforcement learning on multiple-choice audio questions (AudioMCQ's recipe): "
+                                   "each step samples --generations answers per question with soda's decoder "
+                                   "(temperature 1.5, top-k 4, text only, <= 128 tokens), rewards each with 2.0 x "
+                                   "accuracy (the <answer>...</answer> text equals the right option, any case) + 0.5 "
+                                   "x format (the answer is exactly one <answer>...</answer>), normalises the "
+                                   "rewards within each question's group and takes one step of the GRPO loss with a "
+                                   "k3 KL (--beta) to the frozen starting model. Questions whose audio cannot be read "
+                                   "are skipped and counted in RUN/data_report.json. Defaults are AudioMCQ's grpo.sh.",
+                       epilog="the weak-to-strong curriculum (AudioMCQ), one command each:\n"
+                              "  soda-eval runs/base --tasks mcq --data-for mcq=train.json --split-weak-strong "
+                              "--out eval/split\n"
+                              "  soda-finetune instruct --init-from runs/base --data eval/split/mcq_weak.json --out "
+                              "runs/sft\n"
+                              "  soda-finetune grpo --init-from runs/sft --data eval/split/mcq_strong.json --out "
+                              "runs/grpo\n"
+                              "  soda-finetune grpo --out runs/grpo --resume      # after a stop or pre-emption\n"
+                              "(mixed-to-strong: SFT on the whole train.json instead of mcq_weak.json)")
+    add_grpo_arguments(g)
 
 
 def _finetune_helps(defaults: dict) -> dict:
@@ -185,6 +213,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "eval-s2st":
         return evaluate_s2st(args)
+    if args.command == "grpo":
+        from soda.finetune.grpo import run_grpo
+
+        return run_grpo(args)
     if args.quiet:
         import transformers
 
