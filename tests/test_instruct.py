@@ -165,6 +165,17 @@ def test_report_counts_total_and_unique_hours_and_checks_contamination(qa, vocab
     dropped = prepare_instruct_data(specs, tmp_path / "dropped", vocab, mimi, contamination="drop", **settings)
     assert dropped["total"]["items"] == 5 and dropped["skipped_reasons"] == {"in an evaluation set": 4}
 
+    sidecars = sorted((tmp_path / "data" / "mcq").glob("*-speech-*.json"))  # a re-run keeps the finished shards
+    stamps = [p.stat().st_mtime_ns for p in sidecars]
+    broken = qa / "audio" / "broken.wav"
+    broken.write_bytes(b"RIFF not really a wave")
+    extra = _write(qa / "extra.jsonl", [{"id": "x", "audio": "audio/broken.wav", "instruction": "?", "response": "!"}])
+    again = prepare_instruct_data(specs + [f"extra={extra}"], tmp_path / "data", vocab, mimi, contamination="warn",
+                                  **settings)
+    assert sidecars and [p.stat().st_mtime_ns for p in sidecars] == stamps
+    assert "extra" not in again["sources"] and again["total"]["items"] == 9
+    assert [s["reason"].split(":")[0] for s in again["skipped"]] == ["audio"] and again["skipped"][0]["item"] == "x"
+
 
 @pytest.mark.slow
 def test_cli_refuses_contaminated_data_with_one_line_naming_the_items(tiny_run, qa, tmp_path, capsys):

@@ -194,101 +194,130 @@ def codes_hash(codes: np.ndarray) -> str:
 
 
 def encode_clips(codec, clips: list, progress: bool, desc: str) -> dict:
-    """clip key -> codes [K, F], or the reason (str) it is unusable."""
+    """clip key -> codes [K, F], or the reason (str) it is unusable (each distinct clip encoded once)."""
     from tokenize_audio.encoding import audio_codes, default_batch_seconds
 
-    keys = list(dict.fromkeys(str(c) for c in clips))
     first = {}
     for c in clips:
         first.setdefault(str(c), c)
-    codes = audio_codes(codec, [first[k] for k in keys], default_batch_seconds(codec), desc, progress)
-    return dict(zip(keys, codes))
+    codes = audio_codes(codec, list(first.values()), default_batch_seconds(codec), desc, progress)
+    return dict(zip(first, codes))
 
 
-def eval_clips(codec, specs: list[str], progress: bool) -> list[dict]:
-    """Every clip of the evaluation sets: {set, item, file_id, hash}."""
-    if not specs:
-        return []
-    items, _, _ = read_items(specs)
-    codes = encode_clips(codec, [i.audio for i in items], progress, "evaluation clips")
-    return [{"set": i.source, "item": i.id, "file_id": i.file_id,
-             "hash": None if isinstance(codes[i.clip], str) else codes_hash(codes[i.clip])} for i in items]
+class EvalIndex:
+    """The evaluation sets' clips by file id and by audio-token hash: what training clips are checked against."""
+
+    def __init__(self, codec, specs: list[str], progress: bool):
+        self.by_file, self.by_hash = defaultdict(list), defaultdict(list)
+        if specs:
+            items, _, _ = read_items(specs)
+            codes = encode_clips(codec, [i.audio for i in items], progress, "evaluation clips")
+            for i in items:
+                entry = {"eval_set": i.source, "eval_item": i.id}
+                self.by_file[i.file_id].append(entry)
+                if not isinstance(codes[i.clip], str):
+                    self.by_hash[codes_hash(codes[i.clip])].append(entry)
+        self.digest = hashlib.sha1(json.dumps([sorted(self.by_file), sorted(self.by_hash)]).encode()).hexdigest()
+
+    def matches(self, item: InstructItem, clip_hash: str) -> list[dict]:
+        found = [{"by": "file id", **e} for e in self.by_file.get(item.file_id, [])]
+        found += [{"by": "audio tokens", **e} for e in self.by_hash.get(clip_hash, [])]
+        return [{"source": item.source, "item": item.id, "clip": item.clip, **f} for f in found]
 
 
-def overlaps(items: list[InstructItem], hashes: dict, evaluation: list[dict]) -> list[dict]:
-    """Training items whose clip is an evaluation clip, by file id or by audio-token hash."""
-    by_file, by_hash = defaultdict(list), defaultdict(list)
-    for e in evaluation:
-        by_file[e["file_id"]].append(e)
-        if e["hash"]:
-            by_hash[e["hash"]].append(e)
-    found = []
-    for item in items:
-        match = [("file id", e) for e in by_file.get(item.file_id, [])]
-        match += [("audio tokens", e) for e in by_hash.get(hashes.get(item.clip), [])]
-        for how, e in match:
-            found.append({"source": item.source, "item": item.id, "clip": item.clip, "by": how,
-                          "eval_set": e["set"], "eval_item": e["item"]})
-    return found
+def _identity(item: InstructItem) -> list:
+    """What a shard's fingerprint knows of an item: its fields and its audio file's size and mtime (an edited clip is
+    encoded again), without encoding it."""
+    path = Path(item.audio) if isinstance(item.audio, str) else None
+    stat = path.stat() if path is not None and path.is_file() else None
+    return [asdict(item) | {"audio": item.clip}, [stat.st_size, stat.st_mtime_ns] if stat else None]
 
 
-def write_source(out: Path, items: list[InstructItem], codes: dict, vocab, codec, validation_fraction: float,
-                 items_per_shard: int, seed: int) -> tuple[dict, dict]:
-    """One source's items as instruction documents in `out` (shards, sidecars, manifest, vocabulary); (manifest,
-    document lengths by item id). A shard whose sidecar fingerprint matches is kept from an earlier run."""
-    from tokenize_audio.pipeline import (ShardStats, TokenizeSettings, finished_sidecar, fingerprint, sample_key,
-                                         write_manifest)
-    from tokenize_audio.shards import atomic_write_json, write_shard
+def write_source(out: Path, items: list[InstructItem], vocab, codec, evaluation: EvalIndex, drop: bool,
+                 validation_fraction: float, items_per_shard: int, seed: int, progress: bool) -> list[dict]:
+    """One source's items as instruction documents in `out` (shards, sidecars, manifest, vocabulary), a shard at a
+    time: only one shard's codes are in memory. A shard whose sidecar fingerprint matches is kept from an earlier
+    run. Each sidecar records its clips (seconds, audio-token hash), skipped items and evaluation overlaps (left out
+    with `drop`); returns the sidecars."""
+    from tqdm import tqdm
+
+    from tokenize_audio.pipeline import (TokenizeSettings, finished_sidecar, fingerprint, write_manifest)
+    from tokenize_audio.shards import atomic_write_json
     from tokenize_audio.sources import Corpus
 
     out.mkdir(parents=True, exist_ok=True)
     held = validation_recordings([i.clip for i in items], validation_fraction)  # a clip's items stay together
     settings = TokenizeSettings(codec.describe(), vocab.text_tokenizer_source, ("instruct",), validation_fraction,
                                 recordings_per_shard=items_per_shard)
-    sidecars, lengths = [], {}
-    for split in ("train", "validation"):
-        chosen = sorted((i for i in items if (i.clip in held) == (split == "validation")),
-                        key=lambda i: (holdout_score(f"{seed}/{i.clip}"), i.clip, i.id))
-        for first in range(0, len(chosen), items_per_shard):
-            chunk = chosen[first:first + items_per_shard]
-            name = f"{split}-speech-{first // items_per_shard:05d}"
-            made_from = fingerprint(settings.to_dict() | {"vocab": vocab.to_dict()},
-                                    [(asdict(i) | {"audio": i.clip}, codes_hash(codes[i.clip])) for i in chunk])
-            sidecar = finished_sidecar(out, name, made_from)
-            if sidecar is None:
-                samples, stats = [], ShardStats()
-                for item in chunk:
-                    c = codes[item.clip]
-                    ids, response_start = instruct_document(vocab, vocab.codes_to_ids(c), item.instruction,
-                                                            item.response)
-                    counts = vocab.count_types(ids)
-                    seconds = c.shape[1] / codec.frame_rate
-                    stats.add_document(counts)
-                    stats.recordings += 1
-                    stats.utterances += 1
-                    stats.audio_seconds += seconds
-                    meta = {"recording": item.id, "format": "instruct", "kind": "speech", "task": item.task,
-                            "source": item.source, "response_start": response_start, "clip": item.clip,
-                            "audio_seconds": round(seconds, 3), "tokens": counts}
-                    samples.append((sample_key(f"{item.source}/{item.id}", "instruct"), ids, meta))
-                write_shard(out / f"{name}.tar", samples)
-                sidecar = {"name": name, "file": f"{name}.tar", "split": split, "kind": "speech", **stats.to_dict(),
-                           "skipped": [], "document_tokens": {s[2]["recording"]: len(s[1]) for s in samples},
-                           "fingerprint": made_from}
-                atomic_write_json(out / f"{name}.json", sidecar)
-            sidecars.append(sidecar)
-            lengths.update(sidecar["document_tokens"])
+    base = settings.to_dict() | {"vocab": vocab.to_dict(), "drop": evaluation.digest if drop else None}
+    sidecars = []
+    with tqdm(total=len(items), unit="item", desc=f"encoding {out.name}", disable=not progress,
+              dynamic_ncols=True) as bar:
+        for split in ("train", "validation"):
+            chosen = sorted((i for i in items if (i.clip in held) == (split == "validation")),
+                            key=lambda i: (holdout_score(f"{seed}/{i.clip}"), i.clip, i.id))
+            for first in range(0, len(chosen), items_per_shard):
+                chunk = chosen[first:first + items_per_shard]
+                name = f"{split}-speech-{first // items_per_shard:05d}"
+                made_from = fingerprint(base, [_identity(i) for i in chunk])
+                sidecar = finished_sidecar(out, name, made_from)
+                if sidecar is None:
+                    sidecar = _write_chunk(out, name, split, chunk, vocab, codec, evaluation, drop)
+                    sidecar["fingerprint"] = made_from
+                    atomic_write_json(out / f"{name}.json", sidecar)
+                bar.update(len(chunk))
+                sidecars.append(sidecar)
     vocab.save(out)
-    return write_manifest(out, codec, vocab, settings, Corpus(), sidecars), lengths
+    write_manifest(out, codec, vocab, settings, Corpus(), sidecars)
+    return sidecars
 
 
-def source_summary(items: list[InstructItem], codes: dict, frame_rate: float, manifest: dict) -> dict:
-    seconds = {i.clip: codes[i.clip].shape[1] / frame_rate for i in items}
-    train = sum(s["tokens"] for s in manifest["shard_stats"] if s["split"] == "train")
-    return {"items": len(items), "tasks": dict(Counter(i.task or "-" for i in items).most_common()),
-            "hours": round(sum(seconds[i.clip] for i in items) / 3600, 4),
-            "unique_clips": len(seconds), "unique_hours": round(sum(seconds.values()) / 3600, 4),
-            "train_tokens": train, "tokens": manifest["tokens"]["total"]}
+def _write_chunk(out: Path, name: str, split: str, chunk: list[InstructItem], vocab, codec, evaluation: EvalIndex,
+                 drop: bool) -> dict:
+    from tokenize_audio.pipeline import ShardStats, sample_key
+    from tokenize_audio.shards import write_shard
+
+    codes = encode_clips(codec, [i.audio for i in chunk], False, name)
+    clips = {k: [round(c.shape[1] / codec.frame_rate, 3), codes_hash(c)] for k, c in codes.items()
+             if not isinstance(c, str)}
+    samples, skipped, found, stats = [], [], [], ShardStats()
+    for item in chunk:
+        c = codes[item.clip]
+        if isinstance(c, str):
+            skipped.append({"source": item.source, "item": item.id, "reason": f"audio: {c}"})
+            continue
+        matches = evaluation.matches(item, clips[item.clip][1])
+        found += matches
+        if matches and drop:
+            skipped.append({"source": item.source, "item": item.id, "reason": "in an evaluation set"})
+            continue
+        ids, response_start = instruct_document(vocab, vocab.codes_to_ids(c), item.instruction, item.response)
+        counts = vocab.count_types(ids)
+        stats.add_document(counts)
+        stats.recordings += 1
+        stats.utterances += 1
+        stats.audio_seconds += c.shape[1] / codec.frame_rate
+        meta = {"recording": item.id, "format": "instruct", "kind": "speech", "task": item.task,
+                "source": item.source, "response_start": response_start, "clip": item.clip,
+                "audio_seconds": clips[item.clip][0], "tokens": counts}
+        samples.append((sample_key(f"{item.source}/{item.id}", "instruct"), ids, meta))
+    if samples:
+        write_shard(out / f"{name}.tar", samples)
+    return {"name": name, "file": f"{name}.tar" if samples else None, "split": split, "kind": "speech",
+            **stats.to_dict(), "skipped": skipped, "overlaps": found,
+            "items": [[s[2]["recording"], s[2]["clip"], s[2]["task"], len(s[1])] for s in samples],
+            "clips": {k: clips[k] for k in dict.fromkeys(s[2]["clip"] for s in samples)}}
+
+
+def source_summary(sidecars: list[dict]) -> dict:
+    items = [row for s in sidecars for row in s["items"]]
+    clips = {k: v[0] for s in sidecars for k, v in s["clips"].items()}
+    seconds = sum(clips[clip] for _, clip, _, _ in items)
+    return {"items": len(items), "tasks": dict(Counter(task or "-" for _, _, task, _ in items).most_common()),
+            "hours": round(seconds / 3600, 4), "unique_clips": len(clips),
+            "unique_hours": round(sum(clips.values()) / 3600, 4),
+            "train_tokens": sum(n for s in sidecars if s["split"] == "train" for *_, n in s["items"]),
+            "tokens": sum(n for s in sidecars for *_, n in s["items"])}
 
 
 def prepare_instruct_data(specs: list[str], out: Path, vocab, codec, *, caps: dict, seed: int,
@@ -297,42 +326,33 @@ def prepare_instruct_data(specs: list[str], out: Path, vocab, codec, *, caps: di
     """Write every source's shards into `out` (RUN/data) and return the data report (before weights)."""
     items, skipped, file_hashes = read_items(specs)
     items, capped = cap_items(items, caps, seed)
-    codes = encode_clips(codec, [i.audio for i in items], progress, "encoding clips")
-    usable = []
-    for item in items:
-        reason = codes[item.clip]
-        if isinstance(reason, str):
-            skipped.append({"source": item.source, "item": item.id, "reason": f"audio: {reason}"})
-        else:
-            usable.append(item)
-    clip_hashes = {k: codes_hash(c) for k, c in codes.items() if not isinstance(c, str)}
-    found = overlaps(usable, clip_hashes, eval_clips(codec, eval_sets, progress))
-    if found and contamination == "drop":
-        dirty = {(f["source"], f["item"]) for f in found}
-        skipped += [{"source": i.source, "item": i.id, "reason": "in an evaluation set"} for i in usable
-                    if (i.source, i.id) in dirty]
-        usable = [i for i in usable if (i.source, i.id) not in dirty]
-    if not usable:
-        reasons = "; ".join(sorted({s["reason"].split(":")[0] for s in skipped}))
-        raise SodaError(f"--data: no usable items ({len(skipped)} skipped: {reasons})")
     by_source = defaultdict(list)
-    for item in usable:
+    for item in items:
         by_source[item.source].append(item)
-    sources, lengths = {}, {}
-    for name in sorted(by_source):
+    for name in by_source:
         if not name or "/" in name or name.startswith("."):
             raise SodaError(f"source name {name!r} cannot name a directory; give --data NAME=FILE or fix the rows' "
                             f"source field")
-        manifest, doc_lengths = write_source(out / name, by_source[name], codes, vocab, codec, validation_fraction,
-                                             items_per_shard, seed)
-        sources[name] = source_summary(by_source[name], codes, codec.frame_rate, manifest) | {
-            "directory": str(out / name), "capped": capped.get(name, 0)}
-        lengths.update({f"{name}/{k}": n for k, n in doc_lengths.items()})
-    unique = {i.clip: codes[i.clip].shape[1] / codec.frame_rate for i in usable}
+    evaluation = EvalIndex(codec, eval_sets, progress)
+    sources, lengths, found, clips = {}, {}, [], {}
+    for name in sorted(by_source):
+        sidecars = write_source(out / name, by_source[name], vocab, codec, evaluation, contamination == "drop",
+                                validation_fraction, items_per_shard, seed, progress)
+        skipped += [x for s in sidecars for x in s["skipped"]]
+        found += [x for s in sidecars for x in s["overlaps"]]
+        clips.update({k: v[0] for s in sidecars for k, v in s["clips"].items()})
+        lengths.update({f"{name}/{i}": n for s in sidecars for i, _, _, n in s["items"]})
+        summary = source_summary(sidecars)
+        if summary["items"]:
+            sources[name] = summary | {"directory": str(out / name), "capped": capped.get(name, 0)}
+    if not sources:
+        reasons = "; ".join(sorted({s["reason"].split(":")[0] for s in skipped}))
+        raise SodaError(f"--data: no usable items ({len(skipped)} skipped: {reasons})")
     reasons = Counter(s["reason"].split(":")[0].split(" (")[0] for s in skipped)
     return {"data": specs, "data_sha256": file_hashes, "sources": sources,
-            "total": {"items": len(usable), "hours": round(sum(s["hours"] for s in sources.values()), 4),
-                      "unique_clips": len(unique), "unique_hours": round(sum(unique.values()) / 3600, 4)},
+            "total": {"items": sum(s["items"] for s in sources.values()),
+                      "hours": round(sum(s["hours"] for s in sources.values()), 4),
+                      "unique_clips": len(clips), "unique_hours": round(sum(clips.values()) / 3600, 4)},
             "skipped_count": len(skipped), "skipped_reasons": dict(reasons.most_common()), "skipped": skipped,
             "contamination": {"eval_sets": eval_sets, "mode": contamination, "overlapping_items":
                               len({(f["source"], f["item"]) for f in found}), "overlaps": found},
