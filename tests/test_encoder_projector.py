@@ -42,7 +42,11 @@ def parts(tmp_path_factory):
     llm = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, eos_token_id=tok.eos_token_id,
                       pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
-    LlamaForCausalLM(llm).save_pretrained(root / "llm")
+    lm = LlamaForCausalLM(llm)
+    # A pretrained head separates tokens; a random one at std 0.02 caps logits near +-0.6 (with its final norm
+    # frozen), so no adapter could fit anything: widen it, as training would have.
+    torch.nn.init.normal_(lm.lm_head.weight, std=0.3)
+    lm.save_pretrained(root / "llm")
     return root
 
 
@@ -131,10 +135,12 @@ def test_the_placeholder_becomes_frames_over_two_embeddings_and_only_the_respons
 
 
 def test_overfits_a_handful_of_synthetic_items(parts, audio_qa):
-    model = _model(parts, lora_r=16, lora_alpha=32, lora_dropout=0.0).train()
+    # LoRA on the MLPs too: a random 2-layer LLM fits through attention alone far more slowly than a pretrained one
+    model = _model(parts, lora_dropout=0.0, lora_targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                          "up_proj", "down_proj"]).train()
     batch = _collate(model)(audio_qa)
-    losses = _train(model, batch, 40, lr=2e-2)
-    assert losses[-1] < 0.25 * losses[0], losses
+    losses = _train(model, batch, 40, lr=1e-2)
+    assert losses[-1] < 1.0 and losses[-1] < 0.15 * losses[0], losses
 
 
 def test_save_load_and_merge_give_the_same_logits(parts, audio_qa, tmp_path):
