@@ -73,7 +73,7 @@ class EncoderProjectorConfig:
         return {"format": FORMAT, **asdict(self)}
 
     @classmethod
-    def from_json(cls, data: dict) -> "EncoderProjectorConfig":
+    def from_json(cls, data: dict) -> EncoderProjectorConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
@@ -93,7 +93,7 @@ def _load(role: str, name: str, loader, **kwargs):
         return loader(_source(name, role), **kwargs)
     except SodaError:
         raise
-    except Exception as err:  # hub, network and format problems become one line naming the setting
+    except Exception as err:  # noqa: BLE001 -- hub, network, format problems: one line naming the setting
         raise SodaError(f"--{role} {name}: cannot load ({first_line(err, 200) or type(err).__name__}); without hub "
                         f"access, download it elsewhere (`hf download {name} --local-dir DIR`) and pass DIR") from None
 
