@@ -129,11 +129,12 @@ class EncoderProjectorModel(nn.Module):
     """Frozen Whisper encoder + pooling + linear projector + LoRA'd causal LM.
 
     `adapter`: a saved peft adapter directory to load (else fresh LoRA from the config); `lora=False` uses the LLM
-    as it is (a merged export). Only the projector and LoRA parameters require gradients.
+    as it is (a merged export); `tokenizer`: where the tokenizer is (default: the LLM's). Only the projector and
+    LoRA parameters require gradients.
     """
 
     def __init__(self, config: EncoderProjectorConfig, adapter: Path | None = None, lora: bool = True,
-                 trainable: bool = True):
+                 trainable: bool = True, tokenizer: str | None = None):
         super().__init__()
         from peft import LoraConfig, PeftModel, get_peft_model
         from transformers import AutoModelForCausalLM
@@ -141,7 +142,7 @@ class EncoderProjectorModel(nn.Module):
         self.config = config
         self.encoder, self.feature_extractor = load_encoder(config.encoder)
         self.encoder.requires_grad_(False)
-        self.tokenizer = load_tokenizer(config.llm, config.audio_token)
+        self.tokenizer = load_tokenizer(tokenizer or config.llm, config.audio_token)
         self.audio_token_id = self.tokenizer.convert_tokens_to_ids(config.audio_token)
         llm = _load("llm", config.llm, AutoModelForCausalLM.from_pretrained, dtype=torch.float32)
         width = self.encoder.config.d_model * (config.pool if config.pooling == "stack" else 1)
@@ -196,6 +197,18 @@ class EncoderProjectorModel(nn.Module):
         embeds = self.input_embeddings(input_ids, input_features, audio_lengths)
         return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels)
 
+    @torch.no_grad()
+    def generate(self, items, max_new_tokens: int = 32, waves=None) -> list[str]:
+        """Greedy answers to instruction items (their responses are ignored), batched with left padding."""
+        batch = Collate(self.tokenizer, self.feature_extractor, self.config)(items, waves=waves, with_response=False)
+        device = self.projector.weight.device
+        embeds = self.input_embeddings(batch["input_ids"].to(device), batch["input_features"].to(device),
+                                       batch["audio_lengths"])
+        out = self.llm.generate(inputs_embeds=embeds, attention_mask=batch["attention_mask"].to(device),
+                                max_new_tokens=max_new_tokens, do_sample=False,
+                                pad_token_id=self.tokenizer.pad_token_id)
+        return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in out]
+
     def save_pretrained(self, out: Path) -> Path:
         """Write adapter/ (or llm/ when there is no LoRA), projector.safetensors, tokenizer/ and audio_llm.json."""
         from safetensors.torch import save_file
@@ -240,7 +253,7 @@ def load(path: Path, trainable: bool = False) -> EncoderProjectorModel:
     config = read_config(path)
     adapter = path / "adapter"
     model = EncoderProjectorModel(config, adapter=adapter if adapter.is_dir() else None, lora=False,
-                                  trainable=trainable)
+                                  trainable=trainable, tokenizer=str(path / "tokenizer"))
     model.projector.load_state_dict(load_file(str(path / "projector.safetensors")))
     return model
 

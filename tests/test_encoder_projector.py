@@ -132,6 +132,8 @@ def test_the_placeholder_becomes_frames_over_two_embeddings_and_only_the_respons
     assert torch.equal(embeds[1][text], model.llm.get_input_embeddings()(ids[1][text]))
     untrimmed = Collate(model.tokenizer, model.feature_extractor, _config(parts, trim=False))
     assert untrimmed(items, waves=[long_clip, short_clip])["audio_lengths"].tolist() == [750, 750]
+    too_long = rng.normal(0, 0.1, 40 * 16000).astype(np.float32)  # cut at Whisper's 30 s window
+    assert collate(items[:1], waves=[too_long])["audio_lengths"].tolist() == [750]
 
 
 def test_overfits_a_handful_of_synthetic_items(parts, audio_qa):
@@ -141,6 +143,10 @@ def test_overfits_a_handful_of_synthetic_items(parts, audio_qa):
     batch = _collate(model)(audio_qa)
     losses = _train(model, batch, 40, lr=1e-2)
     assert losses[-1] < 1.0 and losses[-1] < 0.15 * losses[0], losses
+    model.eval()
+    answers = model.generate(audio_qa, max_new_tokens=8)
+    print(answers, [it.response for it in audio_qa])
+    assert answers == [model.generate([it], max_new_tokens=8)[0] for it in audio_qa]  # left padding is exact
 
 
 def test_save_load_and_merge_give_the_same_logits(parts, audio_qa, tmp_path):
@@ -163,3 +169,25 @@ def test_save_load_and_merge_give_the_same_logits(parts, audio_qa, tmp_path):
     merged = load(tmp_path / "merged")
     with torch.no_grad():
         torch.testing.assert_close(merged(**batch).logits, logits, atol=1e-5, rtol=1e-5)
+
+
+def test_config_round_trips_and_bad_settings_are_one_line_errors(parts, tmp_path):
+    from tokenize_audio.errors import SodaError
+
+    config = _config(parts, pooling="mean", lora_r=4)
+    assert EncoderProjectorConfig.from_json(json.loads(json.dumps(config.to_json()))) == config
+    with pytest.raises(SodaError, match="pooling 'max'"):
+        _config(parts, pooling="max")
+    with pytest.raises(SodaError, match=r"--encoder \./nowhere: no such directory"):
+        EncoderProjectorModel(EncoderProjectorConfig(encoder="./nowhere", llm=str(parts / "llm")))
+    plain = tmp_path / "plain"
+    import shutil
+
+    shutil.copytree(parts / "llm", plain)
+    config_file = plain / "tokenizer_config.json"
+    data = json.loads(config_file.read_text())
+    data.pop("chat_template", None)
+    config_file.write_text(json.dumps(data))
+    (plain / "chat_template.jinja").unlink(missing_ok=True)
+    with pytest.raises(SodaError, match="no chat template"):
+        EncoderProjectorModel(_config(parts).__class__(encoder=str(parts / "whisper"), llm=str(plain)))
