@@ -32,7 +32,12 @@ def parts(tmp_path_factory):
                             decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=80,
                             max_source_positions=1500, vocab_size=100, pad_token_id=0, bos_token_id=1,
                             eos_token_id=1, decoder_start_token_id=1)
-    WhisperModel(whisper).save_pretrained(root / "whisper")
+    encoder = WhisperModel(whisper)
+    # At std 0.02 the convolutions' output is ~0.3% of the positional table's, so clips are indistinguishable
+    # after the encoder; a trained encoder's features follow the audio.
+    for conv in (encoder.encoder.conv1, encoder.encoder.conv2):
+        torch.nn.init.normal_(conv.weight, std=0.3)
+    encoder.save_pretrained(root / "whisper")
     WhisperFeatureExtractor(feature_size=80).save_pretrained(root / "whisper")
     raw = byte_tokenizer()
     raw.add_special_tokens(["<|im_start|>", "<|im_end|>"])
@@ -136,16 +141,18 @@ def test_the_placeholder_becomes_frames_over_two_embeddings_and_only_the_respons
     assert collate(items[:1], waves=[too_long])["audio_lengths"].tolist() == [750]
 
 
-def test_overfits_a_handful_of_synthetic_items(parts, audio_qa):
+def test_overfits_a_handful_of_synthetic_items_through_the_audio(parts, audio_qa):
     # LoRA on the MLPs too: a random 2-layer LLM fits through attention alone far more slowly than a pretrained one
     model = _model(parts, lora_dropout=0.0, lora_targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                           "up_proj", "down_proj"]).train()
     batch = _collate(model)(audio_qa)
-    losses = _train(model, batch, 40, lr=1e-2)
-    assert losses[-1] < 1.0 and losses[-1] < 0.15 * losses[0], losses
+    losses = _train(model, batch, 80, lr=3e-3)
+    assert losses[-1] < 0.5 and losses[-1] < 0.1 * losses[0], losses
     model.eval()
     answers = model.generate(audio_qa, max_new_tokens=8)
-    print(answers, [it.response for it in audio_qa])
+    # items of one kind share their instruction ("Count the beeps."): different answers can only come from the audio
+    assert len({it.instruction for it in audio_qa}) == 2 and len({it.response for it in audio_qa}) > 2
+    assert answers == [it.response for it in audio_qa]
     assert answers == [model.generate([it], max_new_tokens=8)[0] for it in audio_qa]  # left padding is exact
 
 
