@@ -173,7 +173,8 @@ class EncoderProjectorModel(nn.Module):
     def audio_embeddings(self, input_features: torch.Tensor) -> torch.Tensor:
         """(B, mels, 3000) log-mel -> (B, 1500 // pool, llm width): encode (no grad), pool adjacent frames, project."""
         with torch.no_grad():
-            frames = self.encoder(input_features.to(self.projector.weight.dtype)).last_hidden_state
+            frames = self.encoder(input_features.to(self.encoder.conv1.weight.dtype)).last_hidden_state
+        frames = frames.to(self.projector.weight.dtype)
         b, t, d = frames.shape
         frames = frames[:, : t - t % self.config.pool].reshape(b, t // self.config.pool, self.config.pool, d)
         pooled = frames.reshape(b, t // self.config.pool, -1) if self.config.pooling == "stack" else frames.mean(2)
@@ -220,6 +221,9 @@ class EncoderProjectorModel(nn.Module):
                   str(out / "projector.safetensors"))
         self.tokenizer.save_pretrained(str(out / "tokenizer"))
         config = self.config.to_json()
+        for role in ("encoder", "llm"):  # a local directory by its absolute path: the export may be read elsewhere
+            if Path(config[role]).expanduser().is_dir():
+                config[role] = str(Path(config[role]).expanduser().resolve())
         if not self._has_lora():
             config["llm"] = "llm"  # relative to the export: the LLM's weights are in it
         (out / CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n")
