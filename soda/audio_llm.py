@@ -199,6 +199,18 @@ class EncoderProjectorModel(nn.Module):
         return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels)
 
     @torch.no_grad()
+    def response_log_probs(self, items, waves=None) -> list[np.ndarray]:
+        """Per-token log-probs of each item's response (the labelled tokens: the response and the template's
+        end of turn), given its audio and instruction: what likelihood scoring of answer options needs."""
+        batch = Collate(self.tokenizer, self.feature_extractor, self.config)(items, waves=waves)
+        device = self.projector.weight.device
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = self(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1].float()
+        labels = batch["labels"][:, 1:]
+        picked = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+        return [row[lab != IGNORE].cpu().numpy() for row, lab in zip(picked, labels)]
+
+    @torch.no_grad()
     def generate(self, items, max_new_tokens: int = 32, waves=None) -> list[str]:
         """Greedy answers to instruction items (their responses are ignored), batched with left padding."""
         batch = Collate(self.tokenizer, self.feature_extractor, self.config)(items, waves=waves, with_response=False)

@@ -170,6 +170,13 @@ def test_save_load_and_merge_give_the_same_logits(parts, audio_qa, tmp_path):
     assert not any(p.requires_grad for p in reloaded.parameters())
     with torch.no_grad():
         assert torch.equal(reloaded(**batch).logits, logits)
+    scores = reloaded.response_log_probs(audio_qa[:3])
+    assert [len(s) for s in scores] == [int((row != IGNORE).sum()) for row in batch["labels"]]
+    one = reloaded.response_log_probs(audio_qa[1:2])[0]
+    np.testing.assert_allclose(scores[1], one, atol=1e-5)  # right padding does not change a row
+    with torch.no_grad():
+        loss = reloaded(**batch).loss.item()
+    assert abs(-np.concatenate(scores).mean() - loss) < 1e-5  # the same tokens the training loss scores
     merge(tmp_path / "export", tmp_path / "merged")
     assert (tmp_path / "merged" / "llm" / "config.json").is_file()
     assert not (tmp_path / "merged" / "adapter").exists()
