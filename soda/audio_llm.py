@@ -170,20 +170,25 @@ class EncoderProjectorModel(nn.Module):
         return {"trainable": sum(p.numel() for p in params if p.requires_grad),
                 "total": sum(p.numel() for p in params)}
 
-    def audio_embeddings(self, input_features: torch.Tensor) -> torch.Tensor:
-        """(B, mels, 3000) log-mel -> (B, 1500 // pool, llm width): encode (no grad), pool adjacent frames, project."""
-        with torch.no_grad():
-            frames = self.encoder(input_features.to(self.encoder.conv1.weight.dtype)).last_hidden_state
+    @torch.no_grad()
+    def encode(self, input_features: torch.Tensor) -> torch.Tensor:
+        """(B, mels, 3000) log-mel -> (B, 1500, encoder width): the frozen encoder's states. They depend on the clip
+        only, so a clip asked about many times (Open-ASQA) can be encoded once and passed as `encoder_states`."""
+        return self.encoder(input_features.to(self.encoder.conv1.weight.dtype)).last_hidden_state
+
+    def audio_embeddings(self, input_features=None, encoder_states=None) -> torch.Tensor:
+        """Log-mel features (or their encoder states) -> (B, 1500 // pool, llm width): pool adjacent frames, project."""
+        frames = self.encode(input_features) if encoder_states is None else encoder_states
         frames = frames.to(self.projector.weight.dtype)
         b, t, d = frames.shape
         frames = frames[:, : t - t % self.config.pool].reshape(b, t // self.config.pool, self.config.pool, d)
         pooled = frames.reshape(b, t // self.config.pool, -1) if self.config.pooling == "stack" else frames.mean(2)
         return self.projector(pooled)
 
-    def input_embeddings(self, input_ids, input_features, audio_lengths) -> torch.Tensor:
+    def input_embeddings(self, input_ids, input_features, audio_lengths, encoder_states=None) -> torch.Tensor:
         """The LLM's input embeddings with row i's placeholder positions replaced by its first audio_lengths[i]
         projected embeddings, in order (the collate expanded the one placeholder to exactly that many)."""
-        audio = self.audio_embeddings(input_features)
+        audio = self.audio_embeddings(input_features, encoder_states)
         is_audio = input_ids == self.audio_token_id
         counts = is_audio.sum(1)
         if not torch.equal(counts.cpu(), audio_lengths.cpu()):
@@ -193,9 +198,11 @@ class EncoderProjectorModel(nn.Module):
         keep = torch.arange(audio.shape[1], device=audio.device)[None, :] < audio_lengths.to(audio.device)[:, None]
         return embeds.masked_scatter(is_audio[..., None], audio[keep].to(embeds.dtype))
 
-    def forward(self, input_ids, attention_mask, input_features, audio_lengths, labels=None, **_):
-        """The LLM's output (logits; loss when labels are given: mean cross-entropy over the response tokens)."""
-        embeds = self.input_embeddings(input_ids, input_features, audio_lengths)
+    def forward(self, input_ids, attention_mask, audio_lengths, input_features=None, labels=None,
+                encoder_states=None, **_):
+        """The LLM's output (logits; loss when labels are given: mean cross-entropy over the response tokens).
+        `encoder_states` (from `encode`) stand in for `input_features`."""
+        embeds = self.input_embeddings(input_ids, input_features, audio_lengths, encoder_states)
         return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels)
 
     @torch.no_grad()
