@@ -150,9 +150,13 @@ class EncoderProjectorModel(nn.Module):
         if adapter is not None:
             self.llm = PeftModel.from_pretrained(llm, str(adapter), is_trainable=trainable)
         elif lora:
-            self.llm = get_peft_model(llm, LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
-                                                      lora_dropout=config.lora_dropout,
-                                                      target_modules=list(config.lora_targets), task_type="CAUSAL_LM"))
+            lora_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                                     target_modules=list(config.lora_targets), task_type="CAUSAL_LM")
+            try:
+                self.llm = get_peft_model(llm, lora_config)
+            except ValueError as err:  # peft: "Target modules {...} not found in the base model"
+                raise SodaError(f"--lora-targets {','.join(config.lora_targets)}: {first_line(err, 200)} (the "
+                                f"LLM's linear layers are named e.g. q_proj, k_proj, v_proj, o_proj)") from None
         else:
             self.llm = llm.requires_grad_(False)
         self.projector.requires_grad_(trainable)

@@ -200,6 +200,8 @@ def test_config_round_trips_and_bad_settings_are_one_line_errors(parts, tmp_path
         _config(parts, pooling="max")
     with pytest.raises(SodaError, match=r"--encoder \./nowhere: no such directory"):
         EncoderProjectorModel(EncoderProjectorConfig(encoder="./nowhere", llm=str(parts / "llm")))
+    with pytest.raises(SodaError, match="--lora-targets nope: .*not found"):
+        EncoderProjectorModel(_config(parts, lora_targets=["nope"]))
     plain = tmp_path / "plain"
     import shutil
 
