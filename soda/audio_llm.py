@@ -180,6 +180,20 @@ class EncoderProjectorModel(nn.Module):
         only, so a clip asked about many times (Open-ASQA) can be encoded once and passed as `encoder_states`."""
         return self.encoder(input_features.to(self.encoder.conv1.weight.dtype)).last_hidden_state
 
+    def trainable_state_dict(self) -> dict:
+        """Only what training changes (projector + LoRA): what a training checkpoint must hold beside the config."""
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        return {k: v for k, v in self.state_dict().items() if k in names}
+
+    def load_trainable_state(self, state: dict) -> None:
+        """Put back `trainable_state_dict()`; the frozen weights come from the encoder and LLM the config names."""
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        if set(state) != names:
+            odd = sorted(set(state) ^ names)
+            raise SodaError(f"the checkpoint's trainable tensors differ from this model's ({len(odd)}, e.g. "
+                            f"{odd[0]}); were the LoRA settings changed?")
+        self.load_state_dict(state, strict=False)
+
     def audio_embeddings(self, input_features=None, encoder_states=None) -> torch.Tensor:
         """Log-mel features (or their encoder states) -> (B, 1500 // pool, llm width): pool adjacent frames, project."""
         frames = self.encode(input_features) if encoder_states is None else encoder_states

@@ -169,6 +169,11 @@ def test_save_load_and_merge_give_the_same_logits(parts, audio_qa, tmp_path):
     model.eval()
     with torch.no_grad():
         logits = model(**batch).logits
+    fresh = _model(parts, seed=1, lora_dropout=0.0).eval()
+    fresh.load_trainable_state(model.trainable_state_dict())  # a training checkpoint: projector + LoRA only
+    assert all("lora_" in k or k.startswith("projector.") for k in model.trainable_state_dict())
+    with torch.no_grad():
+        assert torch.equal(fresh(**batch).logits, logits)
     model.save_pretrained(tmp_path / "export")
     config = json.loads((tmp_path / "export" / "audio_llm.json").read_text())
     assert config["encoder"] == str(parts / "whisper") and config["llm"] == str(parts / "llm")
