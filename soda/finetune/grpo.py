@@ -37,7 +37,6 @@ import dataclasses
 import json
 import math
 import shlex
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -568,28 +567,16 @@ def train_grpo(s: GRPOSettings, init: str, vocab, prompts: list[dict], codec: di
 
 
 def finish(s: GRPOSettings, trainer, preemption, vocab) -> int:
-    from soda.checkpoints import checkpoint_dir, export_hf, link_last
-    from soda.train.checkpointing import wait_for_checkpoints
-    from soda.train.report import write_reports
-    from soda.train.run import is_rank_zero
+    from soda.checkpoints import export_hf
+    from soda.train.run import is_rank_zero, wrap_up
 
     out = Path(s.out)
     again = f"soda-finetune grpo --out {shlex.quote(str(out))} --resume"
-    if preemption.saved_at is not None:
-        if is_rank_zero():
-            write_reports(out)
-            how = "interrupted" if preemption.requested == signal.SIGINT else "pre-empted"
-            say(f"{how} at step {preemption.saved_at}; checkpoint saved in {checkpoint_dir(out)}; continue with: "
-                f"{again}")
+    done = wrap_up(out, trainer, preemption, "soda-finetune", again)
+    if done is None:
         return preemption.exit_code
-    wait_for_checkpoints(trainer)
-    final = checkpoint_dir(out) / f"step{trainer.global_step:07d}.ckpt"
-    if not final.exists():
-        trainer.save_checkpoint(final, weights_only=False)
-        wait_for_checkpoints(trainer)
+    final, reports = done
     if is_rank_zero():
-        link_last(final)
-        reports = write_reports(out)
         if s.export:
             export_hf(final, out / "hf", vocab=vocab)
         left = f"; continue to step {s.steps} with: {again}" if trainer.global_step < s.steps else ""

@@ -238,27 +238,14 @@ def checkpoint_to_resume(out: Path) -> Path:
 
 
 def finish(cfg: TrainConfig, trainer, module, preemption) -> int:
-    """After `trainer.fit`: the reports, and then either the pre-emption's exit code and how to continue, or the
-    final checkpoint (saved unless the step's own was), `last.ckpt`, the export (--export) and exit code 0."""
-    from soda.train.checkpointing import wait_for_checkpoints
-    from soda.train.report import write_reports
-
-    out, ckpt_dir = Path(cfg.out), checkpoint_dir(Path(cfg.out))
-    if preemption.saved_at is not None:
-        if is_rank_zero():
-            write_reports(out)
-            how = "interrupted" if preemption.requested == signal.SIGINT else "pre-empted"
-            print(f"soda-train: {how} at step {preemption.saved_at}; checkpoint saved in {ckpt_dir}; "
-                  f"continue with: soda-train --out {shlex.quote(str(out))} --resume", file=sys.stderr)
+    """After `trainer.fit`: the pre-emption's exit code and how to continue, or the final checkpoint, the reports,
+    the export (--export) and exit code 0."""
+    out = Path(cfg.out)
+    done = wrap_up(out, trainer, preemption, "soda-train", f"soda-train --out {shlex.quote(str(out))} --resume")
+    if done is None:
         return preemption.exit_code
-    wait_for_checkpoints(trainer)  # a background save of the last step may still be under way
-    final = ckpt_dir / f"step{trainer.global_step:07d}.ckpt"
-    if not final.exists():
-        trainer.save_checkpoint(final, weights_only=False)
-        wait_for_checkpoints(trainer)
+    final, reports = done
     if is_rank_zero():
-        link_last(final)
-        reports = write_reports(out)
         if cfg.export:
             export_hf(final, out / "hf", vocab_dir_of(cfg))
         skipped = (f" ({module.skipped_steps} skipped for a non-finite loss or gradient norm)"
@@ -266,6 +253,33 @@ def finish(cfg: TrainConfig, trainer, module, preemption) -> int:
         print(f"soda-train: done: {trainer.global_step} steps{skipped}; {reports}; checkpoint {final}"
               f"{'; Hugging Face export ' + str(out / 'hf') if cfg.export else ''}", file=sys.stderr)
     return 0
+
+
+def wrap_up(out: Path, trainer, preemption, tool: str, again: str) -> tuple[Path, str] | None:
+    """The end of a run, for every command that trains: after a pre-emption, the reports and how to continue (`again`)
+    and None (exit with `preemption.exit_code`); else the final checkpoint (saved unless the step's own was), and on
+    rank 0 `last.ckpt` and the reports: (final checkpoint, the reports' line; "" on other ranks)."""
+    from soda.train.checkpointing import wait_for_checkpoints
+    from soda.train.report import write_reports
+
+    ckpt_dir = checkpoint_dir(out)
+    if preemption.saved_at is not None:
+        if is_rank_zero():
+            write_reports(out)
+            how = "interrupted" if preemption.requested == signal.SIGINT else "pre-empted"
+            print(f"{tool}: {how} at step {preemption.saved_at}; checkpoint saved in {ckpt_dir}; continue with: "
+                  f"{again}", file=sys.stderr)
+        return None
+    wait_for_checkpoints(trainer)  # a background save of the last step may still be under way
+    final = ckpt_dir / f"step{trainer.global_step:07d}.ckpt"
+    if not final.exists():
+        trainer.save_checkpoint(final, weights_only=False)
+        wait_for_checkpoints(trainer)
+    reports = ""
+    if is_rank_zero():
+        link_last(final)
+        reports = write_reports(out)
+    return final, reports
 
 
 def vocab_dir_of(cfg: TrainConfig) -> Path | None:
