@@ -566,7 +566,7 @@ def test_concurrent_merges_keep_every_task(tmp_path, monkeypatch):
 def test_evaluation_manifests_with_a_utf8_bom_are_read(tmp_path):
     """Files saved by spreadsheet programs and some Windows editors start with a BOM; it must not become part of the
     first field (the first row was 'not a JSON object', a TSV's first column name was wrong)."""
-    from soda.evaluate.mcq import _file_rows
+    from soda.evaluate.mcq_items import file_rows
     from soda.evaluate.pairs import _jsonl_pairs
     from soda.evaluate.tasks import Skips
     from soda.evaluate.tts import read_prompts
@@ -581,4 +581,4 @@ def test_evaluation_manifests_with_a_utf8_bom_are_read(tmp_path):
     questions = tmp_path / "q.jsonl"
     questions.write_text('{"question": "q?", "choices": ["a", "b"], "answer": "a"}\n', encoding="utf-8-sig")
     skips = Skips()
-    assert len(_file_rows(questions, skips)) == 1 and not skips.items
+    assert len(file_rows(questions, skips)) == 1 and not skips.items

@@ -404,13 +404,13 @@ def test_only_rank_zero_exports_the_initial_checkpoint(tiny_run, tmp_path, monke
     """Under torchrun every rank calls init_model_dir; rank 0 exports the .ckpt, the others wait for the export."""
     from lightning.fabric.utilities.rank_zero import rank_zero_only
 
-    import soda.finetune.cli as finetune
+    import soda.finetune.prepare as finetune
     from soda.checkpoints import load_model
 
     vocab = load_model(str(tiny_run), device="cpu").vocab
     ckpt = str(tiny_run / "checkpoints" / "last.ckpt")
     waited = []
-    monkeypatch.setattr(finetune, "_wait_for", waited.append)
+    monkeypatch.setattr(finetune, "wait_for", waited.append)
     monkeypatch.setattr(rank_zero_only, "rank", 1, raising=False)
     assert finetune.init_model_dir(ckpt, tmp_path, vocab) == str(tmp_path / "init")
     assert waited == [tmp_path / "init" / "config.json"] and not (tmp_path / "init").exists()

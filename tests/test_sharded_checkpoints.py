@@ -249,7 +249,7 @@ def test_export_command_for_both_layouts_and_its_errors(sharded_run, train_token
     for (name, a), b in zip(loaded.model.state_dict().items(), direct.model.state_dict().values()):
         assert torch.equal(a, b), name
     assert loaded.vocab.size == direct.vocab.size and loaded.codec_spec == "mimi:random"
-    from soda.finetune.cli import init_target
+    from soda.finetune.prepare import init_target
 
     step3 = sharded_run / "checkpoints" / "step0000003.ckpt"
     assert init_target(str(step3), tmp_path) == (str(tmp_path / "init"), step3)  # soda-finetune exports it first

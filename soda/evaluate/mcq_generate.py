@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from soda.evaluate.mcq import Item, Questions, benchmark, silence_like, tally
+from soda.evaluate.mcq_items import Item, Questions, benchmark, silence_like, tally
 from soda.evaluate.mcq_scorers import (SCORER_VERSIONS, mmsu_compat_accuracy, mmsu_correct, mmsu_letter,
                                        r1aqa_answer, string_match, strict_answer, strict_letter)
 from soda.evaluate.scoring import check_length
@@ -139,10 +139,6 @@ def run_generated(ctx: Context, data: Questions) -> dict:
            "official_scorer": official_name + (" (malformed counted wrong)" if kind == "mmsu" else
                                               " of the <answer> content as R1-AQA extracts it (else the response)"),
            "strict": SCORER_VERSIONS["strict"]}
-    if settings.split_weak_strong:
-        from soda.evaluate.mcq import split_weak_strong
-
-        extra["split"] = split_weak_strong(ctx, data, rows)
     result = entry(f"accuracy (generated, {official_name})", share(totals["correct"], count), count, data.skips,
                    how, **extra)
     result["_items"] = rows

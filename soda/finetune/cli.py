@@ -24,13 +24,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
-from collections import Counter
 from pathlib import Path
 
 from soda.train.cli import (check_run_directory, flag_values, resolve_config, resolve_resume, run_directory,
                             stop_on_signals, train)
 from soda.train.config import TrainConfig, add_train_arguments, validate
+from soda.finetune.prepare import init_model_dir, init_target, summarize_skips, wait_for
 from soda.train.run import is_rank_zero
 from tokenize_audio.errors import SodaError, cli_errors
 from tokenize_audio.shards import atomic_write_json
@@ -276,44 +275,6 @@ def _yaml(path) -> dict:
     return load_yaml(path)
 
 
-def init_target(source: str, out: Path) -> tuple[str, Path | None]:
-    """(what soda-train's --init-from loads, the `.ckpt` to export there first or None): a Hugging Face directory
-    or hub id as it is; a `.ckpt` file or sharded directory (or a run without an export) becomes RUN/init."""
-    from soda.checkpoints import is_checkpoint, resolve_checkpoint
-
-    target = resolve_checkpoint(source)
-    if isinstance(target, Path) and is_checkpoint(target):
-        return str(out / "init"), target
-    return str(target), None
-
-
-def init_model_dir(source: str, out: Path, vocab) -> str:
-    """init_target's directory, with a `.ckpt` exported to it (by rank 0; the other ranks wait for it)."""
-    from soda.checkpoints import export_hf
-
-    init, checkpoint = init_target(source, out)
-    if checkpoint is not None:
-        if not is_rank_zero():  # rank 0 exports (atomically: the directory appears whole)
-            _wait_for(Path(init) / "config.json")
-        elif not (Path(init) / "config.json").is_file():
-            export_hf(checkpoint, Path(init), vocab=vocab)
-    return init
-
-
-def _wait_for(path: Path, timeout: float = 24 * 3600) -> None:
-    """Ranks other than 0 (under torchrun) wait for rank 0 to prepare the data or the initial weights."""
-    started = time.time()
-    while not path.is_file():
-        if time.time() - started > timeout:
-            raise SodaError(f"waited {timeout:.0f} s for rank 0 to write {path}")
-        time.sleep(2)
-
-
-def summarize_skips(skipped: list[dict]) -> dict:
-    reasons = Counter(s["reason"].split(":")[0] for s in skipped)
-    return {"skipped_count": len(skipped), "skipped_reasons": dict(reasons.most_common()), "skipped": skipped}
-
-
 LISTED_LONG = 5  # documents longer than --seq-len named in the warning (all are in the report)
 
 
@@ -330,7 +291,7 @@ def prepare_s2st(args, out: Path, epochs: float, seq_len: int) -> dict:
     report_file = out / REPORT
     if args.resume or not is_rank_zero():
         if not is_rank_zero():
-            _wait_for(report_file)
+            wait_for(report_file)
         if not (data / MANIFEST).is_file() or not report_file.is_file():
             raise SodaError(f"--resume: {data} holds no prepared data; start the run again without --resume")
         report = json.loads(report_file.read_text())
@@ -401,7 +362,7 @@ def prepare_instruct(args, cfg, out: Path) -> dict:
     report_file = out / REPORT
     if args.resume or not is_rank_zero():
         if not is_rank_zero():
-            _wait_for(report_file)
+            wait_for(report_file)
         if not report_file.is_file():
             raise SodaError(f"--resume: {out / DATA_DIR} holds no prepared data; start the run again without --resume")
         report = read_report(report_file)

@@ -205,8 +205,8 @@ def prepare_prompts(s: GRPOSettings, out: Path, loaded, codec, quiet: bool) -> d
     """Encode the questions' audio with the checkpoint's codec into `instruct` prompts (soda.generate's, the
     instruct documents' prefix) in RUN/data; unreadable audio and over-long items are skipped and counted in
     RUN/data_report.json. Returns the report."""
-    from soda.evaluate.mcq import read_questions
-    from soda.finetune.cli import summarize_skips
+    from soda.evaluate.mcq_items import read_questions
+    from soda.finetune.prepare import summarize_skips
     from soda.generate.prompts import Request, build_plan
     from tokenize_audio.documents import mcq_instruction, mcq_response
     from tokenize_audio.encoding import audio_codes, default_batch_seconds
@@ -446,7 +446,7 @@ def save_settings(s: GRPOSettings, init: str, vocab_dir: Path) -> None:
 def run_grpo(args) -> int:
     """`soda-finetune grpo`: prepare (or reuse) RUN/data, then train; the exit code."""
     from soda.checkpoints import load_model
-    from soda.finetune.cli import init_model_dir
+    from soda.finetune.prepare import init_model_dir
     from soda.train.run import is_rank_zero
     from soda.train.cli import check_run_directory, resolve_resume, stop_on_signals
 

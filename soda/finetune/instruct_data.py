@@ -65,7 +65,7 @@ def _text(value) -> str | None:
 
 def to_item(row, base: Path | None, pid: str, source: str) -> InstructItem:
     """One row -> InstructItem; ValueError with the reason for a row that cannot be used."""
-    from soda.evaluate.mcq import AUDIO_FIELDS, normalise
+    from soda.evaluate.mcq_items import AUDIO_FIELDS, normalise
 
     if not isinstance(row, dict):
         raise ValueError("not a JSON object")
@@ -107,7 +107,7 @@ def parse_data(spec: str) -> tuple[str, str]:
 
 def read_items(specs: list[str]) -> tuple[list[InstructItem], list[dict], dict]:
     """Every usable item of every `--data` file, the rows skipped (with reasons) and each file's sha256."""
-    from soda.evaluate.mcq import _file_rows, _hf_rows
+    from soda.evaluate.mcq_items import file_rows, hf_rows
     from soda.evaluate.tasks import Skips
 
     items, skipped, hashes, seen = [], [], {}, set()
@@ -115,13 +115,13 @@ def read_items(specs: list[str]) -> tuple[list[InstructItem], list[dict], dict]:
         name, path = parse_data(spec)
         skips = Skips()
         if path.startswith("hf:"):
-            rows, base, hashes[spec] = _hf_rows(path), None, path
+            rows, base, hashes[spec] = hf_rows(path), None, path
         else:
             file = Path(path).expanduser()
             if not file.is_file():
                 raise SodaError(f"--data {spec}: no such file (a .json/.jsonl of instruction or MCQ rows, or "
                                 f"hf:NAME:SPLIT)")
-            rows, base = _file_rows(file, skips), file.parent
+            rows, base = file_rows(file, skips), file.parent
             hashes[spec] = file_sha256(file)
         for pid, row in rows:
             try:
