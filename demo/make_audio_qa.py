@@ -79,11 +79,10 @@ def _pad(wave: np.ndarray, seconds: float) -> np.ndarray:
 
 
 def spoken_digit(word: str, voice: tuple, tmp: Path) -> np.ndarray:
-
     from tokenize_audio.audio import load_audio
 
     name, speed, pitch = voice
-    path = tmp / f"{word}-{name.replace('+', '_')}.wav"
+    path = tmp / f"{word}-{name.replace('+', '_')}-{speed}-{pitch}.wav"
     subprocess.run(["espeak-ng", "-v", name, "-s", str(speed), "-p", str(pitch), "-w", str(path), word],
                    check=True, capture_output=True)
     return _pad(load_audio(str(path), SR), 1.0)
@@ -100,7 +99,7 @@ def make_set(out: Path, items: int = 40, test_items: int = 16, seed: int = 0, sp
     (out / "audio").mkdir(parents=True, exist_ok=True)
     kinds = ["beeps", "pitch", "text"] + (["digits"] if speech else [])
     splits = {"train": [], "test": []}
-    free = []
+    free, spoken = [], set()
     with tempfile.TemporaryDirectory() as tmp:
         for split, count in (("train", items), ("test", test_items)):
             for kind in kinds:
@@ -115,9 +114,15 @@ def make_set(out: Path, items: int = 40, test_items: int = 16, seed: int = 0, sp
                         wave = pitch_clip(higher, rng)
                         question = "Is the second tone higher or lower than the first?"
                         choices, answer = ["higher", "lower"], "higher" if higher else "lower"
-                    elif kind == "digits":
-                        word = DIGITS[int(rng.integers(10))]
-                        wave = spoken_digit(word, VOICES[int(rng.integers(len(VOICES)))], Path(tmp))
+                    elif kind == "digits":  # espeak-ng is deterministic: each clip a voice, rate and pitch of its
+                        while True:          # own, or a test clip could be a training clip (contamination)
+                            name, speed, pitch = VOICES[int(rng.integers(len(VOICES)))]
+                            word = DIGITS[int(rng.integers(10))]
+                            said = (word, name, speed + int(rng.integers(-20, 21)), pitch + int(rng.integers(-15, 16)))
+                            if said not in spoken:
+                                break
+                        spoken.add(said)
+                        wave = spoken_digit(word, said[1:], Path(tmp))
                         others = [d for d in DIGITS if d != word]
                         choices = sorted([word, *rng.choice(others, 3, replace=False)], key=DIGITS.index)
                         question, answer = "Which digit is spoken?", word

@@ -513,6 +513,7 @@ def test_other_ranks_take_only_this_launchs_data_or_refusal(tmp_path):
 
     from soda.finetune.grpo import wait_for_rank_zero
     from tokenize_audio.errors import SodaError
+    from tokenize_audio.shards import atomic_write_text
 
     stale = time.time() - 600  # an earlier attempt's files
     (tmp_path / "config.yaml").write_text("task: grpo\n")
@@ -520,7 +521,8 @@ def test_other_ranks_take_only_this_launchs_data_or_refusal(tmp_path):
     for name in ("config.yaml", "data_refused.txt"):
         os.utime(tmp_path / name, (stale, stale))
     started = time.time()
-    timer = threading.Timer(1.0, lambda: (tmp_path / "data_refused.txt").write_text("--data q.json: no such file"))
+    refusal = "--data q.json: no such file"  # written as rank 0 writes it: whole, or not at all
+    timer = threading.Timer(1.0, lambda: atomic_write_text(tmp_path / "data_refused.txt", refusal))
     timer.start()
     with pytest.raises(SodaError, match="rank 0 could not prepare the data: --data q.json: no such file"):
         wait_for_rank_zero(tmp_path, started, timeout=30)
