@@ -322,18 +322,12 @@ def prepare_s2st(args, out: Path, epochs: float, seq_len: int) -> dict:
     init = init_model_dir(args.init_from, out, loaded.vocab)
     del loaded, codec
     used = manifest["documents"]
-    long = sorted(((n, i) for i, n in lengths.items() if n > seq_len), reverse=True)
     report = {"manifest": str(Path(args.manifest).resolve()), "manifest_sha256": pairs.sha256, "init_from": init,
               "pairs": used, "rows": used + len(skipped), "audio_seconds": manifest["audio_seconds"],
               "tokens": manifest["tokens"]["total"], **summarize_skips(skipped),
-              "longer_than_seq_len": {"seq_len": seq_len, "count": len(long),
-                                      "documents": [{"id": i, "tokens": n} for n, i in long]}}
+              "longer_than_seq_len": _long_documents(lengths, seq_len, "pairs", report_file,
+                                                     " (the target then trains without its source)")}
     atomic_write_json(report_file, report)
-    if long:
-        named = ", ".join(f"{i} ({n:,} tokens)" for n, i in long[:LISTED_LONG])
-        say(f"warning: {len(long):,} of {used:,} pairs are longer than --seq-len {seq_len} and are cut across "
-            f"training windows (the target then trains without its source): {named}"
-            + (", ..." if len(long) > LISTED_LONG else "") + f"; all in {report_file}")
     line = (f"data: {used:,} pairs used, {len(skipped):,} skipped"
             + (f" ({', '.join(f'{n} {r}' for r, n in report['skipped_reasons'].items())})" if skipped else "")
             + f"; details in {report_file}")
@@ -342,13 +336,13 @@ def prepare_s2st(args, out: Path, epochs: float, seq_len: int) -> dict:
             "report": line}
 
 
-def _long_documents(lengths: dict, seq_len: int, what: str, report_file: Path) -> dict:
+def _long_documents(lengths: dict, seq_len: int, what: str, report_file: Path, why: str = "") -> dict:
     """The documents longer than `seq_len` (cut across training windows), with a warning naming the longest."""
     long = sorted(((n, i) for i, n in lengths.items() if n > seq_len), reverse=True)
     if long:
         named = ", ".join(f"{i} ({n:,} tokens)" for n, i in long[:LISTED_LONG])
         say(f"warning: {len(long):,} of {len(lengths):,} {what} are longer than --seq-len {seq_len} and are cut "
-            f"across training windows: {named}" + (", ..." if len(long) > LISTED_LONG else "") + f"; all in "
+            f"across training windows{why}: {named}" + (", ..." if len(long) > LISTED_LONG else "") + f"; all in "
             f"{report_file}")
     return {"seq_len": seq_len, "count": len(long), "documents": [{"id": i, "tokens": n} for n, i in long]}
 
