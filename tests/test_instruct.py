@@ -297,3 +297,14 @@ def test_weak_strong_split_labels_text_answerable_items_weak_and_audio_required_
     assert effect["audio-required"] > effect["text-answerable"] + 0.3, effect
     result = json.loads((out / "results.json").read_text())["tasks"]["mcq"]
     assert result["value"] > 0.8 and result["settings"]["format"] == "instruct"
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
+def test_the_synthetic_set_never_repeats_a_spoken_clip(tmp_path):
+    """espeak-ng is deterministic: the same digit in the same voice was the same clip in train and test (the
+    contamination check refused the set made with 8 items a kind); every spoken clip now has its own rate and pitch."""
+    import hashlib
+
+    out = make_set(tmp_path / "qa", items=8, test_items=4, seed=0, speech=True)
+    digests = [hashlib.sha1(p.read_bytes()).hexdigest() for p in sorted((out / "audio").glob("*digits*.wav"))]
+    assert len(digests) == 12 and len(set(digests)) == 12
