@@ -299,6 +299,28 @@ def load(path: Path, trainable: bool = False) -> EncoderProjectorModel:
     return model
 
 
+EXPORT_DIR = "hf"  # a run's export, as soda-train's
+
+
+def export_of(source) -> Path | None:
+    """The encoder-projector export a CHECKPOINT argument names (the directory, or a run's RUN/hf), else None."""
+    path = Path(str(source)).expanduser()
+    for candidate in (path, path / EXPORT_DIR):
+        if (candidate / CONFIG_FILE).is_file():
+            return candidate
+    return None
+
+
+def read_trainable(ckpt: dict, path) -> tuple[EncoderProjectorConfig, dict]:
+    """(config, trainable tensors) of a training checkpoint of this family (what `trainable_state_dict` saved)."""
+    meta = ckpt.get("soda") or {}
+    if meta.get("family") != FORMAT:
+        raise SodaError(f"{path}: not an encoder-projector checkpoint")
+    prefix = "model."  # the Lightning module holds the model as `model`
+    return (EncoderProjectorConfig.from_json(meta["config"]),
+            {k.removeprefix(prefix): v for k, v in ckpt["state_dict"].items()})
+
+
 def merge(path: Path, out: Path) -> Path:
     """Merge an export's LoRA into the LLM weights (peft `merge_and_unload`): out/llm/ is a plain transformers LLM
     directory (with the tokenizer), beside the projector and a config that names it."""

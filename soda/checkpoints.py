@@ -597,3 +597,53 @@ def _run_vocabulary(run: Path, expected: dict, ckpt: Path) -> Vocabulary:
                 return vocab
     raise SodaError(f"{ckpt}: cannot find the vocabulary it was trained with (looked in the run's data "
                     f"directories); export the run (soda-train writes RUN/hf) and load that instead")
+
+
+# --------------------------------------------------------------------------------------------
+# The encoder-projector family (soda.audio_llm): its exports, runs and checkpoints
+# --------------------------------------------------------------------------------------------
+def encoder_projector_source(source: str) -> Path | None:
+    """What an encoder-projector CHECKPOINT argument names: an export directory (audio_llm.json; a run's RUN/hf),
+    a run directory without an export (its newest checkpoint), or one of its `.ckpt` files; None for a native model."""
+    from soda.audio_llm import export_of, read_trainable
+
+    export = export_of(source)
+    if export is not None:
+        return export
+    path = Path(str(source)).expanduser()
+    if path.is_dir() and (path / "config.yaml").is_file() and not (path / "hf").exists():
+        import yaml
+
+        if (yaml.safe_load((path / "config.yaml").read_text()) or {}).get("architecture") != "encoder-projector":
+            return None
+        newest = last_checkpoint(path)
+        if newest is None:
+            raise SodaError(f"{source}: an encoder-projector run with no checkpoint yet")
+        return newest
+    if path.is_file() and path.suffix == ".ckpt":
+        try:
+            read_trainable(load_checkpoint(path, mmap=True), path)
+        except SodaError:
+            return None
+        return path
+    return None
+
+
+def load_encoder_projector(source: str, device: str = "auto"):
+    """CHECKPOINT of the encoder-projector family -> `EncoderProjectorModel` in eval mode on `device` (fp32 on CPU,
+    bf16 on GPUs that have it), with `.source` naming what was loaded."""
+    from soda.audio_llm import EncoderProjectorModel, load, read_trainable
+
+    target = encoder_projector_source(source)
+    if target is None:
+        raise SodaError(f"{source}: not an encoder-projector export, run or checkpoint")
+    if target.is_dir():
+        model = load(target)
+    else:
+        config, state = read_trainable(load_checkpoint(target), target)
+        model = EncoderProjectorModel(config, trainable=True)  # fresh LoRA, then the run's tensors
+        model.load_trainable_state(state)
+        model.requires_grad_(False)
+    dev = resolve_device(device)
+    model.source = str(source)
+    return model.to(dev, dtype=default_dtype(dev)).eval()
