@@ -5,6 +5,9 @@
     soda-finetune instruct --init-from CKPT --data tasks.jsonl --data mcq=audiomcq.json --out RUN
     soda-finetune eval-s2st CKPT --data pairs.tsv --out DIR          # = soda-eval --tasks s2st
     soda-finetune grpo --init-from RUN_SFT --data strong.json --out RUN   # GRPO, AudioMCQ's MCQ rewards
+    soda-finetune instruct --architecture encoder-projector --encoder openai/whisper-medium \
+        --llm tiiuae/Falcon3-1B-Instruct --data tasks.jsonl --out RUN    # the second model family
+    soda-finetune merge RUN --out MERGED                                 # its LoRA folded into the LLM
 
 `s2st` turns a CVSS-style manifest into SODA's speech-to-speech translation documents (encoded with the
 checkpoint's own codec and vocabulary: `tokenize_audio.s2st`) in RUN/data, then trains on them; `docs` trains on
@@ -16,7 +19,9 @@ to `soda.train.cli.train`: the same Lightning run as pre-training (resume, loggi
 HF export), only with fine-tuning defaults: SODA's CVSS-T recipe (`FINETUNE_DEFAULTS`, spelled out in
 configs/finetune-s2st.yaml), five epochs of the data for s2st and one for docs unless --tokens or --epochs
 say otherwise. `grpo` (`soda.finetune.grpo`) is reinforcement learning on multiple-choice audio questions after
-`instruct`, its own Lightning run on soda-train's callbacks.
+`instruct`, its own Lightning run on soda-train's callbacks. `instruct --architecture encoder-projector` trains
+the second model family (`soda.audio_llm`: frozen Whisper, projector, LoRA'd LLM) on the same manifests
+(`soda.finetune.encoder_projector`), and `merge` folds its LoRA into the LLM.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from pathlib import Path
 from soda.train.cli import (check_run_directory, flag_values, resolve_config, resolve_resume, run_directory,
                             stop_on_signals, train)
 from soda.train.config import TrainConfig, add_train_arguments, validate
+from soda.finetune.encoder_projector import (ARCHITECTURE, add_family_arguments, add_merge_parser, merge_command,
+                                             refuse_native_family_flags, run_encoder_projector)
 from soda.finetune.prepare import init_model_dir, init_target, summarize_skips, wait_for
 from soda.train.run import is_rank_zero
 from tokenize_audio.errors import SodaError, cli_errors
@@ -75,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                "--temperature 2 --eval-sets mmau-test-mini.json --out runs/instruct\n"
                "  soda-finetune eval-s2st runs/s2st-fr --data cvss_t/fr/test.tsv --out eval/s2st-fr",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, metavar="{s2st,docs,instruct,eval-s2st,grpo}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{s2st,docs,instruct,eval-s2st,grpo,merge}")
 
     s = sub.add_parser("s2st", allow_abbrev=False, help="speech-to-speech translation from a CVSS-style manifest",
                        description="Build SODA's S2ST documents from a manifest (TSV with a header, or JSONL: "
@@ -140,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--items-per-shard", type=int, default=1000)
     g.add_argument("--prepare-only", action="store_true", help="write RUN/data and the report, and stop")
     add_train_arguments(i, skip=MODEL_FLAGS | INSTRUCT_ONLY, helps=_finetune_helps(INSTRUCT_DEFAULTS))
+    add_family_arguments(i)
 
     e = sub.add_parser("eval-s2st", allow_abbrev=False,
                        help="ASR-BLEU, text BLEU, speaker similarity and termination rate "
@@ -162,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--overwrite", action="store_true",
                    help="discard the results already in --out (as soda-eval --overwrite)")
     _grpo_parser(sub)
+    add_merge_parser(sub)
     return p
 
 
@@ -216,6 +225,12 @@ def main(argv=None) -> int:
         from soda.finetune.grpo import run_grpo
 
         return run_grpo(args)
+    if args.command == "merge":
+        return merge_command(args)
+    if args.command == "instruct" and args.architecture == ARCHITECTURE:
+        return run_encoder_projector(args)
+    if args.command == "instruct":
+        refuse_native_family_flags(args)
     if args.quiet:
         import transformers
 

@@ -207,21 +207,29 @@ def encode_clips(codec, clips: list, progress: bool, desc: str) -> dict:
 class EvalIndex:
     """The evaluation sets' clips by file id and by audio-token hash: what training clips are checked against."""
 
-    def __init__(self, codec, specs: list[str], progress: bool):
+    def __init__(self, codec, specs: list[str], progress: bool, clip_hashes=None):
+        """`clip_hashes(clips, desc) -> {clip: hash or None}` stands in for the codec's tokens (a model family
+        without a codec hashes the waveform)."""
         self.by_file, self.by_hash = defaultdict(list), defaultdict(list)
+        self.hash_name = "audio tokens" if clip_hashes is None else "waveform"
         if specs:
             items, _, _ = read_items(specs)
-            codes = encode_clips(codec, [i.audio for i in items], progress, "evaluation clips")
+            clips = [i.audio for i in items]
+            if clip_hashes is None:
+                codes = encode_clips(codec, clips, progress, "evaluation clips")
+                hashes = {k: None if isinstance(v, str) else codes_hash(v) for k, v in codes.items()}
+            else:
+                hashes = clip_hashes(clips, "evaluation clips")
             for i in items:
                 entry = {"eval_set": i.source, "eval_item": i.id}
                 self.by_file[i.file_id].append(entry)
-                if not isinstance(codes[i.clip], str):
-                    self.by_hash[codes_hash(codes[i.clip])].append(entry)
+                if hashes[i.clip] is not None:
+                    self.by_hash[hashes[i.clip]].append(entry)
         self.digest = hashlib.sha1(json.dumps([sorted(self.by_file), sorted(self.by_hash)]).encode()).hexdigest()
 
     def matches(self, item: InstructItem, clip_hash: str) -> list[dict]:
         found = [{"by": "file id", **e} for e in self.by_file.get(item.file_id, [])]
-        found += [{"by": "audio tokens", **e} for e in self.by_hash.get(clip_hash, [])]
+        found += [{"by": self.hash_name, **e} for e in self.by_hash.get(clip_hash, [])]
         return [{"source": item.source, "item": item.id, "clip": item.clip, **f} for f in found]
 
 
