@@ -187,7 +187,7 @@ class HierarchicalConfig:
                              f"({self.shape.audio_base})")
 
     @classmethod
-    def from_vocab(cls, backbone: ModelShape, vocab, **kwargs) -> "HierarchicalConfig":
+    def from_vocab(cls, backbone: ModelShape, vocab, **kwargs) -> HierarchicalConfig:
         """`backbone`'s vocabulary is replaced by `vocab`'s; `kwargs` go to HierarchicalShape (depth_width,
         depth_layers, ...) or to this config (loss_weights, attention, ...)."""
         if tuple(vocab.semantic_codebooks) != (0,):

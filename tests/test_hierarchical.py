@@ -80,7 +80,7 @@ def step_batch(vocab, ids, docs) -> dict:
 # --------------------------------------------------------------------------------------------
 def test_regroup_is_exact_for_every_window_cut_including_mid_frame(vocab):
     ids, docs, units = packed(vocab, 0)
-    cuts = [(a, b) for a in range(0, 40) for b in range(len(ids) - 30, len(ids) + 1)]
+    cuts = [(a, b) for a in range(40) for b in range(len(ids) - 30, len(ids) + 1)]
     mid_start = mid_end = 0
     for a, b in cuts:
         steps = regroup(ids[a:b], vocab, docs[a:b] - docs[a])
@@ -108,7 +108,7 @@ def test_flatten_inverts_regroup_on_whole_frames(vocab):
 
 
 def test_regroup_drops_a_broken_frame_and_never_joins_frames_across_documents(vocab):
-    ids, docs, _ = packed(vocab, 2, sizes=((3, 1),))
+    ids, _, _ = packed(vocab, 2, sizes=((3, 1),))
     first_frame = int(np.flatnonzero(ids == vocab.audio_start)[0]) + 1
     broken = np.delete(ids, first_frame + 3)  # frame 0 loses its codebook 3
     steps = regroup(broken, vocab)
@@ -214,6 +214,36 @@ def test_loss_weights_change_the_loss_but_not_the_nll_vector(vocab):
     names = tiny_config(vocab).groups
     assert names == vocab.nll_groups()
     assert set(nll_vector(sums, names)) == set(names)
+
+
+def test_chunked_loss_equals_one_chunk_in_loss_and_gradients(vocab, monkeypatch):
+    from soda import hierarchical
+
+    ids, docs, _ = packed(vocab, 10)
+    batch = step_batch(vocab, ids, docs)
+    runs = []
+    for elements in (hierarchical.CHUNK_ELEMENTS, 3 * 278):  # one chunk; chunks of 3 rows (and of 7 frames)
+        monkeypatch.setattr(hierarchical, "CHUNK_ELEMENTS", elements)
+        model = tiny_model(vocab, seed=2, loss_weights="moshi").train()
+        loss, sums = model(batch, z_loss=1e-3)
+        loss.backward()
+        runs.append((loss.detach(), sums, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (l1, s1, g1), (l2, s2, g2) = runs
+    torch.testing.assert_close(l1, l2)
+    torch.testing.assert_close(s1, s2)
+    for name in g1:
+        torch.testing.assert_close(g1[name], g2[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_eager_attention_gives_the_sdpa_results_on_packed_documents(vocab):
+    ids, docs, _ = packed(vocab, 11)
+    batch = step_batch(vocab, ids, docs)
+    out = {}
+    for attention in ("sdpa", "eager"):
+        with torch.no_grad():
+            out[attention] = tiny_model(vocab, seed=3, attention=attention)(batch)
+    torch.testing.assert_close(out["sdpa"][0], out["eager"][0])
+    torch.testing.assert_close(out["sdpa"][1], out["eager"][1])
 
 
 def test_loss_weight_schemes():
