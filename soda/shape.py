@@ -114,3 +114,116 @@ def training_flops(shape: ModelShape, tokens: float, definition: str = "3x-forwa
 
 def tokens_for_budget(shape: ModelShape, budget: float, definition: str = "3x-forward") -> float:
     return budget / training_flops_per_token(shape, definition)
+
+
+# --------------------------------------------------------------------------------------------
+# The hierarchical family (soda.hierarchical): a backbone over steps plus a depth transformer per frame
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class HierarchicalShape:
+    """The sizes of a hierarchical model: a Qwen3 backbone over steps (a step is one text/special token or one
+    whole audio frame) and a small Qwen3 "depth" decoder run over each frame's codebooks.
+
+    `backbone.vocab` is the flat vocabulary (its rows embed text, specials and every codebook's codes; a frame's
+    input is the sum of its codebooks' rows) and `backbone.seq_len` counts steps. The unified head predicts text,
+    specials and codebook 0 (`unified_vocab` = audio base + codebook size: 130,308 with SODA's vocabulary). The
+    depth decoder runs `n_codebooks` positions per frame and has one `codebook_size`-way head per acoustic codebook.
+
+    Depth size rule (the follow-up's knee, dd384/L4 at d768): half the backbone width, 4 layers, the backbone's
+    head dim (heads = width / head dim, at least 1, as many kv heads), FFN 4x its width."""
+
+    backbone: ModelShape
+    n_codebooks: int = 8
+    codebook_size: int = 2048
+    depth_width: int | None = None  # None: backbone width // 2
+    depth_layers: int = 4
+    depth_heads: int | None = None  # None: max(1, depth width // backbone head dim)
+    depth_ffn: int | None = None  # None: 4 x depth width
+
+    def __post_init__(self):
+        if self.depth_width is None:
+            object.__setattr__(self, "depth_width", max(1, self.backbone.width // 2))
+        if self.depth_heads is None:
+            object.__setattr__(self, "depth_heads", max(1, self.depth_width // self.backbone.head_dim))
+        if self.depth_ffn is None:
+            object.__setattr__(self, "depth_ffn", 4 * self.depth_width)
+        if self.audio_base < 0:
+            raise ValueError(f"a vocabulary of {self.backbone.vocab} ids cannot hold {self.n_codebooks} codebooks "
+                             f"of {self.codebook_size}")
+
+    @property
+    def audio_base(self) -> int:
+        """The first audio id of the flat vocabulary (text ids and specials come before it)."""
+        return self.backbone.vocab - self.n_codebooks * self.codebook_size
+
+    @property
+    def unified_vocab(self) -> int:
+        """Outputs of the backbone's head: the flat ids below audio base, then codebook 0's codes."""
+        return self.audio_base + self.codebook_size
+
+    @property
+    def depth(self) -> ModelShape:
+        """The depth decoder as a ModelShape: its "vocabulary" is the acoustic codes of codebooks 0..K-2 (its input
+        table) and as many head rows (K-1 heads of codebook_size), untied; its sequence is one frame's K positions."""
+        return ModelShape(self.depth_width, self.depth_layers, self.depth_heads, self.depth_heads,
+                          self.backbone.head_dim, self.depth_ffn, (self.n_codebooks - 1) * self.codebook_size,
+                          self.n_codebooks)
+
+
+def hierarchical_params(shape: HierarchicalShape, definition: str = "total") -> int:
+    """Exactly `sum(p.numel())` of the built `soda.hierarchical.HierarchicalModel` ('total'), or without the input
+    tables and output heads ('non-embedding'): backbone (flat-vocabulary embedding, layers, final norm, unified
+    head) + projection of the backbone state into the depth width + depth (codebook 0..K-2 table, layers, final
+    norm, K-1 heads)."""
+    if definition not in PARAM_DEFINITIONS:
+        raise ValueError(f"unknown parameter definition {definition!r}; choose from {PARAM_DEFINITIONS}")
+    b, d = shape.backbone, shape.depth
+    body = b.layers * layer_params(b) + b.width + d.layers * layer_params(d) + d.width
+    projection = b.width * d.width
+    if definition == "non-embedding":
+        return body + projection
+    tables = b.vocab * b.width + shape.unified_vocab * b.width + 2 * d.vocab * d.width
+    return body + projection + tables
+
+
+def backbone_forward_flops_per_step(shape: HierarchicalShape) -> int:
+    """One backbone step: the flat model's per-token count (attention over `seq_len` steps) with the unified head."""
+    b = shape.backbone
+    return forward_flops_per_token(ModelShape(b.width, b.layers, b.heads, b.kv_heads, b.head_dim, b.ffn,
+                                              shape.unified_vocab, b.seq_len))
+
+
+def depth_forward_flops_per_frame(shape: HierarchicalShape) -> int:
+    """One frame's depth pass: the projection 2*d*dd, K positions of the depth decoder (attention over the K
+    positions, full), and K-1 heads of 2*dd*codebook_size (position 0's output is not scored)."""
+    d = shape.depth
+    body = forward_flops_per_token(ModelShape(d.width, d.layers, d.heads, d.kv_heads, d.head_dim, d.ffn, 0,
+                                              d.seq_len))
+    heads = (shape.n_codebooks - 1) * 2 * d.width * shape.codebook_size
+    return 2 * shape.backbone.width * d.width + shape.n_codebooks * body + heads
+
+
+def hierarchical_forward_flops_per_step(shape: HierarchicalShape, frames_per_step: float = 1.0) -> float:
+    """Forward FLOPs per backbone step: the backbone, plus the depth pass for the share of steps that are frames.
+    The default 1.0 charges the depth pass at every step, as the follow-up's accountant did (an upper bound: text
+    and special steps run no depth pass)."""
+    return backbone_forward_flops_per_step(shape) + frames_per_step * depth_forward_flops_per_frame(shape)
+
+
+def hierarchical_training_flops_per_step(shape: HierarchicalShape, definition: str = "3x-forward",
+                                         frames_per_step: float = 1.0) -> float:
+    """Training FLOPs per step under the flat family's definitions: 3 x forward, 6N per step, or 6N plus 3 x the
+    backbone's attention (the depth's attention over K positions is negligible and left out there)."""
+    if definition == "3x-forward":
+        return 3.0 * hierarchical_forward_flops_per_step(shape, frames_per_step)
+    if definition == "6ND":
+        return 6.0 * hierarchical_params(shape, "total")
+    if definition == "6ND+attention":
+        return 6.0 * hierarchical_params(shape, "total") + 3.0 * attention_flops_per_token(shape.backbone)
+    raise ValueError(f"unknown FLOP definition {definition!r}; choose from {FLOP_DEFINITIONS}")
+
+
+def hierarchical_forward_flops_per_audio_second(shape: HierarchicalShape, frame_rate: float = 12.5) -> float:
+    """Forward FLOPs per second of audio: `frame_rate` frames (Mimi: 12.5/s), each one backbone step and one depth
+    pass (the flat model spends `frame_rate * n_codebooks` tokens on the same second)."""
+    return frame_rate * (backbone_forward_flops_per_step(shape) + depth_forward_flops_per_frame(shape))
