@@ -156,22 +156,19 @@ def run_mcq(ctx: Context, data: Questions) -> dict:
 
 
 def _option_scores(model, items, waves) -> list[tuple[list[float], list[float]]]:
-    """(raw sums, per-token means) of each item's options as responses, after the tokens they all start with."""
+    """(raw sums, per-token means) of each item's options as responses, after the tokens they all start with. One
+    item's options per pass: `response_log_probs` holds logits over the whole vocabulary at every position."""
     from soda.audio_llm import Collate
 
     collate = Collate(model.tokenizer, model.feature_extractor, model.config)
-    rows, row_waves, spans = [], [], []
+    out = []
     for item, wave in zip(items, waves):
         instruction = mcq_instruction(item.question, item.choices)
         responses = [mcq_response(choice) for choice in item.choices]
-        ids = [collate.prompt_ids(instruction, r)[1] for r in responses]
-        spans.append((len(rows), len(responses), _shared_start(ids)))
-        rows += [{"instruction": instruction, "response": r} for r in responses]
-        row_waves += [wave] * len(responses)
-    log_probs = model.response_log_probs(rows, waves=row_waves)
-    out = []
-    for first, count, skip in spans:
-        own = [lp[skip:] for lp in log_probs[first:first + count]]
+        skip = _shared_start([collate.prompt_ids(instruction, r)[1] for r in responses])
+        scores = model.response_log_probs([{"instruction": instruction, "response": r} for r in responses],
+                                          waves=[wave] * len(responses))
+        own = [lp[skip:] for lp in scores]
         out.append(([float(lp.sum()) for lp in own], [float(lp.mean()) for lp in own]))
     return out
 
