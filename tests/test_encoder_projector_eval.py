@@ -168,6 +168,11 @@ def test_two_exports_have_different_fingerprints_and_do_not_share_an_out(parts, 
                 "state_dict": {f"model.{k}": v for k, v in model.trainable_state_dict().items()}}, ckpt)
     assert encoder_projector_source(str(ckpt)) == ckpt
     assert model_fingerprint(str(ckpt))["digest"] not in (mine["digest"], f"name:{ckpt}")
+    soda_eval([str(ckpt), "--tasks", "mcq", "--data-for", f"mcq={data['mcq']}", "--limit", "1", "--out",
+               str(tmp_path / "from-ckpt"), "--quiet"])
+    summary = _results(tmp_path / "from-ckpt")["model"]  # loaded frozen: the trainable ones are counted by name
+    assert summary["trainable_parameters"] == _results(likelihood_run)["model"]["trainable_parameters"]
+    capsys.readouterr()
     with pytest.raises(SystemExit):
         soda_eval([str(other), "--tasks", "mcq", "--data-for", f"mcq={data['mcq']}", "--out", str(likelihood_run)])
     assert "another checkpoint" in _one_error_line(capsys, "soda-eval")
