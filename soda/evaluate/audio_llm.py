@@ -9,11 +9,11 @@ results.json has the same keys; its `model` names the family and its trainable a
   the official scorer and the strict parser as natively; the silence control asks again with zeros as long as
   the clip.
 * mcq, likelihood: each option is the response `<answer>OPTION</answer>` to AudioMCQ's instruction (the format
-  `soda-finetune instruct` trains; `--mcq-format` and `--mcq-template` do not apply). The tokens every option's
-  response starts with (the `<answer>` tag) are dropped, so the per-token mean (headline) and raw sum compare the
-  options' own tokens (with `</answer>` and the end of turn). Silence control as in generate. PMI, another
-  item's clip, option orders and the weak/strong split are not measured for this family: their flags are
-  refused.
+  `soda-finetune instruct` trains: `--mcq-format` is not consulted, a `--mcq-template` is refused). The tokens
+  every option's response starts with (the `<answer>` tag) are dropped, so the per-token mean (headline) and raw
+  sum compare the options' own tokens (with `</answer>` and the end of turn). Silence control as in generate.
+  PMI, another item's clip, option orders and the weak/strong split are not measured for this family: their
+  flags are refused.
 * asr: the instruction `ASR_INSTRUCTION`, greedy, WER after SODA's normalisation.
 
 Audio that cannot be read is skipped and counted, as natively. `--max-len` does not apply (a prompt holds at most
