@@ -236,8 +236,9 @@ class EncoderProjectorModel(nn.Module):
         return [row[lab != IGNORE].cpu().numpy() for row, lab in zip(picked, labels)]
 
     @torch.no_grad()
-    def generate(self, items, max_new_tokens: int = 32, waves=None) -> list[str]:
-        """Greedy answers to instruction items (their responses are ignored), batched with left padding."""
+    def generate(self, items, max_new_tokens: int = 32, waves=None, endings: bool = False) -> list:
+        """Greedy answers to instruction items (their responses are ignored), batched with left padding.
+        `endings=True`: (answer, why it stopped) pairs, "text_end" (an end-of-turn id) or "max_tokens"."""
         batch = Collate(self.tokenizer, self.feature_extractor, self.config)(items, waves=waves, with_response=False)
         device = self.projector.weight.device
         embeds = self.input_embeddings(batch["input_ids"].to(device), batch["input_features"].to(device),
@@ -245,7 +246,13 @@ class EncoderProjectorModel(nn.Module):
         out = self.llm.generate(inputs_embeds=embeds, attention_mask=batch["attention_mask"].to(device),
                                 max_new_tokens=max_new_tokens, do_sample=False,
                                 pad_token_id=self.tokenizer.pad_token_id)
-        return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in out]
+        texts = [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in out]
+        if not endings:
+            return texts
+        stops = self.llm.generation_config.eos_token_id
+        stops = torch.tensor(sorted({self.tokenizer.eos_token_id, *(stops if isinstance(stops, list) else [stops])}
+                                    - {None}), device=out.device)
+        return [(t, "text_end" if torch.isin(row, stops).any() else "max_tokens") for t, row in zip(texts, out)]
 
     def save_pretrained(self, out: Path) -> Path:
         """Write adapter/ (or llm/ when there is no LoRA), projector.safetensors, tokenizer/ and audio_llm.json."""

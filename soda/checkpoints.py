@@ -505,22 +505,32 @@ def model_fingerprint(source: str) -> dict:
     results.json, soda-generate's --out): the resolved path and a digest of each weight file's name, size and
     first and last MiB. Reading the ends keeps it fast at any size, and a re-trained or replaced checkpoint differs
     there (its first tensors and its end), while a copy elsewhere has the same digest. A hub id is its own digest;
-    a source that names no file (a model built in memory) is its name."""
+    a source that names no file (a model built in memory) is its name. An encoder-projector export counts its own
+    weights (projector, adapter or merged LLM) and audio_llm.json, not the encoder and LLM it names by path."""
     import hashlib
 
+    from soda.audio_llm import CONFIG_FILE
+
     try:
-        target = resolve_checkpoint(source)
+        target = encoder_projector_source(source) or resolve_checkpoint(source)
     except SodaError:
         return {"path": str(source), "digest": f"name:{source}"}
     if isinstance(target, str):
         return {"path": target, "digest": f"hub:{target}"}
-    files = [target] if target.is_file() else sorted(p for p in target.iterdir() if p.suffix in WEIGHT_SUFFIXES or
-                                                     p.name in ("config.json", DCP_INDEX))
+    if target.is_file():
+        files = [target]
+    else:
+        family = (target / CONFIG_FILE).is_file()
+        folders = [target] + ([target / "adapter", target / "llm"] if family else [])
+        names = ("config.json", DCP_INDEX) + ((CONFIG_FILE, "adapter_config.json") if family else ())
+        files = sorted(p for d in folders if d.is_dir() for p in d.iterdir()
+                       if p.suffix in WEIGHT_SUFFIXES or p.name in names)
     digest, total = hashlib.sha256(), 0
     for f in files:
         size = f.stat().st_size
         total += size
-        digest.update(f"{f.name}:{size}:".encode())
+        name = f.name if target.is_file() else f.relative_to(target).as_posix()  # a native directory: its names
+        digest.update(f"{name}:{size}:".encode())
         with open(f, "rb") as fh:
             digest.update(fh.read(_SAMPLE))
             fh.seek(max(0, size - _SAMPLE))

@@ -87,19 +87,25 @@ def run_asr(ctx, data: Speech) -> dict:
         requests.append(Request("asr", audio=c, id=u.id))
     results = generate(ctx.loaded, requests, generation_settings(ctx, max_text_tokens=ctx.settings.max_text_tokens),
                        ctx.codec, progress=ctx.settings.progress) if requests else []
-    refs, hyps = [u.text for u in usable], [r.text for r in results]
+    how = {"data": data.source, "prompt": "BOS <|audio_start|>A<|audio_end|><|text_start|>", "decoding": "greedy",
+           "max_text_tokens": ctx.settings.max_text_tokens, "codec": ctx.loaded.codec_label}
+    return asr_entry(data, usable, [(r.text, r.ended) for r in results], how)
+
+
+def asr_entry(data: Speech, usable: list, transcripts: list[tuple[str, str]], how: dict) -> dict:
+    """The results entry of transcripts, for every model family: `transcripts` holds (text, why it stopped) per
+    utterance of `usable`; `how` says how they were asked for."""
+    refs, hyps = [u.text for u in usable], [text for text, _ in transcripts]
     scores = word_errors(refs, hyps) if refs else {"wer": None, "reference_words": 0}
     ended = {}
-    for r in results:
-        ended[r.ended] = ended.get(r.ended, 0) + 1
+    for _, why in transcripts:
+        ended[why] = ended.get(why, 0) + 1
     items = [{"id": u.id, "reference": ref, "hypothesis": hyp, "reference_normalized": normalize(ref),
-              "hypothesis_normalized": normalize(hyp), "ended": r.ended}
-             for u, ref, hyp, r in zip(usable, refs, hyps, results)]
-    how = {"data": data.source, "prompt": "BOS <|audio_start|>A<|audio_end|><|text_start|>", "decoding": "greedy",
-           "max_text_tokens": ctx.settings.max_text_tokens, "normalisation": "SODA's: punctuation and quotes "
-           "removed, spaces collapsed, lower-cased", "codec": ctx.loaded.codec_label}
+              "hypothesis_normalized": normalize(hyp), "ended": why}
+             for u, ref, hyp, (_, why) in zip(usable, refs, hyps, transcripts)]
+    how = {**how, "normalisation": "SODA's: punctuation and quotes removed, spaces collapsed, lower-cased"}
     result = entry("WER (corpus, normalised)", scores.pop("wer"), len(usable), data.skips, how, **scores,
-                   ended=ended, termination_rate=share(ended.get("text_end", 0), len(results)))
+                   ended=ended, termination_rate=share(ended.get("text_end", 0), len(transcripts)))
     result["_items"] = items
     return result
 

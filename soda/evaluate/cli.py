@@ -97,15 +97,8 @@ def evaluate(loaded, names: list[str], data_for: dict, settings: EvalSettings, o
     for name in names:
         started = time.time()
         result = tasks[name].run(ctx, inputs[name])
-        result["seconds"] = round(time.time() - started, 2)
-        # what this entry rests on, since entries of several runs share one results.json
-        result["settings"] = {**settings.public(), "limit": settings.limit, **result.get("settings", {})}
-        result["checkpoint"] = checkpoint
-        result["evaluated_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        results[name] = result
-        log(f"soda-eval: {name}: {result['metric']} = {report._fmt(result['value'], tasks[name].percent)} "
-            f"({result['count']:,} scored, {result['skipped_count']:,} skipped)")
-        report.merge(out, header, {name: result}, tasks, compare)
+        results[name] = report.record(out, header, name, result, settings, time.time() - started, tasks, compare,
+                                      log)
     return results
 
 
@@ -143,14 +136,21 @@ def main(argv=None) -> int:
 def evaluate_checkpoint(checkpoint: str, names: list[str], data_for: dict, settings: EvalSettings, out: Path,
                         overwrite: bool = False, compare: Path | None = None) -> int:
     """soda-eval after its flags are read: load CHECKPOINT (after refusing an OUT holding another checkpoint's
-    results), run the tasks `names` into OUT, say what was written. soda-finetune eval-s2st calls it too."""
-    from soda.checkpoints import load_model, model_fingerprint
+    results), run the tasks `names` into OUT, say what was written. soda-finetune eval-s2st calls it too. An
+    encoder-projector model (`soda.audio_llm`) is evaluated by `soda.evaluate.audio_llm`."""
+    from soda.checkpoints import encoder_projector_source, load_model, model_fingerprint
 
     check_bounds(settings)
     if not settings.progress:
         import transformers
 
         transformers.utils.logging.disable_progress_bar()
+    if encoder_projector_source(checkpoint) is not None:
+        from soda.evaluate.audio_llm import evaluate_encoder_projector
+
+        evaluate_encoder_projector(checkpoint, names, data_for, settings, Path(out), overwrite, compare)
+        print(f"soda-eval: wrote {Path(out) / 'results.json'}, results.md and report.html", file=sys.stderr)
+        return 0
     fingerprint = model_fingerprint(checkpoint)
     if not overwrite:  # before loading the model: another checkpoint's results are not mixed in
         report.check_checkpoint(Path(out), fingerprint)

@@ -128,8 +128,10 @@ def asr_section(out: Path, name: str, title: str, entry: dict) -> str:
 def mcq_section(name: str, title: str, entry: dict) -> str:
     ac = entry.get("audio_contribution") or {}
     generated = (entry.get("settings") or {}).get("mode") == "generate"
-    # the other scores of the same answers: strict parsing of generated ones, raw-sum and PMI of likelihoods
-    others = [("accuracy_strict", "strict")] if generated else [("accuracy_raw", "raw-sum"), ("accuracy_pmi", "PMI")]
+    # the other scores of the same answers: strict parsing of generated ones, raw-sum and PMI (when measured: not for
+    # an encoder-projector model) of likelihoods
+    others = [("accuracy_strict", "strict")] if generated else [("accuracy_raw", "raw-sum")] + (
+        [("accuracy_pmi", "PMI")] if "accuracy_pmi" in entry else [])
     rows = [[esc(d), fmt(v.get("accuracy"), True)] + [fmt(v.get(k), True) for k, _ in others]
             + [fmt(v.get("accuracy_silence"), True), fmt(v.get("chance"), True), f"{v.get('count', 0):,}"]
             for d, v in (entry.get("by_domain") or {}).items()]

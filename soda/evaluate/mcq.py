@@ -201,70 +201,88 @@ def run_mcq(ctx: Context, data: Questions) -> dict:
     with_other = _score(ctx, other_codes, {n: prompts[n] for n in other_codes}, "mcq: scoring with another clip")
     baseline = _unconditional(ctx, prompts)
     permuted = _permuted(ctx, data, codes, prompts, with_audio)
-    rows, by_domain, totals = [], defaultdict(lambda: defaultdict(float)), defaultdict(int)
-    for n in sorted(with_audio):
-        item = data.items[n]
-        raw, norm = with_audio[n]
-        silent_raw, silent = with_silence[n]
-        pmi = [r - b for r, b in zip(raw, baseline[n])]
-        flags = {"correct_raw": _correct(raw, item.answer), "correct": _correct(norm, item.answer),
-                 "correct_pmi": _correct(pmi, item.answer), "correct_silence": _correct(silent, item.answer)}
-        if n in with_other:
-            flags["correct_mismatched"] = _correct(with_other[n][1], item.answer)
-        flags["correct_all_orderings"] = all(permuted[n])
-        tally(flags, item, by_domain, totals)
-        totals["orderings_mean"] += float(np.mean(permuted[n]))
-        totals["orderings"] += len(permuted[n])
-        soft = raw[item.answer] - silent_raw[item.answer]
-        totals["soft"] += soft
-        rows.append({"index": n, "id": item.id, "domain": item.domain, "answer": item.answer, "scores_raw": raw,
-                     "scores_norm": norm, "scores_pmi": pmi, "scores_norm_silence": silent,
-                     "pick": int(np.argmax(norm)), "pick_silence": int(np.argmax(silent)), **flags,
-                     "correct_by_ordering": permuted[n], "mismatched_with": partner.get(n),
-                     "audio_effect": _option_probability(raw, item.answer)
-                     - _option_probability(silent_raw, item.answer),
-                     "soft_score": soft})
-    count = len(rows)
-    extra = {
-        "accuracy_raw": share(totals["correct_raw"], count),
-        "accuracy_pmi": share(totals["correct_pmi"], count),
-        "chance": share(sum(d["chance"] for d in by_domain.values()), count),
-        "by_domain": {name: {"accuracy": share(d["correct"], int(d["count"])),
-                             "accuracy_raw": share(d["correct_raw"], int(d["count"])),
-                             "accuracy_pmi": share(d["correct_pmi"], int(d["count"])),
-                             "accuracy_silence": share(d["correct_silence"], int(d["count"])),
-                             "chance": d["chance"] / d["count"], "count": int(d["count"])}
-                      for name, d in sorted(by_domain.items())},
-        "permutations": {
-            "requested": settings.mcq_permutations, "orderings_scored": totals["orderings"],
-            "mean_accuracy": share(totals["orderings_mean"], count),
-            "all_orderings_correct": share(totals["correct_all_orderings"], count),
-            "note": "options are scored one by one, so only the template's {choices} listing lets order matter"},
-        "audio_contribution": {
-            "condition": "the item's audio replaced by silence of the same length",
-            "accuracy_silence": share(totals["correct_silence"], count),
-            "accuracy_mismatched": share(totals["correct_mismatched"], len(with_other)) if with_other else None,
-            "mismatched_condition": "another item's clip (a seeded derangement), cut or repeated to this item's "
-                                    "length",
-            "correct_with_audio": totals["correct"], "correct_without_audio": totals["correct_silence"],
-            "correct_only_with_audio": totals["only_with_audio"],
-            "correct_only_without_audio": totals["only_without_audio"],
-            "mean_audio_effect": share(sum(r["audio_effect"] for r in rows), count),
-            "mean_soft_score": share(totals["soft"], count),
-            "soft_score": "log p(answer | audio) - log p(answer | silence), the correct option's summed log-prob",
-        },
-        "benchmark": benchmark(data.source),
-        "scorer_versions": {"likelihood": "soda-likelihood-2: per-token mean (headline), raw sum, PMI against "
-                                          f"BOS <|text_start|>{PMI_PREFIX}; ties wrong"},
-    }
     how = {"data": data.source, "mode": "likelihood", "format": settings.mcq_format,
            "template": settings.mcq_template if settings.mcq_format == "plain" else "instruct",
            "codec": ctx.loaded.codec_label, "permutations": settings.mcq_permutations,
            "score": "per-token mean log-prob of each option (raw sum in accuracy_raw, minus its log-prob after "
                     f"'BOS <|text_start|>{PMI_PREFIX}' in accuracy_pmi)",
            "correct_if": "the answer's score beats every other option (ties wrong)"}
+    scorer = ("soda-likelihood-2: per-token mean (headline), raw sum, PMI against "
+              f"BOS <|text_start|>{PMI_PREFIX}; ties wrong")
+    result = likelihood_entry(data, with_audio, with_silence, how, scorer, baseline=baseline, with_other=with_other,
+                              partner=partner, permuted=permuted, permutations=settings.mcq_permutations)
     if settings.split_weak_strong:
-        extra["split"] = split_weak_strong(ctx, data, rows)
+        result["split"] = split_weak_strong(ctx, data, result["_items"])
+    return result
+
+
+def likelihood_entry(data: Questions, with_audio: dict, with_silence: dict, how: dict, scorer: str, *,
+                     baseline: dict | None = None, with_other: dict | None = None, partner: dict | None = None,
+                     permuted: dict | None = None, permutations: int = 1) -> dict:
+    """The results entry of likelihood scores, for every model family: `with_audio` and `with_silence` map an
+    item's index to (raw sums, per-token means) over its options. The optional controls add their figures: PMI
+    (`baseline`: each option's log-prob without audio or question), another item's clip (`with_other`, `partner`),
+    the option orders (`permuted`: index -> correct under each)."""
+    rows, by_domain, totals = [], defaultdict(lambda: defaultdict(float)), defaultdict(int)
+    for n in sorted(with_audio):
+        item = data.items[n]
+        raw, norm = with_audio[n]
+        silent_raw, silent = with_silence[n]
+        flags = {"correct_raw": _correct(raw, item.answer), "correct": _correct(norm, item.answer)}
+        if baseline is not None:
+            pmi = [r - b for r, b in zip(raw, baseline[n])]
+            flags["correct_pmi"] = _correct(pmi, item.answer)
+        flags["correct_silence"] = _correct(silent, item.answer)
+        if with_other is not None and n in with_other:
+            flags["correct_mismatched"] = _correct(with_other[n][1], item.answer)
+        if permuted is not None:
+            flags["correct_all_orderings"] = all(permuted[n])
+            totals["orderings_mean"] += float(np.mean(permuted[n]))
+            totals["orderings"] += len(permuted[n])
+        tally(flags, item, by_domain, totals)
+        soft = raw[item.answer] - silent_raw[item.answer]
+        totals["soft"] += soft
+        row = {"index": n, "id": item.id, "domain": item.domain, "answer": item.answer, "scores_raw": raw,
+               "scores_norm": norm, **({"scores_pmi": pmi} if baseline is not None else {}),
+               "scores_norm_silence": silent, "pick": int(np.argmax(norm)), "pick_silence": int(np.argmax(silent)),
+               **flags}
+        if permuted is not None:
+            row["correct_by_ordering"] = permuted[n]
+        if partner is not None:
+            row["mismatched_with"] = partner.get(n)
+        rows.append({**row, "audio_effect": _option_probability(raw, item.answer)
+                     - _option_probability(silent_raw, item.answer), "soft_score": soft})
+    count = len(rows)
+    accuracies = ("", "_raw") + (("_pmi",) if baseline is not None else ()) + ("_silence",)
+    extra = {f"accuracy{k}": share(totals[f"correct{k}"], count) for k in accuracies if k in ("_raw", "_pmi")}
+    extra["chance"] = share(sum(d["chance"] for d in by_domain.values()), count)
+    extra["by_domain"] = {name: {**{f"accuracy{k}": share(d[f"correct{k}"], int(d["count"])) for k in accuracies},
+                                 "chance": d["chance"] / d["count"], "count": int(d["count"])}
+                          for name, d in sorted(by_domain.items())}
+    if permuted is not None:
+        extra["permutations"] = {
+            "requested": permutations, "orderings_scored": totals["orderings"],
+            "mean_accuracy": share(totals["orderings_mean"], count),
+            "all_orderings_correct": share(totals["correct_all_orderings"], count),
+            "note": "options are scored one by one, so only the template's {choices} listing lets order matter"}
+    contribution = {"condition": "the item's audio replaced by silence of the same length",
+                    "accuracy_silence": share(totals["correct_silence"], count)}
+    if with_other is not None:
+        contribution.update({
+            "accuracy_mismatched": share(totals["correct_mismatched"], len(with_other)) if with_other else None,
+            "mismatched_condition": "another item's clip (a seeded derangement), cut or repeated to this item's "
+                                    "length"})
+    extra["audio_contribution"] = {
+        **contribution,
+        "correct_with_audio": totals["correct"], "correct_without_audio": totals["correct_silence"],
+        "correct_only_with_audio": totals["only_with_audio"],
+        "correct_only_without_audio": totals["only_without_audio"],
+        "mean_audio_effect": share(sum(r["audio_effect"] for r in rows), count),
+        "mean_soft_score": share(totals["soft"], count),
+        "soft_score": "log p(answer | audio) - log p(answer | silence), the correct option's summed log-prob",
+    }
+    extra["benchmark"] = benchmark(data.source)
+    extra["scorer_versions"] = {"likelihood": scorer}
     result = entry("accuracy (length-normalised log-likelihood)", share(totals["correct"], count), count,
                    data.skips, how, **extra)
     result["_items"] = rows

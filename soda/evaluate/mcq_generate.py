@@ -86,6 +86,14 @@ def run_generated(ctx: Context, data: Questions) -> dict:
         codes[n], prompts[n] = c, text
     answers = _generate(ctx, codes, prompts)
     silent = _generate(ctx, silence_like(ctx, codes), prompts)
+    return generated_entry(data, kind, answers, silent, {"codec": ctx.loaded.codec_label},
+                           settings.mcq_max_tokens)
+
+
+def generated_entry(data: Questions, kind: str, answers: dict, silent: dict, how: dict, max_tokens: int) -> dict:
+    """The results entry of generated answers, for every model family: `answers` and `silent` map an item's index
+    to (its answer, why it stopped) with its audio and with silence; `how` adds what the family records (codec)."""
+    items = data.items
     rows, totals, by_domain = [], defaultdict(int), defaultdict(lambda: defaultdict(float))
     for n in sorted(answers):
         item = items[n]
@@ -135,7 +143,7 @@ def run_generated(ctx: Context, data: Questions) -> dict:
         extra["official_compat"] = {**compat, "rule": "as mmsu_evaluation.py: wrong-format responses dropped from "
                                                       "the total; empty/'None' reuse the previous letter"}
     how = {"data": data.source, "mode": "generate", "prompt": kind, "decoding": "greedy",
-           "max_answer_tokens": settings.mcq_max_tokens, "codec": ctx.loaded.codec_label,
+           "max_answer_tokens": max_tokens, **how,
            "official_scorer": official_name + (" (malformed counted wrong)" if kind == "mmsu" else
                                               " of the <answer> content as R1-AQA extracts it (else the response)"),
            "strict": SCORER_VERSIONS["strict"]}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import time
 from pathlib import Path
 
 from soda.evaluate.html_report import write_eval_page
@@ -33,6 +34,20 @@ def model_summary(loaded) -> dict:
             "shape": {k: getattr(c, k, None) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
                                                        "num_key_value_heads", "head_dim", "intermediate_size")},
             "soda_size": soda_size(model), "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
+
+
+def encoder_projector_summary(model) -> dict:
+    """results.json's `model` for the encoder-projector family: what it is built from, and its parameters: the
+    trainable ones are what its training changes (projector + LoRA), counted by name since a loaded model is
+    frozen."""
+    c = model.config
+    trainable = sum(p.numel() for n, p in model.named_parameters() if n.startswith("projector.") or "lora_" in n)
+    total = sum(p.numel() for p in model.parameters())
+    return {"family": "encoder-projector", "source": model.source, "encoder": c.encoder, "llm": c.llm,
+            "codec": "none (Whisper log-mel features)", "pooling": c.pooling, "pool": c.pool, "trim": c.trim,
+            "lora_rank": c.lora_r if model._has_lora() else None, "lora_alpha": c.lora_alpha,
+            "parameters": total, "trainable_parameters": trainable,
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "soda_size": None}
 
 
 @contextlib.contextmanager
@@ -102,6 +117,20 @@ def merge(out: Path, header: dict, results: dict, tasks: dict, compare: Path | N
     return merged
 
 
+def record(out: Path, header: dict, name: str, result: dict, settings, seconds: float, tasks: dict,
+           compare: Path | None = None, log=print) -> dict:
+    """Stamp one task's entry with what it rests on (entries of several runs share one results.json: its time, the
+    settings, the checkpoint, when), say its score, and merge it into OUT."""
+    result["seconds"] = round(seconds, 2)
+    result["settings"] = {**settings.public(), "limit": settings.limit, **result.get("settings", {})}
+    result["checkpoint"] = header["checkpoint"]
+    result["evaluated_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    log(f"soda-eval: {name}: {result['metric']} = {_fmt(result['value'], tasks[name].percent)} "
+        f"({result['count']:,} scored, {result['skipped_count']:,} skipped)")
+    merge(out, header, {name: result}, tasks, compare)
+    return result
+
+
 def _fmt(value, percent: bool) -> str:
     if value is None:
         return "–"
@@ -111,9 +140,15 @@ def _fmt(value, percent: bool) -> str:
 def markdown(header: dict, results: dict, tasks: dict) -> str:
     model = header["model"]
     size = model.get("soda_size")
-    lines = [f"# soda-eval: {model['source']}", "",
-             f"Codec: {model['codec']}. Parameters: {model['parameters']:,} ({model['non_embedding_parameters']:,} "
-             f"non-embedding). Accuracies and error rates in %; ↓: lower is better.", ""]
+    if model.get("family") == "encoder-projector":
+        about = (f"Encoder-projector model: {model['encoder']} -> {model['pooling']} x{model['pool']} pooling -> "
+                 f"projector -> {model['llm']} (LoRA rank {model['lora_rank'] or 'none: merged'}). Parameters: "
+                 f"{model['parameters']:,} ({model['trainable_parameters']:,} trainable: projector + LoRA).")
+    else:
+        about = (f"Codec: {model['codec']}. Parameters: {model['parameters']:,} "
+                 f"({model['non_embedding_parameters']:,} non-embedding).")
+    lines = [f"# soda-eval: {model['source']}", "", f"{about} Accuracies and error rates in %; ↓: lower is better.",
+             ""]
     columns = ["Task", "Metric", "Result", "Items", "Skipped"] + ([f"SODA-{size}"] if size else [])
     lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     notes = []
@@ -168,7 +203,7 @@ def _mcq_notes(task, r: dict) -> list[str]:
                      if "accuracy_official_compat" in r else "")
                   + f", strict {pc(r['accuracy_strict'])} ({r['malformed']} answers malformed)")
     else:
-        scores = f"raw-sum {pc(r['accuracy_raw'])}, PMI {pc(r.get('accuracy_pmi'))}"
+        scores = f"raw-sum {pc(r['accuracy_raw'])}" + (f", PMI {pc(r['accuracy_pmi'])}" if "accuracy_pmi" in r else "")
         if ac.get("accuracy_mismatched") is not None:
             scores += f"; with another item's clip {pc(ac['accuracy_mismatched'])}"
         if ac.get("mean_soft_score") is not None:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from soda.checkpoints import model_fingerprint
+from soda.checkpoints import encoder_projector_source, model_fingerprint
 from soda.generate.decode import generate_iter
 from soda.generate.prompts import TASKS, GenerationSettings, Request, Result, check_request, summarize
 from tokenize_audio.errors import SkipItem, SodaError, cli_errors
@@ -294,6 +294,19 @@ def result_line(r: Result, row: dict, index: int, wav: Path | None) -> dict:
             "index": index, "request": request_digest(row)}
 
 
+def check_family(rows: list[dict], args, settings: GenerationSettings) -> None:
+    """An encoder-projector model (`soda.audio_llm`) answers instruct and asr requests in text, greedy."""
+    from soda.generate.audio_llm import check_text_only
+
+    check_text_only(rows, args.checkpoint)
+    if args.codec:
+        raise SodaError(f"--codec: {args.checkpoint} is an encoder-projector model; it reads audio through Whisper, "
+                        f"not a codec")
+    if settings.text_temperature > 0:
+        raise SodaError(f"--text-temperature {settings.text_temperature}: an encoder-projector model answers greedy "
+                        f"only")
+
+
 @cli_errors("soda-generate")
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
@@ -306,39 +319,56 @@ def main(argv=None) -> int:
                                   max_text_tokens=args.max_text_tokens, silence_seconds=args.silence_seconds,
                                   use_cache=not args.no_cache, batch_size=args.batch_size)
     rows = read_requests(Path(args.input)) if args.task == "batch" else [single_request(args)]
+    family = encoder_projector_source(args.checkpoint) is not None
+    if family:  # text only, greedy: refused before anything is loaded
+        check_family(rows, args, settings)
     out: Path = args.out
     record = {"checkpoint": model_fingerprint(args.checkpoint), "codec": args.codec,
               "settings": {k: v for k, v in vars(settings).items() if k != "silence_codes"}}
     earlier = earlier_outputs(out, record, args.overwrite)  # before loading the model: a refusal is quick
 
-    from soda.checkpoints import load_model
+    from soda.checkpoints import load_encoder_projector, load_model
     from tokenize_audio.shards import atomic_write_json, atomic_write_text
 
-    loaded = load_model(args.checkpoint, device=args.device, codec=args.codec)
-    codec = loaded.load_codec()
+    progress = args.task == "batch" and not args.quiet
+    if family:
+        from soda.generate.audio_llm import generate_text
+
+        model = load_encoder_projector(args.checkpoint, device=args.device)
+        source, codec, codec_label = model.source, None, "none (encoder-projector: text outputs only)"
+    else:
+        loaded = load_model(args.checkpoint, device=args.device, codec=args.codec)
+        codec = loaded.load_codec()
+        source, codec_label = loaded.source, loaded.codec_label
     digests = [request_digest(row) for row in rows]
     done = {line["id"]: line for line in earlier
             if not line.get("wav") or Path(line["wav"]).is_file()}  # a line is written after its wav
     kept = {n: done[row["id"]] for n, row in enumerate(rows)
             if row["id"] in done and done[row["id"]].get("request") == digests[n]}
     todo = [n for n in range(len(rows)) if n not in kept]
-    requests = [to_request(rows[n], codec) for n in todo]  # every input checked before anything is generated
+    if family:  # its audio is read a batch at a time, as it is answered
+        outputs = generate_text(model, [rows[n] for n in todo], settings.max_text_tokens, settings.batch_size, progress)
+    else:
+        requests = [to_request(rows[n], codec) for n in todo]  # every input checked before anything is generated
+        outputs = generate_iter(loaded, requests, settings, codec, progress=progress)
     if kept:
         print(f"soda-generate: {len(kept)} of {len(rows)} requests already done in {out}; generating the other "
               f"{len(todo)}", file=sys.stderr)
-    atomic_write_json(out / RUN, {**record, "model": loaded.source, "codec_label": loaded.codec_label})
+    atomic_write_json(out / RUN, {**record, "model": source, "codec_label": codec_label})
     # results.jsonl starts as the kept lines (a half-written last line of a killed run is gone), then grows
     atomic_write_text(out / RESULTS, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in kept.values()))
     lines = dict(kept)
     start = time.perf_counter()
     with open(out / RESULTS, "a", encoding="utf-8") as results_file:
-        for i, r in generate_iter(loaded, requests, settings, codec, progress=args.task == "batch" and not args.quiet):
+        for i, r in outputs:
             n = todo[i]
             wav = None
             if r.wave is not None:
                 wav = out / f"{r.id}.wav"
                 write_wave(wav, r.wave, codec.sample_rate)
             lines[n] = result_line(r, rows[n], n, wav)
+            if family:  # its generate does not count tokens
+                lines[n].update(prompt_tokens=None, generated_tokens=None)
             results_file.write(json.dumps(lines[n], ensure_ascii=False) + "\n")
             results_file.flush()
             os.fsync(results_file.fileno())
@@ -350,7 +380,7 @@ def main(argv=None) -> int:
     summary = {**summarize([Result(x["id"], x["task"], x["ended"], seconds=x["seconds"]) for x in ordered]),
                "generated_now": len(fresh), "kept_from_earlier_runs": len(kept), "wall_seconds": round(wall, 3),
                "audio_seconds_per_wall_second": round(sum(x["seconds"] for x in fresh) / wall, 3) if wall else None,
-               "model": loaded.source, "checkpoint": record["checkpoint"], "codec": loaded.codec_label,
+               "model": source, "checkpoint": record["checkpoint"], "codec": codec_label,
                "settings": record["settings"]}
     atomic_write_json(out / SUMMARY, summary)
 
@@ -361,7 +391,7 @@ def main(argv=None) -> int:
         print(f"{x['id']}: {what} (ended: {x['ended']})")
     endings = ", ".join(f"{k} {v}" for k, v in summary["ended"].items() if v)
     print(f"{len(ordered)} outputs, {summary['termination_rate']:.0%} stopped by the model ({endings}); "
-          f"codec: {loaded.codec_label}; wrote {out}/results.jsonl, summary.json", file=sys.stderr)
+          f"codec: {codec_label}; wrote {out}/results.jsonl, summary.json", file=sys.stderr)
     return 0
 
 
