@@ -218,3 +218,20 @@ def test_config_round_trips_and_bad_settings_are_one_line_errors(parts, tmp_path
     (plain / "chat_template.jinja").unlink(missing_ok=True)
     with pytest.raises(SodaError, match="no chat template"):
         EncoderProjectorModel(_config(parts).__class__(encoder=str(parts / "whisper"), llm=str(plain)))
+
+
+def test_log_mel_features_equal_whisper_s_extractor_bit_for_bit():
+    """`log_mel` skips the STFT of the padding after the longest clip; what it gives is the extractor's output."""
+    from transformers import WhisperFeatureExtractor
+
+    from soda.audio_llm import log_mel
+
+    extractor = WhisperFeatureExtractor(feature_size=80)
+    rng = np.random.default_rng(0)
+    for sizes in ([32000, 16000, 12345], [480000], [600000, 100], [1], [1120, 399], [479900, 3000]):
+        waves = [rng.normal(0, 0.1, n).astype(np.float32) for n in sizes]
+        waves[0][: len(waves[0]) // 2] = 0  # silence inside a clip is not padding
+        ref = extractor(waves, sampling_rate=16000, return_attention_mask=True, return_tensors="pt")
+        got = log_mel(extractor, waves)
+        assert torch.equal(got["input_features"], ref["input_features"]), sizes
+        assert torch.equal(got["attention_mask"], ref["attention_mask"].to(got["attention_mask"].dtype)), sizes

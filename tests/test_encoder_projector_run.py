@@ -106,9 +106,10 @@ def test_the_run_prepares_the_items_with_a_report_and_resumes_exactly(parts, qa,
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], trainable(stopped / "checkpoints" / "step0000003.ckpt")[k]) for k in a)
     metrics = (straight / "metrics.csv").read_text().splitlines()[0].split(",")
-    assert {"train/loss", "val/loss", "lr", "grad_norm", "tokens_per_second"} <= set(metrics)
+    assert {"train/loss", "val/loss", "lr", "grad_norm", "tokens_per_s"} <= set(metrics)
 
 
+@pytest.mark.slow
 def test_a_tiny_model_learns_the_synthetic_set_above_chance_and_its_export_reloads(trained, tmp_path, capsys):
     """Held-out questions by likelihood of each option's `<answer>OPTION</answer>`: the audio-required kinds
     (beeps to count, which tone is higher) above chance; the export, the run directory and the merged model give the
@@ -138,7 +139,7 @@ def test_a_tiny_model_learns_the_synthetic_set_above_chance_and_its_export_reloa
     with torch.no_grad():
         logits = model(**batch).logits
         assert torch.equal(checkpoint(**batch).logits, logits)
-        torch.testing.assert_close(merged(**batch).logits, logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(merged(**batch).logits, logits, atol=1e-4, rtol=1e-4)  # W + BA, summed once
     line = one_line_error(capsys, ["merge", str(out), "--out", str(tmp_path / "merged")])
     assert "not empty" in line
 

@@ -433,7 +433,7 @@ class EncoderProjectorModule(L.LightningModule):
         tokens, self._started, self._tokens = self._tokens * self.trainer.world_size, None, 0.0
         opt = self.trainer.optimizers[0]
         self.log_dict({"lr": opt.param_groups[0]["lr"], "seconds_per_step": seconds,
-                       "items_per_second": self.s.batch_size / seconds, "tokens_per_second": tokens / seconds},
+                       "items_per_second": self.s.batch_size / seconds, "tokens_per_s": tokens / seconds},
                       on_step=True, on_epoch=False)
 
     def validation_step(self, batch, batch_idx):
