@@ -111,27 +111,33 @@ def test_the_run_prepares_the_items_with_a_report_and_resumes_exactly(parts, qa,
 
 @pytest.mark.slow
 def test_a_tiny_model_learns_the_synthetic_set_above_chance_and_its_export_reloads(trained, tmp_path, capsys):
-    """Held-out questions by likelihood of each option's `<answer>OPTION</answer>`: the audio-required kinds
-    (beeps to count, which tone is higher) above chance; the export, the run directory and the merged model give the
-    same logits."""
+    """Held-out questions scored by soda-eval (likelihood of each option's `<answer>OPTION</answer>`): the
+    audio-required kinds (beeps to count, which tone is higher) above chance, and below it with silence; the
+    export, the run's checkpoint and the merged model give the same logits."""
     from soda.audio_llm import Collate
     from soda.checkpoints import load_encoder_projector
+    from soda.evaluate.cli import main as eval_main
     from tokenize_audio.documents import mcq_instruction, mcq_response
 
     data, out = trained
-    model = load_encoder_projector(str(out))
-    assert model.source == str(out)
-    right, chance = {}, {}
-    for row in json.loads((data / "test.json").read_text()):
-        items = [{"audio": str(data / row["audio"]), "instruction": mcq_instruction(row["question"], row["choices"]),
-                  "response": mcq_response(c)} for c in row["choices"]]
-        scores = [s.sum() for s in model.response_log_probs(items)]
-        kind = "text" if row["task"] == "text" else "audio"
-        right.setdefault(kind, []).append(row["choices"][int(np.argmax(scores))] == row["answer"])
-        chance.setdefault(kind, []).append(1 / len(row["choices"]))
-    assert np.mean(right["audio"]) >= np.mean(chance["audio"]) + 0.2, right
-    assert np.mean(right["text"]) >= 0.8, right
+    assert eval_main([str(out), "--tasks", "mcq", "--data-for", f"mcq={data / 'test.json'}", "--out",
+                      str(tmp_path / "eval")]) == 0
+    result = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert result["model"]["family"] == "encoder-projector"
+    mcq = result["tasks"]["mcq"]
+    domains = mcq["by_domain"]
+    audio = [domains[k] for k in ("beeps", "pitch")]
+    accuracy = sum(d["accuracy"] * d["count"] for d in audio) / sum(d["count"] for d in audio)
+    chance = sum(d["chance"] * d["count"] for d in audio) / sum(d["count"] for d in audio)
+    assert accuracy >= chance + 0.2, domains
+    assert domains["text"]["accuracy"] >= 0.8, domains
+    silent = sum(d["accuracy_silence"] * d["count"] for d in audio) / sum(d["count"] for d in audio)
+    assert silent < accuracy, domains
 
+    model = load_encoder_projector(str(out))
+    row = json.loads((data / "test.json").read_text())[0]
+    items = [{"audio": str(data / row["audio"]), "instruction": mcq_instruction(row["question"], row["choices"]),
+              "response": mcq_response(c)} for c in row["choices"]]
     checkpoint = load_encoder_projector(str(sorted((out / "checkpoints").glob("step*.ckpt"))[-1]))
     assert main(["merge", str(out), "--out", str(tmp_path / "merged")]) == 0
     merged = load_encoder_projector(str(tmp_path / "merged"))
@@ -173,3 +179,67 @@ def test_the_step_plan_is_whole_passes_or_weighted_draws_and_depends_on_the_seed
     assert 0.45 < share_b < 0.55  # b's 2 items take half the slots (their natural share is a quarter)
     counts = np.bincount(weighted[np.isin(weighted, [6, 7])])[6:]
     assert abs(int(counts[0]) - int(counts[1])) <= 1  # a source's items come in whole passes
+
+
+def _subprocess_env():
+    import os
+
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": str(REPO)}
+
+
+@pytest.mark.slow
+def test_under_torchrun_two_ranks_split_each_step_and_rank_zero_prepares_and_exports(parts, qa, tmp_path):
+    """Two CPU processes (gloo, DDP): rank 0 reads the clips and writes the item lists while rank 1 waits; each
+    takes half of every step's items; one export; a requeued command line (--resume auto) goes on."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+               "soda.finetune", *family(parts, "--data", str(qa / "instruct.jsonl"), "--out", str(out),
+                                        "--batch-size", "4", "--epochs", "2", "--validation-fraction", "0",
+                                        "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp",
+                                        "--log-every", "1", "--resume", "auto")]
+    done = subprocess.run(command + ["--max-steps", "2"], capture_output=True, text=True, env=_subprocess_env(),
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "4 items = 2 devices x 2 x 1 accumulation" in done.stderr
+    assert done.stderr.count("reading the clips") == 1  # rank 0 only
+    done = subprocess.run(command, capture_output=True, text=True, env=_subprocess_env(), timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    steps = sorted(p.name for p in (out / "checkpoints").glob("step*.ckpt"))
+    assert steps[0] == "step0000002.ckpt" and int(steps[-1][4:11]) > 2
+    assert (out / "hf" / "audio_llm.json").is_file()
+
+
+@pytest.mark.slow
+def test_a_group_sigterm_checkpoints_the_step_and_the_requeue_finishes(parts, qa, tmp_path):
+    """SIGTERM to the whole process group, as SLURM sends it: exit 143 after a checkpoint; the same command line
+    again (with --resume auto) continues to the end."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "soda.finetune", *family(parts, "--data", str(qa / "instruct.jsonl"), "--out",
+                                                               str(out), "--batch-size", "2", "--epochs", "200",
+                                                               "--ckpt-every", "1000", "--resume", "auto")]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_subprocess_env(), start_new_session=True)
+    deadline = time.time() + 300
+    while not list((out / "logs").rglob("metrics.csv")) and time.time() < deadline:
+        time.sleep(0.5)
+    time.sleep(2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-3000:]
+    assert "pre-empted at step" in err and "--resume" in err
+    saved = sorted((out / "checkpoints").glob("step*.ckpt"))
+    assert len(saved) == 1
+    done = subprocess.run(command[:-2] + ["--resume", "auto", "--max-steps", str(int(saved[0].stem[4:]) + 2)],
+                          capture_output=True, text=True, env=_subprocess_env(), timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(sorted((out / "checkpoints").glob("step*.ckpt"))) == 2

@@ -497,7 +497,9 @@ def run_encoder_projector(args) -> int:
     report_file = out / REPORT
     if resume or not is_rank_zero():
         if not is_rank_zero():
-            wait_for(out / CONFIG)
+            wait_for(report_file)  # rank 0 writes it after the item lists, and with its refusal if it refuses
+            if not resume:
+                wait_for(out / CONFIG, refused=lambda: json.loads(report_file.read_text()).get("refused"))
         if not report_file.is_file():
             raise SodaError(f"--resume: {out / DATA_DIR} holds no prepared data; start the run again without --resume")
         report = json.loads(report_file.read_text())

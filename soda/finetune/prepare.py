@@ -35,10 +35,13 @@ def init_model_dir(source: str, out: Path, vocab) -> str:
     return init
 
 
-def wait_for(path: Path, timeout: float = 24 * 3600) -> None:
-    """Ranks other than 0 (under torchrun) wait for rank 0 to prepare the data or the initial weights."""
+def wait_for(path: Path, timeout: float = 24 * 3600, refused=None) -> None:
+    """Ranks other than 0 (under torchrun) wait for rank 0 to prepare the data or the initial weights; `refused()`,
+    when given, is rank 0's reason to stop (checked while waiting: the other ranks stop with it)."""
     started = time.time()
     while not path.is_file():
+        if refused is not None and (reason := refused()):
+            raise SodaError(f"rank 0 refused the data: {reason}")
         if time.time() - started > timeout:
             raise SodaError(f"waited {timeout:.0f} s for rank 0 to write {path}")
         time.sleep(2)
