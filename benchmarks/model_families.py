@@ -29,8 +29,6 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -58,38 +56,6 @@ def native_base(out: Path) -> Path:
     (out / SODA_META).write_text(json.dumps({"codec": {"spec": "mimi:random",
                                                        "label": "mimi:random: RANDOM weights, an offline test codec"}}))
     return out
-
-
-def family_parts(out: Path) -> tuple[Path, Path]:
-    """A tiny random Whisper (encoder + feature extractor) and a tiny random LLM with a byte tokenizer and a chat
-    template, as local directories."""
-    from transformers import (LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, WhisperConfig,
-                              WhisperFeatureExtractor, WhisperModel)
-
-    from tokenize_audio.vocab import byte_tokenizer
-
-    torch.manual_seed(0)
-    whisper = WhisperConfig(d_model=64, encoder_layers=2, decoder_layers=1, encoder_attention_heads=4,
-                            decoder_attention_heads=4, encoder_ffn_dim=256, decoder_ffn_dim=256, num_mel_bins=80,
-                            max_source_positions=1500, vocab_size=100, pad_token_id=0, bos_token_id=1,
-                            eos_token_id=1, decoder_start_token_id=1)
-    encoder = WhisperModel(whisper)
-    for conv in (encoder.encoder.conv1, encoder.encoder.conv2):  # features that follow the audio (see the tests)
-        torch.nn.init.normal_(conv.weight, std=0.3)
-    encoder.save_pretrained(out / "whisper")
-    WhisperFeatureExtractor(feature_size=80).save_pretrained(out / "whisper")
-    raw = byte_tokenizer()
-    raw.add_special_tokens(["<|im_start|>", "<|im_end|>"])
-    tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|im_end|>", pad_token="<|im_end|>")
-    tok.chat_template = CHAT_TEMPLATE
-    tok.save_pretrained(out / "llm")
-    llm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=512,
-                                       num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                                       tie_word_embeddings=False))
-    torch.nn.init.normal_(llm.lm_head.weight, std=0.3)  # a random head at std 0.02 caps the logits (see the tests)
-    llm.save_pretrained(out / "llm")
-    return out / "whisper", out / "llm"
 
 
 def matching_rank(whisper: Path, llm: Path, target: int) -> tuple[int, int]:
@@ -156,7 +122,9 @@ def main() -> int:
     native_params = sum(t.numel() for t in __import__("safetensors.torch", fromlist=["load_file"]).load_file(
         str(native_run / "hf" / "model.safetensors")).values())
 
-    whisper, llm = family_parts(out / "parts")
+    from soda.audio_llm import random_parts
+
+    whisper, llm = random_parts(out / "parts", whisper_width=64, whisper_layers=2, llm_width=128, llm_layers=4)
     rank, trainable = matching_rank(whisper, llm, native_params)
     train_items = len(json.loads((qa / "train.json").read_text()))
     batch = 12

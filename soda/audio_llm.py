@@ -444,3 +444,51 @@ def log_mel(extractor, waves: list[np.ndarray]) -> dict:
 
 def _get(item, name: str):
     return item[name] if isinstance(item, dict) else getattr(item, name)
+
+
+# --------------------------------------------------------------------------------------------
+# Random parts, for offline tests and pipeline demonstrations (no downloads)
+# --------------------------------------------------------------------------------------------
+RANDOM_CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def random_parts(out: Path, whisper_width: int = 32, whisper_layers: int = 1, llm_width: int = 32,
+                 llm_layers: int = 2, seed: int = 0) -> tuple[Path, Path]:
+    """RANDOM-weight local stand-ins for `--encoder` and `--llm` (out/whisper-random, out/llm-random): a Whisper
+    encoder with its feature extractor, and a Llama with a byte tokenizer and a ChatML template. They exercise every
+    step of the pipeline offline; what they learn says nothing about real encoders and LLMs."""
+    from transformers import LlamaConfig, LlamaForCausalLM, WhisperConfig, WhisperFeatureExtractor, WhisperModel
+
+    from tokenize_audio.vocab import byte_tokenizer
+
+    out = Path(out)
+    torch.manual_seed(seed)
+    heads = max(2, whisper_width // 16)
+    whisper = WhisperModel(WhisperConfig(
+        d_model=whisper_width, encoder_layers=whisper_layers, decoder_layers=1, encoder_attention_heads=heads,
+        decoder_attention_heads=heads, encoder_ffn_dim=2 * whisper_width, decoder_ffn_dim=2 * whisper_width,
+        num_mel_bins=80, max_source_positions=1500, vocab_size=100, pad_token_id=0, bos_token_id=1, eos_token_id=1,
+        decoder_start_token_id=1))
+    # At std 0.02 the convolutions' output is ~0.3% of the positional table's, so clips are indistinguishable after
+    # the encoder; a trained encoder's features follow the audio.
+    for conv in (whisper.encoder.conv1, whisper.encoder.conv2):
+        nn.init.normal_(conv.weight, std=0.3)
+    whisper.save_pretrained(out / "whisper-random")
+    WhisperFeatureExtractor(feature_size=80).save_pretrained(out / "whisper-random")
+    raw = byte_tokenizer()
+    raw.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    from transformers import PreTrainedTokenizerFast as Fast  # noqa: N814
+
+    tok = Fast(tokenizer_object=raw, eos_token="<|im_end|>", pad_token="<|im_end|>")
+    tok.chat_template = RANDOM_CHAT_TEMPLATE
+    tok.save_pretrained(out / "llm-random")
+    llm = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tok), hidden_size=llm_width, intermediate_size=2 * llm_width, num_hidden_layers=llm_layers,
+        num_attention_heads=4, num_key_value_heads=2, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False))
+    # A pretrained head separates tokens; a random one at std 0.02 caps the logits near +-0.6 (with its final norm
+    # frozen), so no adapter could fit anything: widen it, as training would have.
+    nn.init.normal_(llm.lm_head.weight, std=0.3)
+    llm.save_pretrained(out / "llm-random")
+    return out / "whisper-random", out / "llm-random"

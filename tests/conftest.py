@@ -126,3 +126,14 @@ def http_server(directory: Path):
         yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
+
+
+@pytest.fixture(scope="session")
+def parts(tmp_path_factory) -> Path:
+    """RANDOM tiny stand-ins for the encoder-projector family's Whisper and LLM: DIR/whisper-random, DIR/llm-random
+    (`soda.audio_llm.random_parts`: a byte tokenizer with a chat template; no downloads)."""
+    from soda.audio_llm import random_parts
+
+    root = tmp_path_factory.mktemp("parts")
+    random_parts(root)
+    return root

@@ -14,47 +14,6 @@ from tests.conftest import REPO
 
 pytest.importorskip("peft")
 
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
-@pytest.fixture(scope="module")
-def parts(tmp_path_factory):
-    """A tiny Whisper (encoder + feature extractor) and a tiny Llama with a byte tokenizer and a chat template."""
-    from transformers import (LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, WhisperConfig,
-                              WhisperFeatureExtractor, WhisperModel)
-
-    from tokenize_audio.vocab import byte_tokenizer
-
-    root = tmp_path_factory.mktemp("parts")
-    torch.manual_seed(0)
-    whisper = WhisperConfig(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-                            decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=80,
-                            max_source_positions=1500, vocab_size=100, pad_token_id=0, bos_token_id=1,
-                            eos_token_id=1, decoder_start_token_id=1)
-    encoder = WhisperModel(whisper)
-    # At std 0.02 the convolutions' output is ~0.3% of the positional table's, so clips are indistinguishable
-    # after the encoder; a trained encoder's features follow the audio.
-    for conv in (encoder.encoder.conv1, encoder.encoder.conv2):
-        torch.nn.init.normal_(conv.weight, std=0.3)
-    encoder.save_pretrained(root / "whisper")
-    WhisperFeatureExtractor(feature_size=80).save_pretrained(root / "whisper")
-    raw = byte_tokenizer()
-    raw.add_special_tokens(["<|im_start|>", "<|im_end|>"])
-    tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|im_end|>", pad_token="<|im_end|>")
-    tok.chat_template = CHAT_TEMPLATE
-    tok.save_pretrained(root / "llm")
-    llm = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
-    lm = LlamaForCausalLM(llm)
-    # A pretrained head separates tokens; a random one at std 0.02 caps logits near +-0.6 (with its final norm
-    # frozen), so no adapter could fit anything: widen it, as training would have.
-    torch.nn.init.normal_(lm.lm_head.weight, std=0.3)
-    lm.save_pretrained(root / "llm")
-    return root
-
-
 @pytest.fixture(scope="module")
 def audio_qa(tmp_path_factory):
     spec = importlib.util.spec_from_file_location("make_audio_qa", REPO / "demo" / "make_audio_qa.py")
@@ -68,7 +27,7 @@ def audio_qa(tmp_path_factory):
 
 
 def _config(parts, **kwargs):
-    return EncoderProjectorConfig(encoder=str(parts / "whisper"), llm=str(parts / "llm"), **kwargs)
+    return EncoderProjectorConfig(encoder=str(parts / "whisper-random"), llm=str(parts / "llm-random"), **kwargs)
 
 
 def _model(parts, seed=0, **kwargs):
@@ -176,7 +135,7 @@ def test_save_load_and_merge_give_the_same_logits(parts, audio_qa, tmp_path):
         assert torch.equal(fresh(**batch).logits, logits)
     model.save_pretrained(tmp_path / "export")
     config = json.loads((tmp_path / "export" / "audio_llm.json").read_text())
-    assert config["encoder"] == str(parts / "whisper") and config["llm"] == str(parts / "llm")
+    assert config["encoder"] == str(parts / "whisper-random") and config["llm"] == str(parts / "llm-random")
     reloaded = load(tmp_path / "export")
     assert not any(p.requires_grad for p in reloaded.parameters())
     with torch.no_grad():
@@ -204,20 +163,20 @@ def test_config_round_trips_and_bad_settings_are_one_line_errors(parts, tmp_path
     with pytest.raises(SodaError, match="pooling 'max'"):
         _config(parts, pooling="max")
     with pytest.raises(SodaError, match=r"--encoder \./nowhere: no such directory"):
-        EncoderProjectorModel(EncoderProjectorConfig(encoder="./nowhere", llm=str(parts / "llm")))
+        EncoderProjectorModel(EncoderProjectorConfig(encoder="./nowhere", llm=str(parts / "llm-random")))
     with pytest.raises(SodaError, match="--lora-targets nope: .*not found"):
         EncoderProjectorModel(_config(parts, lora_targets=["nope"]))
     plain = tmp_path / "plain"
     import shutil
 
-    shutil.copytree(parts / "llm", plain)
+    shutil.copytree(parts / "llm-random", plain)
     config_file = plain / "tokenizer_config.json"
     data = json.loads(config_file.read_text())
     data.pop("chat_template", None)
     config_file.write_text(json.dumps(data))
     (plain / "chat_template.jinja").unlink(missing_ok=True)
     with pytest.raises(SodaError, match="no chat template"):
-        EncoderProjectorModel(_config(parts).__class__(encoder=str(parts / "whisper"), llm=str(plain)))
+        EncoderProjectorModel(_config(parts).__class__(encoder=str(parts / "whisper-random"), llm=str(plain)))
 
 
 def test_log_mel_features_equal_whisper_s_extractor_bit_for_bit():

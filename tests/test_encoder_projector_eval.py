@@ -11,7 +11,7 @@ import torch
 
 from soda.evaluate.cli import main as soda_eval
 from soda.generate.cli import main as soda_generate
-from tests.test_encoder_projector import _model, parts  # noqa: F401 -- `parts` is a fixture
+from tests.test_encoder_projector import _model
 
 pytest.importorskip("peft")
 pytest.importorskip("jiwer")

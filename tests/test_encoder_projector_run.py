@@ -9,13 +9,11 @@ import shutil
 
 import numpy as np
 import pytest
-import soundfile as sf
 import torch
 
 from soda.finetune.cli import main
 from soda.finetune.encoder_projector import step_plan
 from tests.conftest import REPO
-from tests.test_encoder_projector import parts  # noqa: F401 -- the tiny local Whisper and LLM fixture
 
 pytest.importorskip("peft")
 
@@ -36,8 +34,8 @@ def qa(tmp_path_factory):
 
 
 def family(parts, *extra):
-    return ["instruct", "--architecture", "encoder-projector", "--encoder", str(parts / "whisper"), "--llm",
-            str(parts / "llm"), "--quiet", "--workers", "0", *extra]
+    return ["instruct", "--architecture", "encoder-projector", "--encoder", str(parts / "whisper-random"), "--llm",
+            str(parts / "llm-random"), "--quiet", "--workers", "0", *extra]
 
 
 def one_line_error(capsys, argv) -> str:
