@@ -254,15 +254,20 @@ class EncoderProjectorModel(nn.Module):
                                     - {None}), device=out.device)
         return [(t, "text_end" if torch.isin(row, stops).any() else "max_tokens") for t, row in zip(texts, out)]
 
-    def save_pretrained(self, out: Path) -> Path:
-        """Write adapter/ (or llm/ when there is no LoRA), projector.safetensors, tokenizer/ and audio_llm.json."""
+    def save_pretrained(self, out: Path, trainable: dict | None = None) -> Path:
+        """Write adapter/ (or llm/ when there is no LoRA), projector.safetensors, tokenizer/ and audio_llm.json.
+        `trainable`: the projector and LoRA tensors to write instead of this model's own (`trainable_state_dict`'s
+        names; whole tensors gathered from an FSDP-sharded model)."""
         from safetensors.torch import save_file
 
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        self.llm.save_pretrained(str(out / ("adapter" if self._has_lora() else "llm")))
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.projector.state_dict().items()},
-                  str(out / "projector.safetensors"))
+        adapter = None if trainable is None else {k.removeprefix("llm."): v for k, v in trainable.items()
+                                                  if k.startswith("llm.")}
+        self.llm.save_pretrained(str(out / ("adapter" if self._has_lora() else "llm")), state_dict=adapter)
+        projector = self.projector.state_dict() if trainable is None else {
+            k.removeprefix("projector."): v for k, v in trainable.items() if k.startswith("projector.")}
+        save_file({k: v.detach().contiguous().cpu() for k, v in projector.items()}, str(out / "projector.safetensors"))
         self.tokenizer.save_pretrained(str(out / "tokenizer"))
         config = self.config.to_json()
         for role in ("encoder", "llm"):  # a local directory by its absolute path: the export may be read elsewhere

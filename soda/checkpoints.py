@@ -621,15 +621,14 @@ def encoder_projector_source(source: str) -> Path | None:
     if export is not None:
         return export
     path = Path(str(source)).expanduser()
-    if path.is_dir() and (path / "config.yaml").is_file() and not (path / "hf").exists():
-        import yaml
-
-        if (yaml.safe_load((path / "config.yaml").read_text()) or {}).get("architecture") != "encoder-projector":
-            return None
+    if _is_step_directory(path) and _is_encoder_projector_run(path.resolve().parent.parent):
+        raise SodaError(f"{source}: a sharded (FSDP) checkpoint of an encoder-projector run; load the run's export "
+                        f"(RUN/hf, written when the run ends)")
+    if path.is_dir() and not (path / "hf").exists() and _is_encoder_projector_run(path):
         newest = last_checkpoint(path)
         if newest is None:
             raise SodaError(f"{source}: an encoder-projector run with no checkpoint yet")
-        return newest
+        return encoder_projector_source(str(newest))
     if path.is_file() and path.suffix == ".ckpt":
         try:
             read_trainable(load_checkpoint(path, mmap=True), path)
@@ -637,6 +636,13 @@ def encoder_projector_source(source: str) -> Path | None:
             return None
         return path
     return None
+
+
+def _is_encoder_projector_run(run: Path) -> bool:
+    import yaml
+
+    config = run / "config.yaml"
+    return config.is_file() and (yaml.safe_load(config.read_text()) or {}).get("architecture") == "encoder-projector"
 
 
 def load_encoder_projector(source: str, device: str = "auto"):

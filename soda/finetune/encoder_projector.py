@@ -92,7 +92,8 @@ class EncoderProjectorSettings:
     accelerator: str = _f("auto", "auto, cpu, gpu", resumable=True)
     devices: str = _f("auto", "devices per node", resumable=True)
     num_nodes: int = _f(1, "nodes", resumable=True)
-    strategy: str = _f("auto", "auto or ddp", resumable=True)
+    strategy: str = _f("auto", "auto, ddp (a whole copy of the frozen encoder and LLM per device) or fsdp (FSDP2: "
+                                "every weight sharded over the devices, one unit per encoder and LLM layer)", resumable=True)
     precision: str = _f("auto", "auto (bf16-mixed on GPU, 32-true on CPU) or a Lightning precision", resumable=True)
     wandb: str | None = _f(None, "also log to this Weights & Biases project", resumable=True)
     export: bool = _f(True, "write the export RUN/hf at the end", resumable=True)
@@ -115,10 +116,7 @@ class EncoderProjectorSettings:
                (self.max_steps is None or self.max_steps >= 1, "--max-steps must be positive"),
                (min(self.ckpt_every, self.log_every, self.val_every) >= 1,
                 "--ckpt-every, --log-every and --val-every must be positive"),
-               (self.strategy in ("auto", "ddp"),
-                f"--strategy {self.strategy}: the encoder-projector family trains with auto or ddp (only the "
-                f"projector and LoRA train, so DDP's per-device copy of the frozen weights is the cost; FSDP is "
-                f"not supported for it yet)")]
+               (self.strategy in ("auto", "ddp", "fsdp"), f"--strategy {self.strategy}: use auto, ddp or fsdp")]
         for ok, message in bad:
             if not ok:
                 raise SodaError(message)
@@ -394,6 +392,37 @@ class EncoderProjectorModule(L.LightningModule):
         self.strict_loading = False
         self._started, self._tokens = None, 0.0
 
+    def state_dict(self, *args, **kwargs):
+        """Only what trains (projector + LoRA): what every checkpoint holds, single-file or sharded (FSDP), and what a
+        resume loads back (`strict_loading` off); the frozen encoder and LLM come from the ids the config names."""
+        full = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
+        keep = {f"{prefix}model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
+        for key in [k for k in full if k not in keep]:
+            del full[key]
+        return full
+
+    def configure_model(self) -> None:
+        """--strategy fsdp (Lightning's ModelParallelStrategy): FSDP2, one unit per encoder layer and per LLM
+        decoder layer, the root for the rest (projector, embeddings, norms); frozen weights are sharded too."""
+        if getattr(self, "_device_mesh", None) is None or getattr(self, "_sharded", False):
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for layer in [*self.model.encoder.layers, *decoder_layers(self.model.llm)]:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
+        self._sharded = True
+
+    def full_trainable_state(self) -> dict:
+        """The trainable tensors whole on every rank (gathered from their FSDP shards: a collective), on the CPU."""
+        state = {}
+        for name, value in self.model.trainable_state_dict().items():
+            value = value.full_tensor() if hasattr(value, "full_tensor") else value
+            state[name] = value.detach().float().cpu()
+        return state
+
     def collate(self):
         from soda.audio_llm import Collate
 
@@ -463,8 +492,16 @@ class EncoderProjectorModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         from soda.audio_llm import FORMAT
 
-        checkpoint["state_dict"] = {f"model.{k}": v for k, v in self.model.trainable_state_dict().items()}
         checkpoint["soda"] = {"family": FORMAT, "config": self.model.config.to_json()}
+
+
+def decoder_layers(llm) -> list:
+    """The LLM's repeated blocks (any transformers causal LM, under peft or not): FSDP's units."""
+    base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+    layers = getattr(getattr(base, "model", base), "layers", None)
+    if layers is None:
+        raise SodaError(f"--strategy fsdp: cannot find the decoder layers of {type(base).__name__} (model.layers)")
+    return list(layers)
 
 
 # --------------------------------------------------------------------------------------------
@@ -559,12 +596,17 @@ def train(s: EncoderProjectorSettings, out: Path, report: dict, resume: bool, qu
                                 every_n_train_steps=s.ckpt_every, save_top_k=-1, save_last="link"), preemption]
     if not quiet:
         callbacks.append(TQDMProgressBar(refresh_rate=1))
+    devices = int(s.devices) if str(s.devices).isdigit() else s.devices
     strategy = s.strategy
     if strategy == "ddp":
         from lightning.pytorch.strategies import DDPStrategy
 
         strategy = DDPStrategy()
-    devices = int(s.devices) if str(s.devices).isdigit() else s.devices
+    elif strategy == "fsdp":
+        from soda.train.checkpointing import ShardedCheckpoints
+
+        world = (devices if isinstance(devices, int) else torch.cuda.device_count() if gpu else 1) * s.num_nodes
+        strategy = ShardedCheckpoints(data_parallel_size=world, tensor_parallel_size=1)
     has_val = bool(validation_items) and s.val_batches > 0
     try:
         trainer = L.Trainer(accelerator=s.accelerator, devices=devices, num_nodes=s.num_nodes, strategy=strategy,
@@ -617,10 +659,11 @@ def finish(s: EncoderProjectorSettings, out: Path, trainer, module, preemption, 
     if done is None:
         return preemption.exit_code
     final, reports = done
+    trainable = module.full_trainable_state() if s.export else None  # every rank: a collective under FSDP
     if is_rank_zero():
         if s.export:
             with atomic_directory(out / EXPORT_DIR) as tmp:
-                module.model.save_pretrained(tmp)
+                module.model.save_pretrained(tmp, trainable=trainable)
         left = f"; continue to step {steps} with: {again}" if trainer.global_step < steps else ""
         say(f"done: {trainer.global_step} of {steps} steps; {reports}; checkpoint {final}"
             + (f"; export {out / EXPORT_DIR} (soda-eval and soda-generate load it; soda-finetune merge folds the "
