@@ -93,7 +93,7 @@ def _load(role: str, name: str, loader, **kwargs):
         return loader(_source(name, role), **kwargs)
     except SodaError:
         raise
-    except Exception as err:  # noqa: BLE001 -- hub, network, format problems: one line naming the setting
+    except Exception as err:
         raise SodaError(f"--{role} {name}: cannot load ({first_line(err, 200) or type(err).__name__}); without hub "
                         f"access, download it elsewhere (`hf download {name} --local-dir DIR`) and pass DIR") from None
 
@@ -463,7 +463,14 @@ def random_parts(out: Path, whisper_width: int = 32, whisper_layers: int = 1, ll
     """RANDOM-weight local stand-ins for `--encoder` and `--llm` (out/whisper-random, out/llm-random): a Whisper
     encoder with its feature extractor, and a Llama with a byte tokenizer and a ChatML template. They exercise every
     step of the pipeline offline; what they learn says nothing about real encoders and LLMs."""
-    from transformers import LlamaConfig, LlamaForCausalLM, WhisperConfig, WhisperFeatureExtractor, WhisperModel
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        PreTrainedTokenizerFast,
+        WhisperConfig,
+        WhisperFeatureExtractor,
+        WhisperModel,
+    )
 
     from tokenize_audio.vocab import byte_tokenizer
 
@@ -483,9 +490,7 @@ def random_parts(out: Path, whisper_width: int = 32, whisper_layers: int = 1, ll
     WhisperFeatureExtractor(feature_size=80).save_pretrained(out / "whisper-random")
     raw = byte_tokenizer()
     raw.add_special_tokens(["<|im_start|>", "<|im_end|>"])
-    from transformers import PreTrainedTokenizerFast as Fast  # noqa: N814
-
-    tok = Fast(tokenizer_object=raw, eos_token="<|im_end|>", pad_token="<|im_end|>")
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|im_end|>", pad_token="<|im_end|>")
     tok.chat_template = RANDOM_CHAT_TEMPLATE
     tok.save_pretrained(out / "llm-random")
     llm = LlamaForCausalLM(LlamaConfig(

@@ -31,12 +31,25 @@ import json
 import sys
 from pathlib import Path
 
-from soda.train.cli import (check_run_directory, flag_values, resolve_config, resolve_resume, run_directory,
-                            stop_on_signals, train)
-from soda.train.config import TrainConfig, add_train_arguments, validate
-from soda.finetune.encoder_projector import (ARCHITECTURE, add_family_arguments, add_merge_parser, merge_command,
-                                             refuse_native_family_flags, run_encoder_projector)
+from soda.finetune.encoder_projector import (
+    ARCHITECTURE,
+    add_family_arguments,
+    add_merge_parser,
+    merge_command,
+    refuse_native_family_flags,
+    run_encoder_projector,
+)
 from soda.finetune.prepare import init_model_dir, init_target, summarize_skips, wait_for
+from soda.train.cli import (
+    check_run_directory,
+    flag_values,
+    resolve_config,
+    resolve_resume,
+    run_directory,
+    stop_on_signals,
+    train,
+)
+from soda.train.config import TrainConfig, add_train_arguments, validate
 from soda.train.run import is_rank_zero
 from tokenize_audio.errors import SodaError, cli_errors
 from tokenize_audio.shards import atomic_write_json
@@ -365,8 +378,16 @@ def _long_documents(lengths: dict, seq_len: int, what: str, report_file: Path, w
 def prepare_instruct(args, cfg, out: Path) -> dict:
     """RUN/data (one shard directory per source) and RUN/data_report.json, by rank 0 (kept on --resume; a --data
     file edited since is refused); what training needs from them."""
-    from soda.finetune.instruct_data import (contamination_message, file_sha256, mixture, parse_caps, parse_data,
-                                             prepare_instruct_data, read_report, save_report)
+    from soda.finetune.instruct_data import (
+        contamination_message,
+        file_sha256,
+        mixture,
+        parse_caps,
+        parse_data,
+        prepare_instruct_data,
+        read_report,
+        save_report,
+    )
 
     report_file = out / REPORT
     if args.resume or not is_rank_zero():

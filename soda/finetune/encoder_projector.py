@@ -3,7 +3,7 @@
 The model is `soda.audio_llm` (frozen Whisper encoder, 2x pooling, linear projector, LoRA'd instruction-tuned LLM);
 the data is the same `--data` manifests as the native path (raw audio files, read by `instruct_data.read_items`),
 and the run is soda-train's machinery around its own LightningModule: atomic step checkpoints, `last.ckpt`,
-SIGTERM/SIGINT pre-emption, `--resume`, CSV/TensorBoard/W&B logs, metrics.csv and loss.png, DDP, bf16 on GPU.
+SIGTERM/SIGINT pre-emption, `--resume`, CSV/TensorBoard/W&B logs, metrics.csv and loss.png, DDP or FSDP2, bf16 on GPU.
 
 * Preparation (rank 0, once): every clip is read once; unreadable ones are skipped and counted in
   RUN/data_report.json beside the rows skipped for other reasons, the caps, the contamination check against
@@ -136,7 +136,9 @@ def add_family_arguments(p) -> None:
     g = p.add_argument_group("model family (--architecture encoder-projector: Falcon3-Audio's design)")
     g.add_argument("--architecture", choices=("native", ARCHITECTURE), default="native",
                    help="native (default: the discrete-audio model of --init-from) or encoder-projector (a frozen "
-                        "Whisper --encoder, a linear projector and a LoRA'd --llm; no --init-from)")
+                        "Whisper --encoder, a linear projector and a LoRA'd --llm; no --init-from; its own defaults: "
+                        "--lr 1e-4 cosine, --warmup 0.05, 2 epochs, --batch-size 32 items, --weight-decay 0; "
+                        "--seq-len and --batch-tokens do not apply)")
     defaults = {f.name: f for f in dataclasses.fields(EncoderProjectorSettings)}
     for name in FAMILY_FLAGS:
         f = defaults[name]
@@ -240,8 +242,14 @@ def prepare_items(s: EncoderProjectorSettings, out: Path, progress: bool) -> dic
     """RUN/data/{train,validation}.jsonl and the data report (saved by the caller) from --data."""
     from collections import Counter, defaultdict
 
-    from soda.finetune.instruct_data import (EvalIndex, cap_items, contamination_message, parse_caps, read_items,
-                                             temperature_weights)
+    from soda.finetune.instruct_data import (
+        EvalIndex,
+        cap_items,
+        contamination_message,
+        parse_caps,
+        read_items,
+        temperature_weights,
+    )
     from tokenize_audio.documents import holdout_score
 
     if any(spec.split("=", 1)[-1].startswith("hf:") for spec in s.data):
@@ -571,6 +579,8 @@ def run_encoder_projector(args) -> int:
 
 
 def train(s: EncoderProjectorSettings, out: Path, report: dict, resume: bool, quiet: bool) -> int:
+    import warnings
+
     from lightning.pytorch.callbacks import TQDMProgressBar
     from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
@@ -579,8 +589,6 @@ def train(s: EncoderProjectorSettings, out: Path, report: dict, resume: bool, qu
     from soda.train.callbacks import Preemption, StepCheckpoint
     from soda.train.checkpointing import AtomicCheckpointIO
     from soda.train.run import checkpoint_to_resume, loggers_for
-
-    import warnings
 
     # the frozen Whisper encoder is in eval mode on purpose (no dropout or LayerDrop in it)
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training")
