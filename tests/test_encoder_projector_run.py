@@ -68,14 +68,16 @@ def trained(parts, tmp_path_factory):
 def test_the_run_prepares_the_items_with_a_report_and_resumes_exactly(parts, qa, tmp_path, capsys):
     """Items: one clip unreadable (skipped, counted), one a renamed copy of an evaluation clip (refused by default,
     found by its waveform). Then a run stopped at step 3 and resumed equals one that ran straight, LoRA
-    dropout included (seeded per step), with a loader worker in one and none in the other."""
+    dropout and gradient accumulation included (dropout seeded per step), with a loader worker in one and none in
+    the other."""
     rows = [json.loads(line) for line in (qa / "instruct.jsonl").read_text().splitlines()]
     (qa / "audio" / "broken.wav").write_bytes(b"RIFF not really")
     shutil.copy(qa / "audio" / "test-pitch-000.wav", qa / "audio" / "renamed.wav")
     extra = [dict(rows[0], id="broken", audio="audio/broken.wav"), dict(rows[1], id="copy", audio="audio/renamed.wav")]
     manifest = tmp_path / "tasks.jsonl"
     manifest.write_text("".join(json.dumps({**r, "audio": str(qa / r["audio"])}) + "\n" for r in rows + extra))
-    base = ["--data", str(manifest), "--batch-size", "2", "--epochs", "2", "--validation-fraction", "0.2",
+    base = ["--data", str(manifest), "--batch-size", "2", "--micro-batch", "1", "--epochs", "2",
+            "--validation-fraction", "0.2",
             "--val-every", "2", "--val-batches", "1", "--log-every", "1", "--ckpt-every", "1000"]
     line = one_line_error(capsys, family(parts, *base, "--out", str(tmp_path / "refused"),
                                          "--eval-sets", str(qa / "test.json")))
@@ -103,8 +105,12 @@ def test_the_run_prepares_the_items_with_a_report_and_resumes_exactly(parts, qa,
     assert set(a) == set(b) and all("lora_" in k or ".projector." in k for k in a)  # trainable tensors only
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], trainable(stopped / "checkpoints" / "step0000003.ckpt")[k]) for k in a)
-    metrics = (straight / "metrics.csv").read_text().splitlines()[0].split(",")
-    assert {"train/loss", "val/loss", "lr", "grad_norm", "tokens_per_s"} <= set(metrics)
+    import csv
+
+    with open(straight / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {"train/loss", "val/loss", "lr", "grad_norm", "tokens_per_s"} <= set(rows[0])
+    assert [int(r["step"]) for r in rows if r["val/loss"]][:3] == [1, 3, 5]  # every --val-every 2 optimizer steps
 
 
 @pytest.mark.slow

@@ -605,6 +605,14 @@ def train(s: EncoderProjectorSettings, out: Path, report: dict, resume: bool, qu
     if not quiet:
         callbacks.append(TQDMProgressBar(refresh_rate=1))
     devices = int(s.devices) if str(s.devices).isdigit() else s.devices
+    world = (devices if isinstance(devices, int) else torch.cuda.device_count() if gpu else 1) * s.num_nodes
+    if s.batch_size % world:
+        raise SodaError(f"--batch-size {s.batch_size}: must divide by the {world} devices")
+    per_device = s.batch_size // world
+    micro = min(s.micro_batch or per_device, per_device)
+    if per_device % micro:
+        raise SodaError(f"--micro-batch {micro}: must divide the {per_device} items each device takes a step")
+    accumulate = per_device // micro
     strategy = s.strategy
     if strategy == "ddp":
         from lightning.pytorch.strategies import DDPStrategy
@@ -613,31 +621,23 @@ def train(s: EncoderProjectorSettings, out: Path, report: dict, resume: bool, qu
     elif strategy == "fsdp":
         from soda.train.checkpointing import ShardedCheckpoints
 
-        world = (devices if isinstance(devices, int) else torch.cuda.device_count() if gpu else 1) * s.num_nodes
         strategy = ShardedCheckpoints(data_parallel_size=world, tensor_parallel_size=1)
     has_val = bool(validation_items) and s.val_batches > 0
-    try:
+    try:  # validation every --val-every optimizer steps (Lightning counts micro-batches)
         trainer = L.Trainer(accelerator=s.accelerator, devices=devices, num_nodes=s.num_nodes, strategy=strategy,
                             precision=precision, max_steps=max_steps, max_epochs=-1,
+                            accumulate_grad_batches=accumulate,
                             log_every_n_steps=max(1, min(s.log_every, max_steps // 2)), num_sanity_val_steps=0,
-                            val_check_interval=None, check_val_every_n_epoch=None, limit_val_batches=0,
+                            val_check_interval=s.val_every * accumulate if has_val else None,
+                            check_val_every_n_epoch=None, limit_val_batches=s.val_batches if has_val else 0,
                             callbacks=callbacks, logger=loggers_for(s), plugins=[AtomicCheckpointIO()],
                             enable_model_summary=False, use_distributed_sampler=False,
                             enable_progress_bar=not quiet, default_root_dir=out, gradient_clip_val=None)
     except (ValueError, TypeError, MisconfigurationException) as e:
         raise SodaError(f"Lightning refused these settings: {first_line(e)}") from None
-    world = trainer.world_size
-    if s.batch_size % world:
-        raise SodaError(f"--batch-size {s.batch_size}: must divide by the {world} devices")
-    per_device = s.batch_size // world
-    micro = min(s.micro_batch or per_device, per_device)
-    if per_device % micro:
-        raise SodaError(f"--micro-batch {micro}: must divide the {per_device} items each device takes a step")
-    accumulate = per_device // micro
-    trainer.accumulate_grad_batches = accumulate
-    if has_val:  # validation every --val-every optimizer steps: Lightning counts micro-batches
-        trainer.val_check_batch = s.val_every * accumulate
-        trainer.limit_val_batches = s.val_batches
+    if trainer.world_size != world:
+        raise SodaError(f"{trainer.world_size} devices, not the {world} --devices x --num-nodes names; give "
+                        f"--devices as a count")
     natural = report["weights"]["natural"]
     weights = None if natural else {k: v["weight"] for k, v in report["sources"].items()}
     plan = step_plan([i["source"] for i in train_items], weights, s.batch_size, steps, s.seed)
