@@ -100,8 +100,10 @@ def main() -> int:
     p.add_argument("--test-items", type=int, default=6, help="held-out questions per kind (default 6)")
     p.add_argument("--epochs", type=float, default=40, help="passes of the native run (default 40)")
     p.add_argument("--speech", action="store_true", help="also spoken digits (needs espeak-ng)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = p.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from soda.finetune.cli import main as finetune
 
     out = args.out

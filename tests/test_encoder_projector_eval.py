@@ -14,6 +14,15 @@ from soda.generate.cli import main as soda_generate
 from tests.test_encoder_projector import _model
 
 pytest.importorskip("peft")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine: one thread is several times faster and far steadier."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 pytest.importorskip("jiwer")
 
 CHOICES = [["dog", "cat", "bird"], ["red", "green"], ["one", "two", "three"]]

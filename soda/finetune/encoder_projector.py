@@ -250,7 +250,7 @@ def prepare_items(s: EncoderProjectorSettings, out: Path, progress: bool) -> dic
         read_items,
         temperature_weights,
     )
-    from tokenize_audio.documents import holdout_score
+    from tokenize_audio.documents import validation_recordings
 
     if any(spec.split("=", 1)[-1].startswith("hf:") for spec in s.data):
         raise SodaError(f"--data hf:...: the {ARCHITECTURE} family reads audio files; write the dataset's rows as "
@@ -260,6 +260,9 @@ def prepare_items(s: EncoderProjectorSettings, out: Path, progress: bool) -> dic
     evaluation = EvalIndex(None, s.eval_sets, progress, clip_hashes=lambda clips, desc: {
         k: None if isinstance(v, str) else v[1] for k, v in read_clips(clips, progress, desc).items()})
     clips = read_clips([i.audio for i in items], progress, "reading clips")
+    # the native path's rule (a clip's items stay together, at least one clip held out): on the same data, both
+    # families validate on the same clips
+    held = validation_recordings([i.clip for i in items if not isinstance(clips[i.clip], str)], s.validation_fraction)
     splits, found, long = {"train": [], "validation": []}, [], 0
     for item in items:
         info = clips[item.clip]
@@ -271,7 +274,7 @@ def prepare_items(s: EncoderProjectorSettings, out: Path, progress: bool) -> dic
         if overlaps and s.contamination == "drop":
             continue
         long += info[0] > WHISPER_SECONDS
-        split = "validation" if holdout_score(f"{s.seed}/{item.clip}") < s.validation_fraction else "train"
+        split = "validation" if item.clip in held else "train"
         splits[split].append(item)
     if not splits["train"]:
         reasons = "; ".join(sorted({x["reason"].split(":")[0] for x in skipped})) or "all held out for validation"
