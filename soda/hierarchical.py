@@ -97,15 +97,16 @@ def flatten(codes) -> np.ndarray:
     return codes[codes != PAD]
 
 
-def regroup_batch(batch: dict, vocab, n_steps: int | None = None) -> dict:
+def regroup_batch(batch: dict, vocab, n_steps: int | None = None, multiple: int = 1) -> dict:
     """A flat batch `{"input_ids": [B, L], "doc_ids": [B, L], ("loss_mask")}` -> a step batch `{"codes": [B, S, K],
     "doc_ids": [B, S], ("loss_mask": [B, S])}`, each window's steps padded at the end to S (`n_steps`, default the
-    longest) with padding steps (codes PAD, document -1). A window with more than `n_steps` steps is an error."""
+    longest rounded up to a `multiple`, at most L) with padding steps (codes PAD, document -1). A window with more
+    than `n_steps` steps is an error."""
     ids, docs = batch["input_ids"].cpu().numpy(), batch["doc_ids"].cpu().numpy()
     masks = batch["loss_mask"].cpu().numpy() if "loss_mask" in batch else [None] * len(ids)
     rows = [regroup(i, vocab, d, m) for i, d, m in zip(ids, docs, masks)]
     longest = max((len(r) for r in rows), default=0)
-    s = longest if n_steps is None else n_steps
+    s = min(-(-longest // multiple) * multiple, ids.shape[1]) if n_steps is None else n_steps
     if longest > s:
         raise ValueError(f"a window holds {longest} steps, more than {s}")
     codes = np.full((len(rows), s, vocab.n_codebooks), PAD, np.int64)
@@ -118,6 +119,24 @@ def regroup_batch(batch: dict, vocab, n_steps: int | None = None) -> dict:
     if "loss_mask" in batch:
         out["loss_mask"] = torch.from_numpy(mask)
     return out
+
+
+class StepCollate:
+    """The hierarchical family's DataLoader collate: the flat batch as ever (ids, documents, source and loss mask,
+    which the window digest and the mixture shares read) plus `"steps"`, its windows regrouped (`regroup_batch`)
+    and padded to a multiple of `multiple` steps, so the loader's workers do the regrouping, not the training
+    loop. A window is still `seq_len` flat tokens, so a micro-batch holds up to `seq_len` steps (all text) and
+    about seq_len / K of audio."""
+
+    def __init__(self, vocab, multiple: int = 64):
+        self.vocab, self.multiple = vocab, multiple
+
+    def __call__(self, items: list[dict]) -> dict:
+        from torch.utils.data import default_collate
+
+        batch = default_collate(items)
+        batch["steps"] = regroup_batch(batch, self.vocab, multiple=self.multiple)
+        return batch
 
 
 # --------------------------------------------------------------------------------------------
