@@ -160,14 +160,20 @@ def test_depth_flags_belong_to_the_hierarchical_family(train_tokens, tmp_path, c
     assert "--depth-width applies to --architecture hierarchical only" in _error(capsys, args)
 
 
-def test_export_generation_and_evaluation_refuse_a_hierarchical_checkpoint(hier_run, capsys):
+def test_export_generation_and_evaluation_refuse_a_hierarchical_checkpoint(hier_run, tmp_path, capsys):
+    import numpy as np
+    from conftest import write_wave
+
     from soda.evaluate.cli import main as eval_main
     from soda.generate.cli import main as generate_main
 
     said = "a hierarchical checkpoint cannot be"
     assert said in _error(capsys, ["export", str(hier_run)])
-    assert said in _error(capsys, [str(hier_run), "asr", "x.wav"], generate_main, "soda-generate")
-    assert said in _error(capsys, [str(hier_run), "--tasks", "nll", "--quiet"], eval_main, "soda-eval")
+    wav = write_wave(tmp_path / "a.wav", np.zeros(8000, np.float32))
+    assert said in _error(capsys, [str(hier_run), "asr", str(wav), "--out", str(tmp_path / "g")], generate_main,
+                          "soda-generate")
+    assert said in _error(capsys, [str(hier_run), "--tasks", "nll", "--out", str(tmp_path / "e"), "--quiet"], eval_main,
+                          "soda-eval")
 
 
 def test_dry_run_plans_a_hierarchical_model(capsys):
