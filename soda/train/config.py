@@ -90,7 +90,7 @@ class TrainConfig:
         help="recompute each decoder layer's activations during the backward pass instead of keeping them: about a "
              "third more compute for far less memory (large models, long sequences, bigger micro-batches)")
     architecture: str = setting(
-        "flat", choices=ARCHITECTURES, predates="flat",
+        "flat", choices=ARCHITECTURES,
         help="flat (default: one Qwen3 over the flattened token stream, 8 tokens per audio frame) or hierarchical "
              "(soda.hierarchical: a Qwen3 backbone over steps, one per text token or audio frame, plus a small depth "
              "decoder over each frame's codebooks). Hierarchical windows are still --seq-len flat tokens, regrouped "
@@ -98,7 +98,7 @@ class TrainConfig:
              "fsdp, --compile, samples or Hugging Face export yet")
     depth_width: int | None = setting(None, type=int, at_least=1,
                                       help="hierarchical: the depth decoder's width (default: backbone width // 2)")
-    depth_layers: int = setting(4, type=int, at_least=1, predates=4,
+    depth_layers: int = setting(4, type=int, at_least=1,
                                 help="hierarchical: the depth decoder's layers (default 4)")
     # --- data ---------------------------------------------------------------------------------
     data: list = setting(  # [NAME=]LOCATION strings or {name, path, kind, weight}
@@ -141,7 +141,7 @@ class TrainConfig:
     grad_clip: float = setting(1.0, type=float, at_least=0, resume=ADJUSTABLE)
     z_loss: float = setting(1e-4, type=float, at_least=0, resume=ADJUSTABLE)
     loss_weights: str = setting(
-        "uniform", choices=LOSS_WEIGHTS, predates="uniform",
+        "uniform", choices=LOSS_WEIGHTS,
         help="per-kind loss weights, either family: uniform (default), moshi (100 on text, specials and the semantic "
              "codebook 0, 1 on acoustic codebooks) or graded (100 there, 100^(1-k/7) on acoustic codebook k); the "
              "loss is sum w (nll + z-loss) / sum w; the logged NLL vector is always unweighted")
