@@ -185,3 +185,22 @@ def test_dry_run_plans_a_hierarchical_model(capsys):
     assert "hierarchical: backbone width 1024" in out and "depth decoder width 512, 4 layers" in out
     assert f"parameters: {hierarchical_params(shape):,} total" in out
     assert "FLOPs per flat token" in out
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_cpu_trains_the_hierarchical_model(train_tokens, tmp_path):
+    """Lightning's own two-process launch (gloo): every parameter takes part in every step (DDP would hang or fail
+    otherwise), and the run logs every step's loss and NLL vector."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    args = tiny_args(train_tokens, out, steps=6, **{"--ckpt-every": "3", "--val-every": "3"}) + HIER + [
+        "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run([sys.executable, "-m", "soda.train", *args], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 devices x 4 sequences" in done.stderr
+    assert sorted(losses(out)) == list(range(6)) and len(losses(out, "train/nll_acoustic_cb7")) == 6
