@@ -135,6 +135,27 @@ def test_loss_weights_change_the_loss_but_not_the_nll_vector(train_tokens, archi
     assert float(moshi) == pytest.approx(float((w * sums[0]).sum() / (w * sums[1]).sum()), rel=2e-3)
 
 
+def test_activation_checkpointing_gives_the_hierarchical_model_the_same_gradients(train_tokens):
+    from soda.hierarchical import StepCollate
+    from soda.train.config import TrainConfig
+    from soda.train.run import model_for_run
+    from tokenize_audio.vocab import Vocabulary
+
+    vocab = Vocabulary.load(train_tokens)
+    steps = StepCollate(vocab)(_mixed_windows(vocab))["steps"]
+    grads = []
+    for checkpointing in (False, True):
+        cfg = TrainConfig(size="tiny", seq_len=128, architecture="hierarchical",
+                          activation_checkpointing=checkpointing)
+        model, _ = model_for_run(cfg, vocab)
+        model.train()
+        model(steps, 1e-4)[0].backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert model.backbone.gradient_checkpointing and model.depth.gradient_checkpointing
+    for name, g in grads[0].items():
+        assert torch.allclose(g, grads[1][name], atol=1e-6), name
+
+
 def _error(capsys, args, prog_main=main, prog: str = "soda-train") -> str:
     with pytest.raises(SystemExit) as exc:
         prog_main(args)
