@@ -37,10 +37,11 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from soda.loss_weights import LOSS_WEIGHTS, loss_weights
 from soda.shape import HierarchicalShape, ModelShape
 
+
 PAD = -1  # an empty codebook slot (slots 1.. of a text/special step); a padding step is PAD in every slot
-LOSS_WEIGHTS = ("uniform", "moshi", "graded")
 ORIGINAL_CONTEXT = 8192  # Llama-3.1 RoPE scaling, as soda.model.qwen3_config
 CHUNK_ELEMENTS = 2**27  # logits per chunk of the loss (as soda.train.loss): rows = this // head size
 
@@ -161,23 +162,6 @@ def step_positions(doc_ids: torch.Tensor) -> torch.Tensor:
     starts = torch.ones_like(doc_ids, dtype=torch.bool)
     starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
     return idx - torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
-
-
-# --------------------------------------------------------------------------------------------
-# Loss weights
-# --------------------------------------------------------------------------------------------
-def loss_weights(scheme: str, n_codebooks: int = 8) -> list[float]:
-    """Per-kind weights in `Vocabulary.nll_groups()` order (text, special, cb0, cb1, ..., cb_{K-1}):
-    uniform: all 1; moshi: 100 on text, specials and the semantic codebook, 1 on acoustic codebooks;
-    graded: 100 on text/specials/semantic and 100^(1 - k/(K-1)) on acoustic codebook k (K=8: 51.8, 26.8, 13.9,
-    7.2, 3.7, 1.9, 1.0), the follow-up's best recipe for this family."""
-    if scheme == "uniform":
-        return [1.0] * (2 + n_codebooks)
-    if scheme == "moshi":
-        return [100.0] * 3 + [1.0] * (n_codebooks - 1)
-    if scheme == "graded":
-        return [100.0] * 3 + [100.0 ** (1 - k / max(1, n_codebooks - 1)) for k in range(1, n_codebooks)]
-    raise ValueError(f"unknown loss weights {scheme!r}; choose from {LOSS_WEIGHTS}")
 
 
 # --------------------------------------------------------------------------------------------

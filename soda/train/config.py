@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from soda.hierarchical import LOSS_WEIGHTS
+from soda.loss_weights import LOSS_WEIGHTS
 from soda.settings import ADJUSTABLE, RESUMABLE, add_arguments, check_bounds, flag_of, names_with, setting
 from soda.shape import SHAPE_FIELDS, SIZES, ModelShape
 from tokenize_audio.errors import SodaError, first_line

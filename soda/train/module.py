@@ -21,7 +21,8 @@ import lightning as L
 import torch
 import torch.distributed as dist
 
-from soda.hierarchical import HierarchicalModel, loss_weights
+from soda.hierarchical import HierarchicalModel
+from soda.loss_weights import loss_weights
 from soda.train.config import TrainConfig
 from soda.train.loss import lm_loss
 from soda.train.optim import CautiousAdamW, clip_by_global_norm, is_sharded, local_tensors, lr_factor, param_groups
