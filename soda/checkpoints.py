@@ -320,7 +320,8 @@ def refuse_hierarchical(ckpt: dict, path: Path, what: str) -> None:
     generation and evaluation read only the flat family, for now."""
     if ckpt.get("soda", {}).get("architecture", "flat") != "flat":
         raise SodaError(f"{path}: a {ckpt['soda']['architecture']} checkpoint cannot be {what} yet (only the flat "
-                        f"family can; the hierarchical family trains and resumes, nothing more so far)")
+                        f"family can; the hierarchical family trains and resumes under soda-train, nothing more so "
+                        f"far)")
 
 
 def export_step(run: Path, step: int | None = None, out: Path | None = None, vocab_dir: Path | None = None) -> Path:
@@ -575,7 +576,7 @@ def _from_checkpoint(path: Path, dtype, attention, weights: bool = True):
     ckpt = load_checkpoint(path, mmap=not weights)  # mapped: the tensors are not read unless used
     if "soda" not in ckpt:
         raise SodaError(f"{path}: not a soda-train checkpoint (no model config inside)")
-    refuse_hierarchical(ckpt, path, "loaded for generation or evaluation")
+    refuse_hierarchical(ckpt, path, "loaded for generation, evaluation or fine-tuning")
     config = Qwen3Config.from_dict(ckpt["soda"]["model_config"])
     config._attn_implementation = attention
     model = None

@@ -129,7 +129,7 @@ class StepCollate:
     loop. A window is still `seq_len` flat tokens, so a micro-batch holds up to `seq_len` steps (all text) and
     about seq_len / K of audio."""
 
-    def __init__(self, vocab, multiple: int = 64):
+    def __init__(self, vocab, multiple: int = 16):
         self.vocab, self.multiple = vocab, multiple
 
     def __call__(self, items: list[dict]) -> dict:
