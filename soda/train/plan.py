@@ -121,11 +121,13 @@ def dry_run(cfg: TrainConfig, mfu: float, codec_rate: float | None = None) -> in
                if isinstance(shape, ModelShape) else
                f"FLOPs per flat token (training, 3 x forward of an all-audio window: one backbone step over "
                f"{cfg.seq_len // shape.n_codebooks} steps and one depth pass per {shape.n_codebooks} tokens)")
+    six_n = (f"6N: {6 * model_params(shape, 'total'):.4g}" if isinstance(shape, ModelShape) else
+             f"6N per step / {shape.n_codebooks}: {6 * model_params(shape, 'total') / shape.n_codebooks:.4g}")
     lines = [
         f"model: {model_label(cfg)}: {describe_shape(shape)}",
         f"parameters: {model_params(shape, 'total'):,} total, {model_params(shape, 'non-embedding'):,} non-embedding"
         f"{' (SODA vocabulary; give --data for yours)' if not cfg.data else ''}",
-        f"{counted}: {per_token:.4g}  (6N: {6 * model_params(shape, 'total'):.4g})",
+        f"{counted}: {per_token:.4g}  ({six_n})",
         f"tokens: {tokens:,} ({tokens / 1e9:,.1f}B) in {steps:,} steps of {cfg.batch_sequences} x {cfg.seq_len} = "
         f"{cfg.batch_sequences * cfg.seq_len:,} tokens",
         f"total training FLOPs: {total:.4g}",
