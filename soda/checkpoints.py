@@ -289,6 +289,7 @@ def export_hf(checkpoint: Path, out_dir: Path, vocab_dir: Path | None = None, vo
     ckpt = load_checkpoint(checkpoint, mmap=sharded)  # sharded: the metadata only; the weights are streamed below
     if "soda" not in ckpt:
         raise SodaError(f"{checkpoint}: not a soda-train checkpoint (no model config inside)")
+    refuse_hierarchical(ckpt, checkpoint, "exported")
     config = Qwen3Config.from_dict(ckpt["soda"]["model_config"])
     with torch.device("meta"):
         model = Qwen3ForCausalLM(config)
@@ -312,6 +313,15 @@ def export_hf(checkpoint: Path, out_dir: Path, vocab_dir: Path | None = None, vo
         atomic_write_text(tmp / "README.md", f"Exported by soda-train from {checkpoint.name} "
                                              f"(step {ckpt.get('global_step', '?')}).\n")
     return Path(out_dir)
+
+
+def refuse_hierarchical(ckpt: dict, path: Path, what: str) -> None:
+    """One line for a checkpoint of `soda-train --architecture hierarchical`: it has no Hugging Face form, and
+    generation and evaluation read only the flat family, for now."""
+    if ckpt.get("soda", {}).get("architecture", "flat") != "flat":
+        raise SodaError(f"{path}: a {ckpt['soda']['architecture']} checkpoint cannot be {what} yet (only the flat "
+                        f"family can; the hierarchical family trains and resumes under soda-train, nothing more so "
+                        f"far)")
 
 
 def export_step(run: Path, step: int | None = None, out: Path | None = None, vocab_dir: Path | None = None) -> Path:
@@ -576,6 +586,7 @@ def _from_checkpoint(path: Path, dtype, attention, weights: bool = True):
     ckpt = load_checkpoint(path, mmap=not weights)  # mapped: the tensors are not read unless used
     if "soda" not in ckpt:
         raise SodaError(f"{path}: not a soda-train checkpoint (no model config inside)")
+    refuse_hierarchical(ckpt, path, "loaded for generation, evaluation or fine-tuning")
     config = Qwen3Config.from_dict(ckpt["soda"]["model_config"])
     config._attn_implementation = attention
     model = None

@@ -37,10 +37,11 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from soda.loss_weights import LOSS_WEIGHTS, loss_weights
 from soda.shape import HierarchicalShape, ModelShape
 
+
 PAD = -1  # an empty codebook slot (slots 1.. of a text/special step); a padding step is PAD in every slot
-LOSS_WEIGHTS = ("uniform", "moshi", "graded")
 ORIGINAL_CONTEXT = 8192  # Llama-3.1 RoPE scaling, as soda.model.qwen3_config
 CHUNK_ELEMENTS = 2**27  # logits per chunk of the loss (as soda.train.loss): rows = this // head size
 
@@ -97,15 +98,16 @@ def flatten(codes) -> np.ndarray:
     return codes[codes != PAD]
 
 
-def regroup_batch(batch: dict, vocab, n_steps: int | None = None) -> dict:
+def regroup_batch(batch: dict, vocab, n_steps: int | None = None, multiple: int = 1) -> dict:
     """A flat batch `{"input_ids": [B, L], "doc_ids": [B, L], ("loss_mask")}` -> a step batch `{"codes": [B, S, K],
     "doc_ids": [B, S], ("loss_mask": [B, S])}`, each window's steps padded at the end to S (`n_steps`, default the
-    longest) with padding steps (codes PAD, document -1). A window with more than `n_steps` steps is an error."""
+    longest rounded up to a `multiple`, at most L) with padding steps (codes PAD, document -1). A window with more
+    than `n_steps` steps is an error."""
     ids, docs = batch["input_ids"].cpu().numpy(), batch["doc_ids"].cpu().numpy()
     masks = batch["loss_mask"].cpu().numpy() if "loss_mask" in batch else [None] * len(ids)
     rows = [regroup(i, vocab, d, m) for i, d, m in zip(ids, docs, masks)]
     longest = max((len(r) for r in rows), default=0)
-    s = longest if n_steps is None else n_steps
+    s = min(-(-longest // multiple) * multiple, ids.shape[1]) if n_steps is None else n_steps
     if longest > s:
         raise ValueError(f"a window holds {longest} steps, more than {s}")
     codes = np.full((len(rows), s, vocab.n_codebooks), PAD, np.int64)
@@ -118,6 +120,24 @@ def regroup_batch(batch: dict, vocab, n_steps: int | None = None) -> dict:
     if "loss_mask" in batch:
         out["loss_mask"] = torch.from_numpy(mask)
     return out
+
+
+class StepCollate:
+    """The hierarchical family's DataLoader collate: the flat batch as ever (ids, documents, source and loss mask,
+    which the window digest and the mixture shares read) plus `"steps"`, its windows regrouped (`regroup_batch`)
+    and padded to a multiple of `multiple` steps, so the loader's workers do the regrouping, not the training
+    loop. A window is still `seq_len` flat tokens, so a micro-batch holds up to `seq_len` steps (all text) and
+    about seq_len / K of audio."""
+
+    def __init__(self, vocab, multiple: int = 16):
+        self.vocab, self.multiple = vocab, multiple
+
+    def __call__(self, items: list[dict]) -> dict:
+        from torch.utils.data import default_collate
+
+        batch = default_collate(items)
+        batch["steps"] = regroup_batch(batch, self.vocab, multiple=self.multiple)
+        return batch
 
 
 # --------------------------------------------------------------------------------------------
@@ -142,23 +162,6 @@ def step_positions(doc_ids: torch.Tensor) -> torch.Tensor:
     starts = torch.ones_like(doc_ids, dtype=torch.bool)
     starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
     return idx - torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
-
-
-# --------------------------------------------------------------------------------------------
-# Loss weights
-# --------------------------------------------------------------------------------------------
-def loss_weights(scheme: str, n_codebooks: int = 8) -> list[float]:
-    """Per-kind weights in `Vocabulary.nll_groups()` order (text, special, cb0, cb1, ..., cb_{K-1}):
-    uniform: all 1; moshi: 100 on text, specials and the semantic codebook, 1 on acoustic codebooks;
-    graded: 100 on text/specials/semantic and 100^(1 - k/(K-1)) on acoustic codebook k (K=8: 51.8, 26.8, 13.9,
-    7.2, 3.7, 1.9, 1.0), the follow-up's best recipe for this family."""
-    if scheme == "uniform":
-        return [1.0] * (2 + n_codebooks)
-    if scheme == "moshi":
-        return [100.0] * 3 + [1.0] * (n_codebooks - 1)
-    if scheme == "graded":
-        return [100.0] * 3 + [100.0 ** (1 - k / max(1, n_codebooks - 1)) for k in range(1, n_codebooks)]
-    raise ValueError(f"unknown loss weights {scheme!r}; choose from {LOSS_WEIGHTS}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ OLD_CONFIG = Path(__file__).parent / "fixtures" / "config_before_restructure.yam
 
 
 # settings added since the fixture was written, and the value an old run takes for them
-ADDED_SINCE = {"async_checkpoint": False}
+ADDED_SINCE = {"async_checkpoint": False, "architecture": "flat", "depth_width": None, "depth_layers": 4,
+               "loss_weights": "uniform"}
 
 
 def test_an_old_config_is_read_back_key_for_key():

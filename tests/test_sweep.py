@@ -289,8 +289,10 @@ def test_bad_input(setup, extra, message, tmp_path, capsys, fake, request):
 
 def test_scaling_does_not_import_the_trainer():
     """soda-train is a subprocess: importing the CLI must not pull in the trainer (or torch), only the torch-free
-    model accounting (soda.shape) and soda-train's settings declaration (soda.train.config, soda.settings)."""
+    model accounting (soda.shape) and soda-train's settings declaration (soda.train.config, soda.settings, and the
+    loss-weight schemes it names, soda.loss_weights)."""
     code = "import sys, scaling.cli, scaling.slurm; print(sorted(m for m in sys.modules if m.split('.')[0] in " \
            "('soda', 'torch', 'lightning')))"
     imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert imported == "['soda', 'soda.settings', 'soda.shape', 'soda.train', 'soda.train.config']\n"
+    assert imported == ("['soda', 'soda.loss_weights', 'soda.settings', 'soda.shape', 'soda.train', "
+                        "'soda.train.config']\n")

@@ -69,7 +69,10 @@ DOCS_DEFAULTS = FINETUNE_DEFAULTS | {"epochs": 1.0}
 INSTRUCT_DEFAULTS = FINETUNE_DEFAULTS | {"seq_len": 4096, "batch_tokens": 32 * 4096, "epochs": 2.0, "warmup": 0.05}
 # soda-train flags that do not apply: the model comes from --init-from, which soda-finetune defines itself.
 MODEL_FLAGS = {"--size", "--sweep-width", "--width", "--layers", "--heads", "--kv-heads", "--head-dim", "--ffn",
-               "--init-from", "--dry-run", "--mfu", "--vocab"}
+               "--init-from", "--dry-run", "--mfu", "--vocab",
+               # soda-train's model family: fine-tuning starts from a flat --init-from model (instruct's own
+               # --architecture picks its encoder-projector family)
+               "--architecture", "--depth-width", "--depth-layers", "--loss-weights"}
 S2ST_ONLY = {"--data", "--val-data", "--mix", "--loss-after"}  # s2st makes its own data; --target-only-loss
 INSTRUCT_ONLY = {"--data", "--val-data", "--loss-after"}  # instruct makes its own data, scored after the instruction
 DATA_DIR, REPORT = "data", "data_report.json"
@@ -249,6 +252,7 @@ def main(argv=None) -> int:
 
         transformers.utils.logging.disable_progress_bar()
     flags = flag_values(args)
+    flags.pop("architecture", None)  # instruct's --architecture native: its family flag, not soda-train's setting
     if args.command == "s2st" and args.target_only_loss:
         flags["loss_after"] = "text_end"
     if args.command == "instruct":

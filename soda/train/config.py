@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from soda.loss_weights import LOSS_WEIGHTS
 from soda.settings import ADJUSTABLE, RESUMABLE, add_arguments, check_bounds, flag_of, names_with, setting
 from soda.shape import SHAPE_FIELDS, SIZES, ModelShape
 from tokenize_audio.errors import SodaError, first_line
@@ -31,6 +32,7 @@ CHANGES_FILE = "config_changes.jsonl"
 SCHEDULES = ("wsd", "cosine")
 WEIGHT_DECAY_MODES = ("adamc", "adamw")  # soda.train.optim: AdamC (SODA) or plain decoupled decay
 ON_NONFINITE = ("stop", "skip")
+ARCHITECTURES = ("flat", "hierarchical")  # soda.model's flattened Qwen3ForCausalLM; soda.hierarchical's family
 LOSS_MARKERS = ("text_start", "text_end", "audio_start", "audio_end")  # Vocabulary attribute names
 _SUFFIX = {"": 1, "K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
 
@@ -87,6 +89,17 @@ class TrainConfig:
         False, action="store_true",
         help="recompute each decoder layer's activations during the backward pass instead of keeping them: about a "
              "third more compute for far less memory (large models, long sequences, bigger micro-batches)")
+    architecture: str = setting(
+        "flat", choices=ARCHITECTURES,
+        help="flat (default: one Qwen3 over the flattened token stream, 8 tokens per audio frame) or hierarchical "
+             "(soda.hierarchical: a Qwen3 backbone over steps, one per text token or audio frame, plus a small depth "
+             "decoder over each frame's codebooks). Hierarchical windows are still --seq-len flat tokens, regrouped "
+             "into steps (about seq_len/8 steps of audio, up to seq_len of text); it has no --init-from, --strategy "
+             "fsdp, --compile, samples or Hugging Face export yet")
+    depth_width: int | None = setting(None, type=int, at_least=1,
+                                      help="hierarchical: the depth decoder's width (default: backbone width // 2)")
+    depth_layers: int = setting(4, type=int, at_least=1,
+                                help="hierarchical: the depth decoder's layers (default 4)")
     # --- data ---------------------------------------------------------------------------------
     data: list = setting(  # [NAME=]LOCATION strings or {name, path, kind, weight}
         factory=list, group="data", action="append", sweep="reserved",
@@ -97,7 +110,9 @@ class TrainConfig:
     mix: dict = setting(factory=dict,  # source name -> weight
                         help="mixture weights NAME=W,... e.g. speech=0.95,text=0.05 (default: by tokens)")
     vocab: str | None = setting(None, help="directory with vocab.json, when --data gives only shard patterns")
-    seq_len: int = setting(4096, type=int, at_least=2, sweep="reserved")
+    seq_len: int = setting(4096, type=int, at_least=2, sweep="reserved",
+                           help="window length in flat tokens (default 4096), for either --architecture: a "
+                                "hierarchical window is regrouped into its steps (about seq_len/8 of audio)")
     workers: int = setting(2, type=int, at_least=0, resume=RESUMABLE, sweep="how",
                            help="dataloader workers per device")
     skip_bad_shards: bool = setting(False, action="store_true", resume=RESUMABLE,
@@ -125,6 +140,11 @@ class TrainConfig:
                              help="plain AdamW instead of cautious masking")
     grad_clip: float = setting(1.0, type=float, at_least=0, resume=ADJUSTABLE)
     z_loss: float = setting(1e-4, type=float, at_least=0, resume=ADJUSTABLE)
+    loss_weights: str = setting(
+        "uniform", choices=LOSS_WEIGHTS,
+        help="per-kind loss weights, either family: uniform (default), moshi (100 on text, specials and the semantic "
+             "codebook 0, 1 on acoustic codebooks) or graded (100 there, 100^(1-k/7) on acoustic codebook k); the "
+             "loss is sum w (nll + z-loss) / sum w; the logged NLL vector is always unweighted")
     schedule: str = setting("wsd", choices=SCHEDULES, help="LR schedule: wsd (default; warm-up, flat, linear decay) "
                                                            "or cosine (warm-up, then cosine to 0: SODA's fine-tuning)")
     warmup: float = setting(0.1, type=float, help="warm-up fraction of the steps (default 0.1)")
@@ -363,3 +383,15 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.on_nonfinite not in ON_NONFINITE:
         raise SodaError(f"on_nonfinite {cfg.on_nonfinite!r}: choose stop or skip")
     cfg.total_tokens, cfg.batch_sequences  # parse now: a bad count fails before anything starts
+    if cfg.architecture not in ARCHITECTURES:
+        raise SodaError(f"architecture {cfg.architecture!r}: choose {' or '.join(ARCHITECTURES)}")
+    if cfg.loss_weights not in LOSS_WEIGHTS:
+        raise SodaError(f"loss_weights {cfg.loss_weights!r}: choose one of {', '.join(LOSS_WEIGHTS)}")
+    if cfg.architecture == "flat" and cfg.depth_width is not None:
+        raise SodaError("--depth-width applies to --architecture hierarchical only")
+    if cfg.architecture == "hierarchical":
+        not_yet = {"--init-from": cfg.init_from, "--strategy fsdp": cfg.strategy == "fsdp", "--compile": cfg.compile}
+        for flag, given in not_yet.items():
+            if given:
+                raise SodaError(f"{flag} is not supported yet for --architecture hierarchical (it trains new models "
+                                f"under one device or DDP, without torch.compile)")

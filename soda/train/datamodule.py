@@ -25,8 +25,10 @@ ORDER = "global"  # what a checkpoint's data position is; earlier ones held each
 class SodaData(L.LightningDataModule):
     def __init__(self, sources: list, seq_len: int, seed: int, batch: int, micro: int, accumulate: int,
                  workers: int, cache: Path, skip_bad: bool = False, vocab_size: int | None = None,
-                 loss_after: int | None = None, run_tokens: int | None = None, val_batches: int | None = None):
+                 loss_after: int | None = None, run_tokens: int | None = None, val_batches: int | None = None,
+                 collate=None):
         super().__init__()
+        self.collate = collate  # None: torch's default; soda.hierarchical.StepCollate adds the windows as steps
         self.prepare_data_per_node = False  # the index lives in the (shared) run directory
         self.sources, self.seq_len, self.seed, self.batch, self.micro = sources, seq_len, seed, batch, micro
         self.accumulate, self.workers, self.cache = accumulate, workers, Path(cache)  # the shard index: OUT/data_index
@@ -56,7 +58,7 @@ class SodaData(L.LightningDataModule):
         windows = TrainWindows(self.train_streams, self.mixture.weights, self.seq_len, self.seed,
                                Layout(self.batch, self.micro, self.accumulate, rank, world), step,
                                self.counts_at(step), self.vocab_size, self.loss_after)
-        return loader(windows, self.micro, self.workers)
+        return loader(windows, self.micro, self.workers, self.collate)
 
     def val_dataloader(self):
         if not any(s.paths for s in self.val_streams):
@@ -64,7 +66,7 @@ class SodaData(L.LightningDataModule):
         rank, world = self._rank_and_world()
         windows = ValidationWindows(self.val_streams, self.seq_len, self.micro, rank, world, self.vocab_size,
                                     self.loss_after, self.val_windows)
-        return loader(windows, self.micro, min(self.workers, 1))
+        return loader(windows, self.micro, min(self.workers, 1), self.collate)
 
     def state_dict(self) -> dict:
         step = self.trainer.global_step
@@ -99,11 +101,12 @@ class SodaData(L.LightningDataModule):
         return self.trainer.global_rank, self.trainer.world_size
 
 
-def loader(windows, micro: int, workers: int):
+def loader(windows, micro: int, workers: int, collate=None):
     """A DataLoader over an iterable of windows: `workers` processes, which take micro-batches in turn (the order
-    `TrainWindows` and `ValidationWindows` deal them in), ignoring the stop signals the main process handles."""
+    `TrainWindows` and `ValidationWindows` deal them in), ignoring the stop signals the main process handles;
+    `collate` makes each micro-batch (default: torch's)."""
     return torch.utils.data.DataLoader(
-        windows, batch_size=micro, num_workers=workers, pin_memory=torch.cuda.is_available(),
+        windows, batch_size=micro, num_workers=workers, pin_memory=torch.cuda.is_available(), collate_fn=collate,
         **({"prefetch_factor": 2, "worker_init_fn": ignore_stop_signals} if workers else {}))
 
 

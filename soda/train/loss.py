@@ -99,17 +99,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor,
-                    z_loss: float, chunk: int | None = None,
-                    compiled: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    z_loss: float, chunk: int | None = None, compiled: bool = False,
+                    token_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Loss, per-token NLL and log-sum-exp of `hidden` [..., D] through the head `weight` [V, D].
 
     The loss is the mean NLL over the `valid` positions plus `z_loss` times their mean squared
-    log-sum-exp; NLL and log-sum-exp come back in `targets`' shape (detached).
+    log-sum-exp (with `token_weights`, in `targets`' shape: the weighted mean, sum w (nll + z lse^2) / sum w);
+    NLL and log-sum-exp come back in `targets`' shape (detached).
     """
     terms = compiled_chunk_terms() if compiled else chunk_terms
     shape = targets.shape
-    flat_valid = valid.reshape(-1)
-    weights = flat_valid.float() / flat_valid.sum().clamp(min=1)
+    weights = valid.reshape(-1).float()
+    if token_weights is not None:
+        weights = weights * token_weights.reshape(-1).float()
+    weights = weights / weights.sum().clamp(min=1e-12)  # nothing scored: all weights 0, the loss 0
     chunk = chunk or max(1, CHUNK_ELEMENTS // weight.shape[0])
     loss, nll, lse = _LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
                                                weights, float(z_loss), chunk, torch.is_grad_enabled(), terms)
@@ -124,10 +127,12 @@ class ChunkedHead(torch.nn.Linear):
     Without targets it is the plain Linear: generation and exports are unchanged.
     """
 
-    def forward(self, hidden, targets=None, valid=None, z_loss: float = 0.0, compiled: bool = False):
+    def forward(self, hidden, targets=None, valid=None, z_loss: float = 0.0, compiled: bool = False,
+                token_weights=None):
         if targets is None:
             return super().forward(hidden)
-        return chunked_lm_loss(hidden, self.weight, targets, valid, z_loss, compiled=compiled)
+        return chunked_lm_loss(hidden, self.weight, targets, valid, z_loss, compiled=compiled,
+                               token_weights=token_weights)
 
 
 def scored_targets(batch: dict) -> torch.Tensor:
@@ -170,22 +175,28 @@ def chunked_head(model) -> ChunkedHead | None:
     return head
 
 
-def lm_loss(model, batch: dict, z_loss: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def lm_loss(model, batch: dict, z_loss: float, kind_weights: torch.Tensor | None = None,
+            vocab=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Training loss (mean NLL + z-loss over scored targets), per-position NLL, targets and scored mask.
 
+    With `kind_weights` (one per `vocab.nll_groups()` group: `soda.hierarchical.loss_weights`), each target
+    weighs its kind's weight: loss = sum w (nll + z lse^2) / sum w; the NLL returned is unweighted.
     Computed from the last hidden states in chunks (`chunked_lm_loss`) when the model's head allows it,
     so the full logits never exist; otherwise from the logits, as `token_nll`.
     """
     ids, doc = batch["input_ids"], batch["doc_ids"]
     targets, valid = ids[:, 1:], scored_targets(batch)
+    token_weights = None if kind_weights is None else kind_weights.to(ids.device)[vocab.nll_group_of(targets)]
     head = chunked_head(model)
     if head is None:
         nll, lse, _, _ = token_nll(model, batch)
-        n = valid.sum().clamp(min=1)
-        loss = (nll * valid).sum() / n
+        w = valid.float() if token_weights is None else valid * token_weights
+        n = w.sum().clamp(min=1e-12)
+        loss = (nll * w).sum() / n
         if z_loss:
-            loss = loss + z_loss * ((lse**2) * valid).sum() / n
+            loss = loss + z_loss * ((lse**2) * w).sum() / n
         return loss, nll, targets, valid
     hidden = model.model(input_ids=ids, use_cache=False, **attention_inputs(model, doc)).last_hidden_state
-    loss, nll, _ = head(hidden[:, :-1], targets, valid, z_loss, compiled=getattr(model, "soda_compiled_loss", False))
+    loss, nll, _ = head(hidden[:, :-1], targets, valid, z_loss, compiled=getattr(model, "soda_compiled_loss", False),
+                        token_weights=token_weights)
     return loss, nll, targets, valid

@@ -3,10 +3,16 @@
 Per optimizer step the module logs the loss and the NLL of text, special markers, the semantic codebook and
 each acoustic codebook, averaged over all micro-batches and ranks, and with several data sources each one's
 share of the step's tokens.
+
+Either model family: the flat `Qwen3ForCausalLM` (`lm_loss` on the flat ids) or `soda.hierarchical`'s
+`HierarchicalModel` (its own loss on the batch's `"steps"`, which `soda.hierarchical.StepCollate` adds in the
+loader). `_sums` is the one place they differ; both give the loss and the unweighted NLL vector in
+`Vocabulary.nll_groups()` order, so everything downstream (logs, validation, skips) is shared.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shlex
 import sys
@@ -15,6 +21,8 @@ import lightning as L
 import torch
 import torch.distributed as dist
 
+from soda.hierarchical import HierarchicalModel
+from soda.loss_weights import loss_weights
 from soda.train.config import TrainConfig
 from soda.train.loss import lm_loss
 from soda.train.optim import CautiousAdamW, clip_by_global_norm, is_sharded, local_tensors, lr_factor, param_groups
@@ -50,6 +58,11 @@ class SodaModule(L.LightningModule):
         self.flops_per_token = flops_per_token
         self.audio_tokens_per_second = audio_tokens_per_second
         self.groups = vocab.nll_groups()
+        self.hierarchical = isinstance(model, HierarchicalModel)
+        self.width = model.config.shape.backbone.width if self.hierarchical else model.config.hidden_size
+        # flat family: per-kind loss weights (None: uniform, the plain mean); the hierarchical model holds its own
+        self.kind_weights = None if cfg.loss_weights == "uniform" or self.hierarchical else torch.tensor(
+            loss_weights(cfg.loss_weights, vocab.n_codebooks))
         self._acc = None  # [3, G] sums: NLL, count; plus loss terms, over the micro-batches of one step
         self._val = None
         self._micro = 0
@@ -60,7 +73,10 @@ class SodaModule(L.LightningModule):
 
     # --- loss ----------------------------------------------------------------------------------
     def _sums(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        loss, nll, targets, valid = lm_loss(self.model, batch, self.cfg.z_loss)
+        """(training loss, [2, G] float64 unweighted NLL sums and target counts by `self.groups`) of a micro-batch."""
+        if self.hierarchical:
+            return self.model(batch["steps"], self.cfg.z_loss)
+        loss, nll, targets, valid = lm_loss(self.model, batch, self.cfg.z_loss, self.kind_weights, self.vocab)
         g = self.vocab.nll_group_of(targets)[valid]
         sums = torch.zeros(2, len(self.groups), device=nll.device, dtype=torch.float64)
         sums[0].index_add_(0, g, nll.detach()[valid].double())
@@ -191,7 +207,7 @@ class SodaModule(L.LightningModule):
     # --- optimiser -----------------------------------------------------------------------------
     def configure_optimizers(self):
         cfg = self.cfg
-        peak = cfg.peak_lr(self.model.config.hidden_size)
+        peak = cfg.peak_lr(self.width)
         opt = CautiousAdamW(param_groups(self.model, cfg.weight_decay), lr=peak, betas=cfg.betas, eps=cfg.eps,
                             cautious=cfg.cautious, weight_decay_mode=cfg.weight_decay_mode)
         sched = torch.optim.lr_scheduler.LambdaLR(
@@ -205,7 +221,7 @@ class SodaModule(L.LightningModule):
         soda.train.config.ADJUSTABLE_ON_RESUME). A fresh run is unchanged by this."""
         cfg, opt = self.cfg, self.trainer.optimizers[0]
         sched = self.trainer.lr_scheduler_configs[0].scheduler
-        peak = cfg.peak_lr(self.model.config.hidden_size)
+        peak = cfg.peak_lr(self.width)
         factor = lr_factor(cfg.schedule, self.trainer.global_step, self.steps, cfg.warmup, cfg.decay)
         for group, wd in zip(opt.param_groups, self._weight_decays):
             group.update(lr=peak * factor, peak_lr=peak, initial_lr=peak, weight_decay=wd)
@@ -230,6 +246,11 @@ class SodaModule(L.LightningModule):
                 counts[key] += shift
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # Enough to rebuild the model for an HF export without the run's config (primitives only).
-        checkpoint["soda"] = {"model_config": self.model.config.to_dict(), "vocab": self.vocab.to_dict(),
-                              "codec": self.codec}
+        # Enough to rebuild the model for an HF export without the run's config (primitives only). A hierarchical
+        # model has no HF form yet: its architecture and shape are recorded, and soda.checkpoints refuses it.
+        checkpoint["soda"] = {"vocab": self.vocab.to_dict(), "codec": self.codec}
+        if self.hierarchical:
+            checkpoint["soda"] |= {"architecture": "hierarchical",
+                                   "hierarchical_config": dataclasses.asdict(self.model.config)}
+        else:
+            checkpoint["soda"]["model_config"] = self.model.config.to_dict()

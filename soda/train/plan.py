@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from soda.shape import SODA_VOCAB, params, training_flops_per_token
+import dataclasses
+
+from soda.shape import (SODA_VOCAB, HierarchicalShape, ModelShape, hierarchical_params,
+                        hierarchical_training_flops_per_step, params, training_flops_per_token)
 from soda.train.config import TrainConfig
 from soda.train.optim import STATE_BYTES_PER_PARAMETER, schedule_phases
 from tokenize_audio.errors import SodaError
@@ -29,6 +32,40 @@ def batch_layout(cfg: TrainConfig, world: int) -> tuple[int, int]:
         raise SodaError(f"--micro-batch {micro} does not divide the {per_device} sequences each device gets per "
                         f"step; choose a divisor of {per_device}")
     return micro, per_device // micro
+
+
+def flops_per_token_of(cfg: TrainConfig, shape: ModelShape | HierarchicalShape) -> float:
+    """Training FLOPs (3 x forward) per flat token of a window, what MFU and --dry-run count. Hierarchical: an
+    all-audio window's, one backbone step and one depth pass per K flat tokens, the backbone attending over
+    seq_len / K steps (text steps cost more per token, so this under-counts a text share)."""
+    if isinstance(shape, ModelShape):
+        return training_flops_per_token(shape, "3x-forward")
+    k = shape.n_codebooks
+    audio = dataclasses.replace(shape, backbone=dataclasses.replace(shape.backbone, seq_len=max(1, cfg.seq_len // k)))
+    return hierarchical_training_flops_per_step(audio, "3x-forward", frames_per_step=1.0) / k
+
+
+def model_params(shape: ModelShape | HierarchicalShape, definition: str = "total") -> int:
+    return params(shape, definition) if isinstance(shape, ModelShape) else hierarchical_params(shape, definition)
+
+
+def width_of(shape: ModelShape | HierarchicalShape) -> int:
+    """The width SODA's LR rule reads: the model's, or the hierarchical backbone's."""
+    return shape.width if isinstance(shape, ModelShape) else shape.backbone.width
+
+
+def describe_shape(shape: ModelShape | HierarchicalShape) -> str:
+    from soda.model import describe
+
+    if isinstance(shape, ModelShape):
+        return describe(shape)
+    b = shape.backbone
+    return (f"hierarchical: backbone width {b.width}, {b.layers} layers, {b.heads} heads ({b.kv_heads} kv, dim "
+            f"{b.head_dim}), FFN {b.ffn}, input table {b.vocab:,} ids, unified head {shape.unified_vocab:,}; depth "
+            f"decoder width {shape.depth_width}, {shape.depth_layers} layers, {shape.depth_heads} heads, FFN "
+            f"{shape.depth_ffn}, {shape.n_codebooks - 1} heads of {shape.codebook_size}; "
+            f"{hierarchical_params(shape) / 1e6:,.1f}M parameters "
+            f"({hierarchical_params(shape, 'non-embedding') / 1e6:,.1f}M non-embedding)")
 
 
 def model_label(cfg: TrainConfig) -> str:
@@ -60,36 +97,43 @@ def audio_line(tokens: int, codec_rate: float | None, audio_tokens_per_second: f
 
 
 def dry_run(cfg: TrainConfig, mfu: float, codec_rate: float | None = None) -> int:
-    from soda.model import describe
     from soda.train.callbacks import NAMED_GPUS
 
     if not 0 < mfu <= 1:
         raise SodaError(f"--mfu {mfu}: give a fraction in (0, 1], e.g. 0.4")
-    vocab_size = SODA_VOCAB
+    vocab_size, codebooks = SODA_VOCAB, (8, 2048)
     if cfg.data:
         from soda.train.sources import resolve_sources
 
-        vocab_size = resolve_sources(cfg.data, cfg.val_data, cfg.mix, cfg.vocab)[1].size
+        vocab = resolve_sources(cfg.data, cfg.val_data, cfg.mix, cfg.vocab)[1]
+        vocab_size, codebooks = vocab.size, (vocab.n_codebooks, vocab.codebook_size)
     shape = cfg.shape(vocab_size)
+    if cfg.architecture == "hierarchical":
+        shape = HierarchicalShape(shape, *codebooks, depth_width=cfg.depth_width, depth_layers=cfg.depth_layers)
     world = world_size(cfg)
     micro, accumulate = batch_layout(cfg, world)
     steps = cfg.steps
     tokens = steps * cfg.batch_sequences * cfg.seq_len
-    per_token = training_flops_per_token(shape, "3x-forward")
+    per_token = flops_per_token_of(cfg, shape)
     total = per_token * tokens
     phases = schedule_phases(steps, cfg.warmup, cfg.decay, cfg.schedule)
+    counted = (f"FLOPs per token (training, 3 x forward incl. attention at seq {cfg.seq_len} and the LM head)"
+               if isinstance(shape, ModelShape) else
+               f"FLOPs per flat token (training, 3 x forward of an all-audio window: one backbone step over "
+               f"{cfg.seq_len // shape.n_codebooks} steps and one depth pass per {shape.n_codebooks} tokens)")
+    six_n = (f"6N: {6 * model_params(shape, 'total'):.4g}" if isinstance(shape, ModelShape) else
+             f"6N per step / {shape.n_codebooks}: {6 * model_params(shape, 'total') / shape.n_codebooks:.4g}")
     lines = [
-        f"model: {model_label(cfg)}: {describe(shape)}",
-        f"parameters: {params(shape, 'total'):,} total, {params(shape, 'non-embedding'):,} non-embedding"
+        f"model: {model_label(cfg)}: {describe_shape(shape)}",
+        f"parameters: {model_params(shape, 'total'):,} total, {model_params(shape, 'non-embedding'):,} non-embedding"
         f"{' (SODA vocabulary; give --data for yours)' if not cfg.data else ''}",
-        f"FLOPs per token (training, 3 x forward incl. attention at seq {cfg.seq_len} and the LM head): "
-        f"{per_token:.4g}  (6N: {6 * params(shape, 'total'):.4g})",
+        f"{counted}: {per_token:.4g}  ({six_n})",
         f"tokens: {tokens:,} ({tokens / 1e9:,.1f}B) in {steps:,} steps of {cfg.batch_sequences} x {cfg.seq_len} = "
         f"{cfg.batch_sequences * cfg.seq_len:,} tokens",
         f"total training FLOPs: {total:.4g}",
         f"devices: {world}; micro-batch {micro} sequences, gradient accumulation {accumulate}",
-        memory_line(params(shape, "total"), world),
-        f"LR: peak {cfg.peak_lr(shape.width):.3g} ({'given' if cfg.lr is not None else 'SODA rule'}); "
+        memory_line(model_params(shape, "total"), world),
+        f"LR: peak {cfg.peak_lr(width_of(shape)):.3g} ({'given' if cfg.lr is not None else 'SODA rule'}); "
         f"{cfg.schedule.upper()}: warm-up {phases['warmup']:,} steps, stable {phases['stable']:,}, "
         f"{'cosine ' if cfg.schedule == 'cosine' else ''}decay to 0 over {phases['decay']:,}",
         f"optimizer: {'cautious ' if cfg.cautious else ''}AdamW betas {tuple(cfg.betas)}, eps {cfg.eps:g}, "

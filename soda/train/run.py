@@ -12,18 +12,20 @@ import torch
 import yaml
 
 from soda.checkpoints import checkpoint_dir, export_hf, link_last, resumable_checkpoint
-from soda.model import (build_model, count_parameters, default_attention, describe, load_pretrained,
-                        prepare_for_training, shape_of)
-from soda.shape import ModelShape, training_flops_per_token
+from soda.model import build_model, count_parameters, default_attention, load_pretrained, prepare_for_training, shape_of
+from soda.shape import HierarchicalShape, ModelShape
 from soda.train.config import CONFIG_FILE, TrainConfig
-from soda.train.plan import batch_layout, world_size
+from soda.train.plan import batch_layout, describe_shape, flops_per_token_of, width_of, world_size
 from tokenize_audio.errors import SodaError, first_line
 from tokenize_audio.shards import atomic_write_text
 
 
-def model_for_run(cfg: TrainConfig, vocab) -> tuple[torch.nn.Module, ModelShape]:
+def model_for_run(cfg: TrainConfig, vocab) -> tuple[torch.nn.Module, ModelShape | HierarchicalShape]:
     """The model this run trains (new from --size, or --init-from's weights) with its attention kernel and training
-    preparation (activation checkpointing, torch.compile), and its shape."""
+    preparation (activation checkpointing, torch.compile), and its shape; --architecture hierarchical: a new
+    `soda.hierarchical.HierarchicalModel` and its `HierarchicalShape`."""
+    if cfg.architecture == "hierarchical":
+        return hierarchical_for_run(cfg, vocab)
     attention = cfg.attention if cfg.attention != "auto" else default_attention("cuda" if cfg.uses_gpu() else "cpu")
     if attention == "flex_attention" and not cfg.uses_gpu():
         raise SodaError("--attention flex_attention: torch has no flex attention backward on the CPU; use sdpa (the "
@@ -42,6 +44,40 @@ def model_for_run(cfg: TrainConfig, vocab) -> tuple[torch.nn.Module, ModelShape]
         raise SodaError(f"--attention {attention}: transformers cannot use it here ({first_line(e)[:300]})") from None
     prepare_for_training(model, cfg.activation_checkpointing, cfg.compile)
     return model, shape
+
+
+def hierarchical_for_run(cfg: TrainConfig, vocab) -> tuple[torch.nn.Module, HierarchicalShape]:
+    """A new hierarchical model (seeded) of the backbone --size/shape flags give, with --depth-width/--depth-layers
+    and --loss-weights; sdpa attention unless --attention eager (its masks are dense [S, S] step masks)."""
+    from soda.hierarchical import HierarchicalConfig, HierarchicalModel
+
+    attention = "sdpa" if cfg.attention == "auto" else cfg.attention
+    if attention not in ("sdpa", "eager"):
+        raise SodaError(f"--attention {attention}: --architecture hierarchical runs sdpa or eager attention only")
+    try:
+        config = HierarchicalConfig.from_vocab(
+            cfg.shape(vocab.size), vocab, depth_width=cfg.depth_width, depth_layers=cfg.depth_layers,
+            loss_weights=cfg.loss_weights, attention=attention, rope_theta=cfg.rope_theta, rope_factor=cfg.rope_factor)
+    except ValueError as e:
+        raise SodaError(f"--architecture hierarchical: {first_line(e)}") from None
+    torch.manual_seed(cfg.seed)
+    model = HierarchicalModel(config)
+    if cfg.activation_checkpointing:
+        for stack in (model.backbone, model.depth):
+            stack.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, config.shape
+
+
+def parameter_counts(model) -> dict[str, int]:
+    """Counted on the module, either family: total and non-embedding (input tables and output heads left out)."""
+    from soda.hierarchical import HierarchicalModel, count_parameters as hierarchical_count
+
+    return hierarchical_count(model) if isinstance(model, HierarchicalModel) else count_parameters(model)
+
+
+def attention_of(model) -> str:
+    config = model.config
+    return getattr(config, "_attn_implementation", None) or getattr(config, "attention", "sdpa")
 
 
 def strategy_for(cfg: TrainConfig, world: int):
@@ -107,17 +143,17 @@ def build_module(cfg: TrainConfig, vocab, sources: list, world: int, micro: int,
         describe_run(cfg, model, shape, sources, world, micro, accumulate)
     audio_rate = next((s.audio_tokens_per_second for s in sources if s.audio_tokens_per_second), None)
     codec = next((s.codec for s in sources if s.codec), None)
-    return SodaModule(model, cfg, vocab, cfg.steps, accumulate, training_flops_per_token(shape, "3x-forward"),
+    return SodaModule(model, cfg, vocab, cfg.steps, accumulate, flops_per_token_of(cfg, shape),
                       audio_rate, codec, source_names=[s.name for s in sources])
 
 
-def describe_run(cfg: TrainConfig, model, shape: ModelShape, sources: list, world: int, micro: int,
+def describe_run(cfg: TrainConfig, model, shape: ModelShape | HierarchicalShape, sources: list, world: int, micro: int,
                  accumulate: int) -> None:
     """The model, kernels, parameters, data and batch on stderr, with warnings about the data."""
     say = lambda msg: print(f"soda-train: {msg}", file=sys.stderr)  # noqa: E731
-    counted, max_steps = count_parameters(model), steps_this_run(cfg)
-    say(f"model: {describe(shape)}")
-    say(f"kernels: {model.config._attn_implementation} attention"
+    counted, max_steps = parameter_counts(model), steps_this_run(cfg)
+    say(f"model: {describe_shape(shape)}")
+    say(f"kernels: {attention_of(model)} attention"
         f"{', torch.compile (layers and loss)' if cfg.compile else ''}"
         f"{', activation checkpointing' if cfg.activation_checkpointing else ''}")
     say(f"parameters: {counted['total']:,} total, {counted['non_embedding']:,} non-embedding")
@@ -126,8 +162,13 @@ def describe_run(cfg: TrainConfig, model, shape: ModelShape, sources: list, worl
     if not any(s.validation for s in sources):
         say("warning: the data has no validation shards: this run will report no validation loss (tokenize with "
             "--validation-fraction above 0, or give --val-data)")
+    width = width_of(shape)
     say(f"batch: {cfg.batch_sequences} x {cfg.seq_len} tokens = {world} devices x {micro} sequences x "
-        f"{accumulate} accumulation; {max_steps:,} of {cfg.steps:,} steps; peak LR {cfg.peak_lr(shape.width):.3g}")
+        f"{accumulate} accumulation; {max_steps:,} of {cfg.steps:,} steps; peak LR {cfg.peak_lr(width):.3g}")
+    if not isinstance(shape, ModelShape):
+        say(f"hierarchical windows: {cfg.seq_len} flat tokens each, regrouped into steps (about "
+            f"{cfg.seq_len // shape.n_codebooks} of audio, up to {cfg.seq_len} of text; frames cut by a window's "
+            f"ends are dropped); loss weights {cfg.loss_weights}")
 
 
 def build_trainer(cfg: TrainConfig, module, sources: list, world: int, accumulate: int):
@@ -176,7 +217,11 @@ def callbacks_for(cfg: TrainConfig, module, sources: list, log_every: int) -> tu
     ]
     sample_every = cfg.ckpt_every if cfg.sample_every is None else cfg.sample_every
     codec = module.codec
-    if sample_every and codec and codec.get("spec"):
+    if module.hierarchical:  # generation is the hierarchical family's next phase
+        if cfg.sample_every and is_rank_zero():
+            print("soda-train: --sample-every: no samples: --architecture hierarchical cannot generate yet",
+                  file=sys.stderr)
+    elif sample_every and codec and codec.get("spec"):
         from soda.train.samples import Samples
 
         callbacks.append(Samples(out, sample_every, cfg.sample_max_seconds, sources, codec, cfg.seed))
@@ -208,6 +253,7 @@ def loggers_for(cfg: TrainConfig) -> list:
 
 def build_data(cfg: TrainConfig, sources: list, vocab, micro: int, accumulate: int):
     """The run's data module: the global window order (`soda.train.data`), this rank's slice of it."""
+    from soda.hierarchical import StepCollate
     from soda.train.datamodule import SodaData
     from soda.train.index import INDEX_DIR
 
@@ -215,17 +261,18 @@ def build_data(cfg: TrainConfig, sources: list, vocab, micro: int, accumulate: i
                     Path(cfg.out) / INDEX_DIR,
                     skip_bad=cfg.skip_bad_shards, vocab_size=vocab.size,
                     loss_after=getattr(vocab, cfg.loss_after) if cfg.loss_after else None,
-                    run_tokens=steps_this_run(cfg) * cfg.batch_sequences * cfg.seq_len, val_batches=cfg.val_batches)
+                    run_tokens=steps_this_run(cfg) * cfg.batch_sequences * cfg.seq_len, val_batches=cfg.val_batches,
+                    collate=StepCollate(vocab) if cfg.architecture == "hierarchical" else None)
 
 
 def log_hyperparams(loggers: list, cfg: TrainConfig, module) -> None:
     """hparams.yaml / TensorBoard's hparams: the settings and the model's size."""
-    counted = count_parameters(module.model)
+    counted = parameter_counts(module.model)
     for logger in loggers:
         logger.log_hyperparams({**cfg.to_dict(), "parameters_total": counted["total"],
                                 "parameters_non_embedding": counted["non_embedding"],
                                 "flops_per_token": module.flops_per_token,
-                                "attention": module.model.config._attn_implementation, "steps": cfg.steps})
+                                "attention": attention_of(module.model), "steps": cfg.steps})
 
 
 def checkpoint_to_resume(out: Path) -> Path:
@@ -245,13 +292,17 @@ def finish(cfg: TrainConfig, trainer, module, preemption) -> int:
     if done is None:
         return preemption.exit_code
     final, reports = done
+    export = cfg.export and cfg.architecture == "flat"
     if is_rank_zero():
-        if cfg.export:
+        if cfg.export and not export:
+            print("soda-train: no Hugging Face export: --architecture hierarchical has none yet (the checkpoint "
+                  "holds the model)", file=sys.stderr)
+        if export:
             export_hf(final, out / "hf", vocab_dir_of(cfg))
         skipped = (f" ({module.skipped_steps} skipped for a non-finite loss or gradient norm)"
                    if module.skipped_steps else "")
         print(f"soda-train: done: {trainer.global_step} steps{skipped}; {reports}; checkpoint {final}"
-              f"{'; Hugging Face export ' + str(out / 'hf') if cfg.export else ''}", file=sys.stderr)
+              f"{'; Hugging Face export ' + str(out / 'hf') if export else ''}", file=sys.stderr)
     return 0
 
 
