@@ -39,7 +39,7 @@ def tiny_model(vocab, seed: int = 0) -> HierarchicalModel:
 
 def mixed_requests(seed: int, n: int = 6, codebook_size: int = C) -> list[Request]:
     rng = np.random.default_rng(seed)
-    codes = lambda: rng.integers(0, codebook_size, (K, int(rng.integers(1, 6))))  # noqa: E731
+    codes = lambda: rng.integers(0, codebook_size, (K, int(rng.integers(1, 6))))
     make = [
         lambda: Request("tts", text="hello world"[: int(rng.integers(1, 12))]),
         lambda: Request("asr", audio=codes()),
@@ -80,7 +80,7 @@ def check_ids(vocab, task: str, ids: list[int]) -> tuple[int, int]:
 def test_kv_cached_decoding_equals_full_recompute_token_for_token(vocab):
     model = tiny_model(vocab, 3)
     requests = mixed_requests(3)
-    greedy = dict(temperature=0, max_seconds=1.0, max_text_tokens=12, batch_size=3)
+    greedy = {"temperature": 0, "max_seconds": 1.0, "max_text_tokens": 12, "batch_size": 3}
     cached = generate_hierarchical(model, vocab, requests, GenerationSettings(**greedy))
     full = generate_hierarchical(model, vocab, requests, GenerationSettings(**greedy, use_cache=False))
     alone = generate_hierarchical(model, vocab, requests, GenerationSettings(**{**greedy, "batch_size": 1}))
@@ -215,7 +215,7 @@ def test_every_task_produces_a_result_with_a_codec(mimi):
     vocab = Vocabulary.build(byte_tokenizer(), K, mimi.codebook_size)
     model = tiny_model(vocab, 6)
     rng = np.random.default_rng(0)
-    wave = lambda frames: (rng.standard_normal(frames * mimi.samples_per_frame) * 0.1).astype(np.float32)  # noqa
+    wave = lambda frames: (rng.standard_normal(frames * mimi.samples_per_frame) * 0.1).astype(np.float32)
     requests = [Request("tts", text="hi", id="tts"),
                 Request("tts", text="hello", voice_audio=wave(3), voice_text="a voice", id="voice"),
                 Request("asr", audio=wave(4), id="asr"),
