@@ -208,6 +208,15 @@ def test_a_head_rigged_to_close_the_audio_stops_at_a_frame_boundary(vocab, after
     check_ids(vocab, "continue", out.ids)
 
 
+def test_a_silence_run_stops_at_a_frame_boundary_and_is_cut(vocab):
+    """Every code counts as silence: after round(0.24 * 12.5) = 3 frames the output stops ("silence") and those
+    frames are cut from Result.codes (the ids keep them), as in the flat decoder."""
+    model = tiny_model(vocab, 1)  # greedy, seed 1 runs to the caps (no <|audio_end|>)
+    settings = GenerationSettings(temperature=0, silence_seconds=0.24, silence_codes=frozenset(range(C)))
+    out = generate_hierarchical(model, vocab, [Request("continue", audio=np.zeros((K, 2), int))], settings)[0]
+    assert out.ended == "silence" and len(out.ids) == 3 * K and out.codes.shape == (K, 0) and out.seconds == 0
+
+
 # --------------------------------------------------------------------------------------------
 # Every task, with a codec
 # --------------------------------------------------------------------------------------------

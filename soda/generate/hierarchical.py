@@ -136,15 +136,15 @@ def decode_hierarchical_batch(model: HierarchicalModel, vocab, plans: list[Plan]
         temperature = torch.tensor([temps[seqs[i].mode] for i in live], device=device)
         chosen = _sample(logits.masked_fill(~table[rows], -math.inf), temperature, settings.top_k, settings.top_p,
                          gen)
+        picked = chosen.tolist()
         writes_frame = [b for b, i in enumerate(live) if not seqs[i].forced and seqs[i].mode == "audio"
-                        and int(chosen[b]) != vocab.audio_end]
+                        and picked[b] != vocab.audio_end]
         frames = {}
         if writes_frame:
             index = torch.tensor(writes_frame, device=device)
             done = depth_frames(model, hidden[index], chosen[index], settings, gen, settings.use_cache).tolist()
             frames = dict(zip(writes_frame, done))
         step = torch.full((len(live), k_total), PAD, dtype=torch.long)
-        chosen = chosen.tolist()
         for b, i in enumerate(live):
             s = seqs[i]
             if s.forced:
@@ -156,8 +156,8 @@ def decode_hierarchical_batch(model: HierarchicalModel, vocab, plans: list[Plan]
                     s.push(token, False)
                 step[b] = torch.tensor(frames[b])
             else:
-                s.push(chosen[b], False)
-                step[b, 0] = chosen[b]
+                s.push(picked[b], False)
+                step[b, 0] = picked[b]
         keep = [b for b, i in enumerate(live) if not seqs[i].done]
         if not keep:
             break
