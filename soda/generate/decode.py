@@ -276,6 +276,7 @@ def generate_iter(loaded, requests: list[Request], settings: GenerationSettings 
         plans.append(build_plan(vocab, r, codes))
     gen = torch.Generator(device=loaded.device).manual_seed(settings.seed)
     order = sorted(range(len(plans)), key=lambda i: len(plans[i].prompt))
+    decode = decoder or decode_batch  # looked up now, so a patched `decode_batch` is the one used
     bar = None
     if progress:
         from tqdm import tqdm
@@ -284,7 +285,7 @@ def generate_iter(loaded, requests: list[Request], settings: GenerationSettings 
     try:
         for start in range(0, len(order), settings.batch_size):
             chunk = order[start: start + settings.batch_size]
-            seqs = (decoder or decode_batch)(loaded.model, vocab, [plans[i] for i in chunk], settings, frame_rate, silence, gen)
+            seqs = decode(loaded.model, vocab, [plans[i] for i in chunk], settings, frame_rate, silence, gen)
             for i, s in zip(chunk, seqs):
                 yield i, _result(requests[i], plans[i], s, vocab, codec, frame_rate)
             if bar is not None:
