@@ -1,14 +1,22 @@
-"""Generation speed: audio-seconds generated per wall-second, with and without the KV cache.
+"""Generation speed: audio-seconds generated per wall-second, with and without the KV cache, for the flat family,
+the hierarchical family (soda.hierarchical: one backbone step per frame + a depth pass) or both side by side.
 
     python benchmarks/generate_throughput.py                              # tiny model, CPU
     python benchmarks/generate_throughput.py --size 135m --seconds 3      # SODA's smallest shape
     python benchmarks/generate_throughput.py --size 600m --device cuda --batch 16 --seconds 20
+    python benchmarks/generate_throughput.py --family both --skip-no-cache    # flat vs hierarchical, < 1 min on CPU
 
 A random-init Qwen3 of the preset's shape, on a vocabulary with SODA's audio layout (8 codebooks of
 2048; byte-level text, so the LM head is 16,646 wide rather than SODA's 144,644), continues a
 `--prompt-seconds` audio prompt for `--seconds` (greedy, so both modes generate the same tokens; the
 silence detector is off and a random model rarely emits <|audio_end|>, so outputs run to the cap).
 Without the cache every step recomputes the whole sequence, so its cost grows with the length.
+
+`--family hierarchical` / `both`: a random HierarchicalModel whose backbone is the preset's shape (the depth
+decoder by `soda.shape.HierarchicalShape`'s rule: half the width, 4 layers), decoded by
+`soda.generate.hierarchical` on the same requests. The FLOPs column is analytic (forward, KV-cached, at the mean
+attended context: `soda.generate.hierarchical.decoding_flops_per_audio_second`); the speed columns are measured.
+On CPU with tiny sizes the figures demonstrate the pipeline: per-call overhead, not FLOPs, sets the wall time.
 """
 
 from __future__ import annotations
@@ -27,12 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from soda.checkpoints import LoadedModel, default_dtype  # noqa: E402
 from soda.generate.decode import generate  # noqa: E402
+from soda.generate.hierarchical import decoding_flops_per_audio_second, generate_hierarchical  # noqa: E402
 from soda.generate.prompts import GenerationSettings, Request  # noqa: E402
+from soda.hierarchical import HierarchicalConfig, HierarchicalModel  # noqa: E402
 from soda.model import build_model  # noqa: E402
-from soda.shape import (
-    SIZES,  # noqa: E402
-    ModelShape,  # noqa: E402
-)
+from soda.shape import SIZES, ModelShape  # noqa: E402
 from tokenize_audio.codecs import resolve_device  # noqa: E402
 from tokenize_audio.vocab import Vocabulary, byte_tokenizer  # noqa: E402
 
@@ -46,45 +53,83 @@ def parse() -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=2, help="timed runs per mode (best is reported)")
     p.add_argument("--device", default="auto")
     p.add_argument("--skip-no-cache", action="store_true", help="only time the cached decoder")
+    p.add_argument("--family", default="flat", choices=["flat", "hierarchical", "both"],
+                   help="which model family to decode (both: side by side at the same backbone shape)")
     return p.parse_args()
+
+
+def build(family: str, size: str, vocab, device, seq_len: int):
+    """A random-init model of `family` with the preset's (backbone) shape, in eval mode, and a decode function."""
+    shape = ModelShape(*SIZES[size], vocab=vocab.size, seq_len=seq_len)
+    if family == "flat":
+        model = build_model(shape, vocab, seed=0).to(device, default_dtype(device)).eval()
+        loaded = LoadedModel(model, vocab, None, "none", f"random {size}", device)
+        return model, lambda requests, settings: generate(loaded, requests, settings)
+    torch.manual_seed(0)
+    model = HierarchicalModel(HierarchicalConfig.from_vocab(shape, vocab)).to(device, default_dtype(device)).eval()
+    return model, lambda requests, settings: generate_hierarchical(model, vocab, requests, settings)
 
 
 def main() -> None:
     args = parse()
     device = resolve_device(args.device)
     vocab = Vocabulary.build(byte_tokenizer(), 8, 2048)
-    shape = ModelShape(*SIZES[args.size], vocab=vocab.size)
-    model = build_model(shape, vocab, seed=0).to(device, default_dtype(device)).eval()
-    loaded = LoadedModel(model, vocab, None, "none", f"random {args.size}", device)
     rng = np.random.default_rng(0)
     frames = int(args.prompt_seconds * 12.5)
     requests = [Request("continue", audio=rng.integers(0, 2048, (8, frames))) for _ in range(args.batch)]
-    print(f"# {args.size} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, vocabulary "
-          f"{vocab.size:,}), {device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} "
-          f"threads, load average {os.getloadavg()[0]:.1f} at start), {model.dtype}; batch {args.batch}, "
-          f"prompt {args.prompt_seconds} s, generate {args.seconds} s")
-    print("| KV cache | audio s generated | wall s | audio s / wall s | tokens / s |")
-    print("|---|---|---|---|---|")
-    figures = {}
-    for cache in ([True] if args.skip_no_cache else [True, False]):
-        settings = GenerationSettings(temperature=0, max_seconds=args.seconds, silence_seconds=0, use_cache=cache,
-                            batch_size=args.batch)
-        generate(loaded, requests[:1], GenerationSettings(**{**vars(settings), "max_seconds": 0.16}))  # warm-up
-        best, outputs = float("inf"), None
-        for _ in range(args.repeat):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            outputs = generate(loaded, requests, settings)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - start)
-        audio = sum(r.seconds for r in outputs)
-        tokens = sum(len(r.ids) for r in outputs)
-        figures[cache] = audio / best
-        print(f"| {'yes' if cache else 'no'} | {audio:.1f} | {best:.2f} | {audio / best:.2f} | {tokens / best:,.0f} |")
-    if len(figures) == 2:
-        print(f"KV cache speed-up: {figures[True] / figures[False]:.1f}x")
+    families = ["flat", "hierarchical"] if args.family == "both" else [args.family]
+    seq_len = 8 * (frames + int(args.seconds * 12.5) + 2)
+    print(f"# {args.size} backbone, vocabulary {vocab.size:,}, {device} ({platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} at start), "
+          f"{default_dtype(device)}; batch {args.batch}, prompt {args.prompt_seconds} s, generate {args.seconds} s"
+          + ("; CPU: a pipeline demonstration, not a speed claim" if device.type == "cpu" else ""))
+    print("| family | parameters | KV cache | audio s generated | wall s | audio s / wall s | steps / s "
+          "| forward GFLOP / audio s |")
+    print("|---|---|---|---|---|---|---|---|")
+    cached = {}
+    for family in families:
+        model, run = build(family, args.size, vocab, device, seq_len)
+        hshape = HierarchicalConfig.from_vocab(ModelShape(*SIZES[args.size]), vocab).shape
+        # mean attended context while generating: the prompt and half the output (frames)
+        flops = decoding_flops_per_audio_second(hshape, frames + args.seconds * 12.5 / 2)[family]
+        n_params = sum(p.numel() for p in model.parameters())
+        for cache in ([True] if args.skip_no_cache else [True, False]):
+            settings = GenerationSettings(temperature=0, max_seconds=args.seconds, silence_seconds=0, use_cache=cache,
+                                          batch_size=args.batch)
+            run(requests[:1], GenerationSettings(**{**vars(settings), "max_seconds": 0.16}))  # warm-up
+            best, outputs = float("inf"), None
+            for _ in range(args.repeat):
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                outputs = run(requests, settings)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                best = min(best, time.perf_counter() - start)
+            audio = sum(r.seconds for r in outputs)
+            # model steps: a flat token each; hierarchical: a backbone step per frame or text/special id
+            steps = sum(len(r.ids) for r in outputs)
+            if family == "hierarchical":
+                steps = sum(len(r.ids) - 7 * r.codes.shape[1] for r in outputs)
+            if cache:
+                cached[family] = audio / best
+            print(f"| {family} | {n_params / 1e6:.1f}M | {'yes' if cache else 'no'} | {audio:.1f} | {best:.2f} "
+                  f"| {audio / best:.2f} | {steps / best:,.0f} | {flops / 1e9:.3g} |")
+            if not cache:
+                print(f"KV cache speed-up ({family}): {cached[family] / (audio / best):.1f}x")
+    if len(cached) == 2:
+        ratio = decoding_flops_per_audio_second(hshape, frames + args.seconds * 12.5 / 2)
+        print(f"hierarchical vs flat (KV-cached): {cached['hierarchical'] / cached['flat']:.2f}x audio s / wall s, "
+              f"{ratio['flat'] / ratio['hierarchical']:.2f}x fewer forward FLOPs per audio second")
+        context = frames + args.seconds * 12.5 / 2
+        print(f"\nAnalytic forward GFLOP per audio second, KV-cached, {context:g} frames of context, this vocabulary:")
+        print("| backbone | flat | hierarchical | flat / hierarchical |")
+        print("|---|---|---|---|")
+        for size in SIZES:
+            f = decoding_flops_per_audio_second(HierarchicalConfig.from_vocab(ModelShape(*SIZES[size]), vocab).shape,
+                                                context)
+            print(f"| {size} | {f['flat'] / 1e9:.3g} | {f['hierarchical'] / 1e9:.3g} "
+                  f"| {f['flat'] / f['hierarchical']:.2f} |")
 
 
 if __name__ == "__main__":

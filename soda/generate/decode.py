@@ -240,22 +240,24 @@ def _as_codes(x, codec, vocab, what: str) -> np.ndarray:
 
 
 def generate(loaded, requests: list[Request], settings: GenerationSettings | None = None, codec=None,
-             progress: bool = False) -> list[Result]:
+             progress: bool = False, decoder=None) -> list[Result]:
     """Run `requests` (any mix of tasks) on `loaded` (from `soda.checkpoints.load_model`); results in input order.
 
     `codec` (e.g. `loaded.load_codec()`) encodes waves in the requests and decodes generated audio to
     `Result.wave`; without one, requests must carry codes and results carry codes only. Requests are
     batched `settings.batch_size` at a time (sorted by prompt length to limit padding). `progress` shows a
-    tqdm bar over requests. Raises SodaError for a malformed request before generating anything.
+    tqdm bar over requests. Raises SodaError for a malformed request before generating anything. `decoder`
+    replaces `decode_batch` (same arguments, returns its `_Sequence`s): the hierarchical family's
+    `soda.generate.hierarchical.decode_hierarchical_batch` decodes the same plans.
     """
     results: list[Result | None] = [None] * len(requests)
-    for i, result in generate_iter(loaded, requests, settings, codec, progress):
+    for i, result in generate_iter(loaded, requests, settings, codec, progress, decoder):
         results[i] = result
     return results
 
 
 def generate_iter(loaded, requests: list[Request], settings: GenerationSettings | None = None, codec=None,
-                  progress: bool = False):
+                  progress: bool = False, decoder=None):
     """`generate`, yielding (index in `requests`, Result) as each batch finishes, in the order decoded: a caller
     that writes each result out and drops it holds one batch of generated audio, whatever the number of requests."""
     settings = settings or GenerationSettings()
@@ -274,6 +276,7 @@ def generate_iter(loaded, requests: list[Request], settings: GenerationSettings 
         plans.append(build_plan(vocab, r, codes))
     gen = torch.Generator(device=loaded.device).manual_seed(settings.seed)
     order = sorted(range(len(plans)), key=lambda i: len(plans[i].prompt))
+    decode = decoder or decode_batch  # looked up now, so a patched `decode_batch` is the one used
     bar = None
     if progress:
         from tqdm import tqdm
@@ -282,7 +285,7 @@ def generate_iter(loaded, requests: list[Request], settings: GenerationSettings 
     try:
         for start in range(0, len(order), settings.batch_size):
             chunk = order[start: start + settings.batch_size]
-            seqs = decode_batch(loaded.model, vocab, [plans[i] for i in chunk], settings, frame_rate, silence, gen)
+            seqs = decode(loaded.model, vocab, [plans[i] for i in chunk], settings, frame_rate, silence, gen)
             for i, s in zip(chunk, seqs):
                 yield i, _result(requests[i], plans[i], s, vocab, codec, frame_rate)
             if bar is not None:
