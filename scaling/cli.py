@@ -225,8 +225,8 @@ def plan_command(args) -> int:
         else:
             print(f"  C={budget:.2e}: no usable runs")
     if hierarchical:
-        print(f"  hierarchical: backbone_steps (not tokens) per run, a depth pass charged to "
-              f"{hierarchical['frames_per_step']:g} of them (--frames-per-step); parameters: backbone + depth decoder")
+        print(f"  hierarchical: backbone_steps (not tokens) per run, each step charged {hierarchical['frames_per_step']:g} "
+              f"depth passes (--frames-per-step); parameters: backbone + depth decoder")
     return 0
 
 
