@@ -16,9 +16,9 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from soda.shape import (SODA_VOCAB, HierarchicalShape, ModelShape, forward_flops_per_token, hierarchical_params,
+from soda.shape import (SODA_VOCAB, HierarchicalShape, ModelShape, forward_flops_per_token,
                         hierarchical_forward_flops_per_audio_second, hierarchical_forward_flops_per_step,
-                        layer_params, params, training_flops_per_token)
+                        hierarchical_params, layer_params, params, training_flops_per_token)
 
 PAPER_BUDGETS = (3e18, 9e18, 1.8e19, 3e19, 9e19, 1.8e20, 3e20)
 # SODA's wider "target" runs at the top budgets.
