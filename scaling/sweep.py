@@ -257,8 +257,8 @@ def train_run(run: PlannedRun, sweep: Path, setting: Setting, change: tuple[list
     doing = {"resume": "resuming", "stale": "restarting (no checkpoint from the last attempt)",
              "changed": f"re-training from scratch ({', '.join(change[1])}; it was trained with {', '.join(change[0])})"
              if change else ""}.get(status, "training")
-    print(f"{tag}: {doing} ({run.params / 1e6:.2f}M parameters, {run.tokens:,} tokens, {run.steps:,} steps) ...",
-          flush=True)
+    counted = f"{run.tokens:,} backbone steps" if run.hierarchical else f"{run.tokens:,} tokens"
+    print(f"{tag}: {doing} ({run.params / 1e6:.2f}M parameters, {counted}, {run.steps:,} steps) ...", flush=True)
     start = time.monotonic()
     code = train(command + ["--resume"] * (status == "resume"), run.log_path(sweep), keep=(held,))
     elapsed = time.monotonic() - start

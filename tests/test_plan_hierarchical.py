@@ -131,10 +131,10 @@ def test_records_name_the_family(tmp_path):
     assert records.new_record(h, setting)["fingerprint"] != records.fingerprint(flat_like)
 
 
-def test_a_hierarchical_sweep_gathers_steps_and_per_step_flops(fake, tmp_path, capsys):  # noqa: F811
+def test_a_hierarchical_sweep_gathers_steps_and_per_step_flops_and_fits(fake, tmp_path, capsys):  # noqa: F811
     plan = tmp_path / "plan.csv"
-    assert main(["plan", "--budgets", "1e13", "--widths", "64,128", "--vocab", "16646", "--seq-len", "32",
-                 "--min-batch", "1", "--architecture", "hierarchical", "--out", str(plan)]) == 0
+    assert main(["plan", "--budgets", "1e13,3e13,1e14", "--widths", "64,128,256", "--vocab", "16646", "--seq-len",
+                 "32", "--min-batch", "1", "--architecture", "hierarchical", "--out", str(plan)]) == 0
     out, data = tmp_path / "sweep", tmp_path / "tokens"
     data.mkdir()
     assert main(["run", str(plan), "--data", str(data), "--out", str(out)]) == 0
@@ -142,9 +142,12 @@ def test_a_hierarchical_sweep_gathers_steps_and_per_step_flops(fake, tmp_path, c
     rows = list(csv.DictReader((out / "results.csv").open()))
     for row, run in zip(rows, sweep.load_plan(plan)):
         assert int(row["tokens"]) == run.tokens and int(row["params"]) == run.params
-        assert float(row["flops"]) == pytest.approx(1e13, rel=0.05)
+        assert float(row["flops"]) == pytest.approx(run.budget, rel=0.05)
         assert float(row["flops"]) == pytest.approx(hierarchical_training_flops_per_step(run.hierarchical_shape)
                                                     * run.tokens)
+    assert len(rows) == 9 and main(["fit", str(out / "results.csv"), "--out", str(tmp_path / "fit"),
+                                    "--bootstrap", "0"]) == 0
+    assert "fitted" in capsys.readouterr().out  # not SODA's flat sweep shapes: the cost curve is fitted to the runs
 
 
 @pytest.mark.parametrize("args, message", [
