@@ -4,6 +4,7 @@ and the soda-train command line of a hierarchical run; flat plans exactly as bef
 from __future__ import annotations
 
 import csv
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -174,3 +175,20 @@ def test_the_family_flags_are_the_plans(flag, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["run", str(plan), "--data", str(tmp_path / "tokens"), "--out", str(tmp_path / "sweep"), "--", flag, "x"])
     assert exc.value.code == 2 and "after `--`" in capsys.readouterr().err
+
+
+def test_soda_trains_dry_run_counts_the_plans_budget_and_params(tmp_path):
+    """Once soda-train has the family (branch hier2): its --dry-run of a planned run's command line counts the plan's
+    parameters and its budget (its FLOPs per flat token x the flat tokens it is given)."""
+    from soda.train.config import config_fields
+
+    if "architecture" not in config_fields():
+        pytest.skip("soda-train has no --architecture yet")
+    plan = hierarchical_plan(tmp_path, "--seq-len", "512", budgets="3e18", widths="768")
+    (run,) = sweep.load_plan(plan)
+    sweep.write_run_config(run, tmp_path / "sweep")
+    argv = [*sweep.train_command(run, tmp_path / "sweep", [], []), "--dry-run"]
+    printed = subprocess.run(argv, capture_output=True, text=True, check=True, cwd=tmp_path).stdout
+    assert f"parameters: {run.params:,} total" in printed
+    total = float(printed.split("total training FLOPs: ")[1].split()[0])
+    assert total == pytest.approx(3e18, rel=1e-3) and total == pytest.approx(run.budget, rel=1e-3)
