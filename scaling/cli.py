@@ -57,7 +57,10 @@ flops, loss, loss_source, fingerprint) for `soda-scaling fit`. Each run gets the
 LR and seq_len, SODA's sweep optimizer (betas 0.95 and the row's beta2, weight decay 0.1, no z-loss; in
 OUT/configs/NAME.yaml) and one validation at its last step over about --val-tokens tokens; its loss is
 that validation loss (or, if it has none, the mean of its last train losses, said in loss_source). Steps,
-tokens and flops are what the run trained, read from the run (its metrics.csv and config.yaml).
+tokens and flops are what the run trained, read from the run (its metrics.csv and config.yaml). A hierarchical
+plan's runs also get --architecture hierarchical and the row's --depth-width/--depth-layers; soda-train counts their
+windows, tokens and batch in flat tokens (the row's seq_len steps x 8 at --frames-per-step 1), and results.csv
+counts their backbone steps as tokens and 3 x forward FLOPs per step.
 
 Resumable: run the same command again and finished runs are skipped, a run with a checkpoint
 continues with --resume, and one that died before its first checkpoint starts again. A failed run is
@@ -225,8 +228,9 @@ def plan_command(args) -> int:
         else:
             print(f"  C={budget:.2e}: no usable runs")
     if hierarchical:
-        print(f"  hierarchical: backbone_steps (not tokens) per run, each step charged {hierarchical['frames_per_step']:g} "
-              f"depth passes (--frames-per-step); parameters: backbone + depth decoder")
+        share = hierarchical["frames_per_step"]
+        print(f"  hierarchical: backbone_steps (not tokens) per run, a depth pass charged to {share:.0%} of steps "
+              f"(--frames-per-step); parameters: backbone + depth decoder")
     return 0
 
 

@@ -157,7 +157,8 @@ def plan_hierarchical_run(budget: float, width: int, vocab: int = SODA_VOCAB, se
         lr, 0.95, 0.98 ** (batch / 128), 0.1, 3.0 * fwd * trained, run_name(budget, width),
         skip_reason(positions, steps, batch, min_batch, "steps"), "hierarchical", shape.depth_width,
         shape.depth_layers, shape.depth_heads, shape.depth_ffn, n_codebooks, codebook_size, frames_per_step,
-        total - depth_params(shape), depth_params(shape), hierarchical_forward_flops_per_audio_second(shape, FRAME_RATE))
+        total - depth_params(shape), depth_params(shape),
+        hierarchical_forward_flops_per_audio_second(shape, FRAME_RATE))
 
 
 def plan_sweep(budgets, widths=None, vocab: int = SODA_VOCAB, seq_len: int = 4096,

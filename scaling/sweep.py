@@ -64,8 +64,8 @@ def load_plan(path: Path) -> list[PlannedRun]:
         family = "architecture" in (reader.fieldnames or [])
         missing = [c for c in HIERARCHICAL_COLUMNS if family and c not in reader.fieldnames]
         if missing:
-            raise SodaError(f"{path}: an `architecture` column but no {', '.join(missing)}; is it a `soda-scaling plan` "
-                            "CSV?")
+            raise SodaError(f"{path}: an `architecture` column but no {', '.join(missing)}; is it a "
+                            "`soda-scaling plan` CSV?")
         runs = []
         for row in reader:
             if row["skipped"].strip():

@@ -42,7 +42,8 @@ def test_each_run_spends_its_budget_within_the_batch_rounding(budget, width):
 def test_params_are_the_built_models_and_the_rules_are_flats_in_steps():
     r = plan_hierarchical_run(3e18, 768)
     shape = HierarchicalShape(ModelShape.sweep(768))
-    assert (r.params, r.non_embedding_params) == (hierarchical_params(shape), hierarchical_params(shape, "non-embedding"))
+    assert r.params == hierarchical_params(shape)
+    assert r.non_embedding_params == hierarchical_params(shape, "non-embedding")
     assert r.backbone_params + r.depth_params == r.params and r.non_embedding_params < r.params
     assert r.shape == ModelShape.sweep(768) and (r.shape.layers, r.shape.heads) == (8, 6)
     # batch and LR: SODA's rules with steps for tokens and the backbone's width
@@ -75,7 +76,8 @@ def test_frames_per_step_charges_the_depth_pass_to_that_share_of_steps():
 def test_cli_csv_round_trips_into_the_runner(tmp_path, capsys):
     plan = hierarchical_plan(tmp_path, "--depth-layers", "3")
     printed = capsys.readouterr().out
-    assert "backbone_steps (not tokens)" in printed and "5 runs over 2 budgets (1 skipped" in printed
+    assert "5 runs over 2 budgets (1 skipped" in printed
+    assert "backbone_steps (not tokens) per run, a depth pass charged to 100% of steps" in printed
     rows = list(csv.DictReader(plan.open()))
     expected = as_rows(plan_sweep([3e18, 9e18], [256, 768, 1536], architecture="hierarchical", depth_layers=3))
     assert rows == [{k: str(v) for k, v in row.items()} for row in expected]
