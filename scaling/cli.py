@@ -17,7 +17,7 @@ from pathlib import Path
 from scaling.fit import FIT_FILE, fit_scaling
 from scaling.frontier import FRONTIER_COSTS
 from scaling.locks import lock, sweep_lock_path
-from scaling.plan import MIN_BATCH, MIN_SEQ_LEN, PAPER_BUDGETS, as_rows, plan_sweep
+from scaling.plan import ARCHITECTURES, MIN_BATCH, MIN_SEQ_LEN, PAPER_BUDGETS, as_rows, plan_sweep
 from scaling.records import DEFAULT_VAL_TOKENS, HOW_IT_RUNS
 from scaling.results import load_results
 from scaling.runs import state
@@ -57,7 +57,10 @@ flops, loss, loss_source, fingerprint) for `soda-scaling fit`. Each run gets the
 LR and seq_len, SODA's sweep optimizer (betas 0.95 and the row's beta2, weight decay 0.1, no z-loss; in
 OUT/configs/NAME.yaml) and one validation at its last step over about --val-tokens tokens; its loss is
 that validation loss (or, if it has none, the mean of its last train losses, said in loss_source). Steps,
-tokens and flops are what the run trained, read from the run (its metrics.csv and config.yaml).
+tokens and flops are what the run trained, read from the run (its metrics.csv and config.yaml). A hierarchical
+plan's runs also get --architecture hierarchical and the row's --depth-width/--depth-layers; soda-train counts their
+windows, tokens and batch in flat tokens (the row's seq_len steps x 8 at --frames-per-step 1), and results.csv
+counts their backbone steps as tokens and 3 x forward FLOPs per step.
 
 Resumable: run the same command again and finished runs are skipped, a run with a checkpoint
 continues with --resume, and one that died before its first checkpoint starts again. A failed run is
@@ -110,7 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="The sweep grid: layers = round(d/(64+4*log2 d-7)), heads = kv = max(1, d/128), FFN 4d; "
                     "tokens D = C/(3*forward FLOPs per token); batch = next power of two of D/(2^16*seq) halved "
                     "while LR = 0.33*sqrt(B)/d > 0.01; beta2 = 0.98^(B/128). Runs with batch < 8 or >= 400k "
-                    "steps are kept in the CSV with a `skipped` reason (use --drop-skipped to leave them out).",
+                    "steps are kept in the CSV with a `skipped` reason (use --drop-skipped to leave them out). "
+                    "--architecture hierarchical plans the same way in backbone steps (one text token or one audio "
+                    "frame each): backbone = the sweep shape, depth decoder width d//2 and 4 layers unless given, "
+                    "steps D = C/(3*forward FLOPs per step), batch in sequences of --seq-len steps.",
     )
     plan.add_argument("--budgets", help="comma list of training-FLOP budgets, e.g. 3e18,9e18,1.8e19")
     plan.add_argument("--paper", action="store_true", help="SODA's seven budgets and its wider target runs")
@@ -123,6 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--batch-floor", type=int, default=1,
                       help="raise batches below this many sequences to it instead of skipping them (LR from the "
                            "raised batch); e.g. 8 for a CPU micro sweep, whose rule batch is 1 and too noisy")
+    plan.add_argument("--architecture", choices=ARCHITECTURES, default="flat",
+                      help="flat (default: one Qwen3 over the flat token stream) or hierarchical (soda.hierarchical: "
+                           "a backbone over steps plus a depth decoder per audio frame; --seq-len then counts steps)")
+    plan.add_argument("--depth-width", type=int,
+                      help="hierarchical: the depth decoder's width (default: half the backbone width)")
+    plan.add_argument("--depth-layers", type=int, help="hierarchical: the depth decoder's layers (default 4)")
+    plan.add_argument("--frames-per-step", type=float,
+                      help="hierarchical: the share of backbone steps that are audio frames, each charged a depth "
+                           "pass (default 1.0, every step: the upper bound; a corpus with text lowers it)")
     plan.add_argument("--drop-skipped", action="store_true", help="leave skipped runs out of the CSV")
     plan.add_argument("--out", type=Path, required=True, help="CSV to write")
 
@@ -194,8 +209,9 @@ def plan_command(args) -> int:
     for value, minimum, flag in ((args.min_batch, 1, "--min-batch"), (args.batch_floor, 1, "--batch-floor"),
                                  (args.vocab, 1, "--vocab"), (args.seq_len, MIN_SEQ_LEN, "--seq-len")):
         _at_least(value, minimum, flag)
+    hierarchical = hierarchical_settings(args)
     runs = plan_sweep(budgets, widths, args.vocab, args.seq_len, paper_targets=args.paper, min_batch=args.min_batch,
-                      batch_floor=args.batch_floor)
+                      batch_floor=args.batch_floor, architecture=args.architecture, **hierarchical)
     kept = [r for r in runs if not r.skipped]
     rows = as_rows(kept if args.drop_skipped else runs)
     buf = io.StringIO()
@@ -211,7 +227,35 @@ def plan_command(args) -> int:
             print(f"  C={budget:.2e}: {len(sizes)} runs, {human_count(min(sizes))}-{human_count(max(sizes))} parameters")
         else:
             print(f"  C={budget:.2e}: no usable runs")
+    if hierarchical:
+        share = hierarchical["frames_per_step"]
+        print(f"  hierarchical: backbone_steps (not tokens) per run, a depth pass charged to {share:.0%} of steps "
+              f"(--frames-per-step); parameters: backbone + depth decoder")
     return 0
+
+
+def hierarchical_settings(args) -> dict:
+    """`plan_hierarchical_run`'s depth and frames-per-step settings from the flags ({} for a flat plan, which refuses
+    them)."""
+    given = {"--depth-width": args.depth_width, "--depth-layers": args.depth_layers,
+             "--frames-per-step": args.frames_per_step}
+    if args.architecture == "flat":
+        named = [flag for flag, value in given.items() if value is not None]
+        if named:
+            raise SodaError(f"{', '.join(named)}: for --architecture hierarchical only")
+        return {}
+    for flag in ("--depth-width", "--depth-layers"):
+        if given[flag] is not None:
+            _at_least(given[flag], 1, flag)
+    fps = 1.0 if args.frames_per_step is None else args.frames_per_step
+    if not 0 <= fps <= 1:
+        raise SodaError(f"--frames-per-step {fps:g}: give the share of steps that are audio frames, 0 to 1")
+    codebooks, size = 8, 2048  # SODA's Mimi codes, as soda-tokenize writes them
+    if args.vocab < codebooks * size:
+        raise SodaError(f"--vocab {args.vocab}: a hierarchical model's vocabulary holds {codebooks} codebooks of "
+                        f"{size} codes: at least {codebooks * size} ids")
+    return {"depth_width": args.depth_width, "depth_layers": 4 if args.depth_layers is None else args.depth_layers,
+            "frames_per_step": fps}
 
 
 def fit_command(args) -> int:

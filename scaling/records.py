@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from scaling.runs import PLAN_COLUMNS, RECORD, PlannedRun, state
+from scaling.runs import HIERARCHICAL_COLUMNS, PLAN_COLUMNS, RECORD, PlannedRun, state
 from soda.train.config import sweep_flags
 from tokenize_audio.errors import SodaError
 from tokenize_audio.shards import atomic_write_json
@@ -87,9 +87,11 @@ class Setting:
 
 
 def plan_row(run: PlannedRun) -> dict:
-    """The plan's values for a run: what an edited plan.csv would change."""
+    """The plan's values for a run: what an edited plan.csv would change (a flat run's as before the hierarchical
+    family, so its older records still agree)."""
+    family = {k: getattr(run, k) for k in HIERARCHICAL_COLUMNS} if run.hierarchical else {}
     return {"budget": run.budget, **{k: getattr(run.shape, k) for k in PLAN_COLUMNS[1:9]}, "params": run.params,
-            "batch": run.batch, "steps": run.steps, "lr": run.lr, "beta2": run.beta2}
+            "batch": run.batch, "steps": run.steps, "lr": run.lr, "beta2": run.beta2, **family}
 
 
 def new_record(run: PlannedRun, setting: Setting | None) -> dict:
@@ -109,9 +111,12 @@ COMPARED = {"data": data_key, "flags": computing_flags, "val_tokens": lambda v: 
 
 def fingerprint(record: dict) -> str:
     """A hash of what makes the losses of one sweep's runs comparable: the COMPARED parts, the vocabulary and the
-    sequence length. results.csv carries it, and `fit` refuses rows whose fingerprints differ."""
+    sequence length, and a hierarchical run's architecture (a flat run's key is as before it). results.csv carries it,
+    and `fit` refuses rows whose fingerprints differ."""
     key = {**{part: compare(record[part]) for part, compare in COMPARED.items()},
            "vocab": record["plan"]["vocab"], "seq_len": record["plan"]["seq_len"]}
+    if record["plan"].get("architecture", "flat") != "flat":
+        key["architecture"] = record["plan"]["architecture"]
     return _digest(json.dumps(key, sort_keys=True).encode())
 
 

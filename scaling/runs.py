@@ -10,10 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from soda.shape import ModelShape
+from soda.shape import HierarchicalShape, ModelShape
 
 PLAN_COLUMNS = ("budget", "width", "layers", "heads", "kv_heads", "head_dim", "ffn", "vocab", "seq_len", "params",
                 "batch", "steps", "lr", "beta2", "skipped")
+# A hierarchical plan's further columns (a plan without an `architecture` column is flat, as plans before it were).
+HIERARCHICAL_COLUMNS = ("architecture", "depth_width", "depth_layers", "n_codebooks", "codebook_size",
+                        "frames_per_step")
 DONE, TRAIN_CONFIG, RECORD = "sweep-done.json", "config.yaml", "sweep-run.json"
 # soda-train resumes from its highest-numbered checkpoints/stepN.ckpt, else checkpoints/last.ckpt: a run holding
 # either can continue (the link alone may lag behind when a kill lands between a save and the link).
@@ -32,11 +35,40 @@ class PlannedRun:
     steps: int
     lr: float
     beta2: float
+    architecture: str = "flat"  # hierarchical: `shape` is the backbone, `seq_len` and `tokens` count backbone steps
+    depth_width: int = 0
+    depth_layers: int = 0
+    n_codebooks: int = 8
+    codebook_size: int = 2048
+    frames_per_step: float = 1.0
+
+    @property
+    def hierarchical(self) -> bool:
+        return self.architecture == "hierarchical"
+
+    @property
+    def hierarchical_shape(self) -> HierarchicalShape:
+        return HierarchicalShape(self.shape, self.n_codebooks, self.codebook_size, self.depth_width, self.depth_layers)
 
     @property
     def tokens(self) -> int:
-        """Exactly the steps' tokens (the plan's `tokens` column is this product too)."""
+        """Exactly the steps' tokens (the plan's `tokens` column is this product too); a hierarchical run's backbone
+        steps (its `backbone_steps` column)."""
         return self.steps * self.batch * self.shape.seq_len
+
+    @property
+    def train_seq_len(self) -> int:
+        """soda-train's --seq-len, which counts flat tokens in either family (a hierarchical window is regrouped into
+        steps in the loader): a hierarchical plan's `seq_len` steps hold `frames_per_step * n_codebooks +
+        (1 - frames_per_step)` flat tokens each on average, exactly n_codebooks at the default 1.0."""
+        if not self.hierarchical:
+            return self.shape.seq_len
+        return max(2, round(self.shape.seq_len * (self.frames_per_step * self.n_codebooks + 1 - self.frames_per_step)))
+
+    @property
+    def train_tokens(self) -> int:
+        """soda-train's --tokens: the steps' flat tokens (`tokens` for a flat run)."""
+        return self.steps * self.batch * self.train_seq_len
 
     def run_dir(self, sweep: Path) -> Path:
         return sweep / "runs" / self.name

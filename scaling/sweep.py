@@ -32,8 +32,8 @@ from pathlib import Path
 from scaling.locks import lock, run_lock_path
 from scaling.plan import run_name
 from scaling.records import DEFAULT_VAL_TOKENS, SWEEP_RECIPE, Setting, check_records, read_record, write_record
-from scaling.runs import DONE, PLAN_COLUMNS, TRAIN_CONFIG, PlannedRun, state
-from soda.shape import ModelShape, training_flops
+from scaling.runs import DONE, HIERARCHICAL_COLUMNS, PLAN_COLUMNS, TRAIN_CONFIG, PlannedRun, state
+from soda.shape import ModelShape, hierarchical_training_flops_per_step, training_flops
 from soda.train.config import sweep_flags
 from tokenize_audio.errors import SodaError
 from tokenize_audio.shards import atomic_write_json, atomic_write_text
@@ -41,7 +41,8 @@ from tokenize_audio.shards import atomic_write_json, atomic_write_text
 TRAINER = (sys.executable, "-m", "soda.train")  # tests put a stand-in trainer here
 # From soda-train's settings (`soda.train.config`): the flags the plan fixes or the sweep sets per run (passing them
 # after `--` would break the IsoFLOP design).
-RESERVED_FLAGS = sweep_flags("reserved")
+# The model family's flags are the plan's too (a hierarchical row's depth; refused after `--` for a flat plan as well).
+RESERVED_FLAGS = sweep_flags("reserved") | {"--architecture", "--depth-width", "--depth-layers"}
 RESULTS_FILE = "results.csv"
 RESULT_COLUMNS = ("name", "budget", "width", "params", "tokens", "steps", "flops", "loss", "loss_source",
                   "fingerprint")
@@ -50,7 +51,7 @@ PREEMPTED, INTERRUPTED = 143, 130
 
 
 def load_plan(path: Path) -> list[PlannedRun]:
-    """The usable (not skipped) rows of a `soda-scaling plan` CSV."""
+    """The usable (not skipped) rows of a `soda-scaling plan` CSV; without an `architecture` column, flat ones."""
     path = Path(path)
     if not path.is_file():
         raise SodaError(f"plan {path} not found (write one with `soda-scaling plan`)")
@@ -60,6 +61,11 @@ def load_plan(path: Path) -> list[PlannedRun]:
         if missing:
             raise SodaError(f"{path}: missing column{'s' * (len(missing) > 1)} {', '.join(missing)}; "
                             "is it a `soda-scaling plan` CSV?")
+        family = "architecture" in (reader.fieldnames or [])
+        missing = [c for c in HIERARCHICAL_COLUMNS if family and c not in reader.fieldnames]
+        if missing:
+            raise SodaError(f"{path}: an `architecture` column but no {', '.join(missing)}; is it a "
+                            "`soda-scaling plan` CSV?")
         runs = []
         for row in reader:
             if row["skipped"].strip():
@@ -67,9 +73,18 @@ def load_plan(path: Path) -> list[PlannedRun]:
             try:
                 shape = ModelShape(*(int(row[k]) for k in PLAN_COLUMNS[1:9]))
                 budget = float(row["budget"])
+                architecture = row["architecture"].strip() if family else "flat"
+                if architecture not in ("flat", "hierarchical"):
+                    raise ValueError(f"architecture {architecture!r}: flat or hierarchical")
+                model = {} if architecture == "flat" else {
+                    "depth_width": int(row["depth_width"]), "depth_layers": int(row["depth_layers"]),
+                    "n_codebooks": int(row["n_codebooks"]), "codebook_size": int(row["codebook_size"]),
+                    "frames_per_step": float(row["frames_per_step"])}
                 run = PlannedRun(row.get("name") or run_name(budget, shape.width), budget, shape,
                                  int(row["params"]), int(row["batch"]), int(row["steps"]), float(row["lr"]),
-                                 float(row["beta2"]))
+                                 float(row["beta2"]), architecture, **model)
+                if run.hierarchical:
+                    run.hierarchical_shape  # noqa: B018 (a vocabulary too small for its codebooks fails here)
             except ValueError as err:
                 raise SodaError(f"{path}: line {reader.line_num}: {err}") from None
             runs.append(run)
@@ -95,10 +110,15 @@ def check_data(data: list[str], runs: list[PlannedRun]) -> None:
         if not Path(location).exists():
             raise SodaError(f"--data {entry}: {location} not found")
         if (Path(location) / "vocab.json").is_file():
-            size = Vocabulary.load(Path(location)).size
+            found = Vocabulary.load(Path(location))
+            size = found.size
             if size != vocab:
                 raise SodaError(f"--data {entry}: its vocabulary has {size:,} ids but the plan counted {vocab:,}; "
                                 f"plan again with --vocab {size}")
+            codes = (found.n_codebooks, found.codebook_size)
+            if runs[0].hierarchical and codes != (runs[0].n_codebooks, runs[0].codebook_size):
+                raise SodaError(f"--data {entry}: {codes[0]} codebooks of {codes[1]} codes, but the hierarchical plan "
+                                f"counted {runs[0].n_codebooks} of {runs[0].codebook_size}")
 
 
 def check_extra(extra: list[str]) -> None:
@@ -128,13 +148,17 @@ def write_run_config(run: PlannedRun, sweep: Path) -> Path:
 def train_command(run: PlannedRun, sweep: Path, data: list[str], extra: list[str],
                   val_tokens: int = DEFAULT_VAL_TOKENS) -> list[str]:
     """The soda-train command line of a run (without --resume). Validation runs once, at the last step,
-    over about `val_tokens` tokens whatever the batch, so every run is scored on the same data."""
-    s = run.shape
-    val_batches = max(1, math.ceil(val_tokens / (run.batch * s.seq_len)))
+    over about `val_tokens` tokens whatever the batch, so every run is scored on the same data. A hierarchical run
+    adds its family and depth flags, and its window, tokens and batch are in flat tokens (soda-train's unit; see
+    `PlannedRun.train_seq_len`)."""
+    s, seq_len = run.shape, run.train_seq_len
+    val_batches = max(1, math.ceil(val_tokens / (run.batch * seq_len)))
+    family = (["--architecture", "hierarchical", "--depth-width", str(run.depth_width), "--depth-layers",
+               str(run.depth_layers)] if run.hierarchical else [])
     return [*TRAINER, "--config", str(run.config_path(sweep)), "--out", str(run.run_dir(sweep)),
             "--width", str(s.width), "--layers", str(s.layers), "--heads", str(s.heads),
-            "--kv-heads", str(s.kv_heads), "--head-dim", str(s.head_dim), "--ffn", str(s.ffn),
-            "--seq-len", str(s.seq_len), "--tokens", str(run.tokens), "--batch-tokens", str(run.batch * s.seq_len),
+            "--kv-heads", str(s.kv_heads), "--head-dim", str(s.head_dim), "--ffn", str(s.ffn), *family,
+            "--seq-len", str(seq_len), "--tokens", str(run.train_tokens), "--batch-tokens", str(run.batch * seq_len),
             "--lr", repr(run.lr), *(a for d in data for a in ("--data", d)),
             "--val-every", str(run.steps), "--val-batches", str(val_batches), "--no-export",
             "--sample-every", "0", *extra]  # listening samples cost time and tell a loss fit nothing (extra may ask)
@@ -233,8 +257,8 @@ def train_run(run: PlannedRun, sweep: Path, setting: Setting, change: tuple[list
     doing = {"resume": "resuming", "stale": "restarting (no checkpoint from the last attempt)",
              "changed": f"re-training from scratch ({', '.join(change[1])}; it was trained with {', '.join(change[0])})"
              if change else ""}.get(status, "training")
-    print(f"{tag}: {doing} ({run.params / 1e6:.2f}M parameters, {run.tokens:,} tokens, {run.steps:,} steps) ...",
-          flush=True)
+    counted = f"{run.tokens:,} backbone steps" if run.hierarchical else f"{run.tokens:,} tokens"
+    print(f"{tag}: {doing} ({run.params / 1e6:.2f}M parameters, {counted}, {run.steps:,} steps) ...", flush=True)
     start = time.monotonic()
     code = train(command + ["--resume"] * (status == "resume"), run.log_path(sweep), keep=(held,))
     elapsed = time.monotonic() - start
@@ -288,7 +312,7 @@ def trained(run_dir: Path, rows: list[dict]) -> tuple[int, int]:
 def gather(runs: list[PlannedRun], sweep: Path) -> tuple[Path, list[dict], list[str]]:
     """Write SWEEP_DIR/results.csv from the finished runs: its path, its rows, the runs not finished. A finished run
     whose record differs from its plan row is refused (see `check_records`); steps, tokens and FLOPs are what each
-    run trained."""
+    run trained (a hierarchical run's tokens are its backbone steps, its FLOPs 3 x forward per step)."""
     check_records(runs, sweep, None)
     rows, unfinished = [], []
     for run in runs:
@@ -300,8 +324,14 @@ def gather(runs: list[PlannedRun], sweep: Path) -> tuple[Path, list[dict], list[
             metrics = list(csv.DictReader(f))
         loss, source = final_loss(metrics)
         steps, tokens = trained(d, metrics)
+        if run.hierarchical:
+            tokens = tokens // run.train_seq_len * run.shape.seq_len  # trained windows x their planned steps
+            flops = hierarchical_training_flops_per_step(run.hierarchical_shape, "3x-forward",
+                                                         run.frames_per_step) * tokens
+        else:
+            flops = training_flops(run.shape, tokens)
         rows.append({"name": run.name, "budget": run.budget, "width": run.shape.width, "params": run.params,
-                     "tokens": tokens, "steps": steps, "flops": training_flops(run.shape, tokens),
+                     "tokens": tokens, "steps": steps, "flops": flops,
                      "loss": "" if math.isnan(loss) else loss, "loss_source": source,
                      "fingerprint": read_record(run, sweep).get("fingerprint", "")})
     if not rows:
