@@ -42,7 +42,7 @@ TRAINER = (sys.executable, "-m", "soda.train")  # tests put a stand-in trainer h
 # From soda-train's settings (`soda.train.config`): the flags the plan fixes or the sweep sets per run (passing them
 # after `--` would break the IsoFLOP design).
 # The model family's flags are the plan's too (a hierarchical row's depth; refused after `--` for a flat plan as well).
-RESERVED_FLAGS = sweep_flags("reserved") | {"--architecture", "--depth-width", "--depth-layers"}
+RESERVED_FLAGS = sweep_flags("reserved")  # the plan's family and depth among them
 RESULTS_FILE = "results.csv"
 RESULT_COLUMNS = ("name", "budget", "width", "params", "tokens", "steps", "flops", "loss", "loss_source",
                   "fingerprint")

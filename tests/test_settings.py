@@ -102,7 +102,7 @@ def test_sweep_flags_are_derived_from_soda_trains_settings():
     assert sweep.RESERVED_FLAGS == sweep_flags("reserved") == {
         "--out", "--resume", "--config", "--data", "--size", "--sweep-width", "--width", "--layers", "--heads",
         "--kv-heads", "--head-dim", "--ffn", "--seq-len", "--tokens", "--batch-tokens", "--lr", "--max-steps",
-        "--init-from", "--dry-run"}
+        "--init-from", "--dry-run", "--architecture", "--depth-width", "--depth-layers"}
     assert records.HOW_IT_RUNS == sweep_flags("how")
     options = {o for a in build_parser()._actions for o in a.option_strings}
     assert sweep.RESERVED_FLAGS | records.HOW_IT_RUNS <= options

@@ -90,15 +90,15 @@ class TrainConfig:
         help="recompute each decoder layer's activations during the backward pass instead of keeping them: about a "
              "third more compute for far less memory (large models, long sequences, bigger micro-batches)")
     architecture: str = setting(
-        "flat", choices=ARCHITECTURES,
+        "flat", choices=ARCHITECTURES, sweep="reserved",
         help="flat (default: one Qwen3 over the flattened token stream, 8 tokens per audio frame) or hierarchical "
              "(soda.hierarchical: a Qwen3 backbone over steps, one per text token or audio frame, plus a small depth "
              "decoder over each frame's codebooks). Hierarchical windows are still --seq-len flat tokens, regrouped "
              "into steps (about seq_len/8 steps of audio, up to seq_len of text); it has no --init-from, --strategy "
              "fsdp, --compile, samples or Hugging Face export yet")
-    depth_width: int | None = setting(None, type=int, at_least=1,
+    depth_width: int | None = setting(None, type=int, at_least=1, sweep="reserved",
                                       help="hierarchical: the depth decoder's width (default: backbone width // 2)")
-    depth_layers: int = setting(4, type=int, at_least=1,
+    depth_layers: int = setting(4, type=int, at_least=1, sweep="reserved",
                                 help="hierarchical: the depth decoder's layers (default 4)")
     # --- data ---------------------------------------------------------------------------------
     data: list = setting(  # [NAME=]LOCATION strings or {name, path, kind, weight}
