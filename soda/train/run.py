@@ -292,12 +292,9 @@ def finish(cfg: TrainConfig, trainer, module, preemption) -> int:
     if done is None:
         return preemption.exit_code
     final, reports = done
-    export = cfg.export and cfg.architecture == "flat"
+    export = cfg.export
     if is_rank_zero():
-        if cfg.export and not export:
-            print("soda-train: no Hugging Face export: --architecture hierarchical has none yet (the checkpoint "
-                  "holds the model)", file=sys.stderr)
-        if export:
+        if export:  # either family (soda.checkpoints.export_hf: a hierarchical run's has its own config.json)
             export_hf(final, out / "hf", vocab_dir_of(cfg))
         skipped = (f" ({module.skipped_steps} skipped for a non-finite loss or gradient norm)"
                    if module.skipped_steps else "")
