@@ -496,6 +496,8 @@ def load_model(source: str, device: str = "auto", codec: str | None = None, dtyp
     `soda.hierarchical.MODEL_TYPE`; a run's `hf/`) or a hierarchical `.ckpt` gives a `soda.hierarchical.
     HierarchicalModel` (`is_hierarchical(loaded)`). Without it such a model is refused in one line (callers that
     expect a causal LM)."""
+    from soda.hierarchical import HierarchicalConfig
+
     dev = resolve_device(device)
     dtype = dtype or default_dtype(dev)
     path = resolve_checkpoint(source)
@@ -509,7 +511,7 @@ def load_model(source: str, device: str = "auto", codec: str | None = None, dtyp
         model, config, vocab, meta = _from_hierarchical_export(path, dtype, attention, weights)
     else:
         model, config, vocab, meta = _from_hf(str(path), path, dtype, attention, weights)
-    if not hasattr(config, "vocab_size"):  # a HierarchicalConfig
+    if isinstance(config, HierarchicalConfig):
         _check_hierarchical_vocabulary(source, config, vocab)
     elif config.vocab_size < vocab.size:
         raise SodaError(f"{source}: the model has {config.vocab_size:,} ids but its vocabulary needs {vocab.size:,}")
