@@ -10,7 +10,8 @@ A CHECKPOINT argument (soda-generate, soda-eval, soda-finetune --init-from) may 
 directory (a soda-train export,
 or SODA's release layout), or a hub id such as `soda-research/soda-135m-base`. `load_model` returns the model, the
 vocabulary that gives its ids a meaning, and the codec its audio ids came from (so audio is encoded and decoded
-with the same one).
+with the same one). A hierarchical run (`soda.hierarchical`) exports config.json with model_type soda_hierarchical
+beside the same files; `load_model(..., hierarchical=True)` reads it (or the run's `.ckpt`), other callers refuse it.
 """
 
 from __future__ import annotations

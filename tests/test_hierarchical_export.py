@@ -183,3 +183,20 @@ def test_soda_generate_batch_runs_every_task_on_a_checkpoint(run, tmp_path, caps
     summary = json.loads((out / "summary.json").read_text())
     assert summary["outputs"] == len(rows) and "RANDOM" in summary["codec"] and "termination_rate" in summary
     assert f"{len(rows)} outputs" in capsys.readouterr().err
+
+
+def test_a_damaged_export_is_one_line(run, tmp_path):
+    import shutil
+
+    from soda.checkpoints import load_model
+    from tokenize_audio.errors import SodaError
+
+    copy = tmp_path / "hf"
+    shutil.copytree(run / "hf", copy)
+    weights = copy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(SodaError, match="model.safetensors: not a loadable weights file"):
+        load_model(str(copy), device="cpu", hierarchical=True)
+    (copy / "vocab.json").unlink()
+    with pytest.raises(SodaError, match="a hierarchical export without vocab.json"):
+        load_model(str(copy), device="cpu", hierarchical=True)
