@@ -10,7 +10,8 @@ A CHECKPOINT argument (soda-generate, soda-eval, soda-finetune --init-from) may 
 directory (a soda-train export,
 or SODA's release layout), or a hub id such as `soda-research/soda-135m-base`. `load_model` returns the model, the
 vocabulary that gives its ids a meaning, and the codec its audio ids came from (so audio is encoded and decoded
-with the same one).
+with the same one). A hierarchical run (`soda.hierarchical`) exports config.json with model_type soda_hierarchical
+beside the same files; `load_model(..., hierarchical=True)` reads it (or the run's `.ckpt`), other callers refuse it.
 """
 
 from __future__ import annotations
@@ -289,6 +290,8 @@ def export_hf(checkpoint: Path, out_dir: Path, vocab_dir: Path | None = None, vo
     ckpt = load_checkpoint(checkpoint, mmap=sharded)  # sharded: the metadata only; the weights are streamed below
     if "soda" not in ckpt:
         raise SodaError(f"{checkpoint}: not a soda-train checkpoint (no model config inside)")
+    if architecture_of(ckpt) == "hierarchical":
+        return _export_hierarchical(checkpoint, ckpt, Path(out_dir), vocab_dir, vocab)
     refuse_hierarchical(ckpt, checkpoint, "exported")
     config = Qwen3Config.from_dict(ckpt["soda"]["model_config"])
     with torch.device("meta"):
@@ -302,26 +305,60 @@ def export_hf(checkpoint: Path, out_dir: Path, vocab_dir: Path | None = None, vo
                 raise SodaError(f"{checkpoint}: not exported: {bad} holds a NaN or Inf")
             model.load_state_dict(state, assign=True, strict=True)
             model.save_pretrained(str(tmp), safe_serialization=True)
-        if vocab is None and vocab_dir is not None:
-            vocab = Vocabulary.load(Path(vocab_dir))
-        if vocab is not None:
-            vocab.save(tmp)  # vocab.json, text_tokenizer.json, tokenizer/
-            for f in (tmp / "tokenizer").iterdir():  # tokenizer files beside the weights, as on the hub
-                shutil.move(str(f), tmp / f.name)
-            (tmp / "tokenizer").rmdir()
-        atomic_write_text(tmp / SODA_META, json.dumps({"codec": ckpt["soda"].get("codec")}, indent=2))
-        atomic_write_text(tmp / "README.md", f"Exported by soda-train from {checkpoint.name} "
-                                             f"(step {ckpt.get('global_step', '?')}).\n")
+        _export_beside(tmp, checkpoint, ckpt, vocab_dir, vocab)
     return Path(out_dir)
 
 
+def _export_beside(tmp: Path, checkpoint: Path, ckpt: dict, vocab_dir: Path | None, vocab: Vocabulary | None) -> None:
+    """What an export holds beside the weights (either family): the vocabulary and tokenizer files, soda.json (the
+    codec) and a README naming the step."""
+    if vocab is None and vocab_dir is not None:
+        vocab = Vocabulary.load(Path(vocab_dir))
+    if vocab is not None:
+        vocab.save(tmp)  # vocab.json, text_tokenizer.json, tokenizer/
+        for f in (tmp / "tokenizer").iterdir():  # tokenizer files beside the weights, as on the hub
+            shutil.move(str(f), tmp / f.name)
+        (tmp / "tokenizer").rmdir()
+    atomic_write_text(tmp / SODA_META, json.dumps({"codec": ckpt["soda"].get("codec")}, indent=2))
+    atomic_write_text(tmp / "README.md", f"Exported by soda-train from {checkpoint.name} "
+                                         f"(step {ckpt.get('global_step', '?')}).\n")
+
+
+def architecture_of(ckpt: dict) -> str:
+    """The model family a soda-train checkpoint holds: "flat" (a Qwen3ForCausalLM) or "hierarchical"."""
+    return ckpt.get("soda", {}).get("architecture", "flat")
+
+
+def _export_hierarchical(checkpoint: Path, ckpt: dict, out_dir: Path, vocab_dir, vocab) -> Path:
+    """A hierarchical checkpoint as `soda.hierarchical.save_export`'s directory (config.json naming model_type
+    soda_hierarchical, model.safetensors) plus the same vocabulary, soda.json and README as a flat export."""
+    from soda.hierarchical import config_from_dict, save_export
+
+    if is_sharded(checkpoint):  # soda-train refuses FSDP for this family: no such checkpoint is written
+        raise SodaError(f"{checkpoint}: a sharded hierarchical checkpoint cannot be exported")
+    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
+    if (bad := first_nonfinite(state)) is not None:
+        raise SodaError(f"{checkpoint}: not exported: {bad} holds a NaN or Inf")
+    with atomic_directory(out_dir) as tmp:
+        try:
+            save_export(config_from_dict(ckpt["soda"]["hierarchical_config"]), state, tmp)
+        except (KeyError, TypeError, ValueError) as e:
+            raise SodaError(f"{checkpoint}: not exported: {first_line(e, 200)}") from None
+        _export_beside(tmp, checkpoint, ckpt, vocab_dir, vocab)
+    return out_dir
+
+
+HIERARCHICAL_REFUSED = ("a hierarchical model cannot be loaded here yet (soda-generate and soda-train export read the "
+                        "hierarchical family; evaluation and fine-tuning read only the flat family so far)")
+
+
 def refuse_hierarchical(ckpt: dict, path: Path, what: str) -> None:
-    """One line for a checkpoint of `soda-train --architecture hierarchical`: it has no Hugging Face form, and
-    generation and evaluation read only the flat family, for now."""
-    if ckpt.get("soda", {}).get("architecture", "flat") != "flat":
-        raise SodaError(f"{path}: a {ckpt['soda']['architecture']} checkpoint cannot be {what} yet (only the flat "
-                        f"family can; the hierarchical family trains and resumes under soda-train, nothing more so "
-                        f"far)")
+    """One line for a checkpoint of a family other than the flat one where only the flat family is read."""
+    if architecture_of(ckpt) == "hierarchical":
+        raise SodaError(f"{path}: {HIERARCHICAL_REFUSED}")
+    if architecture_of(ckpt) != "flat":
+        raise SodaError(f"{path}: a {ckpt['soda']['architecture']} checkpoint cannot be {what} (only the flat family "
+                        f"can)")
 
 
 def export_step(run: Path, step: int | None = None, out: Path | None = None, vocab_dir: Path | None = None) -> Path:
@@ -422,7 +459,8 @@ SODA_CODEBOOKS, SODA_CODEBOOK_SIZE = 8, 2048
 
 @dataclass
 class LoadedModel:
-    model: torch.nn.Module | None  # Qwen3ForCausalLM (or any causal LM), in eval mode on `device`; None: weights=False
+    model: torch.nn.Module | None  # Qwen3ForCausalLM (or any causal LM; a HierarchicalModel where the caller reads
+    # that family: load_model's `hierarchical`), in eval mode on `device`; None: weights=False
     vocab: Vocabulary
     codec_spec: str | None  # e.g. "mimi", "mimi:random"; None when unknown (pass --codec)
     codec_label: str  # how to describe the codec in outputs (says RANDOM for offline codecs)
@@ -450,20 +488,33 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 def load_model(source: str, device: str = "auto", codec: str | None = None, dtype: torch.dtype | None = None,
-               attention: str = "sdpa", weights: bool = True) -> LoadedModel:
+               attention: str = "sdpa", weights: bool = True, hierarchical: bool = False) -> LoadedModel:
     """Resolve CHECKPOINT (see module docstring); `codec` overrides the recorded codec. `weights=False` reads only
     the config, vocabulary and codec (`model` is None): what checking and encoding data against a model needs,
-    without loading gigabytes of weights that training will load again."""
+    without loading gigabytes of weights that training will load again.
+
+    `hierarchical=True`: the caller reads the hierarchical family too, so an export of it (config.json's model_type
+    `soda.hierarchical.MODEL_TYPE`; a run's `hf/`) or a hierarchical `.ckpt` gives a `soda.hierarchical.
+    HierarchicalModel` (`is_hierarchical(loaded)`). Without it such a model is refused in one line (callers that
+    expect a causal LM)."""
+    from soda.hierarchical import HierarchicalConfig
+
     dev = resolve_device(device)
     dtype = dtype or default_dtype(dev)
     path = resolve_checkpoint(source)
     if isinstance(path, str):
         model, config, vocab, meta = _from_hf(path, None, dtype, attention, weights)
     elif is_checkpoint(path):
-        model, config, vocab, meta = _from_checkpoint(path, dtype, attention, weights)
+        model, config, vocab, meta = _from_checkpoint(path, dtype, attention, weights, hierarchical)
+    elif _is_hierarchical_export(path):
+        if not hierarchical:
+            raise SodaError(f"{source}: {HIERARCHICAL_REFUSED}")
+        model, config, vocab, meta = _from_hierarchical_export(path, dtype, attention, weights)
     else:
         model, config, vocab, meta = _from_hf(str(path), path, dtype, attention, weights)
-    if config.vocab_size < vocab.size:
+    if isinstance(config, HierarchicalConfig):
+        _check_hierarchical_vocabulary(source, config, vocab)
+    elif config.vocab_size < vocab.size:
         raise SodaError(f"{source}: the model has {config.vocab_size:,} ids but its vocabulary needs {vocab.size:,}")
     recorded = meta.get("codec") or {}
     spec = codec or recorded.get("spec") or meta.get("default_codec")
@@ -579,13 +630,15 @@ def _from_hf(name: str, path: Path | None, dtype, attention, weights: bool = Tru
     return model, config, vocab, meta
 
 
-def _from_checkpoint(path: Path, dtype, attention, weights: bool = True):
+def _from_checkpoint(path: Path, dtype, attention, weights: bool = True, hierarchical: bool = False):
     """A soda-train checkpoint: the model from its stored config; the vocabulary from the run's data."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     ckpt = load_checkpoint(path, mmap=not weights)  # mapped: the tensors are not read unless used
     if "soda" not in ckpt:
         raise SodaError(f"{path}: not a soda-train checkpoint (no model config inside)")
+    if hierarchical and architecture_of(ckpt) == "hierarchical":
+        return _hierarchical_from_checkpoint(path, ckpt, dtype, attention, weights)
     refuse_hierarchical(ckpt, path, "loaded for generation, evaluation or fine-tuning")
     config = Qwen3Config.from_dict(ckpt["soda"]["model_config"])
     config._attn_implementation = attention
@@ -597,6 +650,71 @@ def _from_checkpoint(path: Path, dtype, attention, weights: bool = True):
     run = path.resolve().parent.parent
     vocab = _run_vocabulary(run, ckpt["soda"]["vocab"], path)
     return model, config, vocab, {"codec": ckpt["soda"].get("codec")}
+
+
+# --------------------------------------------------------------------------------------------
+# The hierarchical family (soda.hierarchical): its exports and checkpoints
+# --------------------------------------------------------------------------------------------
+def is_hierarchical(loaded: LoadedModel) -> bool:
+    """Whether `load_model(..., hierarchical=True)` gave a `soda.hierarchical.HierarchicalModel`."""
+    from soda.hierarchical import HierarchicalModel
+
+    return isinstance(loaded.model, HierarchicalModel)
+
+
+def _is_hierarchical_export(path: Path) -> bool:
+    from soda.hierarchical import is_export
+
+    return is_export(path)
+
+
+def _from_hierarchical_export(path: Path, dtype, attention, weights: bool = True):
+    """A hierarchical export (`_export_hierarchical`): config.json, model.safetensors, vocab.json and soda.json."""
+    from safetensors import SafetensorError
+
+    from soda.hierarchical import load_export, read_export_config
+
+    if not (path / "vocab.json").is_file():
+        raise SodaError(f"{path}: a hierarchical export without vocab.json (export it again with soda-train export)")
+    try:
+        config = read_export_config(path)
+        model = None
+        if weights:
+            check_weight_files(path)
+            model = load_export(path, dtype, attention)
+    except (OSError, KeyError, TypeError, ValueError, RuntimeError, SafetensorError) as e:
+        raise SodaError(f"{path}: cannot load the hierarchical model ({first_line(e, 200)})") from None
+    meta = json.loads((path / SODA_META).read_text()) if (path / SODA_META).is_file() else {}
+    return model, config, Vocabulary.load(path), meta
+
+
+def _hierarchical_from_checkpoint(path: Path, ckpt: dict, dtype, attention, weights: bool = True):
+    """A hierarchical soda-train checkpoint: the model from its stored config; the vocabulary from the run's data."""
+    from dataclasses import replace
+
+    from soda.hierarchical import HierarchicalModel, config_from_dict
+
+    if is_sharded(path):  # soda-train refuses FSDP for this family: no such checkpoint is written
+        raise SodaError(f"{path}: a sharded hierarchical checkpoint cannot be loaded")
+    config = config_from_dict(ckpt["soda"]["hierarchical_config"])
+    if attention in ("sdpa", "eager"):
+        config = replace(config, attention=attention)
+    model = None
+    if weights:
+        model = HierarchicalModel(config)
+        model.load_state_dict({k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}, strict=True)
+        model.to(dtype)
+    vocab = _run_vocabulary(path.resolve().parent.parent, ckpt["soda"]["vocab"], path)
+    return model, config, vocab, {"codec": ckpt["soda"].get("codec")}
+
+
+def _check_hierarchical_vocabulary(source: str, config, vocab: Vocabulary) -> None:
+    shape = config.shape
+    mine = (shape.backbone.vocab, shape.n_codebooks, shape.codebook_size, config.text_size)
+    theirs = (vocab.size, vocab.n_codebooks, vocab.codebook_size, vocab.text_size)
+    if mine != theirs:
+        raise SodaError(f"{source}: the hierarchical model was built for (ids, codebooks, codebook size, text size) "
+                        f"{mine}; its vocabulary has {theirs}")
 
 
 def _run_vocabulary(run: Path, expected: dict, ckpt: Path) -> Vocabulary:

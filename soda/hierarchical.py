@@ -358,3 +358,81 @@ def count_parameters(model: HierarchicalModel) -> dict[str, int]:
     tables = (model.backbone.embed_tokens.weight.numel() + model.unified_head.weight.numel()
               + model.depth.embed_tokens.weight.numel() + model.depth_heads.numel())
     return {"total": total, "non_embedding": total - tables}
+
+
+# --------------------------------------------------------------------------------------------
+# The exported form: a Hugging Face-style directory (config.json + model.safetensors)
+# --------------------------------------------------------------------------------------------
+# Plain functions, not a transformers PreTrainedModel subclass: the model is no transformers causal LM (steps in, a
+# depth pass per frame), and soda.checkpoints loads it; what an HF directory must say is in config.json's model_type.
+MODEL_TYPE = "soda_hierarchical"
+ARCHITECTURE = "HierarchicalModel"  # config.json's "architectures": this module's class
+WEIGHTS = "model.safetensors"
+
+
+def config_from_dict(d: dict) -> HierarchicalConfig:
+    """The inverse of `dataclasses.asdict(config)` (what checkpoints and config.json hold)."""
+    d = dict(d)
+    shape = dict(d.pop("shape"))
+    shape["backbone"] = ModelShape(**shape["backbone"])
+    return HierarchicalConfig(HierarchicalShape(**shape), **d)
+
+
+def is_export(directory) -> bool:
+    """Whether `directory` holds a hierarchical export (its config.json names `MODEL_TYPE`)."""
+    import json
+    from pathlib import Path
+
+    config = Path(directory) / "config.json"
+    try:
+        return config.is_file() and json.loads(config.read_text()).get("model_type") == MODEL_TYPE
+    except (OSError, ValueError):
+        return False
+
+
+def save_export(config: HierarchicalConfig, state_dict: dict, directory) -> None:
+    """Write config.json (model_type `MODEL_TYPE`, architectures, the config) and model.safetensors (the state dict,
+    checked against the model the config builds: same names and shapes) into `directory`."""
+    import json
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    with torch.device("meta"):
+        expected = HierarchicalModel(config).state_dict()
+    if set(state_dict) != set(expected):
+        wrong = sorted(set(state_dict) ^ set(expected))
+        raise ValueError(f"the weights do not fit the config: {wrong[0]} ({len(wrong)} names differ)")
+    for name, t in expected.items():
+        if tuple(state_dict[name].shape) != tuple(t.shape):
+            raise ValueError(f"{name} is {tuple(state_dict[name].shape)}, the config needs {tuple(t.shape)}")
+    tensors = {k: v.detach().contiguous() for k, v in state_dict.items()}
+    dtype = next(t.dtype for t in tensors.values() if t.is_floating_point())
+    directory = Path(directory)
+    save_file(tensors, str(directory / WEIGHTS), metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps(
+        {"model_type": MODEL_TYPE, "architectures": [ARCHITECTURE], "dtype": str(dtype).removeprefix("torch."),
+         "vocab_size": config.shape.backbone.vocab, "soda_hierarchical": asdict(config)}, indent=2) + "\n")
+
+
+def read_export_config(directory) -> HierarchicalConfig:
+    import json
+    from pathlib import Path
+
+    return config_from_dict(json.loads((Path(directory) / "config.json").read_text())["soda_hierarchical"])
+
+
+def load_export(directory, dtype: torch.dtype | None = None, attention: str | None = None) -> HierarchicalModel:
+    """A `save_export` directory -> the model (strict: every weight present, no other), in `dtype` (default: as
+    saved), with `attention` ("sdpa" or "eager"; default: as saved)."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    config = read_export_config(directory)
+    if attention in ("sdpa", "eager"):
+        config = replace(config, attention=attention)
+    model = HierarchicalModel(config)
+    model.load_state_dict(load_file(str(Path(directory) / WEIGHTS)), strict=True)
+    return model.to(dtype) if dtype is not None else model

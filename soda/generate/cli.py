@@ -2,7 +2,7 @@
 
 Writes OUT/ID.wav for every audio output (decoded by the model's codec), OUT/results.jsonl (one line per
 request: text, wav, how it ended) and OUT/summary.json (endings, termination rate, speed). The library
-behind it is `soda.generate`.
+behind it is `soda.generate` (`soda.generate.hierarchical` for a hierarchical model: every task alike).
 
 Outputs survive a kill: each request's wav is written (atomically) and then its results.jsonl line (flushed)
 as soon as its batch finishes, and only one batch of generated audio is held in memory. OUT/run.json records
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from soda.checkpoints import encoder_projector_source, model_fingerprint
+from soda.checkpoints import encoder_projector_source, is_hierarchical, model_fingerprint
 from soda.generate.decode import generate_iter
 from soda.generate.prompts import TASKS, GenerationSettings, Request, Result, check_request, summarize
 from tokenize_audio.errors import SkipItem, SodaError, cli_errors
@@ -337,7 +337,7 @@ def main(argv=None) -> int:
         model = load_encoder_projector(args.checkpoint, device=args.device)
         source, codec, codec_label = model.source, None, "none (encoder-projector: text outputs only)"
     else:
-        loaded = load_model(args.checkpoint, device=args.device, codec=args.codec)
+        loaded = load_model(args.checkpoint, device=args.device, codec=args.codec, hierarchical=True)
         codec = loaded.load_codec()
         source, codec_label = loaded.source, loaded.codec_label
     digests = [request_digest(row) for row in rows]
@@ -350,7 +350,12 @@ def main(argv=None) -> int:
         outputs = generate_text(model, [rows[n] for n in todo], settings.max_text_tokens, settings.batch_size, progress)
     else:
         requests = [to_request(rows[n], codec) for n in todo]  # every input checked before anything is generated
-        outputs = generate_iter(loaded, requests, settings, codec, progress=progress)
+        if is_hierarchical(loaded):  # soda.hierarchical's family: the same requests, plans, stops and Results
+            from soda.generate.hierarchical import generate_hierarchical_iter
+
+            outputs = generate_hierarchical_iter(loaded.model, loaded.vocab, requests, settings, codec, progress)
+        else:
+            outputs = generate_iter(loaded, requests, settings, codec, progress=progress)
     if kept:
         print(f"soda-generate: {len(kept)} of {len(rows)} requests already done in {out}; generating the other "
               f"{len(todo)}", file=sys.stderr)

@@ -26,8 +26,8 @@ and every output stops (the caps are counted in frames). Requests are decoded `s
 `use_cache=False` recomputes the backbone over every step and the depth decoder over the frame so far each time:
 the check that the caches change nothing.
 
-This module does not load checkpoints: the caller passes the model and its vocabulary (`soda-generate`'s loading of
-hierarchical runs waits on the checkpoint format).
+This module does not load checkpoints: the caller passes the model and its vocabulary (`soda-generate` takes them from
+`soda.checkpoints.load_model(..., hierarchical=True)`: an export, a run directory or a `.ckpt`).
 """
 
 from __future__ import annotations

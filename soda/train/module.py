@@ -247,7 +247,7 @@ class SodaModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Enough to rebuild the model for an HF export without the run's config (primitives only). A hierarchical
-        # model has no HF form yet: its architecture and shape are recorded, and soda.checkpoints refuses it.
+        # model's architecture and config are recorded: soda.checkpoints exports and loads it from them.
         checkpoint["soda"] = {"vocab": self.vocab.to_dict(), "codec": self.codec}
         if self.hierarchical:
             checkpoint["soda"] |= {"architecture": "hierarchical",

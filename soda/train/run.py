@@ -217,9 +217,10 @@ def callbacks_for(cfg: TrainConfig, module, sources: list, log_every: int) -> tu
     ]
     sample_every = cfg.ckpt_every if cfg.sample_every is None else cfg.sample_every
     codec = module.codec
-    if module.hierarchical:  # generation is the hierarchical family's next phase
+    if module.hierarchical:  # soda.train.samples decodes with the flat family's generate only
         if cfg.sample_every and is_rank_zero():
-            print("soda-train: --sample-every: no samples: --architecture hierarchical cannot generate yet",
+            print("soda-train: --sample-every: no samples: --architecture hierarchical has no training-time samples "
+                  "yet (soda-generate reads its checkpoints and export)",
                   file=sys.stderr)
     elif sample_every and codec and codec.get("spec"):
         from soda.train.samples import Samples
@@ -292,12 +293,9 @@ def finish(cfg: TrainConfig, trainer, module, preemption) -> int:
     if done is None:
         return preemption.exit_code
     final, reports = done
-    export = cfg.export and cfg.architecture == "flat"
+    export = cfg.export
     if is_rank_zero():
-        if cfg.export and not export:
-            print("soda-train: no Hugging Face export: --architecture hierarchical has none yet (the checkpoint "
-                  "holds the model)", file=sys.stderr)
-        if export:
+        if export:  # either family (soda.checkpoints.export_hf: a hierarchical run's has its own config.json)
             export_hf(final, out / "hf", vocab_dir_of(cfg))
         skipped = (f" ({module.skipped_steps} skipped for a non-finite loss or gradient norm)"
                    if module.skipped_steps else "")
