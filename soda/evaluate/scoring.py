@@ -110,6 +110,12 @@ def token_log_probs(model, sequences: list[np.ndarray], masks: list[np.ndarray],
     return out
 
 
+def unscored(log_probs: np.ndarray) -> int:
+    """How many of the scores are NaN: tokens the model gives no probability (the hierarchical family's audio ids
+    outside whole frames, `soda.evaluate.hierarchical`); a task skips or reports them, never counts them as 0."""
+    return int(np.isnan(log_probs).sum())
+
+
 def check_length(n_tokens: int, max_len: int | None) -> str | None:
     """The skip reason for a sequence longer than the scoring limit, else None."""
     if max_len and n_tokens > max_len:
