@@ -191,8 +191,8 @@ def test_a_pair_with_unscored_tokens_is_skipped_not_counted(loaded, monkeypatch)
     assert "1 tokens unscored" in result["skipped"][0]["reason"] and result["skipped"][0]["item"] == "a"
 
 
-def test_asr_and_tts_run_through_the_hierarchical_decoder(loaded, tmp_path, monkeypatch):
-    import soda.generate.hierarchical as hierarchical
+def test_asr_tts_and_s2st_run_through_the_hierarchical_decoder(loaded, tmp_path, monkeypatch):
+    from soda.generate import hierarchical
 
     calls = []
     real = hierarchical.decode_hierarchical_batch
@@ -212,11 +212,16 @@ def test_asr_and_tts_run_through_the_hierarchical_decoder(loaded, tmp_path, monk
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     texts = tmp_path / "tts.txt"
     texts.write_text("Hi.\nGo on.\n")
-    settings = EvalSettings(device="cpu", progress=False, max_text_tokens=6, tts_asr="self", tts_speaker="none")
+    s2st = tmp_path / "s2st.jsonl"
+    s2st.write_text(json.dumps({"source_audio": rows[0]["audio"], "source_text": "bonjour", "source_language": "fr",
+                                "target_text": "hello", "target_audio": rows[0]["audio"], "id": "p1"}) + "\n")
+    settings = EvalSettings(device="cpu", progress=False, max_text_tokens=6, tts_asr="self", tts_speaker="none",
+                            s2st_asr="self", s2st_speaker="none", s2st_max_seconds=1.0)
     out = tmp_path / "eval"
-    results = evaluate(loaded, ["asr", "tts"], {"asr": str(manifest), "tts": str(texts)}, settings, out,
-                       log=lambda m: None, checkpoint={"path": "test", "digest": "g"})
+    results = evaluate(loaded, ["asr", "tts", "s2st"], {"asr": str(manifest), "tts": str(texts), "s2st": str(s2st)},
+                       settings, out, log=lambda m: None, checkpoint={"path": "test", "digest": "g"})
     asr, tts = results["asr"], results["tts"]
+    assert results["s2st"]["count"] == 1 and results["s2st"]["settings"]["family"] == "hierarchical"
     assert asr["count"] == 2 and asr["value"] is not None and asr["settings"]["family"] == "hierarchical"
     items = [json.loads(line) for line in (out / "items" / "asr.jsonl").read_text().splitlines()]
     assert len(items) == 2 and all(isinstance(i["hypothesis"], str) for i in items)
@@ -224,5 +229,29 @@ def test_asr_and_tts_run_through_the_hierarchical_decoder(loaded, tmp_path, monk
     spoken = [json.loads(line) for line in (out / "items" / "tts.jsonl").read_text().splitlines()]
     assert tts["termination_rate"] == sum(i["ended"] == "audio_end" for i in spoken) / 2
     assert all(i["seconds"] > 0 for i in spoken)
-    # asr, tts, and tts's own-ASR judge: every generation went through the hierarchical decoder
-    assert sum(calls) == 2 + 2 + 2
+    # asr, tts and s2st, and their own-ASR judges: every generation went through the hierarchical decoder
+    assert sum(calls) == 2 + (2 + 2) + (1 + 1)
+
+
+def test_mcq_by_likelihood_and_by_generation(loaded, tmp_path):
+    t = np.arange(12000) / 24000
+    write_wave(tmp_path / "clips" / "low.wav", (0.5 * np.sin(2 * np.pi * 300 * t)).astype(np.float32), 24000)
+    write_wave(tmp_path / "clips" / "high.wav", (0.5 * np.sin(2 * np.pi * 2000 * t)).astype(np.float32), 24000)
+    rows = [{"id": "q1", "question": "Which tone?", "choices": ["low", "high"], "answer": "low",
+             "audio_path": "clips/low.wav"},
+            {"id": "q2", "question": "Which tone is it?", "choices": ["low", "high", "none"], "answer": "high",
+             "audio_path": "clips/high.wav"}]
+    data = tmp_path / "mcq.json"
+    data.write_text(json.dumps(rows))
+    for mode in ("likelihood", "generate"):
+        settings = EvalSettings(device="cpu", progress=False, mcq_mode=mode, mcq_max_tokens=4)
+        out = tmp_path / mode
+        mcq = evaluate(loaded, ["mcq"], {"mcq": str(data)}, settings, out, log=lambda m: None,
+                       checkpoint={"path": "test", "digest": mode})["mcq"]
+        assert mcq["count"] == 2 and mcq["skipped_count"] == 0 and mcq["value"] is not None
+        assert mcq["settings"]["family"] == "hierarchical" and mcq["settings"]["mode"] == mode
+        assert mcq["audio_contribution"]["accuracy_silence"] is not None
+        if mode == "likelihood":
+            items = [json.loads(line) for line in (out / "items" / "mcq.jsonl").read_text().splitlines()]
+            assert all(np.isfinite(i["scores_raw"]).all() and len(i["scores_raw"]) == len(rows[n]["choices"])
+                       for n, i in enumerate(items))

@@ -23,9 +23,9 @@ from collections import defaultdict
 
 import numpy as np
 
+from soda.evaluate.hierarchical import UNSCORED
 from soda.evaluate.mcq_generate import run_generated
 from soda.evaluate.mcq_items import Item, Questions, benchmark, read_questions, silence_like, tally
-from soda.evaluate.hierarchical import UNSCORED
 from soda.evaluate.scoring import check_length, unscored
 from soda.evaluate.tasks import Context, Skips, Task, entry, register, share
 from tokenize_audio.documents import mcq_instruction, mcq_response
