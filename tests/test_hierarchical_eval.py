@@ -153,6 +153,7 @@ def test_nll_and_pairs_results_name_the_family_and_report_unscored_tokens(loaded
     assert model["shape"]["hidden_size"] == 64 and model["shape"]["depth_layers"] == 4
     assert all(r["settings"]["family"] == "hierarchical" for r in written["tasks"].values())
     assert "Hierarchical model" in (out / "results.md").read_text()
+    assert "hierarchical family" in (out / "report.html").read_text()
     nll = results["nll"]
     # windows of 100 flat ids cut between steps; unscored: the partial frame, and a window's first step when it is
     # a frame (context only, as the flat family's first token of a window)

@@ -114,13 +114,13 @@ def hierarchical_log_probs(model: HierarchicalModel, vocab, sequences: list[np.n
         ]) if len(h) else torch.zeros(0, device=device)
         # the depth heads: codebooks 1..K-1 of each frame, teacher-forced from the state before it
         d = depth[:, 1:].to(device)
-        frames = nxt[d]
+        frames, before = nxt[d], prev[d]
         if len(frames) and k_total > 1:
             code = frames[:, 1:] - base - torch.arange(1, k_total, device=device) * size
             chunk = max(1, HEAD_CHUNK * shape.unified_vocab // ((k_total - 1) * size))
             parts = []
             for j in range(0, len(frames), chunk):
-                hd = model.depth_hidden(prev[d][j:j + chunk], frames[j:j + chunk]).float()
+                hd = model.depth_hidden(before[j:j + chunk], frames[j:j + chunk]).float()
                 logits = torch.einsum("fkd,kcd->fkc", hd, heads)
                 parts.append(logits.log_softmax(-1).gather(-1, code[j:j + chunk, :, None]).squeeze(-1))
             d_scores = torch.cat(parts)

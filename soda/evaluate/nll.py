@@ -4,7 +4,9 @@ One number hides trade-offs (a model can gain on acoustics while losing text), s
 reported on its own, plus bits per second of audio and bits per text token. Each document is
 scored on its own (as SODA scored LibriSpeech dev-clean), in windows of `--max-len` tokens when
 longer; the first token of a window has no context and is not scored. Unlike training's packed
-validation stream, no document is cut mid-way or dropped at the end.
+validation stream, no document is cut mid-way or dropped at the end. For the hierarchical family the windows are
+cut between steps (never inside a frame), a window's first step is context only, and tokens that family cannot
+score (ids outside whole frames) are left out of every mean and counted in `unscored_tokens`.
 """
 
 from __future__ import annotations
