@@ -71,7 +71,6 @@ def load_speech(ctx, spec: str | None) -> Speech:
 
 
 def run_asr(ctx, data: Speech) -> dict:
-    from soda.generate.decode import generate
     from soda.generate.prompts import Request
 
     usable, requests = [], []
@@ -85,7 +84,7 @@ def run_asr(ctx, data: Speech) -> dict:
             continue
         usable.append(u)
         requests.append(Request("asr", audio=c, id=u.id))
-    results = generate(ctx.loaded, requests, generation_settings(ctx, max_text_tokens=ctx.settings.max_text_tokens),
+    results = ctx.generate(requests, generation_settings(ctx, max_text_tokens=ctx.settings.max_text_tokens),
                        ctx.codec, progress=ctx.settings.progress) if requests else []
     how = {"data": data.source, "prompt": "BOS <|audio_start|>A<|audio_end|><|text_start|>", "decoding": "greedy",
            "max_text_tokens": ctx.settings.max_text_tokens, "codec": ctx.loaded.codec_label}

@@ -62,12 +62,14 @@ def _pocketsphinx(model: str | None, ctx):
 def _self(model: str | None, ctx):
     """The evaluated model's own ASR (round trip: can it read back what it said?)."""
     from soda.evaluate.asr import generation_settings
-    from soda.generate.decode import transcribe as model_transcribe
+    from soda.generate.prompts import Request
 
-    def transcribe(waves, sr):
+    def transcribe(waves, sr):  # soda.generate.decode.transcribe, through the decoder of the model's family
         codec = ctx.codec
-        return model_transcribe(ctx.loaded, codec, [resample(w, sr, codec.sample_rate) for w in waves],
-                                generation_settings(ctx, max_text_tokens=ctx.settings.max_text_tokens))
+        requests = [Request("asr", audio=resample(w, sr, codec.sample_rate)) for w in waves]
+        results = ctx.generate(requests, generation_settings(ctx, max_text_tokens=ctx.settings.max_text_tokens),
+                               codec)
+        return [r.text for r in results]
 
     return transcribe
 

@@ -223,8 +223,9 @@ def build_eval_page(out: Path, compare: Path | None = None) -> str:
     model = results.get("model") or {}
     checkpoint = results.get("checkpoint") or {}
     body = [f"<p>Checkpoint <code>{esc(checkpoint.get('path') or model.get('source'))}</code>; codec "
-            f"{esc(model.get('codec'))}; {model.get('parameters') or 0:,} parameters. Accuracies and error rates in %; "
-            "↓: lower is better. Per-item rows: <code>items/TASK.jsonl</code>.</p>",
+            f"{esc(model.get('codec'))}; {model.get('parameters') or 0:,} parameters"
+            f"{'; ' + esc(model['family']) + ' family' if model.get('family') else ''}. Accuracies and error rates "
+            "in %; ↓: lower is better. Per-item rows: <code>items/TASK.jsonl</code>.</p>",
             "<h2>Results</h2>", results_table(results, tasks), nll_section(out, results, compare)]
     for name, entry in (results.get("tasks") or {}).items():
         title = tasks[name].title if name in tasks else name

@@ -86,6 +86,9 @@ def load(ctx, data: str | None, name: str) -> dict:
     if data is not None:
         raise SodaError(f"--data-for {name}={data}: lm-eval tasks read the data their task config names; "
                         f"put a task YAML of your own in a directory and pass --lm-eval-include DIR")
+    if ctx.family != "flat":  # HFLM wraps a Hugging Face causal LM; this family has no such form yet
+        raise SodaError(f"{name}: lm-eval tasks run on the flat family only; a {ctx.family} model's text "
+                        f"likelihood is scored by --tasks twuggy,tblimp,mcq")
     version = check_installed()
     manager = task_manager(ctx.settings.lm_eval_include)
     if name not in manager.all_tasks:

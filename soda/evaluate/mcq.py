@@ -23,9 +23,10 @@ from collections import defaultdict
 
 import numpy as np
 
+from soda.evaluate.hierarchical import UNSCORED
 from soda.evaluate.mcq_generate import run_generated
 from soda.evaluate.mcq_items import Item, Questions, benchmark, read_questions, silence_like, tally
-from soda.evaluate.scoring import check_length
+from soda.evaluate.scoring import check_length, unscored
 from soda.evaluate.tasks import Context, Skips, Task, entry, register, share
 from tokenize_audio.documents import mcq_instruction, mcq_response
 from tokenize_audio.errors import SodaError
@@ -69,7 +70,8 @@ def _prompts(ctx: Context, items: list[Item], codes: list, skips: Skips | None) 
 
 
 def _score(ctx: Context, codes: dict, prompts: dict, desc: str) -> dict:
-    """key -> (raw sums, per-token means) over the item's options, given its audio codes (same keys as prompts)."""
+    """key -> (raw sums, per-token means) over the item's options, given its audio codes (same keys as prompts); a
+    key with a token the model gives no probability (`scoring.unscored`) is left out."""
     vocab = ctx.vocab
     seqs, masks, owners = [], [], []
     for n, (question, options) in prompts.items():
@@ -79,11 +81,13 @@ def _score(ctx: Context, codes: dict, prompts: dict, desc: str) -> dict:
             seqs.append(np.concatenate([prefix, option]))
             masks.append(np.arange(len(seqs[-1])) >= len(prefix))
             owners.append(n)
-    scores = defaultdict(lambda: ([], []))
+    scores, broken = defaultdict(lambda: ([], [])), set()
     for owner, lp in zip(owners, ctx.log_probs(seqs, masks, desc) if seqs else []):
+        if unscored(lp):
+            broken.add(owner)
         scores[owner][0].append(float(lp.sum()))
         scores[owner][1].append(float(lp.mean()))
-    return dict(scores)
+    return {k: v for k, v in scores.items() if k not in broken}
 
 
 def _unconditional(ctx: Context, prompts: dict) -> dict:
@@ -197,6 +201,11 @@ def run_mcq(ctx: Context, data: Questions) -> dict:
     codes, prompts = _prepare(ctx, data, data.skips)
     with_audio = _score(ctx, codes, prompts, "mcq: scoring")
     with_silence = _score(ctx, silence_like(ctx, codes), prompts, "mcq: scoring with silence")
+    for n in [n for n in prompts if n not in with_audio or n not in with_silence]:
+        data.skips.add(data.items[n].id, f"tokens unscored: {UNSCORED}")
+        del prompts[n]
+        with_audio.pop(n, None)
+        with_silence.pop(n, None)
     other_codes, partner = mismatched({n: codes[n] for n in prompts}, settings.seed)
     with_other = _score(ctx, other_codes, {n: prompts[n] for n in other_codes}, "mcq: scoring with another clip")
     baseline = _unconditional(ctx, prompts)

@@ -55,16 +55,15 @@ def judge(prompt: str, response: str, item: Item) -> dict:
 def _generate(ctx: Context, codes: dict, prompts: dict) -> dict:
     """index -> (the generated answer, why it stopped), greedy, through soda.generate's instruct task."""
     from soda.evaluate.asr import generation_settings
-    from soda.generate.decode import generate
     from soda.generate.prompts import Request
 
     keys = sorted(prompts)
     if not keys:
         return {}
     requests = [Request("instruct", audio=codes[n], text=prompts[n], id=str(n)) for n in keys]
-    results = generate(ctx.loaded, requests,
-                       generation_settings(ctx, text_temperature=0.0, max_text_tokens=ctx.settings.mcq_max_tokens),
-                       ctx.codec, progress=ctx.settings.progress)
+    results = ctx.generate(requests, generation_settings(ctx, text_temperature=0.0,
+                                                         max_text_tokens=ctx.settings.mcq_max_tokens),
+                           ctx.codec, progress=ctx.settings.progress)
     return {n: (r.text, r.ended) for n, r in zip(keys, results)}
 
 

@@ -4,7 +4,9 @@ One number hides trade-offs (a model can gain on acoustics while losing text), s
 reported on its own, plus bits per second of audio and bits per text token. Each document is
 scored on its own (as SODA scored LibriSpeech dev-clean), in windows of `--max-len` tokens when
 longer; the first token of a window has no context and is not scored. Unlike training's packed
-validation stream, no document is cut mid-way or dropped at the end.
+validation stream, no document is cut mid-way or dropped at the end. For the hierarchical family the windows are
+cut between steps (never inside a frame), a window's first step is context only, and tokens that family cannot
+score (ids outside whole frames) are left out of every mean and counted in `unscored_tokens`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from soda.evaluate.hierarchical import step_windows
 from soda.evaluate.tasks import Skips, Task, entry, register
 from tokenize_audio.errors import SodaError
 
@@ -81,14 +84,20 @@ def run_nll(ctx, data: HeldOut) -> dict:
         except BadShard as err:
             skips.add(shard, str(err))
     window = settings.max_len
-    pieces = [doc[start:start + window] for doc in documents for start in range(0, len(doc), window)]
+    if ctx.family == "hierarchical":  # windows cut between steps: a frame is never split across two
+        pieces = [p for doc in documents for p in step_windows(doc, window, vocab)]
+    else:
+        pieces = [doc[start:start + window] for doc in documents for start in range(0, len(doc), window)]
     pieces = [p for p in pieces if len(p) > 1]
     lps = ctx.log_probs(pieces, [np.ones(len(p), dtype=bool) for p in pieces], "nll: scoring")
     names = vocab.nll_groups()
     nll, count = np.zeros(len(names)), np.zeros(len(names), dtype=np.int64)
+    unscored = 0  # tokens the model gives no probability (the hierarchical family: ids outside whole frames)
     for piece, lp in zip(pieces, lps):
-        groups = vocab.nll_group_of(piece[1:].astype(np.int64))
-        np.add.at(nll, groups, -lp)
+        scored = ~np.isnan(lp)
+        unscored += int((~scored).sum())
+        groups = vocab.nll_group_of(piece[1:].astype(np.int64))[scored]
+        np.add.at(nll, groups, -lp[scored])
         np.add.at(count, groups, 1)
     total = int(count.sum())
     by_group = {n: float(nll[i] / count[i]) for i, n in enumerate(names) if count[i]}
@@ -103,9 +112,13 @@ def run_nll(ctx, data: HeldOut) -> dict:
         "bits_per_audio_second": float(audio_nll / audio_count / math.log(2) * tps) if audio_count and tps else None,
         "bits_per_text_token": float(nll[0] / count[0] / math.log(2)) if count[0] else None,
         "documents": len(documents),
+        "unscored_tokens": unscored,  # left out of every mean above (never counted as 0)
     }
     how = {"data": data.source, "shards": len(data.shards), "window": window, "unit": "nats per token",
            "audio_tokens_per_second": tps}
+    if ctx.family == "hierarchical":
+        how["frame_likelihood"] = "the sum over its codebooks (unified head: codebook 0, depth heads: 1..K-1)"
+        how["windows"] = "cut between steps (never inside a frame); a window's first step is context only"
     return entry("nll (nats/token, all tokens)", float(nll.sum() / total) if total else None, total, skips, how,
                  **extra)
 

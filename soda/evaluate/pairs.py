@@ -21,7 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from soda.evaluate.scoring import audio_mask, audio_sequence, check_length, codebook_choice, reduce, text_sequence
+from soda.evaluate.hierarchical import UNSCORED
+from soda.evaluate.scoring import (audio_mask, audio_sequence, check_length, codebook_choice, reduce, text_sequence,
+                                   unscored)
 from soda.evaluate.tasks import Skips, Task, entry, register, share
 from tokenize_audio.errors import SodaError, first_line
 from tokenize_audio.sources import AUDIO_EXTENSIONS, HFAudio
@@ -206,8 +208,13 @@ def run_pairs(ctx, data: Pairs, name: str) -> dict:
     lps = ctx.log_probs(seqs, masks, f"{name}: scoring") if seqs else []
     items, by_group = [], defaultdict(lambda: [0, 0])
     correct = ties = 0
+    scored = 0
     for j, i in enumerate(usable):
         pair = data.pairs[i]
+        if missing := unscored(lps[2 * j]) + unscored(lps[2 * j + 1]):
+            data.skips.add(pair.id, f"{missing} tokens unscored: {UNSCORED}")
+            continue
+        scored += 1
         good, bad = reduce(lps[2 * j], settings.reduction), reduce(lps[2 * j + 1], settings.reduction)
         right = good > bad
         correct += right
@@ -216,7 +223,6 @@ def run_pairs(ctx, data: Pairs, name: str) -> dict:
             by_group[pair.group][0] += right
             by_group[pair.group][1] += 1
         items.append({"id": pair.id, "group": pair.group, "good": good, "bad": bad, "correct": bool(right)})
-    scored = len(usable)
     extra = {"correct": int(correct), "ties": int(ties), "chance": 0.5}
     if by_group:
         extra["by_group"] = {g: {"accuracy": share(c, t), "count": t} for g, (c, t) in sorted(by_group.items())}

@@ -16,6 +16,8 @@ import json
 import time
 from pathlib import Path
 
+from soda.evaluate.hierarchical import is_hierarchical
+from soda.evaluate.hierarchical import summary as hierarchical_summary
 from soda.evaluate.html_report import write_eval_page
 from soda.evaluate.results import RESULTS, SODA_PUBLISHED, read_results, soda_size
 from tokenize_audio.errors import SodaError
@@ -24,12 +26,15 @@ from tokenize_audio.shards import atomic_write_json, atomic_write_text
 TABLE, LOCK = "results.md", "results.json.lock"
 
 def model_summary(loaded) -> dict:
+    """results.json's `model`: the family, what was loaded, its codec, shape and parameters."""
     model = loaded.model
+    if is_hierarchical(model):
+        return hierarchical_summary(loaded)
     total = sum(p.numel() for p in model.parameters())
     head, emb = model.get_output_embeddings(), model.get_input_embeddings()
     embedding = emb.weight.numel() + (head.weight.numel() if head is not None and head.weight is not emb.weight else 0)
     c = model.config
-    return {"source": loaded.source, "codec": loaded.codec_label, "vocab_size": loaded.vocab.size,
+    return {"family": "flat", "source": loaded.source, "codec": loaded.codec_label, "vocab_size": loaded.vocab.size,
             "codebooks": loaded.vocab.n_codebooks, "parameters": total, "non_embedding_parameters": total - embedding,
             "shape": {k: getattr(c, k, None) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
                                                        "num_key_value_heads", "head_dim", "intermediate_size")},
@@ -120,9 +125,10 @@ def merge(out: Path, header: dict, results: dict, tasks: dict, compare: Path | N
 def record(out: Path, header: dict, name: str, result: dict, settings, seconds: float, tasks: dict,
            compare: Path | None = None, log=print) -> dict:
     """Stamp one task's entry with what it rests on (entries of several runs share one results.json: its time, the
-    settings, the checkpoint, when), say its score, and merge it into OUT."""
+    settings, the model family, the checkpoint, when), say its score, and merge it into OUT."""
     result["seconds"] = round(seconds, 2)
-    result["settings"] = {**settings.public(), "limit": settings.limit, **result.get("settings", {})}
+    result["settings"] = {**settings.public(), "limit": settings.limit, "family": header["model"].get("family", "flat"),
+                          **result.get("settings", {})}
     result["checkpoint"] = header["checkpoint"]
     result["evaluated_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     log(f"soda-eval: {name}: {result['metric']} = {_fmt(result['value'], tasks[name].percent)} "
@@ -144,6 +150,11 @@ def markdown(header: dict, results: dict, tasks: dict) -> str:
         about = (f"Encoder-projector model: {model['encoder']} -> {model['pooling']} x{model['pool']} pooling -> "
                  f"projector -> {model['llm']} (LoRA rank {model['lora_rank'] or 'none: merged'}). Parameters: "
                  f"{model['parameters']:,} ({model['trainable_parameters']:,} trainable: projector + LoRA).")
+    elif model.get("family") == "hierarchical":
+        about = (f"Hierarchical model (a backbone over steps, a depth decoder over each frame's codebooks; a frame's "
+                 f"likelihood is the sum over its codebooks). Codec: {model['codec']}. Parameters: "
+                 f"{model['parameters']:,} (backbone {model['backbone_parameters']:,}, depth "
+                 f"{model['depth_parameters']:,}; {model['non_embedding_parameters']:,} non-embedding).")
     else:
         about = (f"Codec: {model['codec']}. Parameters: {model['parameters']:,} "
                  f"({model['non_embedding_parameters']:,} non-embedding).")

@@ -68,7 +68,6 @@ def load_s2st(ctx, spec: str | None) -> S2STData:
 
 
 def run_s2st(ctx, data: S2STData) -> dict:
-    from soda.generate.decode import generate
     from soda.generate.prompts import Request, summarize
 
     codec, settings = ctx.codec, ctx.settings
@@ -86,7 +85,7 @@ def run_s2st(ctx, data: S2STData) -> dict:
         requests.append(Request("s2st", audio=c, source_language=p.source_language, target_language=p.target_language,
                                 source_text=p.source_text if given else None, id=p.id))
     decoding = generation_settings(ctx, max_text_tokens=settings.max_text_tokens, max_seconds=settings.s2st_max_seconds)
-    results = generate(ctx.loaded, requests, decoding, codec, progress=settings.progress) if requests else []
+    results = ctx.generate(requests, decoding, codec, progress=settings.progress) if requests else []
     transcripts, similarity = judge_speech(ctx, "s2st", [p.id for p in usable], results, codec, data.transcribe,
                                            data.embed, [p.source_audio for p in usable])
     references = [p.target_text for p in usable]

@@ -74,7 +74,9 @@ def reduce(log_probs: np.ndarray, how: str) -> float:
 @torch.inference_mode()
 def token_log_probs(model, sequences: list[np.ndarray], masks: list[np.ndarray], batch_tokens: int = 16384,
                     progress: bool = False, desc: str = "scoring", pad_id: int = 0) -> list[np.ndarray]:
-    """log p(ids[t] | ids[:t]) for every t with masks[i][t] (t >= 1), per sequence, in order (float64)."""
+    """log p(ids[t] | ids[:t]) for every t with masks[i][t] (t >= 1), per sequence, in order (float64), under a
+    causal LM over flat ids. Tasks call `Context.log_probs`, which takes the hierarchical family to
+    `soda.evaluate.hierarchical.hierarchical_log_probs` (same layout; NaN where that family gives no score)."""
     from tqdm import tqdm
 
     device = next(model.parameters()).device
@@ -108,6 +110,12 @@ def token_log_probs(model, sequences: list[np.ndarray], masks: list[np.ndarray],
         for i, piece in zip(batch, torch.split(scores.double().cpu(), counts)):
             out[i] = piece.numpy()
     return out
+
+
+def unscored(log_probs: np.ndarray) -> int:
+    """How many of the scores are NaN: tokens the model gives no probability (the hierarchical family's audio ids
+    outside whole frames, `soda.evaluate.hierarchical`); a task skips or reports them, never counts them as 0."""
+    return int(np.isnan(log_probs).sum())
 
 
 def check_length(n_tokens: int, max_len: int | None) -> str | None:

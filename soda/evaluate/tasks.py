@@ -18,6 +18,7 @@ from typing import Callable
 
 import numpy as np
 
+from soda.evaluate.hierarchical import FAMILY, decoder_for, hierarchical_log_probs, is_hierarchical
 from soda.evaluate.scoring import token_log_probs
 from soda.settings import setting
 from tokenize_audio.encoding import audio_codes, codec_wave, encode_waves
@@ -129,9 +130,27 @@ class Context:
     def codec(self):
         return self.loaded.load_codec()
 
+    @property
+    def family(self) -> str:
+        """The model family: "flat" (a causal LM over flat ids) or "hierarchical" (`soda.hierarchical`)."""
+        return FAMILY if is_hierarchical(self.loaded.model) else "flat"
+
     def log_probs(self, sequences, masks, desc: str) -> list[np.ndarray]:
+        """Per-token log-probs of the marked positions (t >= 1) of flat id sequences, for either family; NaN where
+        the hierarchical family gives none (`soda.evaluate.hierarchical`)."""
+        if is_hierarchical(self.loaded.model):
+            return hierarchical_log_probs(self.loaded.model, self.vocab, sequences, masks, self.settings.batch_tokens,
+                                          self.settings.progress, desc)
         return token_log_probs(self.loaded.model, sequences, masks, self.settings.batch_tokens,
                                self.settings.progress, desc, pad_id=self.vocab.eos_id)
+
+    def generate(self, requests: list, settings, codec=None, progress: bool = False) -> list:
+        """`soda.generate.decode.generate` with the decoder of this model's family."""
+        from soda.generate.decode import generate  # looked up now: tests replace it
+
+        decoder = decoder_for(self.loaded.model)
+        return generate(self.loaded, requests, settings, codec, progress,
+                        **({"decoder": decoder} if decoder is not None else {}))
 
     # --- audio ---------------------------------------------------------------------------------
     @property

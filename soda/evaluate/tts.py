@@ -127,7 +127,6 @@ def judge_speech(ctx, folder: str, ids: list[str], results, codec, transcribe, e
 
 
 def run_tts(ctx, data: Prompts) -> dict:
-    from soda.generate.decode import generate
     from soda.generate.prompts import Request
 
     codec, settings = ctx.codec, ctx.settings
@@ -148,7 +147,7 @@ def run_tts(ctx, data: Prompts) -> dict:
         usable.append(p)
         requests.append(Request("tts", text=p.text, voice_audio=voice, voice_text=p.voice_text, id=p.id))
     sampling = generation_settings(ctx, temperature=0.9, top_p=0.8, top_k=50)
-    results = generate(ctx.loaded, requests, sampling, codec, progress=settings.progress)
+    results = ctx.generate(requests, sampling, codec, progress=settings.progress)
     texts, similarity = judge_speech(ctx, "tts", [p.id for p in usable], results, codec, data.transcribe,
                                      data.embed, [p.voice_audio for p in usable])
     scores = word_errors([p.text for p in usable], texts) if usable else {"wer": None}
