@@ -109,8 +109,11 @@ def _error(capsys, prog_main, args, prog: str) -> str:
     return last
 
 
-def test_tools_that_read_only_the_flat_family_refuse_it_in_one_line(run, tmp_path, capsys):
-    from soda.checkpoints import HIERARCHICAL_REFUSED, load_model
+def test_tools_that_read_only_the_flat_family_refuse_it_in_one_line_and_soda_eval_reads_it(run, train_tokens,
+                                                                                           tmp_path):
+    import json
+
+    from soda.checkpoints import load_model
     from soda.evaluate.cli import main as eval_main
     from tokenize_audio.errors import SodaError
 
@@ -119,9 +122,11 @@ def test_tools_that_read_only_the_flat_family_refuse_it_in_one_line(run, tmp_pat
             load_model(str(source), device="cpu")
         with pytest.raises(SodaError, match="a hierarchical model cannot be loaded here yet"):
             load_model(str(source), device="cpu", weights=False)
-        said = _error(capsys, eval_main, [str(source), "--tasks", "nll", "--out", str(tmp_path / "e"), "--quiet"],
-                      "soda-eval")
-        assert HIERARCHICAL_REFUSED in said
+    out = tmp_path / "eval"
+    assert eval_main([str(run / "hf"), "--tasks", "nll", "--data-for", f"nll={train_tokens}/validation-*.tar",
+                      "--out", str(out), "--quiet"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["model"]["family"] == "hierarchical" and results["tasks"]["nll"]["value"] > 0
 
 
 def _check_result(line: dict, frame_seconds: float = 1 / 12.5) -> None:

@@ -182,13 +182,18 @@ def test_depth_flags_belong_to_the_hierarchical_family(train_tokens, tmp_path, c
     assert "--depth-width applies to --architecture hierarchical only" in _error(capsys, args)
 
 
-def test_evaluation_refuses_a_hierarchical_checkpoint_in_one_line(hier_run, tmp_path, capsys):
+def test_soda_eval_scores_a_hierarchical_run_and_names_the_family(hier_run, train_tokens, tmp_path):
+    import json
+
     from soda.evaluate.cli import main as eval_main
 
-    said = "a hierarchical model cannot be loaded here yet"
-    for source in (hier_run, hier_run / "checkpoints" / "last.ckpt"):
-        assert said in _error(capsys, [str(source), "--tasks", "nll", "--out", str(tmp_path / "e"), "--quiet"],
-                              eval_main, "soda-eval")
+    for n, source in enumerate((hier_run, hier_run / "checkpoints" / "last.ckpt")):
+        out = tmp_path / f"e{n}"
+        assert eval_main([str(source), "--tasks", "nll", "--data-for", f"nll={train_tokens}/validation-*.tar",
+                          "--out", str(out), "--quiet"]) == 0
+        results = json.loads((out / "results.json").read_text())
+        assert results["model"]["family"] == "hierarchical"
+        assert results["tasks"]["nll"]["settings"]["family"] == "hierarchical"
 
 
 def test_dry_run_plans_a_hierarchical_model(capsys):

@@ -154,7 +154,7 @@ def evaluate_checkpoint(checkpoint: str, names: list[str], data_for: dict, setti
     fingerprint = model_fingerprint(checkpoint)
     if not overwrite:  # before loading the model: another checkpoint's results are not mixed in
         report.check_checkpoint(Path(out), fingerprint)
-    loaded = load_model(checkpoint, device=settings.device, codec=settings.codec)
+    loaded = load_model(checkpoint, device=settings.device, codec=settings.codec, hierarchical=True)  # either family
     evaluate(loaded, names, data_for, settings, Path(out), log=lambda m: print(m, file=sys.stderr),
              overwrite=overwrite, checkpoint=fingerprint, compare=compare)
     print(f"soda-eval: wrote {Path(out) / 'results.json'}, results.md and report.html", file=sys.stderr)

@@ -319,7 +319,8 @@ def split_weak_strong(ctx: Context, data: Questions, rows: list[dict]) -> dict:
         if judge is ctx.loaded or judge == ctx.loaded.source:
             correct, name = {row["index"]: row["correct_silence"] for row in rows}, ctx.loaded.source
         else:
-            loaded = judge if isinstance(judge, LoadedModel) else load_model(judge, settings.device, settings.codec)
+            loaded = judge if isinstance(judge, LoadedModel) else load_model(
+                judge, settings.device, settings.codec, hierarchical=True)  # a judge of either family
             same = loaded.codec_spec == ctx.loaded.codec_spec and loaded.vocab.n_codebooks == ctx.vocab.n_codebooks
             correct = silent_correct(Context(loaded, settings, codec=ctx.codec if same else None), data)
             name = loaded.source
