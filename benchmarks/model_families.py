@@ -101,6 +101,9 @@ def main() -> int:
     p.add_argument("--epochs", type=float, default=40, help="passes of the native run (default 40)")
     p.add_argument("--speech", action="store_true", help="also spoken digits (needs espeak-ng)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    p.add_argument("--llm-width", type=int, default=384, help="the random LLM's width (default 384, 4 layers)")
+    p.add_argument("--family-lr", type=float, default=3e-3,
+                   help="the encoder-projector run's LR (default 3e-3; the native run's is 1e-2, as the tests')")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -126,7 +129,10 @@ def main() -> int:
 
     from soda.audio_llm import random_parts
 
-    whisper, llm = random_parts(out / "parts", whisper_width=64, whisper_layers=2, llm_width=128, llm_layers=4)
+    # an LLM wide enough that the matching LoRA rank stays below its width (the native model's 2.2M parameters are
+    # mostly its 16.6k-id embedding tables)
+    whisper, llm = random_parts(out / "parts", whisper_width=64, whisper_layers=2, llm_width=args.llm_width,
+                                llm_layers=4)
     rank, trainable = matching_rank(whisper, llm, native_params)
     train_items = len(json.loads((qa / "train.json").read_text()))
     batch = 12
@@ -134,7 +140,7 @@ def main() -> int:
     started = time.perf_counter()
     assert finetune(["instruct", "--architecture", "encoder-projector", "--encoder", str(whisper), "--llm", str(llm),
                      "--data", f"mcq={qa / 'train.json'}", "--out", str(family_run), "--batch-size", str(batch),
-                     "--epochs", str(steps * batch / train_items), "--lr", "1e-2", "--warmup", "0.1",
+                     "--epochs", str(steps * batch / train_items), "--lr", str(args.family_lr), "--warmup", "0.1",
                      "--lora-r", str(rank), "--lora-alpha", str(2 * rank), "--lora-targets", ",".join(ALL_LINEAR),
                      "--lora-dropout", "0", "--validation-fraction", "0", "--workers", "0", "--log-every", "1",
                      "--ckpt-every", "100000", "--quiet"]) == 0
