@@ -137,3 +137,15 @@ def parts(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("parts")
     random_parts(root)
     return root
+
+
+@pytest.fixture(scope="module")
+def one_thread_per_module():
+    """Tiny models on a shared 2-core machine: one torch thread is several times faster and far steadier (a module
+    asks for it with `pytestmark = pytest.mark.usefixtures("one_thread_per_module")`)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

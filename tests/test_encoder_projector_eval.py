@@ -15,14 +15,7 @@ from tests.test_encoder_projector import _model
 
 pytest.importorskip("peft")
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread is several times faster and far steadier."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 pytest.importorskip("jiwer")
 
 CHOICES = [["dog", "cat", "bird"], ["red", "green"], ["one", "two", "three"]]

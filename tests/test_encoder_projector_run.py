@@ -17,14 +17,7 @@ from tests.conftest import REPO
 
 pytest.importorskip("peft")
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread is several times faster and far steadier."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 ALL_LINEAR = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
@@ -119,7 +112,8 @@ def test_the_run_prepares_the_items_with_a_report_and_resumes_exactly(parts, qa,
     with open(straight / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert {"train/loss", "val/loss", "lr", "grad_norm", "tokens_per_s"} <= set(rows[0])
-    assert [int(r["step"]) for r in rows if r["val/loss"]][:3] == [1, 3, 5]  # every --val-every 2 optimizer steps
+    done = int(final.stem[4:])  # the clips held out depend on their paths, so the step count varies a little
+    assert [int(r["step"]) for r in rows if r["val/loss"]] == [s for s in range(done) if s % 2 == 1]  # --val-every 2
 
 
 @pytest.mark.slow

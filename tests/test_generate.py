@@ -49,25 +49,27 @@ def mixed_requests(seed: int, n: int = 12) -> list[Request]:
     return [make[i % len(make)]() for i in range(n)]
 
 
-def check_ids(vocab, task: str, ids: list[int]) -> None:
-    """An independent reading of the generated ids: every id is in place for the segment it is in."""
-    mode = "text" if task == "asr" else "audio"  # what the prompt leaves open (s2st: its target text)
-    mode = "text" if task == "s2st" else mode
-    pos = 0
+def check_ids(vocab, task: str, ids: list[int]) -> tuple[int, int]:
+    """An independent reading of the generated flat ids: text only in text segments, audio only as whole frames in
+    codebook order, <|audio_end|> only between frames. Returns (text ids, frames) seen."""
+    mode = {"asr": "text", "s2st": "text", "instruct": "text"}.get(task, "audio")
+    pos, texts = 0, 0
     for i in ids:
         if i in (vocab.text_start, vocab.audio_start):
             assert mode == "between", (task, ids)
             mode, pos = ("text" if i == vocab.text_start else "audio"), 0
         elif i in (vocab.text_end, vocab.audio_end):
             assert mode == ("text" if i == vocab.text_end else "audio"), (task, ids)
-            assert i == vocab.text_end or pos % K == 0, "audio closed mid-frame"
+            assert i == vocab.text_end or pos % vocab.n_codebooks == 0, "audio closed mid-frame"
             mode = "between"
         elif mode == "audio":
-            assert vocab.codebook_of(np.array([i]))[0] == pos % K, f"id {i} at frame position {pos % K}"
+            assert vocab.codebook_of(np.array([i]))[0] == pos % vocab.n_codebooks, f"id {i} at frame position {pos % vocab.n_codebooks}"
             pos += 1
         else:
             assert mode == "text" and 0 <= i < vocab.text_size and i not in (vocab.bos_id, vocab.eos_id), (task, i)
-    assert mode != "audio" or pos % K == 0, "audio stopped mid-frame"
+            texts += 1
+    assert mode != "audio" or pos % vocab.n_codebooks == 0, "audio stopped mid-frame"
+    return texts, pos // vocab.n_codebooks
 
 
 def test_prompts_are_sodas(vocab):

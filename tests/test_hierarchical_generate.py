@@ -20,6 +20,7 @@ from soda.shape import (
     forward_flops_per_token,
     hierarchical_forward_flops_per_audio_second,
 )
+from tests.test_generate import check_ids
 from tokenize_audio.errors import SodaError
 from tokenize_audio.vocab import Vocabulary, byte_tokenizer
 
@@ -51,27 +52,6 @@ def mixed_requests(seed: int, n: int = 6, codebook_size: int = C) -> list[Reques
     return [make[i % len(make)]() for i in range(n)]
 
 
-def check_ids(vocab, task: str, ids: list[int]) -> tuple[int, int]:
-    """An independent reading of the generated flat ids: text only in text segments, audio only as whole frames in
-    codebook order, <|audio_end|> only between frames. Returns (text ids, frames) seen."""
-    mode = {"asr": "text", "s2st": "text", "instruct": "text"}.get(task, "audio")
-    pos, texts = 0, 0
-    for i in ids:
-        if i in (vocab.text_start, vocab.audio_start):
-            assert mode == "between", (task, ids)
-            mode, pos = ("text" if i == vocab.text_start else "audio"), 0
-        elif i in (vocab.text_end, vocab.audio_end):
-            assert mode == ("text" if i == vocab.text_end else "audio"), (task, ids)
-            assert i == vocab.text_end or pos % K == 0, "audio closed mid-frame"
-            mode = "between"
-        elif mode == "audio":
-            assert vocab.codebook_of(np.array([i]))[0] == pos % K, f"id {i} at frame position {pos % K}"
-            pos += 1
-        else:
-            assert mode == "text" and 0 <= i < vocab.text_size and i not in (vocab.bos_id, vocab.eos_id), (task, i)
-            texts += 1
-    assert mode != "audio" or pos % K == 0, "audio stopped mid-frame"
-    return texts, pos // K
 
 
 # --------------------------------------------------------------------------------------------
