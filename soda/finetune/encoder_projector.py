@@ -260,10 +260,7 @@ def prepare_items(s: EncoderProjectorSettings, out: Path, progress: bool) -> dic
     evaluation = EvalIndex(None, s.eval_sets, progress, clip_hashes=lambda clips, desc: {
         k: None if isinstance(v, str) else v[1] for k, v in read_clips(clips, progress, desc).items()})
     clips = read_clips([i.audio for i in items], progress, "reading clips")
-    # the native path's rule (a clip's items stay together, at least one clip held out): on the same data, both
-    # families validate on the same clips
-    held = validation_recordings([i.clip for i in items if not isinstance(clips[i.clip], str)], s.validation_fraction)
-    splits, found, long = {"train": [], "validation": []}, [], 0
+    kept, found, long = [], [], 0
     for item in items:
         info = clips[item.clip]
         if isinstance(info, str):
@@ -274,8 +271,11 @@ def prepare_items(s: EncoderProjectorSettings, out: Path, progress: bool) -> dic
         if overlaps and s.contamination == "drop":
             continue
         long += info[0] > WHISPER_SECONDS
-        split = "validation" if item.clip in held else "train"
-        splits[split].append(item)
+        kept.append(item)
+    # the native path's rule (a clip's items stay together, at least one clip held out): on the same data, both
+    # families validate on the same clips
+    held = validation_recordings([i.clip for i in kept], s.validation_fraction)
+    splits = {"train": [i for i in kept if i.clip not in held], "validation": [i for i in kept if i.clip in held]}
     if not splits["train"]:
         reasons = "; ".join(sorted({x["reason"].split(":")[0] for x in skipped})) or "all held out for validation"
         raise SodaError(f"--data: no usable training items ({len(skipped)} skipped: {reasons})")
