@@ -103,6 +103,8 @@ def test_the_run_prepares_the_items_with_a_report_and_resumes_exactly(parts, qa,
     final = sorted((straight / "checkpoints").glob("step*.ckpt"))[-1]
     assert final.name == sorted((stopped / "checkpoints").glob("step*.ckpt"))[-1].name
     assert int(final.stem[4:]) > 3  # the resume ran on (the held-out clips, hence the steps, depend on the paths)
+    manifest.write_text(manifest.read_text().replace("higher", "lower", 1))  # an edited --data file
+    assert "changed since" in one_line_error(capsys, family(parts, "--out", str(stopped), "--resume"))
     a, b = trainable(final), trainable(stopped / "checkpoints" / final.name)
     assert set(a) == set(b) and all("lora_" in k or ".projector." in k for k in a)  # trainable tensors only
     assert all(torch.equal(a[k], b[k]) for k in a)

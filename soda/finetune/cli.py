@@ -384,12 +384,11 @@ def prepare_instruct(args, cfg, out: Path) -> dict:
     file edited since is refused); what training needs from them."""
     from soda.finetune.instruct_data import (
         contamination_message,
-        file_sha256,
         mixture,
         parse_caps,
-        parse_data,
         prepare_instruct_data,
         read_report,
+        refuse_edited_data,
         save_report,
     )
 
@@ -403,11 +402,7 @@ def prepare_instruct(args, cfg, out: Path) -> dict:
         if not report.get("init_from"):
             raise SodaError(f"{report_file}: rank 0 refused this data ({contamination_message(report)}); see the "
                             f"report")
-        for spec, digest in report["data_sha256"].items():
-            path = Path(parse_data(spec)[1])
-            if not spec.startswith("hf:") and path.is_file() and file_sha256(path) != digest:
-                raise SodaError(f"--resume: {path} changed since {out / DATA_DIR} was prepared from it; start a new "
-                                f"run (another --out) from the edited file, or restore it")
+        refuse_edited_data(report, out / DATA_DIR)
         return {"data": report["train_data"], "init_from": report["init_from"], "mix": report["mix"],
                 "train_tokens": report["train_tokens"], "report": None}
     if not 0 <= args.validation_fraction < 1 or args.items_per_shard < 1:

@@ -524,7 +524,7 @@ def say(message: str) -> None:
 
 def run_encoder_projector(args) -> int:
     """`soda-finetune instruct --architecture encoder-projector`: prepare (or reuse) RUN/data, train, export."""
-    from soda.finetune.instruct_data import contamination_message, file_sha256, parse_data
+    from soda.finetune.instruct_data import contamination_message, refuse_edited_data
     from soda.finetune.prepare import wait_for
     from soda.train.cli import check_run_directory, resolve_resume, stop_on_signals
     from soda.train.run import is_rank_zero
@@ -553,13 +553,8 @@ def run_encoder_projector(args) -> int:
         report = json.loads(report_file.read_text())
         if report.get("refused"):
             raise SodaError(f"{report_file}: {report['refused']}")
-        for spec, digest in report["data_sha256"].items():
-            path = Path(parse_data(spec)[1])
-            if path.is_file() and file_sha256(path) != digest:
-                raise SodaError(f"--resume: {path} changed since {out / DATA_DIR} was prepared from it; start a new "
-                                f"run (another --out) from the edited file, or restore it")
+        refuse_edited_data(report, out / DATA_DIR)
     else:
-        s.model_config()  # the settings are checked before reading any audio
         say(f"reading the clips of {', '.join(s.data)}")
         report = prepare_items(s, out, not args.quiet)
         atomic_write_json(report_file, report)

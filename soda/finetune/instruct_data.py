@@ -146,6 +146,16 @@ def file_sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def refuse_edited_data(report: dict, data_dir: Path) -> None:
+    """On --resume: a --data file edited since `data_dir` was prepared from it would leave the run training on the
+    old items; refuse it in one line (a moved-away file, or a hub dataset, is not checked)."""
+    for spec, digest in report["data_sha256"].items():
+        path = Path(parse_data(spec)[1])
+        if not spec.startswith("hf:") and path.is_file() and file_sha256(path) != digest:
+            raise SodaError(f"--resume: {path} changed since {data_dir} was prepared from it; start a new run (another "
+                            f"--out) from the edited file, or restore it")
+
+
 def cap_items(items: list[InstructItem], caps: dict, seed: int) -> tuple[list[InstructItem], dict]:
     """At most caps[source] (or caps["*"]) items per source, a seeded choice; (kept, dropped count per source)."""
     by_source = defaultdict(list)
