@@ -59,8 +59,8 @@ OUT/configs/NAME.yaml) and one validation at its last step over about --val-toke
 that validation loss (or, if it has none, the mean of its last train losses, said in loss_source). Steps,
 tokens and flops are what the run trained, read from the run (its metrics.csv and config.yaml). A hierarchical
 plan's runs also get --architecture hierarchical and the row's --depth-width/--depth-layers; soda-train counts their
-windows, tokens and batch in flat tokens (the row's seq_len steps x 8 at --frames-per-step 1), and results.csv
-counts their backbone steps as tokens and 3 x forward FLOPs per step.
+windows, tokens and batch in steps, as the plan does, and results.csv counts their backbone steps as tokens and
+3 x forward FLOPs per step.
 
 Resumable: run the same command again and finished runs are skipped, a run with a checkpoint
 continues with --resume, and one that died before its first checkpoint starts again. A failed run is

@@ -56,20 +56,6 @@ class PlannedRun:
         steps (its `backbone_steps` column)."""
         return self.steps * self.batch * self.shape.seq_len
 
-    @property
-    def train_seq_len(self) -> int:
-        """soda-train's --seq-len, which counts flat tokens in either family (a hierarchical window is regrouped into
-        steps in the loader): a hierarchical plan's `seq_len` steps hold `frames_per_step * n_codebooks +
-        (1 - frames_per_step)` flat tokens each on average, exactly n_codebooks at the default 1.0."""
-        if not self.hierarchical:
-            return self.shape.seq_len
-        return max(2, round(self.shape.seq_len * (self.frames_per_step * self.n_codebooks + 1 - self.frames_per_step)))
-
-    @property
-    def train_tokens(self) -> int:
-        """soda-train's --tokens: the steps' flat tokens (`tokens` for a flat run)."""
-        return self.steps * self.batch * self.train_seq_len
-
     def run_dir(self, sweep: Path) -> Path:
         return sweep / "runs" / self.name
 

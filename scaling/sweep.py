@@ -149,16 +149,15 @@ def train_command(run: PlannedRun, sweep: Path, data: list[str], extra: list[str
                   val_tokens: int = DEFAULT_VAL_TOKENS) -> list[str]:
     """The soda-train command line of a run (without --resume). Validation runs once, at the last step,
     over about `val_tokens` tokens whatever the batch, so every run is scored on the same data. A hierarchical run
-    adds its family and depth flags, and its window, tokens and batch are in flat tokens (soda-train's unit; see
-    `PlannedRun.train_seq_len`)."""
-    s, seq_len = run.shape, run.train_seq_len
+    adds its family and depth flags; its window, tokens and batch count steps, in the plan as in soda-train."""
+    s, seq_len = run.shape, run.shape.seq_len
     val_batches = max(1, math.ceil(val_tokens / (run.batch * seq_len)))
     family = (["--architecture", "hierarchical", "--depth-width", str(run.depth_width), "--depth-layers",
                str(run.depth_layers)] if run.hierarchical else [])
     return [*TRAINER, "--config", str(run.config_path(sweep)), "--out", str(run.run_dir(sweep)),
             "--width", str(s.width), "--layers", str(s.layers), "--heads", str(s.heads),
             "--kv-heads", str(s.kv_heads), "--head-dim", str(s.head_dim), "--ffn", str(s.ffn), *family,
-            "--seq-len", str(seq_len), "--tokens", str(run.train_tokens), "--batch-tokens", str(run.batch * seq_len),
+            "--seq-len", str(seq_len), "--tokens", str(run.tokens), "--batch-tokens", str(run.batch * seq_len),
             "--lr", repr(run.lr), *(a for d in data for a in ("--data", d)),
             "--val-every", str(run.steps), "--val-batches", str(val_batches), "--no-export",
             "--sample-every", "0", *extra]  # listening samples cost time and tell a loss fit nothing (extra may ask)
@@ -325,7 +324,6 @@ def gather(runs: list[PlannedRun], sweep: Path) -> tuple[Path, list[dict], list[
         loss, source = final_loss(metrics)
         steps, tokens = trained(d, metrics)
         if run.hierarchical:
-            tokens = tokens // run.train_seq_len * run.shape.seq_len  # trained windows x their planned steps
             flops = hierarchical_training_flops_per_step(run.hierarchical_shape, "3x-forward",
                                                          run.frames_per_step) * tokens
         else:

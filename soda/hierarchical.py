@@ -17,10 +17,11 @@ id for text, specials and codebook 0 (codebook 0's ids follow the specials direc
 the flat vocabulary's first `audio_base + codebook_size` ids (130,308 with SODA's) and no id mapping is needed; the
 depth head for codebook k predicts the code `id - audio_base - k * codebook_size`.
 
-Windows. The loader cuts the flat token stream into windows, so a window may start or end inside a frame.
-`regroup` keeps only whole frames: a frame is K consecutive ids of codebooks 0..K-1 in order, inside one document;
-any audio id that is not part of one (the tail of a frame cut by the window start, the head of one cut by the window
-end) is dropped, never guessed. `flatten` is the inverse on what is kept.
+Windows. Training windows are `seq_len` steps (`soda.train.data.StepReader` reads them from the same shards;
+`soda.train.index.index_steps` counts each document's steps once). `regroup` turns flat ids into steps and keeps
+only whole frames: a frame is K consecutive ids of codebooks 0..K-1 in order, inside one document; any audio id
+that is not part of one (a frame cut short, or flat ids cut mid-frame by an evaluation's own batching) is dropped
+and counted, never guessed. `flatten` is the inverse on what is kept.
 
 Loss. Every scored target has a kind: text, special, or codebook k (the groups of `Vocabulary.nll_groups()`, so the
 flattened family's logs compare). The training loss is `sum_i w_i (nll_i + z * lse_i^2) / sum_i w_i` over the
@@ -120,24 +121,6 @@ def regroup_batch(batch: dict, vocab, n_steps: int | None = None, multiple: int 
     if "loss_mask" in batch:
         out["loss_mask"] = torch.from_numpy(mask)
     return out
-
-
-class StepCollate:
-    """The hierarchical family's DataLoader collate: the flat batch as ever (ids, documents, source and loss mask,
-    which the window digest and the mixture shares read) plus `"steps"`, its windows regrouped (`regroup_batch`)
-    and padded to a multiple of `multiple` steps, so the loader's workers do the regrouping, not the training
-    loop. A window is still `seq_len` flat tokens, so a micro-batch holds up to `seq_len` steps (all text) and
-    about seq_len / K of audio."""
-
-    def __init__(self, vocab, multiple: int = 16):
-        self.vocab, self.multiple = vocab, multiple
-
-    def __call__(self, items: list[dict]) -> dict:
-        from torch.utils.data import default_collate
-
-        batch = default_collate(items)
-        batch["steps"] = regroup_batch(batch, self.vocab, multiple=self.multiple)
-        return batch
 
 
 # --------------------------------------------------------------------------------------------

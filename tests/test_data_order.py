@@ -196,7 +196,7 @@ def test_the_saved_position_is_the_steps_and_survives_a_checkpoint_without_one(t
     data.trainer = Trainer()
     state = data.state_dict()
     assert state == {"order": "global", "step": 9, "counts": Mixture([0.7, 0.3], 3).advance(None, 36).tolist(),
-                     "batch": 4, "seq_len": 50}
+                     "batch": 4, "seq_len": 50, "unit": "tokens"}
     old = SodaData(srcs, 50, 3, 4, 2, 2, 0, tmp_path)  # a checkpoint from before the global order: none saved
     old.trainer = Trainer()
     assert old.counts_at(9).tolist() == state["counts"]

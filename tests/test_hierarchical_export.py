@@ -33,7 +33,9 @@ def run(train_tokens, tmp_path_factory) -> Path:
 
 def _batch(vocab, seed: int = 0) -> dict:
     """A step batch of text, markers and whole frames (two documents per window)."""
-    from soda.hierarchical import StepCollate
+    from torch.utils.data import default_collate
+
+    from soda.hierarchical import regroup_batch
 
     g = torch.Generator().manual_seed(seed)
     items = []
@@ -48,7 +50,7 @@ def _batch(vocab, seed: int = 0) -> dict:
                     vocab.audio_end, vocab.eos_id]
             ids, docs = ids + part, docs + [doc] * len(part)
         items.append({"input_ids": torch.tensor(ids), "doc_ids": torch.tensor(docs), "source": torch.tensor(0)})
-    return StepCollate(vocab)(items)["steps"]
+    return regroup_batch(default_collate(items), vocab, multiple=16)
 
 
 def _outputs(model, steps: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -55,6 +55,69 @@ def test_hierarchical_run_trains_logs_the_nll_vector_and_records_its_architectur
     assert hparams["parameters_total"] == sum(v.numel() for k, v in ckpt["state_dict"].items())
 
 
+def test_windows_are_seq_len_steps_and_cover_the_stream_exactly_once(train_tokens, tmp_path, monkeypatch):
+    """Windows count steps: read in order, an epoch's windows are every document's steps (`regroup` of the whole
+    document) exactly once, `seq_len` steps each, documents numbered within the window; a piece that starts past
+    a document's first step mark is read from that mark (a small mark here, so documents hold several)."""
+    import numpy as np
+
+    import soda.train.data as data
+    import soda.train.index as index
+    from soda.hierarchical import regroup
+    from soda.train.sources import resolve_sources
+    from tokenize_audio.shards import shard_documents
+
+    monkeypatch.setattr(index, "STEP_MARK", 16)
+    monkeypatch.setattr(data, "STEP_MARK", 16)
+    sources, vocab = resolve_sources([f"speech={train_tokens}"], [], {}, None)
+    (stream,), _ = index.index_sources(sources, tmp_path / "index")
+    (steps,) = index.index_steps([stream], vocab, tmp_path / "index")
+    expected = np.concatenate([regroup(ids, vocab).codes for shard in stream.paths
+                               for _, ids in shard_documents(shard, vocab_size=vocab.size)])
+    assert steps.total == len(expected) < stream.total and steps.dropped == 0
+    assert max(np.load(s).max() for s in steps.steps) > 3 * 16  # documents span several marks
+    seq_len = 40
+    reader = data.reader_for(steps, seq_len, 0, False, vocab.size, None)
+    windows = [reader.window(k) for k in range(steps.total // seq_len)]
+    assert all(codes.shape == (seq_len, vocab.n_codebooks) and len(docs) == seq_len for codes, docs, _ in windows)
+    assert np.array_equal(np.concatenate([codes for codes, _, _ in windows]), expected[:len(windows) * seq_len])
+    assert all(docs[0] == 0 and set(np.diff(docs)) <= {0, 1} for _, docs, _ in windows)
+    # shuffled (training), an epoch's windows are the same windows in another order
+    shuffled = data.reader_for(steps, seq_len, 3, True, vocab.size, None)
+    assert shuffled.block == len(windows)
+    mixed = [shuffled.window(k)[0].tobytes() for k in range(len(windows))]
+    assert mixed != [codes.tobytes() for codes, _, _ in windows]
+    assert sorted(mixed) == sorted(codes.tobytes() for codes, _, _ in windows)
+
+
+def test_without_mix_the_sources_are_weighed_by_their_steps(train_tokens, tmp_path, capsys):
+    """The default mixture is by size: in steps for this family (speech has 8 flat tokens a frame, text 1 a step)."""
+    from soda.train.datamodule import SodaData
+    from soda.train.sources import resolve_sources
+
+    sources, vocab = resolve_sources([f"speech={train_tokens}", f"text={train_tokens}"], [], {}, None)
+    by_tokens = {s.name: s.weight for s in sources}
+    data = SodaData(sources, 128, 0, 8, 8, 1, 0, tmp_path, steps_vocab=vocab)
+    data.prepare_data()  # rank zero: indexes and says so
+    data.setup("fit")
+    steps = {s.name: st.total for s, st in zip(sources, data.train_streams)}
+    assert {s.name: s.weight for s in sources} == pytest.approx({k: v / sum(steps.values()) for k, v in steps.items()})
+    assert sources[0].weight < by_tokens["speech"]
+    assert list(data.mixture.weights) == [s.weight for s in sources]
+    assert "mixture by steps (no --mix): speech" in capsys.readouterr().err
+
+
+def test_a_checkpoint_whose_windows_counted_flat_tokens_is_refused_on_resume(train_tokens, tmp_path):
+    from soda.train.datamodule import SodaData
+    from soda.train.sources import resolve_sources
+    from tokenize_audio.errors import SodaError
+
+    sources, vocab = resolve_sources([str(train_tokens)], [], {}, None)
+    data = SodaData(sources, 128, 0, 8, 8, 1, 0, tmp_path, steps_vocab=vocab)
+    with pytest.raises(SodaError, match="the checkpoint's windows count tokens, this run's count steps"):
+        data.load_state_dict({"order": "global", "step": 4, "counts": [32], "batch": 8, "seq_len": 1024})
+
+
 def test_parameters_and_flops_come_from_the_hierarchical_accounting(hier_run, train_tokens):
     from soda.shape import hierarchical_params
     from soda.train.cli import resolve_config
@@ -112,14 +175,18 @@ def _mixed_windows(vocab, n: int = 4, length: int = 88, seed: int = 0) -> list[d
 
 @pytest.mark.parametrize("architecture", ["hierarchical", "flat"])
 def test_loss_weights_change_the_loss_but_not_the_nll_vector(train_tokens, architecture):
-    from soda.hierarchical import StepCollate
+    from torch.utils.data import default_collate
+
+    from soda.hierarchical import regroup_batch
     from soda.train.config import TrainConfig
     from soda.train.module import SodaModule
     from soda.train.run import model_for_run
     from tokenize_audio.vocab import Vocabulary
 
     vocab = Vocabulary.load(train_tokens)
-    batch = StepCollate(vocab)(_mixed_windows(vocab))
+    batch = default_collate(_mixed_windows(vocab))
+    if architecture == "hierarchical":  # what the loader reads for this family: the windows' steps
+        batch = regroup_batch(batch, vocab)
     out = {}
     for scheme in ("uniform", "moshi", "graded"):
         cfg = TrainConfig(size="tiny", seq_len=128, architecture=architecture, loss_weights=scheme)
@@ -137,13 +204,15 @@ def test_loss_weights_change_the_loss_but_not_the_nll_vector(train_tokens, archi
 
 
 def test_activation_checkpointing_gives_the_hierarchical_model_the_same_gradients(train_tokens):
-    from soda.hierarchical import StepCollate
+    from torch.utils.data import default_collate
+
+    from soda.hierarchical import regroup_batch
     from soda.train.config import TrainConfig
     from soda.train.run import model_for_run
     from tokenize_audio.vocab import Vocabulary
 
     vocab = Vocabulary.load(train_tokens)
-    steps = StepCollate(vocab)(_mixed_windows(vocab))["steps"]
+    steps = regroup_batch(default_collate(_mixed_windows(vocab)), vocab)
     grads = []
     for checkpointing in (False, True):
         cfg = TrainConfig(size="tiny", seq_len=128, architecture="hierarchical",
@@ -199,12 +268,12 @@ def test_soda_eval_scores_a_hierarchical_run_and_names_the_family(hier_run, trai
 def test_dry_run_plans_a_hierarchical_model(capsys):
     from soda.shape import SODA_VOCAB, HierarchicalShape, ModelShape, hierarchical_params
 
-    assert main(["--dry-run", "--size", "600m", "--tokens", "10B", "--seq-len", "8192", *HIER]) == 0
+    assert main(["--dry-run", "--size", "600m", "--tokens", "10B", "--seq-len", "1024", *HIER]) == 0
     out = capsys.readouterr().out
-    shape = HierarchicalShape(ModelShape(1024, 28, 16, 8, 128, 3072, SODA_VOCAB, 8192))
+    shape = HierarchicalShape(ModelShape(1024, 28, 16, 8, 128, 3072, SODA_VOCAB, 1024))
     assert "hierarchical: backbone width 1024" in out and "depth decoder width 512, 4 layers" in out
     assert f"parameters: {hierarchical_params(shape):,} total" in out
-    assert "FLOPs per flat token" in out
+    assert "FLOPs per step (training" in out and "steps of 2048 x 1024 = 2,097,152 steps" in out
 
 
 @pytest.mark.slow

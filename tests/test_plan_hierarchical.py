@@ -96,17 +96,14 @@ def test_cli_csv_round_trips_into_the_runner(tmp_path, capsys):
 
 
 def test_a_hierarchical_runs_soda_train_command(tmp_path):
-    """Family and depth flags; soda-train counts --seq-len, --tokens and --batch-tokens in flat tokens, 8 a frame."""
+    """Family and depth flags; --seq-len, --tokens and --batch-tokens count steps, in the plan as in soda-train."""
     (run, *_) = sweep.load_plan(hierarchical_plan(tmp_path, "--depth-width", "192", widths="768"))
     argv = sweep.train_command(run, tmp_path / "sweep", ["speech=/data"], ["--loss-weights", "graded"])
     flag = lambda name: argv[argv.index(name) + 1]  # noqa: E731
     assert (flag("--architecture"), flag("--depth-width"), flag("--depth-layers")) == ("hierarchical", "192", "4")
-    assert (flag("--width"), flag("--layers"), flag("--seq-len")) == ("768", "8", str(8 * 4096))
-    assert int(flag("--tokens")) == 8 * run.tokens and int(flag("--batch-tokens")) == 8 * run.batch * 4096
+    assert (flag("--width"), flag("--layers"), flag("--seq-len")) == ("768", "8", "4096")
+    assert int(flag("--tokens")) == run.tokens and int(flag("--batch-tokens")) == run.batch * 4096
     assert argv[-2:] == ["--loss-weights", "graded"]
-    (mixed, *_) = sweep.load_plan(hierarchical_plan(tmp_path, "--frames-per-step", "0.5", widths="768"))
-    assert mixed.train_seq_len == round(4096 * 4.5)  # half the steps frames of 8 tokens, half text tokens
-    assert mixed.train_tokens == mixed.steps * mixed.batch * round(4096 * 4.5)
 
 
 def test_flat_plans_are_byte_identical_and_old_plans_read_as_flat(tmp_path):
@@ -118,7 +115,7 @@ def test_flat_plans_are_byte_identical_and_old_plans_read_as_flat(tmp_path):
                  "--architecture", "flat", "--out", str(out)]) == 0
     assert out.read_bytes() == (FIXTURES / "plan_flat.csv").read_bytes()
     (a, b) = sweep.load_plan(FIXTURES / "plan_flat.csv")
-    assert a.architecture == b.architecture == "flat" and a.train_seq_len == 4096 and a.train_tokens == a.tokens
+    assert a.architecture == b.architecture == "flat" and a.shape.seq_len == 4096
     argv = sweep.train_command(a, tmp_path, ["/data"], [])
     assert "--architecture" not in argv and "--depth-width" not in argv
     row = records.plan_row(a)
@@ -181,7 +178,7 @@ def test_the_family_flags_are_the_plans(flag, tmp_path, capsys):
 
 def test_soda_trains_dry_run_counts_the_plans_budget_and_params(tmp_path):
     """Once soda-train has the family (branch hier2): its --dry-run of a planned run's command line counts the plan's
-    parameters and its budget (its FLOPs per flat token x the flat tokens it is given)."""
+    parameters and its budget (its FLOPs per step x the steps it is given)."""
     from soda.train.config import config_fields
 
     if "architecture" not in config_fields():

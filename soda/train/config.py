@@ -93,8 +93,7 @@ class TrainConfig:
         "flat", choices=ARCHITECTURES, sweep="reserved",
         help="flat (default: one Qwen3 over the flattened token stream, 8 tokens per audio frame) or hierarchical "
              "(soda.hierarchical: a Qwen3 backbone over steps, one per text token or audio frame, plus a small depth "
-             "decoder over each frame's codebooks). Hierarchical windows are still --seq-len flat tokens, regrouped "
-             "into steps (about seq_len/8 steps of audio, up to seq_len of text); it has no --init-from, --strategy "
+             "decoder over each frame's codebooks), whose windows are --seq-len steps; it has no --init-from, --strategy "
              "fsdp, --compile, samples or Hugging Face export yet")
     depth_width: int | None = setting(None, type=int, at_least=1, sweep="reserved",
                                       help="hierarchical: the depth decoder's width (default: backbone width // 2)")
@@ -108,11 +107,13 @@ class TrainConfig:
     val_data: list = setting(factory=list, action="append",
                              help="[NAME=]LOCATION of validation shards for pattern sources")
     mix: dict = setting(factory=dict,  # source name -> weight
-                        help="mixture weights NAME=W,... e.g. speech=0.95,text=0.05 (default: by tokens)")
+                        help="mixture weights NAME=W,... e.g. speech=0.95,text=0.05 (default: by tokens), shares of "
+                             "the windows (of tokens; of steps with --architecture hierarchical)")
     vocab: str | None = setting(None, help="directory with vocab.json, when --data gives only shard patterns")
     seq_len: int = setting(4096, type=int, at_least=2, sweep="reserved",
-                           help="window length in flat tokens (default 4096), for either --architecture: a "
-                                "hierarchical window is regrouped into its steps (about seq_len/8 of audio)")
+                           help="window length (default 4096): flat tokens, or with --architecture hierarchical "
+                                "steps (a text token or an audio frame: 1024 = 82 s of Mimi audio; --tokens and "
+                                "--batch-tokens count steps too)")
     workers: int = setting(2, type=int, at_least=0, resume=RESUMABLE, sweep="how",
                            help="dataloader workers per device")
     skip_bad_shards: bool = setting(False, action="store_true", resume=RESUMABLE,

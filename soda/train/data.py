@@ -10,7 +10,8 @@ i`) is a function of the seed, the sources, the mixture and `g` alone:
   (SODA's 95/5 is a share of tokens), whatever its documents' lengths.
 - `StreamReader` reads that window by seeking (`soda.train.index`): a source's windows are shuffled within blocks
   of `SHUFFLE_BLOCK`, so a step's batch mixes documents from all over the corpus, and a reader touches only the
-  windows it serves.
+  windows it serves. The hierarchical family's streams count *steps* (a text token or a whole audio frame:
+  `soda.hierarchical`), and `StepReader` reads `seq_len` steps per window, as codes [S, K].
 
 Each rank takes its contiguous slice of every step's batch, one micro-batch at a time, and its loader workers
 take turns by micro-batch. The position saved in a checkpoint is the step and each source's window count
@@ -28,9 +29,9 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from soda.train.index import Stream
+from soda.train.index import STEP_MARK, Stream, StepStream
 from tokenize_audio.errors import SodaError
-from tokenize_audio.shards import read_ids
+from tokenize_audio.shards import BadShard, read_ids
 
 SHUFFLE_BLOCK = 1 << 20  # windows of a source shuffled together: 4.3B tokens at 4,096 (many shards), or an epoch
 
@@ -85,15 +86,9 @@ class StreamReader:
 
     def window(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(ids, document ids 0, 1, ..., loss mask) of window k."""
-        if self.shuffle:
-            size = self.block
-            block = k // size
-            if self._block is None or self._block[0] != block:
-                self._block = (block, np.random.default_rng([self.seed, block, 1]).permutation(size))
-            k = block * size + int(self._block[1][k % size])
         ids, docs, masks = [], [], []
-        for n, (shard, row, a, b) in enumerate(self.pieces(k * self.seq_len, (k + 1) * self.seq_len)):
-            path = self.stream.paths[shard]
+        for n, (shard, d, a, b) in enumerate(self.pieces(self.shuffled(k))):
+            path, row = self.stream.paths[shard], self._table(shard)[0][d]
             if self.loss_after is None:
                 part, mask = read_ids(path, row, a, b, self.vocab_size), np.ones(b - a, dtype=bool)
             else:  # the mask depends on where (and whether) the document holds its marker: read it whole
@@ -104,8 +99,20 @@ class StreamReader:
             masks.append(mask)
         return np.concatenate(ids), np.concatenate(docs), np.concatenate(masks)
 
-    def pieces(self, start: int, stop: int):
-        """(shard, index row, first id, end id) of the documents holding tokens start:stop of the endless stream."""
+    def shuffled(self, k: int) -> int:
+        """Which window of the stream is the k-th read: shuffled within blocks (or k itself, unshuffled)."""
+        if not self.shuffle:
+            return k
+        size = self.block
+        block = k // size
+        if self._block is None or self._block[0] != block:
+            self._block = (block, np.random.default_rng([self.seed, block, 1]).permutation(size))
+        return block * size + int(self._block[1][k % size])
+
+    def pieces(self, k: int):
+        """(shard, document, first, end) of the documents holding window k of the endless stream, in the stream's
+        unit (a `Stream`'s ids; a `StepStream`'s steps)."""
+        start, stop = k * self.seq_len, (k + 1) * self.seq_len
         total = self.stream.total
         while start < stop:
             epoch, offset = divmod(start, total)
@@ -113,11 +120,12 @@ class StreamReader:
             p = int(np.searchsorted(cum, offset, side="right"))
             shard = int(order[p])
             within = offset - (int(cum[p - 1]) if p else 0)
-            table, doc_cum = self._table(shard)
+            doc_cum = self._table(shard)[1]
             d = int(np.searchsorted(doc_cum, within, side="right"))
-            a = within - (int(doc_cum[d - 1]) if d else 0)
-            b = min(int(table[d]["length"]), a + stop - start)
-            yield shard, table[d], a, b
+            first = int(doc_cum[d - 1]) if d else 0
+            a = within - first
+            b = min(int(doc_cum[d]) - first, a + stop - start)
+            yield shard, d, a, b
             start += b - a
 
     def _order(self, epoch: int):
@@ -131,12 +139,73 @@ class StreamReader:
         return self._orders[epoch]
 
     def _table(self, shard: int):
+        """(index table, cumulative document lengths in the stream's unit, more the subclass keeps) of a shard."""
         if shard not in self._tables:
-            table = np.load(self.stream.tables[shard], mmap_mode="r", allow_pickle=False)
-            self._tables[shard] = (table, np.cumsum(table["length"]))
+            self._tables[shard] = self._load_table(shard)
             if len(self._tables) > 64:
                 self._tables.popitem(last=False)
         return self._tables[shard]
+
+    def _load_table(self, shard: int) -> tuple:
+        table = np.load(self.stream.tables[shard], mmap_mode="r", allow_pickle=False)
+        return table, np.cumsum(table["length"])
+
+
+class StepReader(StreamReader):
+    """Window k of a `StepStream` (soda.hierarchical's family): `seq_len` *steps* from step k x seq_len on, as
+    `(codes [S, K], document ids, loss mask)`; the same shard order and shuffle as `StreamReader`. A piece of a
+    document is read from its nearest step mark (`soda.train.index.STEP_MARK`) and regrouped (`regroup` is exact
+    from any step boundary)."""
+
+    def __init__(self, stream: StepStream, seq_len: int, seed: int, shuffle: bool, loss_after: int | None):
+        super().__init__(stream, seq_len, seed, shuffle, stream.vocab.size, loss_after)
+        self.vocab = stream.vocab
+
+    def _load_table(self, shard: int) -> tuple:
+        table = np.load(self.stream.tables[shard], mmap_mode="r", allow_pickle=False)
+        steps = np.load(self.stream.steps[shard], allow_pickle=False)
+        marks = np.load(self.stream.marks[shard], mmap_mode="r", allow_pickle=False)
+        first_mark = np.concatenate([[0], np.cumsum(-(-steps // STEP_MARK))[:-1]]).astype(np.int64)
+        return table, np.cumsum(steps), first_mark, marks
+
+    def window(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        codes, docs, masks = [], [], []
+        for n, (shard, d, a, b) in enumerate(self.pieces(self.shuffled(k))):
+            part = self.steps(shard, d, a, b)
+            codes.append(part.codes)
+            docs.append(np.full(b - a, n, np.int64))
+            masks.append(np.ones(b - a, dtype=bool) if part.loss_mask is None else part.loss_mask)
+        return np.concatenate(codes), np.concatenate(docs), np.concatenate(masks)
+
+    def steps(self, shard: int, d: int, a: int, b: int):
+        """Steps a:b of document d of a shard (`soda.hierarchical.Steps`)."""
+        from soda.hierarchical import regroup
+
+        table, _, first_mark, marks = self._table(shard)
+        path, row, k = self.stream.paths[shard], table[d], self.vocab.n_codebooks
+        length, j = int(row["length"]), a // STEP_MARK
+        start, skip, need = int(marks[first_mark[d] + j]), a - j * STEP_MARK, b - j * STEP_MARK
+        if self.loss_after is None:
+            stop = min(length, start + need * k)  # enough unless audio ids outside whole frames lie between
+            got = regroup(read_ids(path, row, start, stop, self.vocab_size), self.vocab)
+            if len(got) < need and stop < length:
+                got = regroup(read_ids(path, row, start, length, self.vocab_size), self.vocab)
+        else:  # the mask depends on where (and whether) the document holds its marker: read it whole
+            whole = read_ids(path, row, 0, length, self.vocab_size)
+            got = regroup(whole[start:], self.vocab, loss_mask=loss_mask(whole, self.loss_after)[start:])
+        if len(got) < need:
+            raise BadShard(f"shard {path} is not what it was when its steps were counted (changed since?)")
+        got.codes = got.codes[skip:need]
+        got.loss_mask = None if got.loss_mask is None else got.loss_mask[skip:need]
+        return got
+
+
+def reader_for(stream: Stream, seq_len: int, seed: int, shuffle: bool, vocab_size: int | None,
+               loss_after: int | None) -> StreamReader:
+    """A `StepReader` for a `StepStream`, else a `StreamReader`."""
+    if isinstance(stream, StepStream):
+        return StepReader(stream, seq_len, seed, shuffle, loss_after)
+    return StreamReader(stream, seq_len, seed, shuffle, vocab_size, loss_after)
 
 
 def loss_mask(tokens: np.ndarray, after: int | None) -> np.ndarray:
@@ -172,14 +241,17 @@ def _worker() -> tuple[int, int]:
 
 
 def _item(src: int, ids: np.ndarray, docs: np.ndarray, mask: np.ndarray, loss_after: int | None) -> dict:
-    window = {"input_ids": torch.from_numpy(ids), "doc_ids": torch.from_numpy(docs), "source": torch.tensor(src)}
+    """A window as the loader yields it: `input_ids` [S] flat ids, or `codes` [S, K] a `StepReader`'s steps."""
+    window = {"codes" if ids.ndim == 2 else "input_ids": torch.from_numpy(ids), "doc_ids": torch.from_numpy(docs),
+              "source": torch.tensor(src)}
     if loss_after is not None:
         window["loss_mask"] = torch.from_numpy(mask)
     return window
 
 
 class TrainWindows(IterableDataset):
-    """This rank's windows `{"input_ids": [S], "doc_ids": [S], "source": index}` (plus `"loss_mask"` with
+    """This rank's windows `{"input_ids": [S], "doc_ids": [S], "source": index}` (`"codes": [S, K]` for
+    `StepStream`s, in place of the ids; plus `"loss_mask"` with
     `loss_after`, a marker id such as `<|text_end|>`: fine-tuning on what follows it), from step `step` on, whose
     windows start after `counts` windows of each source. Endless; the loader batches them by `layout.micro`."""
 
@@ -193,8 +265,8 @@ class TrainWindows(IterableDataset):
 
     def __iter__(self):
         worker, workers = _worker()
-        readers = {i: StreamReader(self.streams[i], self.seq_len, self.seed * 1000 + i, True, self.vocab_size,
-                                   self.loss_after) for i in self.mixture.active}
+        readers = {i: reader_for(self.streams[i], self.seq_len, self.seed * 1000 + i, True, self.vocab_size,
+                                 self.loss_after) for i in self.mixture.active}
         lay = self.layout
         step, counts, plan = self.step - 1, self.counts, None
         for j in itertools.count(worker, workers):  # this rank's micro-batches, dealt out to the workers in turn
@@ -226,7 +298,7 @@ class ValidationWindows(IterableDataset):
 
     def __iter__(self):
         worker, workers = _worker()
-        readers = {i: StreamReader(s, self.seq_len, 0, False, self.vocab_size, self.loss_after)
+        readers = {i: reader_for(s, self.seq_len, 0, False, self.vocab_size, self.loss_after)
                    for i, s in enumerate(self.streams) if s.paths}
         for b in range(worker, self.batches_per_rank(), workers):
             first = (b * self.world + self.rank) * self.micro

@@ -5,8 +5,8 @@ each acoustic codebook, averaged over all micro-batches and ranks, and with seve
 share of the step's tokens.
 
 Either model family: the flat `Qwen3ForCausalLM` (`lm_loss` on the flat ids) or `soda.hierarchical`'s
-`HierarchicalModel` (its own loss on the batch's `"steps"`, which `soda.hierarchical.StepCollate` adds in the
-loader). `_sums` is the one place they differ; both give the loss and the unweighted NLL vector in
+`HierarchicalModel` (its own loss on a batch of steps, `"codes"` [B, S, K], which the loader reads as such:
+`soda.train.data.StepReader`). `_sums` is the one place they differ; both give the loss and the unweighted NLL vector in
 `Vocabulary.nll_groups()` order, so everything downstream (logs, validation, skips) is shared.
 """
 
@@ -75,7 +75,7 @@ class SodaModule(L.LightningModule):
     def _sums(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(training loss, [2, G] float64 unweighted NLL sums and target counts by `self.groups`) of a micro-batch."""
         if self.hierarchical:
-            return self.model(batch["steps"], self.cfg.z_loss)
+            return self.model(batch, self.cfg.z_loss)
         loss, nll, targets, valid = lm_loss(self.model, batch, self.cfg.z_loss, self.kind_weights, self.vocab)
         g = self.vocab.nll_group_of(targets)[valid]
         sums = torch.zeros(2, len(self.groups), device=nll.device, dtype=torch.float64)
@@ -92,11 +92,12 @@ class SodaModule(L.LightningModule):
             finite = flag.bool()
         self._micro += 1
         if finite:
-            stats = [sums.flatten(), torch.tensor([loss.item(), 1.0, windows_digest(batch["input_ids"])],
+            ids = batch["codes"].flatten(1) if "codes" in batch else batch["input_ids"]  # a window's ids, flat
+            stats = [sums.flatten(), torch.tensor([loss.item(), 1.0, windows_digest(ids)],
                                                   dtype=torch.float64, device=sums.device)]
-            if self.source_names:  # tokens per source: a window holds one source's tokens
+            if self.source_names:  # tokens (steps) per source: a window holds one source's
                 windows = torch.bincount(batch["source"].flatten(), minlength=len(self.source_names))
-                stats.append(windows.to(sums.device, torch.float64) * batch["input_ids"].shape[1])
+                stats.append(windows.to(sums.device, torch.float64) * batch["doc_ids"].shape[1])
             stats = torch.cat(stats)
             self._acc = stats if self._acc is None else self._acc + stats
         elif self._nonfinite is None:  # no backward for it; the whole optimizer step is then skipped

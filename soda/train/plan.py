@@ -35,14 +35,13 @@ def batch_layout(cfg: TrainConfig, world: int) -> tuple[int, int]:
 
 
 def flops_per_token_of(cfg: TrainConfig, shape: ModelShape | HierarchicalShape) -> float:
-    """Training FLOPs (3 x forward) per flat token of a window, what MFU and --dry-run count. Hierarchical: an
-    all-audio window's, one backbone step and one depth pass per K flat tokens, the backbone attending over
-    seq_len / K steps (text steps cost more per token, so this under-counts a text share)."""
+    """Training FLOPs (3 x forward) per unit of a window (what MFU and --dry-run count): a flat token, or a
+    hierarchical step (its windows count steps), charged one backbone step and one depth pass (every step a frame:
+    text steps skip the depth pass, so a text share is over-counted by the depth decoder's share)."""
     if isinstance(shape, ModelShape):
         return training_flops_per_token(shape, "3x-forward")
-    k = shape.n_codebooks
-    audio = dataclasses.replace(shape, backbone=dataclasses.replace(shape.backbone, seq_len=max(1, cfg.seq_len // k)))
-    return hierarchical_training_flops_per_step(audio, "3x-forward", frames_per_step=1.0) / k
+    steps = dataclasses.replace(shape, backbone=dataclasses.replace(shape.backbone, seq_len=cfg.seq_len))
+    return hierarchical_training_flops_per_step(steps, "3x-forward", frames_per_step=1.0)
 
 
 def model_params(shape: ModelShape | HierarchicalShape, definition: str = "total") -> int:
@@ -117,19 +116,20 @@ def dry_run(cfg: TrainConfig, mfu: float, codec_rate: float | None = None) -> in
     per_token = flops_per_token_of(cfg, shape)
     total = per_token * tokens
     phases = schedule_phases(steps, cfg.warmup, cfg.decay, cfg.schedule)
+    flat = isinstance(shape, ModelShape)
+    unit = "tokens" if flat else "steps"
     counted = (f"FLOPs per token (training, 3 x forward incl. attention at seq {cfg.seq_len} and the LM head)"
-               if isinstance(shape, ModelShape) else
-               f"FLOPs per flat token (training, 3 x forward of an all-audio window: one backbone step over "
-               f"{cfg.seq_len // shape.n_codebooks} steps and one depth pass per {shape.n_codebooks} tokens)")
-    six_n = (f"6N: {6 * model_params(shape, 'total'):.4g}" if isinstance(shape, ModelShape) else
-             f"6N per step / {shape.n_codebooks}: {6 * model_params(shape, 'total') / shape.n_codebooks:.4g}")
+               if flat else
+               f"FLOPs per step (training, 3 x forward: a backbone step attending over {cfg.seq_len} steps and a "
+               f"depth pass over {shape.n_codebooks} codebooks, as if every step were an audio frame)")
+    six_n = f"6N: {6 * model_params(shape, 'total'):.4g}"
     lines = [
         f"model: {model_label(cfg)}: {describe_shape(shape)}",
         f"parameters: {model_params(shape, 'total'):,} total, {model_params(shape, 'non-embedding'):,} non-embedding"
         f"{' (SODA vocabulary; give --data for yours)' if not cfg.data else ''}",
         f"{counted}: {per_token:.4g}  ({six_n})",
-        f"tokens: {tokens:,} ({tokens / 1e9:,.1f}B) in {steps:,} steps of {cfg.batch_sequences} x {cfg.seq_len} = "
-        f"{cfg.batch_sequences * cfg.seq_len:,} tokens",
+        f"{unit}: {tokens:,} ({tokens / 1e9:,.1f}B) in {steps:,} steps of {cfg.batch_sequences} x {cfg.seq_len} = "
+        f"{cfg.batch_sequences * cfg.seq_len:,} {unit}",
         f"total training FLOPs: {total:.4g}",
         f"devices: {world}; micro-batch {micro} sequences, gradient accumulation {accumulate}",
         memory_line(model_params(shape, "total"), world),
@@ -138,7 +138,7 @@ def dry_run(cfg: TrainConfig, mfu: float, codec_rate: float | None = None) -> in
         f"{'cosine ' if cfg.schedule == 'cosine' else ''}decay to 0 over {phases['decay']:,}",
         f"optimizer: {'cautious ' if cfg.cautious else ''}AdamW betas {tuple(cfg.betas)}, eps {cfg.eps:g}, "
         f"weight decay {cfg.weight_decay:g} ({cfg.weight_decay_mode}), clip {cfg.grad_clip:g}, z-loss {cfg.z_loss:g}",
-        audio_line(tokens, codec_rate),
+        audio_line(tokens if flat else tokens * shape.n_codebooks, codec_rate),
         f"wall-clock at {mfu:.0%} MFU (bf16 dense peak):",
     ]
     for name, peak in NAMED_GPUS.items():

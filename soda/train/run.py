@@ -163,12 +163,13 @@ def describe_run(cfg: TrainConfig, model, shape: ModelShape | HierarchicalShape,
         say("warning: the data has no validation shards: this run will report no validation loss (tokenize with "
             "--validation-fraction above 0, or give --val-data)")
     width = width_of(shape)
-    say(f"batch: {cfg.batch_sequences} x {cfg.seq_len} tokens = {world} devices x {micro} sequences x "
+    unit = "tokens" if isinstance(shape, ModelShape) else "steps"
+    say(f"batch: {cfg.batch_sequences} x {cfg.seq_len} {unit} = {world} devices x {micro} sequences x "
         f"{accumulate} accumulation; {max_steps:,} of {cfg.steps:,} steps; peak LR {cfg.peak_lr(width):.3g}")
     if not isinstance(shape, ModelShape):
-        say(f"hierarchical windows: {cfg.seq_len} flat tokens each, regrouped into steps (about "
-            f"{cfg.seq_len // shape.n_codebooks} of audio, up to {cfg.seq_len} of text; frames cut by a window's "
-            f"ends are dropped); loss weights {cfg.loss_weights}")
+        say(f"hierarchical windows: {cfg.seq_len} steps each (a text or special token, or an audio frame of "
+            f"{shape.n_codebooks} codes: {cfg.seq_len * shape.n_codebooks:,} flat tokens of audio); --tokens and "
+            f"--batch-tokens count steps; loss weights {cfg.loss_weights}")
 
 
 def build_trainer(cfg: TrainConfig, module, sources: list, world: int, accumulate: int):
@@ -254,7 +255,6 @@ def loggers_for(cfg: TrainConfig) -> list:
 
 def build_data(cfg: TrainConfig, sources: list, vocab, micro: int, accumulate: int):
     """The run's data module: the global window order (`soda.train.data`), this rank's slice of it."""
-    from soda.hierarchical import StepCollate
     from soda.train.datamodule import SodaData
     from soda.train.index import INDEX_DIR
 
@@ -263,7 +263,7 @@ def build_data(cfg: TrainConfig, sources: list, vocab, micro: int, accumulate: i
                     skip_bad=cfg.skip_bad_shards, vocab_size=vocab.size,
                     loss_after=getattr(vocab, cfg.loss_after) if cfg.loss_after else None,
                     run_tokens=steps_this_run(cfg) * cfg.batch_sequences * cfg.seq_len, val_batches=cfg.val_batches,
-                    collate=StepCollate(vocab) if cfg.architecture == "hierarchical" else None)
+                    steps_vocab=vocab if cfg.architecture == "hierarchical" else None)
 
 
 def log_hyperparams(loggers: list, cfg: TrainConfig, module) -> None:

@@ -32,6 +32,7 @@ class Source:
     train_tokens: int | None = None  # known for soda-tokenize directories; the default weights use it
     audio_tokens_per_second: float | None = None  # from the manifest (100 for Mimi with 8 codebooks)
     codec: dict | None = None  # the manifest's codec description (spec, label, sample rate...)
+    by_size: bool = False  # the weight is the source's share of the data (no --mix): windows of steps re-weigh it
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,7 +211,7 @@ def _apply_mix(sources: list[Source], mix: dict) -> None:
     if any(s.weight is None for s in sources):
         if all(s.weight is None for s in sources) and all(s.train_tokens for s in sources):
             for s in sources:  # natural proportions
-                s.weight = float(s.train_tokens)
+                s.weight, s.by_size = float(s.train_tokens), True
         else:
             unset = [s.name for s in sources if s.weight is None]
             if len(sources) > 1 and len(unset) < len(sources):
@@ -224,13 +225,14 @@ def _apply_mix(sources: list[Source], mix: dict) -> None:
         s.weight /= total
 
 
-def repeat_warnings(sources: list[Source], run_tokens: int) -> list[str]:
-    """One line per source of a mixture whose weight takes more tokens over `run_tokens` than it holds: a weight is
-    a share of tokens, so such a source's documents repeat (its size is known for soda-tokenize directories)."""
+def repeat_warnings(sources: list[Source], run_tokens: int, unit: str = "tokens") -> list[str]:
+    """One line per source of a mixture whose weight takes more tokens (`unit`) over `run_tokens` than it holds: a
+    weight is a share of tokens, so such a source's documents repeat (its size is known for soda-tokenize
+    directories)."""
     lines = []
     for s in sources if len(sources) > 1 else []:
         if s.train_tokens and s.weight * run_tokens > s.train_tokens:
-            lines.append(f"source {s.name!r} holds {s.train_tokens:,} tokens, but its weight {s.weight:.1%} takes "
+            lines.append(f"source {s.name!r} holds {s.train_tokens:,} {unit}, but its weight {s.weight:.1%} takes "
                          f"{s.weight * run_tokens:,.0f} of this run's {run_tokens:,}: its documents repeat about "
                          f"{s.weight * run_tokens / s.train_tokens:,.1f} times")
     return lines
