@@ -61,17 +61,18 @@ def hierarchical_log_prob(loaded, ctx: list[int], cont: list[int]) -> float:
     return float(hierarchical_log_probs(loaded.model, loaded.vocab, [np.array(ctx + cont)], [mask])[0].sum())
 
 
-def hand_scores(loaded, log_prob=flat_log_prob) -> tuple[float, float]:
+def hand_scores(loaded, log_prob=flat_log_prob, encode=None) -> tuple[float, float]:
     """acc and acc_norm by hand, as lm-eval asks them: BOS + context, then the sum of the log-probs of the ending after
     the task's target delimiter (a space: lm-eval scores " " + ending; the byte tokenizer encodes a string's parts
-    independently, so the ids just concatenate); acc_norm divides by the ending's length without the delimiter."""
+    independently, so the ids just concatenate); acc_norm divides by the ending's length without the delimiter.
+    `encode(context, continuation) -> (ids, ids)` replaces that encoding (e.g. lm-eval's own, `HFLM._encode_pair`)."""
     vocab = loaded.vocab
+    encode = encode or (lambda c, e: ([vocab.bos_id, *vocab.encode_text(c).tolist()], vocab.encode_text(e).tolist()))
     acc = norm = 0
     for row in ROWS:
-        ctx = [vocab.bos_id, *vocab.encode_text(row["ctx"]).tolist()]
         scores = []
         for ending in row["endings"]:
-            lp = log_prob(loaded, ctx, vocab.encode_text(" " + ending).tolist())
+            lp = log_prob(loaded, *encode(row["ctx"], " " + ending))
             scores.append((lp, lp / len(ending)))
         acc += int(np.argmax([s[0] for s in scores])) == int(row["label"])
         norm += int(np.argmax([s[1] for s in scores])) == int(row["label"])
@@ -233,7 +234,12 @@ def test_an_lm_eval_task_runs_on_a_hierarchical_export_through_soda_eval_and_nam
     t = written["tasks"]["tiny_hellaswag"]
     assert written["model"]["family"] == "hierarchical" and t["settings"]["family"] == "hierarchical"
     assert t["settings"]["harness"] == "lm-eval" and t["settings"]["add_bos_token"] is True
-    acc, acc_norm = hand_scores(load_model(str(hier_export), device="cpu", hierarchical=True), hierarchical_log_prob)
+    # acc by the family's own scoring of the ids lm-eval asks about (the exact log-likelihoods: the test above)
+    from soda.evaluate.lm_eval import harness_model
+
+    loaded = load_model(str(hier_export), device="cpu", hierarchical=True)
+    acc, acc_norm = hand_scores(loaded, hierarchical_log_prob,
+                                harness_model(loaded.model, loaded.vocab, 64)._encode_pair)
     assert t["metric"] == "acc" and t["count"] == len(ROWS)
     assert t["value"] == pytest.approx(acc) and t["lm_eval"]["metrics"]["acc_norm,none"] == pytest.approx(acc_norm)
     assert len((out / "items" / "tiny_hellaswag.jsonl").read_text().splitlines()) == len(ROWS)
