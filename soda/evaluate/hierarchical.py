@@ -22,8 +22,9 @@ start with BOS and hold whole frames, so they have none; nll cuts long documents
 
 Generation goes through `soda.generate.hierarchical.decode_hierarchical_batch` (`decoder_for`), so asr, tts, s2st and
 mcq --mcq-mode generate decode the same plans with the same stop rules. lm-eval tasks (`soda.evaluate.lm_eval`) get
-the text side as a stock causal LM, `text_causal_lm`, whose log-probs on text are `hierarchical_log_probs`'. results.json's `model` says
-`family: hierarchical` (`summary`); no SODA release has this family, so no published numbers are shown beside it.
+the text side as a stock causal LM, `text_causal_lm`, whose log-probs on text are `hierarchical_log_probs`'.
+results.json's `model` says `family: hierarchical` (`summary`); no SODA release has this family, so no published
+numbers are shown beside it.
 """
 
 from __future__ import annotations

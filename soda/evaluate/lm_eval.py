@@ -106,8 +106,8 @@ def load(ctx, data: str | None, name: str) -> dict:
 
 def harness_model(model, vocab, max_len: int):
     """lm-eval's `HFLM` on a model's text side: the flat model itself, or a hierarchical model's
-    `soda.evaluate.hierarchical.text_causal_lm` (a causal LM sharing its backbone and unified head), with the same
-    tokenizer and BOS before every prompt for both families."""
+    `soda.evaluate.hierarchical.text_causal_lm` (a causal LM sharing its backbone and unified head); the tokenizer
+    and its BOS handling are the same for both families."""
     from lm_eval.models.huggingface import HFLM
 
     from soda.evaluate.hierarchical import is_hierarchical, text_causal_lm
