@@ -256,12 +256,3 @@ def test_mcq_by_likelihood_and_by_generation(loaded, tmp_path):
             items = [json.loads(line) for line in (out / "items" / "mcq.jsonl").read_text().splitlines()]
             assert all(np.isfinite(i["scores_raw"]).all() and len(i["scores_raw"]) == len(rows[n]["choices"])
                        for n, i in enumerate(items))
-
-
-def test_lm_eval_tasks_are_refused_in_one_line_for_the_family(loaded, tmp_path):
-    from tokenize_audio.errors import SodaError
-
-    with pytest.raises(SodaError, match="flat family only") as err:
-        evaluate(loaded, ["hellaswag"], {}, EvalSettings(device="cpu", progress=False), tmp_path / "eval",
-                 log=lambda m: None, checkpoint={"path": "test", "digest": "l"})
-    assert len(str(err.value).splitlines()) == 1 and not (tmp_path / "eval" / "results.json").exists()

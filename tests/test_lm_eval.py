@@ -1,4 +1,5 @@
-"""Text ability through lm-evaluation-harness, offline: a tiny HellaSwag-format task from a local JSON file."""
+"""Text ability through lm-evaluation-harness, offline: a tiny HellaSwag-format task from a local JSON file, on the
+flat family and on the hierarchical one (whose harness log-likelihoods are its own scoring's)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 
 pytest.importorskip("lm_eval")
 
+from soda.checkpoints import load_model  # noqa: E402
 from soda.evaluate.cli import main  # noqa: E402
 
 # HellaSwag's own fields (ctx, endings, label as a string), a few rows.
@@ -41,26 +43,36 @@ def local_task(tmp_path, name="tiny_hellaswag"):
     return folder
 
 
-def hand_scores(run_dir) -> tuple[float, float]:
-    """acc and acc_norm by hand, as lm-eval asks them: BOS + context, then the sum of the log-probs of the ending after
-    the task's target delimiter (a space: lm-eval scores " " + ending; the byte tokenizer encodes a string's parts
-    independently, so the ids just concatenate); acc_norm divides by the ending's length without the delimiter."""
+def flat_log_prob(loaded, ctx: list[int], cont: list[int]) -> float:
+    """log p(cont | ctx) from the flat model's logits."""
     import torch
 
-    from soda.checkpoints import load_model
+    with torch.no_grad():
+        logp = torch.log_softmax(loaded.model(torch.tensor([ctx + cont])).logits[0].float(), -1)
+    return sum(logp[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont))
 
-    loaded = load_model(str(run_dir), device="cpu")
+
+def hierarchical_log_prob(loaded, ctx: list[int], cont: list[int]) -> float:
+    """log p(cont | ctx) as the hierarchical family scores every task (`hierarchical_log_probs`), not lm-eval."""
+    from soda.evaluate.hierarchical import hierarchical_log_probs
+
+    mask = np.zeros(len(ctx) + len(cont), dtype=bool)
+    mask[len(ctx):] = True
+    return float(hierarchical_log_probs(loaded.model, loaded.vocab, [np.array(ctx + cont)], [mask])[0].sum())
+
+
+def hand_scores(loaded, log_prob=flat_log_prob, encode=None) -> tuple[float, float]:
+    """acc and acc_norm by hand, as lm-eval asks them: BOS + context, then the sum of the log-probs of the ending after
+    the task's target delimiter (a space: lm-eval scores " " + ending; the byte tokenizer encodes a string's parts
+    independently, so the ids just concatenate); acc_norm divides by the ending's length without the delimiter.
+    `encode(context, continuation) -> (ids, ids)` replaces that encoding (e.g. lm-eval's own, `HFLM._encode_pair`)."""
     vocab = loaded.vocab
+    encode = encode or (lambda c, e: ([vocab.bos_id, *vocab.encode_text(c).tolist()], vocab.encode_text(e).tolist()))
     acc = norm = 0
     for row in ROWS:
-        ctx = [vocab.bos_id, *vocab.encode_text(row["ctx"]).tolist()]
         scores = []
         for ending in row["endings"]:
-            cont = vocab.encode_text(" " + ending).tolist()
-            ids = torch.tensor([ctx + cont])
-            with torch.no_grad():
-                logp = torch.log_softmax(loaded.model(ids).logits[0].float(), -1)
-            lp = sum(logp[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont))
+            lp = log_prob(loaded, *encode(row["ctx"], " " + ending))
             scores.append((lp, lp / len(ending)))
         acc += int(np.argmax([s[0] for s in scores])) == int(row["label"])
         norm += int(np.argmax([s[1] for s in scores])) == int(row["label"])
@@ -78,7 +90,7 @@ def test_lm_eval_task_on_a_local_set_matches_hand_scoring_and_records_version_an
     r = json.loads((out / "results.json").read_text())["tasks"]
     assert set(r) == {"twuggy", "tiny_hellaswag"}  # lm-eval tasks sit beside SODA's
     t = r["tiny_hellaswag"]
-    acc, acc_norm = hand_scores(tiny_run)
+    acc, acc_norm = hand_scores(load_model(str(tiny_run), device="cpu"))
     assert t["metric"] == "acc" and t["count"] == len(ROWS)  # not hellaswag: the task's first metric
     assert t["value"] == pytest.approx(acc) and t["lm_eval"]["metrics"]["acc_norm,none"] == pytest.approx(acc_norm)
     assert t["lm_eval"]["version"] == lm_eval.__version__ and t["lm_eval"]["task_version"] == 1.0
@@ -132,3 +144,102 @@ def test_lm_eval_mistakes_are_one_line_errors(tiny_run, tmp_path, capsys, monkey
     monkeypatch.setitem(sys.modules, "lm_eval", None)
     assert "pip install '.[lmeval]'" in error("--tasks", "hellaswag")
     assert not (tmp_path / "eval" / "results.json").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# The hierarchical family
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def hier_export(tmp_path_factory):
+    """A tiny hierarchical model (test_hierarchical_eval's) written as soda-train export writes one: config.json,
+    model.safetensors and the vocabulary."""
+    from test_hierarchical_eval import K, tiny_model
+
+    from soda.hierarchical import save_export
+    from tokenize_audio.vocab import Vocabulary, byte_tokenizer
+
+    vocab = Vocabulary.build(byte_tokenizer(), K, 2048)
+    model = tiny_model(vocab, seed=1)
+    folder = tmp_path_factory.mktemp("hier-lm-eval") / "export"
+    folder.mkdir()
+    save_export(model.config, model.state_dict(), folder)
+    vocab.save(folder)
+    return folder
+
+
+def test_the_harness_scores_a_hierarchical_models_text_as_the_family_itself_does(hier_export):
+    import torch
+    from lm_eval.api.instance import Instance
+
+    from soda.evaluate.hierarchical import is_hierarchical
+    from soda.evaluate.lm_eval import harness_model
+
+    loaded = load_model(str(hier_export), device="cpu", hierarchical=True)
+    model, vocab = loaded.model, loaded.vocab
+    assert is_hierarchical(model)
+    head = model.unified_head.weight.detach().clone()
+    harness = harness_model(model, vocab, 64)
+    # the adapter shares the model's modules, and lm-eval's tie_weights() left the unified head its own
+    assert harness.model.model is model.backbone and harness.model.lm_head is model.unified_head
+    assert torch.equal(model.unified_head.weight, head) and harness.prefix_token_id == vocab.bos_id
+    # the ids lm-eval scores (its own encoding of context and continuation, the flat family's: one tokenizer), each
+    # request's log-likelihood as the family's own scoring gives it; a batch of 16 right-padded requests per forward
+    pairs = [(row["ctx"], " " + e) for row in ROWS for e in row["endings"]]
+    got = harness.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)],
+                                disable_tqdm=True)
+    want = [hierarchical_log_prob(loaded, *harness._encode_pair(c, e)) for c, e in pairs]
+    assert np.allclose([g[0] for g in got], want, rtol=0, atol=1e-5)
+    # a whole text (perplexity tasks): every token after lm-eval's prefix token, BOS
+    texts = [row["ctx"] for row in ROWS]
+    rolling = harness.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (t,), i)
+                                             for i, t in enumerate(texts)], disable_tqdm=True)
+    assert np.allclose(rolling, [hierarchical_log_prob(loaded, [vocab.bos_id], harness.tok_encode(t)) for t in texts],
+                       rtol=0, atol=1e-5)
+
+
+def test_generation_tasks_decode_the_hierarchical_models_greedy_text(hier_export):
+    """lm-eval's generate_until (transformers' generate with its KV cache, two prompts left-padded into one batch)
+    gives the hierarchical model's own greedy continuation: the unified head's argmax over the backbone, step by
+    step, no cache, each prompt alone."""
+    import torch
+    from lm_eval.api.instance import Instance
+
+    from soda.evaluate.lm_eval import harness_model
+
+    loaded = load_model(str(hier_export), device="cpu", hierarchical=True)
+    model, vocab = loaded.model, loaded.vocab
+    harness = harness_model(model, vocab, 64)
+    prompts, new = ["The cat sat on the", "Water"], 6
+    got = harness.generate_until([Instance("generate_until", {}, (p, {"until": ["\x00"], "max_gen_toks": new}), i)
+                                  for i, p in enumerate(prompts)], disable_tqdm=True)
+    for prompt, text in zip(prompts, got):
+        ids = harness.tok_encode(prompt)
+        start = len(ids)
+        for _ in range(new):
+            codes = torch.full((1, len(ids), model.config.shape.n_codebooks), -1)
+            codes[0, :, 0] = torch.tensor(ids)
+            with torch.no_grad():
+                hidden = model.backbone_hidden(codes, torch.zeros(1, len(ids), dtype=torch.long))
+            ids.append(int(model.unified_head(hidden[0, -1]).argmax()))
+            if ids[-1] == vocab.eos_id:
+                break
+        assert text == harness.tok_decode(ids[start:]), prompt
+
+
+def test_an_lm_eval_task_runs_on_a_hierarchical_export_through_soda_eval_and_names_the_family(hier_export, tmp_path):
+    folder, out = local_task(tmp_path), tmp_path / "eval"
+    assert main([str(hier_export), "--lm-eval-task", "tiny_hellaswag", "--lm-eval-include", str(folder), "--out",
+                 str(out), "--quiet", "--device", "cpu"]) == 0
+    written = json.loads((out / "results.json").read_text())
+    t = written["tasks"]["tiny_hellaswag"]
+    assert written["model"]["family"] == "hierarchical" and t["settings"]["family"] == "hierarchical"
+    assert t["settings"]["harness"] == "lm-eval" and t["settings"]["add_bos_token"] is True
+    # acc by the family's own scoring of the ids lm-eval asks about (the exact log-likelihoods: the test above)
+    from soda.evaluate.lm_eval import harness_model
+
+    loaded = load_model(str(hier_export), device="cpu", hierarchical=True)
+    acc, acc_norm = hand_scores(loaded, hierarchical_log_prob,
+                                harness_model(loaded.model, loaded.vocab, 64)._encode_pair)
+    assert t["metric"] == "acc" and t["count"] == len(ROWS)
+    assert t["value"] == pytest.approx(acc) and t["lm_eval"]["metrics"]["acc_norm,none"] == pytest.approx(acc_norm)
+    assert len((out / "items" / "tiny_hellaswag.jsonl").read_text().splitlines()) == len(ROWS)

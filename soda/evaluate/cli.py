@@ -48,8 +48,8 @@ def build_parser(tasks: dict) -> argparse.ArgumentParser:
     p.add_argument("--compare", metavar="OTHER_EVAL_DIR",
                    help="draw another soda-eval --out's NLL vector beside this one's in OUT/report.html")
     p.add_argument("--lm-eval-task", action="append", default=[], metavar="NAME",
-                   help="any lm-evaluation-harness task, scored on the model's text side (repeatable or "
-                        "comma-separated; pip install '.[lmeval]'); --tasks hellaswag is one")
+                   help="any lm-evaluation-harness task, scored on the model's text side, either family (repeatable "
+                        "or comma-separated; pip install '.[lmeval]'); --tasks hellaswag is one")
     return p
 
 

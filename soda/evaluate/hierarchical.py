@@ -21,8 +21,10 @@ start with BOS and hold whole frames, so they have none; nll cuts long documents
 (`step_windows`) so that a window never splits a frame.
 
 Generation goes through `soda.generate.hierarchical.decode_hierarchical_batch` (`decoder_for`), so asr, tts, s2st and
-mcq --mcq-mode generate decode the same plans with the same stop rules. results.json's `model` says
-`family: hierarchical` (`summary`); no SODA release has this family, so no published numbers are shown beside it.
+mcq --mcq-mode generate decode the same plans with the same stop rules. lm-eval tasks (`soda.evaluate.lm_eval`) get
+the text side as a stock causal LM, `text_causal_lm`, whose log-probs on text are `hierarchical_log_probs`'.
+results.json's `model` says `family: hierarchical` (`summary`); no SODA release has this family, so no published
+numbers are shown beside it.
 """
 
 from __future__ import annotations
@@ -137,6 +139,27 @@ def hierarchical_log_probs(model: HierarchicalModel, vocab, sequences: list[np.n
             t = np.flatnonzero(wanted)
             out[i] = np.where(step[t] >= 0, table[b, step[t], slot[t]], np.nan)
     return out
+
+
+def text_causal_lm(model: HierarchicalModel):
+    """The model's text side as a stock `transformers.Qwen3ForCausalLM`, for lm-eval's Hugging Face adapter: its
+    `model` is the backbone and its `lm_head` the unified head, the same modules (shared, never copied).
+
+    Exact on text: a text/special step `[id, PAD, ...]` embeds as the backbone's `embed_tokens[id]`, and a row of
+    text steps in one document is plain causal attention at positions 0.., so `forward(ids).logits` equals
+    `unified_head(backbone_hidden(steps, doc 0))` and its log-softmax is `hierarchical_log_probs`'s for text ids. The
+    logits span the unified vocabulary (text, specials, codebook 0), the distribution the model itself scores text
+    with; the flat family's span its whole vocabulary, so both normalise over everything their head predicts.
+    Generation is transformers' own (`generate`, with its KV cache), as for the flat family."""
+    from transformers import Qwen3ForCausalLM
+
+    config = model.backbone.config
+    if config.tie_word_embeddings:  # tie_weights() would replace the unified head by the input table
+        raise ValueError("the backbone's config ties the word embeddings; the unified head is a table of its own")
+    with torch.device("meta"):  # no weights of its own: both parts are replaced by the model's
+        lm = Qwen3ForCausalLM(config)
+    lm.model, lm.lm_head = model.backbone, model.unified_head
+    return lm.eval()
 
 
 def step_windows(ids: np.ndarray, window: int, vocab) -> list[np.ndarray]:

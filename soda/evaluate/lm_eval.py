@@ -3,7 +3,10 @@
 The model's text side is scored by lm-eval's own Hugging Face adapter (`lm_eval.models.huggingface.HFLM`), given
 the loaded model and an HF tokenizer with the same ids (our export loads as a stock causal LM), so a number here
 means what an lm-eval number of any HF model means: the task's prompts as plain text after BOS, no
-`<|text_start|>` (lm-eval knows nothing of our specials). Prompt formats, few-shot counts and metrics are lm-eval's;
+`<|text_start|>` (lm-eval knows nothing of our specials). Both families: a hierarchical model reads text one token
+per step, so its text side is itself a causal LM, handed to HFLM as a stock `Qwen3ForCausalLM` that shares its
+backbone and unified head (`soda.evaluate.hierarchical.text_causal_lm`: exact, its log-probs are the family's own
+scoring); results name the family like every task's. Prompt formats, few-shot counts and metrics are lm-eval's;
 this module only runs it and records what the number rests on: lm-eval's version, the task's version and a hash
 of its config (two runs with one hash scored the same prompts the same way).
 
@@ -86,9 +89,6 @@ def load(ctx, data: str | None, name: str) -> dict:
     if data is not None:
         raise SodaError(f"--data-for {name}={data}: lm-eval tasks read the data their task config names; "
                         f"put a task YAML of your own in a directory and pass --lm-eval-include DIR")
-    if ctx.family != "flat":  # HFLM wraps a Hugging Face causal LM; this family has no such form yet
-        raise SodaError(f"{name}: lm-eval tasks run on the flat family only; a {ctx.family} model's text "
-                        f"likelihood is scored by --tasks twuggy,tblimp,mcq")
     version = check_installed()
     manager = task_manager(ctx.settings.lm_eval_include)
     if name not in manager.all_tasks:
@@ -104,13 +104,24 @@ def load(ctx, data: str | None, name: str) -> dict:
     return {"name": name, "version": version, "tasks": tasks, "manager": manager}
 
 
-def run(ctx, loaded: dict) -> dict:
-    import lm_eval
+def harness_model(model, vocab, max_len: int):
+    """lm-eval's `HFLM` on a model's text side: the flat model itself, or a hierarchical model's
+    `soda.evaluate.hierarchical.text_causal_lm` (a causal LM sharing its backbone and unified head); the tokenizer
+    and its BOS handling are the same for both families."""
     from lm_eval.models.huggingface import HFLM
 
+    from soda.evaluate.hierarchical import is_hierarchical, text_causal_lm
+
+    lm = text_causal_lm(model) if is_hierarchical(model) else model
+    return HFLM(pretrained=lm, tokenizer=hf_tokenizer(vocab), batch_size=BATCH_SIZE, max_length=max_len,
+                add_bos_token=True)
+
+
+def run(ctx, loaded: dict) -> dict:
+    import lm_eval
+
     name = loaded["name"]
-    model = HFLM(pretrained=ctx.loaded.model, tokenizer=hf_tokenizer(ctx.vocab), batch_size=BATCH_SIZE,
-                 max_length=ctx.settings.max_len, add_bos_token=True)
+    model = harness_model(ctx.loaded.model, ctx.vocab, ctx.settings.max_len)
     out = lm_eval.simple_evaluate(model=model, tasks=list(loaded["tasks"].values()),
                                   task_manager=loaded["manager"], limit=ctx.settings.limit, log_samples=True,
                                   bootstrap_iters=0, random_seed=ctx.settings.seed,
