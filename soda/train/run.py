@@ -217,12 +217,7 @@ def callbacks_for(cfg: TrainConfig, module, sources: list, log_every: int) -> tu
     ]
     sample_every = cfg.ckpt_every if cfg.sample_every is None else cfg.sample_every
     codec = module.codec
-    if module.hierarchical:  # soda.train.samples decodes with the flat family's generate only
-        if cfg.sample_every and is_rank_zero():
-            print("soda-train: --sample-every: no samples: --architecture hierarchical has no training-time samples "
-                  "yet (soda-generate reads its checkpoints and export)",
-                  file=sys.stderr)
-    elif sample_every and codec and codec.get("spec"):
+    if sample_every and codec and codec.get("spec"):
         from soda.train.samples import Samples
 
         callbacks.append(Samples(out, sample_every, cfg.sample_max_seconds, sources, codec, cfg.seed))
