@@ -662,6 +662,23 @@ def is_hierarchical(loaded: LoadedModel) -> bool:
     return isinstance(loaded.model, HierarchicalModel)
 
 
+def family_of(source: str) -> str | None:
+    """The model family a CHECKPOINT argument names, "flat" or "hierarchical", from its config alone (no weights
+    read): a hub id is flat (the hierarchical family is only ever a local export or checkpoint); None where `source`
+    names no model."""
+    try:
+        path = resolve_checkpoint(source)
+    except SodaError:
+        return None
+    if isinstance(path, str):
+        return "flat"
+    if is_checkpoint(path):
+        return architecture_of(load_checkpoint(path, mmap=True))
+    if _is_hierarchical_export(path):
+        return "hierarchical"
+    return "flat" if (path / "config.json").is_file() else None
+
+
 def _is_hierarchical_export(path: Path) -> bool:
     from soda.hierarchical import is_export
 

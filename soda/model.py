@@ -89,6 +89,54 @@ def load_pretrained(source: str, vocab: Vocabulary, attention: str = "sdpa"):
     return model.train()  # from_pretrained returns eval mode; training starts from train mode as a fresh model
 
 
+def check_family(source: str, architecture: str) -> None:
+    """--init-from's model must be of the run's --architecture: one line naming the path otherwise (read from its
+    config, before any weights)."""
+    from soda.checkpoints import family_of
+
+    family = family_of(source)
+    if family is not None and family != architecture:
+        raise SodaError(f"--init-from {source}: a {family} model, but this run is --architecture {architecture} (a run "
+                        f"starts from a model of its own family)")
+
+
+def load_pretrained_hierarchical(source: str, vocab: Vocabulary, attention: str = "sdpa",
+                                 loss_weights: str = "uniform"):
+    """--init-from for --architecture hierarchical: a hierarchical export (config.json model_type soda_hierarchical,
+    e.g. a run's hf/), a hierarchical run directory or its `.ckpt` (`soda.checkpoints.load_model`), in fp32 and train
+    mode. Its shape and RoPE come from the model; the attention kernel and loss weights (which the model holds) are
+    this run's. Its vocabulary must be the data's."""
+    from dataclasses import replace
+
+    from soda.checkpoints import first_nonfinite, load_model
+    from soda.hierarchical import HierarchicalModel
+
+    def load(weights: bool):
+        try:
+            return load_model(source, device="cpu", dtype=torch.float32, attention=attention, weights=weights,
+                              hierarchical=True)
+        except SodaError as e:  # its messages start with the path
+            raise SodaError(f"--init-from {e}") from None
+
+    theirs = load(weights=False).vocab  # checked before loading the weights
+    if theirs.size != vocab.size:
+        raise SodaError(f"--init-from {source}: the model's vocabulary has {theirs.size:,} ids but the data's has "
+                        f"{vocab.size:,}; tokenize with the same text tokenizer and codec as the model")
+    if not theirs.matches(vocab):
+        raise SodaError(f"--init-from {source}: its vocab.json differs from the data's vocabulary (ids would mean "
+                        f"other tokens)")
+    loaded = load(weights=True).model
+    if not isinstance(loaded, HierarchicalModel):
+        raise SodaError(f"--init-from {source}: a flat model, but this run is --architecture hierarchical (a run "
+                        f"starts from a model of its own family)")
+    if (bad := first_nonfinite(loaded.state_dict())) is not None:
+        raise SodaError(f"--init-from {source}: {bad} holds a NaN or Inf; a model that diverged cannot be trained "
+                        f"from (take an earlier checkpoint's export)")
+    model = HierarchicalModel(replace(loaded.config, attention=attention, loss_weights=loss_weights))
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    return model.train()
+
+
 def compile_model(model) -> None:
     """torch.compile every decoder layer in place (state-dict keys, checkpoints and exports are unchanged) and mark
     the model so its training loss runs the compiled chunk arithmetic. Layer by layer, as torchtitan does: one
