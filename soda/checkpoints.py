@@ -348,8 +348,9 @@ def _export_hierarchical(checkpoint: Path, ckpt: dict, out_dir: Path, vocab_dir,
     return out_dir
 
 
-HIERARCHICAL_REFUSED = ("a hierarchical model cannot be loaded here yet (soda-generate, soda-eval and soda-train export "
-                        "read the hierarchical family; fine-tuning reads only the flat family so far)")
+HIERARCHICAL_REFUSED = ("a hierarchical model cannot be loaded here yet (soda-generate, soda-eval, soda-train export "
+                        "and soda-train --architecture hierarchical --init-from read the hierarchical family; "
+                        "fine-tuning reads only the flat family so far)")
 
 
 def refuse_hierarchical(ckpt: dict, path: Path, what: str) -> None:

@@ -3,6 +3,7 @@
 SODA's decoder is Qwen3's (RMSNorm eps 1e-5, SwiGLU, QK-norm, no biases) with untied embeddings
 and Llama-3.1-style RoPE scaling. Packed windows hold several documents; `document_mask` turns
 their document ids into the block-diagonal causal mask that keeps attention inside a document.
+`load_pretrained` is soda-train's --init-from for this family, `load_pretrained_hierarchical` for `soda.hierarchical`'s.
 """
 
 from __future__ import annotations

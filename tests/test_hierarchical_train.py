@@ -208,8 +208,8 @@ def test_a_run_from_an_export_starts_at_the_exported_models_loss(hier_run, train
     from soda.train.sources import resolve_sources
 
     out = tmp_path / "from_export"
-    assert main(hier_args(train_tokens, out, **{"--init-from": str(hier_run / "hf"), "--max-steps": "2"})
-                + ["--no-export"]) == 0
+    args = hier_args(train_tokens, out, **{"--size": None, "--init-from": str(hier_run / "hf"), "--max-steps": "2"})
+    assert main(args + ["--no-export"]) == 0
     cfg = resolve_config({}, out, True, None, [])
     sources, vocab = resolve_sources(cfg.data, cfg.val_data, cfg.mix, cfg.vocab)
     data = build_data(cfg, sources, vocab, *batch_layout(cfg, world_size(cfg)))
