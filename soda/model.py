@@ -57,6 +57,8 @@ def load_pretrained(source: str, vocab: Vocabulary, attention: str = "sdpa"):
     """Start from an HF directory or hub id; its vocabulary must be the data's."""
     from transformers import AutoModelForCausalLM
 
+    check_family(source, "flat")
+
     path = Path(source)
     if path.exists() and not (path / "config.json").is_file():
         raise SodaError(f"--init-from {source}: no config.json there (expected a Hugging Face model directory)")
@@ -91,8 +93,8 @@ def load_pretrained(source: str, vocab: Vocabulary, attention: str = "sdpa"):
 
 
 def check_family(source: str, architecture: str) -> None:
-    """--init-from's model must be of the run's --architecture: one line naming the path otherwise (read from its
-    config, before any weights)."""
+    """--init-from's model must be of the run's --architecture (each family's loader asks first): one line naming
+    the path otherwise, read from its config before any weights."""
     from soda.checkpoints import family_of
 
     family = family_of(source)
@@ -112,6 +114,8 @@ def load_pretrained_hierarchical(source: str, vocab: Vocabulary, attention: str 
     from soda.checkpoints import first_nonfinite, load_model
     from soda.hierarchical import HierarchicalModel
 
+    check_family(source, "hierarchical")
+
     def load(weights: bool):
         try:
             return load_model(source, device="cpu", dtype=torch.float32, attention=attention, weights=weights,
@@ -127,9 +131,6 @@ def load_pretrained_hierarchical(source: str, vocab: Vocabulary, attention: str 
         raise SodaError(f"--init-from {source}: its vocab.json differs from the data's vocabulary (ids would mean "
                         f"other tokens)")
     loaded = load(weights=True).model
-    if not isinstance(loaded, HierarchicalModel):
-        raise SodaError(f"--init-from {source}: a flat model, but this run is --architecture hierarchical (a run "
-                        f"starts from a model of its own family)")
     if (bad := first_nonfinite(loaded.state_dict())) is not None:
         raise SodaError(f"--init-from {source}: {bad} holds a NaN or Inf; a model that diverged cannot be trained "
                         f"from (take an earlier checkpoint's export)")

@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from soda.checkpoints import checkpoint_dir, export_hf, link_last, resumable_checkpoint
-from soda.model import (build_model, check_family, count_parameters, default_attention, load_pretrained,
+from soda.model import (build_model, count_parameters, default_attention, load_pretrained,
                         load_pretrained_hierarchical, prepare_for_training, shape_of)
 from soda.shape import HierarchicalShape, ModelShape
 from soda.train.config import CONFIG_FILE, TrainConfig
@@ -26,8 +26,6 @@ def model_for_run(cfg: TrainConfig, vocab) -> tuple[torch.nn.Module, ModelShape 
     preparation (activation checkpointing, torch.compile), and its shape; --architecture hierarchical: a
     `soda.hierarchical.HierarchicalModel` (new or --init-from's) and its `HierarchicalShape`. --init-from's model must
     be of the run's family."""
-    if cfg.init_from:
-        check_family(cfg.init_from, cfg.architecture)
     if cfg.architecture == "hierarchical":
         return hierarchical_for_run(cfg, vocab)
     attention = cfg.attention if cfg.attention != "auto" else default_attention("cuda" if cfg.uses_gpu() else "cpu")
