@@ -348,8 +348,9 @@ def _export_hierarchical(checkpoint: Path, ckpt: dict, out_dir: Path, vocab_dir,
     return out_dir
 
 
-HIERARCHICAL_REFUSED = ("a hierarchical model cannot be loaded here yet (soda-generate, soda-eval and soda-train export "
-                        "read the hierarchical family; fine-tuning reads only the flat family so far)")
+HIERARCHICAL_REFUSED = ("a hierarchical model cannot be loaded here yet (soda-generate, soda-eval, soda-train export "
+                        "and soda-train --architecture hierarchical --init-from read the hierarchical family; "
+                        "fine-tuning reads only the flat family so far)")
 
 
 def refuse_hierarchical(ckpt: dict, path: Path, what: str) -> None:
@@ -660,6 +661,23 @@ def is_hierarchical(loaded: LoadedModel) -> bool:
     from soda.hierarchical import HierarchicalModel
 
     return isinstance(loaded.model, HierarchicalModel)
+
+
+def family_of(source: str) -> str | None:
+    """The model family a CHECKPOINT argument names, "flat" or "hierarchical", from its config alone (no weights
+    read): a hub id is flat (the hierarchical family is only ever a local export or checkpoint); None where `source`
+    names no model."""
+    try:
+        path = resolve_checkpoint(source)
+    except SodaError:
+        return None
+    if isinstance(path, str):
+        return "flat"
+    if is_checkpoint(path):
+        return architecture_of(load_checkpoint(path, mmap=True))
+    if _is_hierarchical_export(path):
+        return "hierarchical"
+    return "flat" if (path / "config.json").is_file() else None
 
 
 def _is_hierarchical_export(path: Path) -> bool:

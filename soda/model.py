@@ -3,6 +3,7 @@
 SODA's decoder is Qwen3's (RMSNorm eps 1e-5, SwiGLU, QK-norm, no biases) with untied embeddings
 and Llama-3.1-style RoPE scaling. Packed windows hold several documents; `document_mask` turns
 their document ids into the block-diagonal causal mask that keeps attention inside a document.
+`load_pretrained` is soda-train's --init-from for this family, `load_pretrained_hierarchical` for `soda.hierarchical`'s.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ def load_pretrained(source: str, vocab: Vocabulary, attention: str = "sdpa"):
     """Start from an HF directory or hub id; its vocabulary must be the data's."""
     from transformers import AutoModelForCausalLM
 
+    check_family(source, "flat")
+
     path = Path(source)
     if path.exists() and not (path / "config.json").is_file():
         raise SodaError(f"--init-from {source}: no config.json there (expected a Hugging Face model directory)")
@@ -87,6 +90,53 @@ def load_pretrained(source: str, vocab: Vocabulary, attention: str = "sdpa"):
         raise SodaError(f"--init-from {source}: {bad} holds a NaN or Inf; a model that diverged cannot be trained "
                         f"from (take an earlier checkpoint's export)")
     return model.train()  # from_pretrained returns eval mode; training starts from train mode as a fresh model
+
+
+def check_family(source: str, architecture: str) -> None:
+    """--init-from's model must be of the run's --architecture (each family's loader asks first): one line naming
+    the path otherwise, read from its config before any weights."""
+    from soda.checkpoints import family_of
+
+    family = family_of(source)
+    if family is not None and family != architecture:
+        raise SodaError(f"--init-from {source}: a {family} model, but this run is --architecture {architecture} (a run "
+                        f"starts from a model of its own family)")
+
+
+def load_pretrained_hierarchical(source: str, vocab: Vocabulary, attention: str = "sdpa",
+                                 loss_weights: str = "uniform"):
+    """--init-from for --architecture hierarchical: a hierarchical export (config.json model_type soda_hierarchical,
+    e.g. a run's hf/), a hierarchical run directory or its `.ckpt` (`soda.checkpoints.load_model`), in fp32 and train
+    mode. Its shape and RoPE come from the model; the attention kernel and loss weights (which the model holds) are
+    this run's. Its vocabulary must be the data's."""
+    from dataclasses import replace
+
+    from soda.checkpoints import first_nonfinite, load_model
+    from soda.hierarchical import HierarchicalModel
+
+    check_family(source, "hierarchical")
+
+    def load(weights: bool):
+        try:
+            return load_model(source, device="cpu", dtype=torch.float32, attention=attention, weights=weights,
+                              hierarchical=True)
+        except SodaError as e:  # its messages start with the path
+            raise SodaError(f"--init-from {e}") from None
+
+    theirs = load(weights=False).vocab  # checked before loading the weights
+    if theirs.size != vocab.size:
+        raise SodaError(f"--init-from {source}: the model's vocabulary has {theirs.size:,} ids but the data's has "
+                        f"{vocab.size:,}; tokenize with the same text tokenizer and codec as the model")
+    if not theirs.matches(vocab):
+        raise SodaError(f"--init-from {source}: its vocab.json differs from the data's vocabulary (ids would mean "
+                        f"other tokens)")
+    loaded = load(weights=True).model
+    if (bad := first_nonfinite(loaded.state_dict())) is not None:
+        raise SodaError(f"--init-from {source}: {bad} holds a NaN or Inf; a model that diverged cannot be trained "
+                        f"from (take an earlier checkpoint's export)")
+    model = HierarchicalModel(replace(loaded.config, attention=attention, loss_weights=loss_weights))
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    return model.train()
 
 
 def compile_model(model) -> None:

@@ -1,7 +1,8 @@
 """soda-train --architecture hierarchical: trains on the same shards (loss falls, the NLL vector is logged), resumes
 exactly, records its architecture, weighs its loss by --loss-weights without touching the NLL vector (either family),
-and refuses what it cannot do yet in one line (FSDP, --init-from, --compile, evaluation). Its export and generation:
-tests/test_hierarchical_export.py."""
+starts from a hierarchical export, run directory or checkpoint (--init-from; a model of the other family or
+vocabulary refused in one line), and refuses what it cannot do yet in one line (FSDP, --compile). Its export and
+generation: tests/test_hierarchical_export.py; its training-time samples: tests/test_samples.py."""
 
 from __future__ import annotations
 
@@ -238,12 +239,89 @@ def _error(capsys, args, prog_main=main, prog: str = "soda-train") -> str:
 
 
 @pytest.mark.parametrize("extra,said", [(["--strategy", "fsdp"], "--strategy fsdp is not supported yet"),
-                                        (["--init-from", "somewhere"], "--init-from is not supported yet"),
                                         (["--compile"], "--compile is not supported yet"),
                                         (["--attention", "flex_attention"], "sdpa or eager attention only")])
 def test_what_the_hierarchical_family_cannot_do_yet_is_refused_in_one_line(train_tokens, tmp_path, capsys, extra,
                                                                            said):
     assert said in _error(capsys, hier_args(train_tokens, tmp_path / "r") + extra)
+
+
+def test_init_from_takes_the_weights_of_a_hierarchical_export_run_directory_or_checkpoint(hier_run, train_tokens):
+    from soda.hierarchical import load_export
+    from soda.train.config import TrainConfig
+    from soda.train.run import model_for_run
+    from tokenize_audio.vocab import Vocabulary
+
+    vocab = Vocabulary.load(train_tokens)
+    want = load_export(hier_run / "hf").state_dict()
+    for source in (hier_run / "hf", hier_run, hier_run / "checkpoints" / "last.ckpt"):
+        cfg = TrainConfig(size="tiny", depth_layers=2, seq_len=128, architecture="hierarchical",
+                          init_from=str(source), loss_weights="moshi")
+        model, shape = model_for_run(cfg, vocab)
+        assert shape == model.config.shape and shape.depth_layers == 4  # the model's shape, not the size flags
+        assert model.training and model.config.loss_weights == "moshi"  # this run's loss weights
+        assert model.weights[0] == 100 and model.weights[-1] == 1
+        got = model.state_dict()
+        assert got.keys() == want.keys()
+        for name in want:
+            assert torch.equal(got[name], want[name]), (source, name)
+
+
+def test_a_run_from_an_export_starts_at_the_exported_models_loss(hier_run, train_tokens, tmp_path):
+    """Its first step's loss is the export's loss on that step's batch (the windows of the source run's first step:
+    the same seed and data)."""
+    from soda.hierarchical import load_export
+    from soda.train.cli import resolve_config
+    from soda.train.plan import batch_layout, world_size
+    from soda.train.run import build_data
+    from soda.train.sources import resolve_sources
+
+    out = tmp_path / "from_export"
+    args = hier_args(train_tokens, out, **{"--size": None, "--init-from": str(hier_run / "hf"), "--max-steps": "2"})
+    assert main(args + ["--no-export"]) == 0
+    cfg = resolve_config({}, out, True, None, [])
+    sources, vocab = resolve_sources(cfg.data, cfg.val_data, cfg.mix, cfg.vocab)
+    data = build_data(cfg, sources, vocab, *batch_layout(cfg, world_size(cfg)))
+    data.prepare_data()
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    model = load_export(hier_run / "hf").train()
+    with torch.no_grad():
+        want = float(model(batch["steps"], cfg.z_loss)[0])
+    got = losses(out)
+    assert sorted(got) == [0, 1]
+    assert got[0] == pytest.approx(want, rel=1e-5)
+    assert got[0] < losses(hier_run)[0] - 1  # far below a new model's first loss
+
+
+def test_init_from_refuses_the_other_family_and_another_vocabulary_in_one_line(hier_run, train_tokens, tmp_path,
+                                                                               capsys):
+    import json
+    import shutil
+
+    from soda.train.config import TrainConfig
+    from soda.train.run import model_for_run
+    from tokenize_audio.vocab import Vocabulary
+
+    export = hier_run / "hf"
+    said = _error(capsys, tiny_args(train_tokens, tmp_path / "a") + ["--init-from", str(export)])
+    assert f"--init-from {export}: a hierarchical model, but this run is --architecture flat" in said
+    said = _error(capsys, tiny_args(train_tokens, tmp_path / "b") + ["--init-from", str(hier_run)])
+    assert f"--init-from {hier_run}: a hierarchical model" in said
+    flat = tmp_path / "flat"
+    model, _ = model_for_run(TrainConfig(size="tiny", seq_len=128), Vocabulary.load(train_tokens))
+    model.save_pretrained(flat)
+    said = _error(capsys, hier_args(train_tokens, tmp_path / "c") + ["--init-from", str(flat)])
+    assert f"--init-from {flat}: a flat model, but this run is --architecture hierarchical" in said
+    other = tmp_path / "other"
+    shutil.copytree(export, other)
+    vocab = json.loads((other / "vocab.json").read_text())
+    vocab["bos_id"], vocab["eos_id"] = vocab["eos_id"], vocab["bos_id"]  # the same size, other meanings
+    (other / "vocab.json").write_text(json.dumps(vocab))
+    said = _error(capsys, hier_args(train_tokens, tmp_path / "d") + ["--init-from", str(other)])
+    assert f"--init-from {other}: its vocab.json differs from the data's vocabulary" in said
+    said = _error(capsys, hier_args(train_tokens, tmp_path / "e") + ["--init-from", str(tmp_path / "nowhere")])
+    assert f"--init-from {tmp_path / 'nowhere'}: no such checkpoint" in said
 
 
 def test_depth_flags_belong_to_the_hierarchical_family(train_tokens, tmp_path, capsys):

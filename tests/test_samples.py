@@ -1,4 +1,5 @@
-"""Samples while training (soda.samples): files and logs at checkpoint steps, training unaffected, failures harmless."""
+"""Samples while training (soda.samples): files and logs at checkpoint steps, training unaffected, failures harmless;
+either model family (the hierarchical one decodes with soda.generate.hierarchical)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from soda.train.samples import TTS_TEXTS
 
 SHORT = {"AUDIO_SECONDS": 0.4, "CONTINUATION_PROMPT_SECONDS": 0.4, "ASR_MAX_TEXT_TOKENS": 12}
 STEPS = dict(steps=8, **{"--ckpt-every": "4", "--val-every": "4", "--no-export": ""})
+FAMILIES = {"flat": [], "hierarchical": ["--architecture", "hierarchical"]}
 
 
 def losses(run):
@@ -40,19 +42,26 @@ def event_tags(run) -> set[str]:
     return plugins
 
 
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def sampled(train_tokens, tmp_path_factory):
+def sampled(family, train_tokens, tmp_path_factory):
     import soda.train.samples
 
-    out = tmp_path_factory.mktemp("samples") / "run"
+    out = tmp_path_factory.mktemp(f"samples_{family}") / "run"
     with pytest.MonkeyPatch.context() as mp:  # short outputs: a fast test (CPU decoding is a token at a time)
         for name, value in SHORT.items():
             mp.setattr(soda.train.samples, name, value)
-        assert train_main(tiny_args(train_tokens, out, **STEPS, **{"--sample-every": "4"})) == 0
+        assert train_main(tiny_args(train_tokens, out, **STEPS, **{"--sample-every": "4"}) + FAMILIES[family]) == 0
     return out
 
 
-def test_samples_are_written_at_checkpoint_steps_with_their_endings(sampled):
+def test_samples_are_written_at_checkpoint_steps_with_their_endings(sampled, mimi):
+    import soundfile as sf
+
     from soda.generate.prompts import ENDINGS
 
     for step in (4, 8):
@@ -67,13 +76,16 @@ def test_samples_are_written_at_checkpoint_steps_with_their_endings(sampled):
                 assert r["wav"] is None and r["ended"] in ("text_end", "max_tokens")
             elif r["wav"]:
                 assert (folder / r["wav"]).stat().st_size > 44 and r["seconds"] > 0
+                frames = r["seconds"] * mimi.frame_rate  # audio comes in whole frames, in either family
+                assert frames == pytest.approx(round(frames), abs=0.05)
+                assert sf.info(str(folder / r["wav"])).frames == round(frames) * mimi.samples_per_frame
         assert any(r["wav"] for r in records)
     assert {"audio", "image", "text"} <= event_tags(sampled)
 
 
-def test_sampling_leaves_the_losses_unchanged(sampled, train_tokens, tmp_path):
+def test_sampling_leaves_the_losses_unchanged(sampled, family, train_tokens, tmp_path):
     plain = tmp_path / "plain"
-    assert train_main(tiny_args(train_tokens, plain, **STEPS, **{"--sample-every": "0"})) == 0
+    assert train_main(tiny_args(train_tokens, plain, **STEPS, **{"--sample-every": "0"}) + FAMILIES[family]) == 0
     assert not (plain / "samples").exists()
     assert losses(plain) == losses(sampled) and len(losses(plain)) == 8
 

@@ -62,13 +62,15 @@ def config_hash(config: dict) -> str:
 
 
 def hf_tokenizer(vocab):
-    """A `PreTrainedTokenizerFast` with the vocabulary's ids (written to a temporary directory and read back)."""
+    """A `PreTrainedTokenizerFast` with the vocabulary's ids (written to a temporary directory and read back) that
+    puts BOS before what it encodes, as the model saw every document and as SODA's Llama-3 tokenizer did (lm-eval's
+    `add_bos_token` asks the tokenizer for it; it adds nothing itself)."""
     from transformers import AutoTokenizer
 
     from tokenize_audio.vocab import export_hf_tokenizer
 
     with tempfile.TemporaryDirectory(prefix="soda-lm-eval-") as tmp:
-        return AutoTokenizer.from_pretrained(str(export_hf_tokenizer(vocab, f"{tmp}/tokenizer")))
+        return AutoTokenizer.from_pretrained(str(export_hf_tokenizer(vocab, f"{tmp}/tokenizer")), add_bos_token=True)
 
 
 def lm_eval_task(name: str) -> str:

@@ -181,6 +181,12 @@ def decode_hierarchical_batch(model: HierarchicalModel, vocab, plans: list[Plan]
 # --------------------------------------------------------------------------------------------
 # The API (mirrors soda.generate.decode.generate / generate_iter)
 # --------------------------------------------------------------------------------------------
+def decoder_for(model):
+    """The batch decoder of `model`'s family, for `soda.generate.decode.generate(..., decoder=)`: this module's
+    `decode_hierarchical_batch` for a HierarchicalModel, None (the flat `decode_batch`) for any other model."""
+    return decode_hierarchical_batch if isinstance(model, HierarchicalModel) else None
+
+
 def _loaded(model: HierarchicalModel, vocab) -> LoadedModel:
     check_vocabulary(model, vocab)
     return LoadedModel(model, vocab, None, "none", "hierarchical model", next(model.parameters()).device)

@@ -79,7 +79,9 @@ class TrainConfig:
     rope_theta: float = setting(500_000.0, flag=False)  # Llama-3.1-style RoPE scaling, as SODA
     rope_factor: float = setting(8.0, flag=False)
     init_from: str | None = setting(None, sweep="reserved", help="start from this Hugging Face directory or hub id "
-                                    "(e.g. an export of another run, or soda-research/soda-600m-base)")
+                                    "(e.g. an export of another run, or soda-research/soda-600m-base); --architecture "
+                                    "hierarchical: a hierarchical export, run directory or .ckpt. The model's shape "
+                                    "is its own (the size flags are not used)")
     attention: str = setting("auto", help="auto (flex_attention on GPU: block-sparse document masks; sdpa on CPU), "
                              "sdpa, eager, flash_attention_2 (if installed), flex_attention")
     compile: bool = setting(False, action="store_true",
@@ -93,8 +95,8 @@ class TrainConfig:
         "flat", choices=ARCHITECTURES, sweep="reserved",
         help="flat (default: one Qwen3 over the flattened token stream, 8 tokens per audio frame) or hierarchical "
              "(soda.hierarchical: a Qwen3 backbone over steps, one per text token or audio frame, plus a small depth "
-             "decoder over each frame's codebooks), whose windows are --seq-len steps; it has no --init-from, --strategy "
-             "fsdp, --compile, samples or Hugging Face export yet")
+             "decoder over each frame's codebooks), whose windows are --seq-len steps; it has no --strategy fsdp or "
+             "--compile yet")
     depth_width: int | None = setting(None, type=int, at_least=1, sweep="reserved",
                                       help="hierarchical: the depth decoder's width (default: backbone width // 2)")
     depth_layers: int = setting(4, type=int, at_least=1, sweep="reserved",
@@ -391,8 +393,8 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.architecture == "flat" and cfg.depth_width is not None:
         raise SodaError("--depth-width applies to --architecture hierarchical only")
     if cfg.architecture == "hierarchical":
-        not_yet = {"--init-from": cfg.init_from, "--strategy fsdp": cfg.strategy == "fsdp", "--compile": cfg.compile}
+        not_yet = {"--strategy fsdp": cfg.strategy == "fsdp", "--compile": cfg.compile}
         for flag, given in not_yet.items():
             if given:
-                raise SodaError(f"{flag} is not supported yet for --architecture hierarchical (it trains new models "
+                raise SodaError(f"{flag} is not supported yet for --architecture hierarchical (it trains "
                                 f"under one device or DDP, without torch.compile)")

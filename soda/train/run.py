@@ -12,7 +12,8 @@ import torch
 import yaml
 
 from soda.checkpoints import checkpoint_dir, export_hf, link_last, resumable_checkpoint
-from soda.model import build_model, count_parameters, default_attention, load_pretrained, prepare_for_training, shape_of
+from soda.model import (build_model, count_parameters, default_attention, load_pretrained,
+                        load_pretrained_hierarchical, prepare_for_training, shape_of)
 from soda.shape import HierarchicalShape, ModelShape
 from soda.train.config import CONFIG_FILE, TrainConfig
 from soda.train.plan import batch_layout, describe_shape, flops_per_token_of, width_of, world_size
@@ -22,8 +23,9 @@ from tokenize_audio.shards import atomic_write_text
 
 def model_for_run(cfg: TrainConfig, vocab) -> tuple[torch.nn.Module, ModelShape | HierarchicalShape]:
     """The model this run trains (new from --size, or --init-from's weights) with its attention kernel and training
-    preparation (activation checkpointing, torch.compile), and its shape; --architecture hierarchical: a new
-    `soda.hierarchical.HierarchicalModel` and its `HierarchicalShape`."""
+    preparation (activation checkpointing, torch.compile), and its shape; --architecture hierarchical: a
+    `soda.hierarchical.HierarchicalModel` (new or --init-from's) and its `HierarchicalShape`. --init-from's model must
+    be of the run's family."""
     if cfg.architecture == "hierarchical":
         return hierarchical_for_run(cfg, vocab)
     attention = cfg.attention if cfg.attention != "auto" else default_attention("cuda" if cfg.uses_gpu() else "cpu")
@@ -48,24 +50,29 @@ def model_for_run(cfg: TrainConfig, vocab) -> tuple[torch.nn.Module, ModelShape 
 
 def hierarchical_for_run(cfg: TrainConfig, vocab) -> tuple[torch.nn.Module, HierarchicalShape]:
     """A new hierarchical model (seeded) of the backbone --size/shape flags give, with --depth-width/--depth-layers
-    and --loss-weights; sdpa attention unless --attention eager (its masks are dense [S, S] step masks)."""
+    and --loss-weights, or --init-from's (its shape; this run's --loss-weights); sdpa attention unless --attention
+    eager (its masks are dense [S, S] step masks)."""
     from soda.hierarchical import HierarchicalConfig, HierarchicalModel
 
     attention = "sdpa" if cfg.attention == "auto" else cfg.attention
     if attention not in ("sdpa", "eager"):
         raise SodaError(f"--attention {attention}: --architecture hierarchical runs sdpa or eager attention only")
-    try:
-        config = HierarchicalConfig.from_vocab(
-            cfg.shape(vocab.size), vocab, depth_width=cfg.depth_width, depth_layers=cfg.depth_layers,
-            loss_weights=cfg.loss_weights, attention=attention, rope_theta=cfg.rope_theta, rope_factor=cfg.rope_factor)
-    except ValueError as e:
-        raise SodaError(f"--architecture hierarchical: {first_line(e)}") from None
-    torch.manual_seed(cfg.seed)
-    model = HierarchicalModel(config)
+    if cfg.init_from:
+        model = load_pretrained_hierarchical(cfg.init_from, vocab, attention, cfg.loss_weights)
+    else:
+        try:
+            config = HierarchicalConfig.from_vocab(
+                cfg.shape(vocab.size), vocab, depth_width=cfg.depth_width, depth_layers=cfg.depth_layers,
+                loss_weights=cfg.loss_weights, attention=attention, rope_theta=cfg.rope_theta,
+                rope_factor=cfg.rope_factor)
+        except ValueError as e:
+            raise SodaError(f"--architecture hierarchical: {first_line(e)}") from None
+        torch.manual_seed(cfg.seed)
+        model = HierarchicalModel(config)
     if cfg.activation_checkpointing:
         for stack in (model.backbone, model.depth):
             stack.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model, config.shape
+    return model, model.config.shape
 
 
 def parameter_counts(model) -> dict[str, int]:
@@ -218,12 +225,7 @@ def callbacks_for(cfg: TrainConfig, module, sources: list, log_every: int) -> tu
     ]
     sample_every = cfg.ckpt_every if cfg.sample_every is None else cfg.sample_every
     codec = module.codec
-    if module.hierarchical:  # soda.train.samples decodes with the flat family's generate only
-        if cfg.sample_every and is_rank_zero():
-            print("soda-train: --sample-every: no samples: --architecture hierarchical has no training-time samples "
-                  "yet (soda-generate reads its checkpoints and export)",
-                  file=sys.stderr)
-    elif sample_every and codec and codec.get("spec"):
+    if sample_every and codec and codec.get("spec"):
         from soda.train.samples import Samples
 
         callbacks.append(Samples(out, sample_every, cfg.sample_max_seconds, sources, codec, cfg.seed))

@@ -1,6 +1,7 @@
 """Listen while training: a fixed, seeded set of prompts generated at checkpoint steps (`--sample-every`).
 
-Each round decodes, with `soda.generate`'s codebook-aware decoder, a few TTS sentences, one continuation of a
+Each round decodes, with `soda.generate`'s codebook-aware decoder (either family: `soda.generate.hierarchical`'s
+for a hierarchical model, the same prompts, stops and Results), a few TTS sentences, one continuation of a
 held-out utterance's first seconds and one ASR of that utterance (the first speech document of the run's
 validation shards; without one those two are skipped with a logged reason). It writes
 
@@ -185,6 +186,7 @@ class Samples(L.Callback):
         from soda.checkpoints import LoadedModel
         from soda.generate.cli import write_wave
         from soda.generate.decode import generate
+        from soda.generate.hierarchical import decoder_for
         from soda.generate.prompts import GenerationSettings
         from tokenize_audio.codecs import load_codec
         from tokenize_audio.shards import atomic_write_bytes
@@ -212,7 +214,7 @@ class Samples(L.Callback):
                 say(f"step {step}: --sample-max-seconds {self.max_seconds:g} spent; the other prompts are skipped")
                 break
             with torch.compiler.set_stance("force_eager"), trainer.strategy.precision_plugin.forward_context():
-                result = generate(loaded, [request], settings, codec)[0]
+                result = generate(loaded, [request], settings, codec, decoder=decoder_for(model))[0]
             wav = None
             if result.wave is not None and len(result.wave):
                 wav = f"{name}.wav"
