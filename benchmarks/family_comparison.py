@@ -44,6 +44,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -154,7 +155,7 @@ def train(family: str, plan: dict, out: Path) -> float:
     started = time.perf_counter()
     with open(out / f"train-{family}.log", "w") as log:
         done = subprocess.run([sys.executable, "-m", "soda.train", *plan["argv"]], stdout=log,
-                              stderr=subprocess.STDOUT, env=child_env())
+                              stderr=subprocess.STDOUT, env=child_env(), check=False)
     if done.returncode:
         sys.exit(f"family_comparison: soda-train ({family}) exited {done.returncode}; see {out}/train-{family}.log")
     return time.perf_counter() - started
@@ -200,7 +201,7 @@ def evaluate(family: str, args, tokens: Path, prompts: Path) -> dict:
     print(f"$ soda-eval {shlex.join(argv)}", flush=True)
     with open(args.out / f"eval-{family}.log", "w") as log:
         done = subprocess.run([sys.executable, "-c", EVAL, *argv], stdout=log, stderr=subprocess.STDOUT,
-                              env=child_env())
+                              env=child_env(), check=False)
     if done.returncode:
         sys.exit(f"family_comparison: soda-eval ({family}) exited {done.returncode}; see {args.out}/eval-{family}.log")
     return json.loads((out / "results.json").read_text())["tasks"]
@@ -237,31 +238,37 @@ def decode_speed(family: str, args, hshape) -> dict:
 # --------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------
+def wrap(text: str) -> str:
+    return textwrap.fill(text, 115, break_on_hyphens=False)
+
+
 def tables(summary: dict) -> str:
     fams, groups = summary["families"], summary["nll_groups"]
-    lines = [f"Training FLOPs budget {summary['budget']:.4g} (3 x forward, soda-train's count); "
-             f"{summary['machine']}; load average {summary['load_average']:.1f} at start.", "",
-             "| family | window (--seq-len) | batch (--batch-tokens) | steps | training FLOPs | vs budget | parameters "
-             "| train wall s |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [wrap(f"Training FLOPs budget {summary['budget']:.4g} (3 x forward, soda-train's count); "
+                  f"{summary['machine']}; load average {summary['load_average']:.1f} at start."), "",
+             ("| family | window (--seq-len) | batch (--batch-tokens) | steps | training FLOPs | vs budget "
+              "| parameters | train wall s |"), "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, f in fams.items():
         lines.append(f"| {name} | {f['seq_len']} | {f['batch_tokens']} | {f['steps']} | {f['flops']:.4g} "
                      f"| {f['flops'] / summary['budget'] - 1:+.2%} | {f['parameters']:,} | {f['train_seconds']:.0f} |")
-    lines += ["", f"NLL (nats/token) by group: soda-eval nll on the held-out shards in windows of "
-                  f"{summary['nll_window']} flat ids, the same for both families (in brackets: the run's last "
-                  f"val/nll_*, on its own training windows). unscored: audio ids outside whole frames, which the "
-                  f"hierarchical family gives no probability (left out of its means).", "",
+    lines += ["", wrap(f"NLL (nats/token) by group: soda-eval nll on the held-out shards in windows of "
+                       f"{summary['nll_window']} flat ids, the same for both families (in brackets: the run's last "
+                       f"val/nll_*, on its own training windows). unscored: audio ids outside whole frames, which "
+                       f"the hierarchical family gives no probability (left out of its means)."), "",
               "| family | " + " | ".join(groups) + " | unscored |", "|---|" + "---:|" * (len(groups) + 1)]
     for name, f in fams.items():
         cells = [f"{f['nll'].get(g, float('nan')):.3f} ({f['val_nll'].get(g, float('nan')):.3f})" for g in groups]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {f['unscored_tokens']} |")
-    lines += ["", f"Generation: TTS on {summary['tts_prompts']} seeded demo transcripts (soda-eval tts, SODA's "
-                  f"sampling, seed {summary['seed']}); decode speed of {summary['decode']} (greedy, KV cache, "
-                  f"silence stop off; FLOPs analytic, forward).", "",
-              "| family | TTS termination (<\\|audio_end\\|>) | TTS endings | decode audio s / wall s "
-              "| model steps / s (flat: tokens) | forward GFLOP / audio s |", "|---|---:|---|---:|---:|---:|"]
+    lines += ["", wrap(f"Generation: TTS on {summary['tts_prompts']} seeded demo transcripts (soda-eval tts, "
+                       f"SODA's sampling, seed {summary['seed']}); decode speed of {summary['decode']} (greedy, KV "
+                       f"cache, silence stop off; FLOPs analytic, forward)."), "",
+              ("| family | TTS termination (<\\|audio_end\\|>) | TTS endings | TTS mean s per output "
+               "| decode audio s / wall s | model steps / s (flat: tokens) | forward GFLOP / audio s |"),
+              "|---|---:|---|---:|---:|---:|---:|"]
     for name, f in fams.items():
         ended = ", ".join(f"{k} {v}" for k, v in sorted(f["tts_ended"].items()))
-        lines.append(f"| {name} | {f['tts_termination']:.2f} | {ended} | {f['decode']['audio_per_wall']:.2f} "
+        lines.append(f"| {name} | {f['tts_termination']:.2f} | {ended} | {f['tts_mean_seconds']:.2f} "
+                     f"| {f['decode']['audio_per_wall']:.2f} "
                      f"| {f['decode']['steps_per_second']:,.0f} "
                      f"| {f['decode']['forward_flops_per_audio_second'] / 1e9:.3g} |")
     return "\n".join(lines)
@@ -269,18 +276,20 @@ def tables(summary: dict) -> str:
 
 def write_results(text: str, command: str, summary: dict) -> None:
     path = REPO / "benchmarks" / "RESULTS.md"
-    body = (f"{SECTION}\n\n`benchmarks/family_comparison.py`: a {LABEL}, not a research result. Both families "
-            f"trained by `soda-train` on the bundled demo corpus (codec `mimi:random`, RANDOM weights) from random "
-            f"weights at one training-FLOPs budget, the hierarchical backbone of the flat model's shape "
-            f"(`--size {summary['size']}`), then scored by `soda-eval` (nll, tts) and timed by "
-            f"`benchmarks/generate_throughput.py`'s decode timing. Machine: {summary['machine']}, one run "
-            f"({summary['total_seconds']:.0f} s in all, {summary['date']}).\n\n```bash\n{command}\n```\n\n{text}\n")
+    intro = (f"`benchmarks/family_comparison.py`: a {LABEL}, not a research result. Both families trained by "
+             f"`soda-train` on the bundled demo corpus (codec `mimi:random`, RANDOM weights) from random weights at "
+             f"one training-FLOPs budget, the hierarchical backbone of the flat model's shape (`--size "
+             f"{summary['size']}`), then scored by `soda-eval` (nll, tts) and timed by "
+             f"`benchmarks/generate_throughput.py`'s decode timing. Windows and batches are the values passed to "
+             f"soda-train's `--seq-len` / `--batch-tokens`, in the unit it counts them in for each family. Machine: "
+             f"{summary['machine']}, one run ({summary['total_seconds']:.0f} s in all, {summary['date']}).")
+    body = f"{SECTION}\n\n{wrap(intro)}\n\n```bash\n{command}\n```\n\n{text}\n"
     old = path.read_text()
     start = old.find(SECTION)
     if start < 0:
         new = old.rstrip("\n") + "\n\n" + body
     else:  # up to the next heading of the same or a higher level
-        following = re.search(r"^#{1,2} ", old[start + len(SECTION):], flags=re.M)
+        following = re.search(r"^#{1,2} ", old[start + len(SECTION):], flags=re.MULTILINE)
         end = start + len(SECTION) + following.start() if following else len(old)
         new = old[:start] + body + ("\n" + old[end:] if following else "")
     path.write_text(new)
@@ -312,10 +321,11 @@ def main() -> int:
             "flops": plan["flops"], "parameters": speed["parameters"], "train_seconds": seconds,
             "nll": nll["nll_by_group"], "unscored_tokens": nll["unscored_tokens"],
             "val_nll": last_validation(args.out / family), "tts_termination": tts["termination_rate"],
-            "tts_ended": tts["ended"], "decode": speed}
-    from tokenize_audio.vocab import Vocabulary
-
+            "tts_ended": tts["ended"], "tts_mean_seconds": tts["audio_seconds"] / max(1, tts["count"]),
+            "decode": speed}
     import torch
+
+    from tokenize_audio.vocab import Vocabulary
 
     summary = {"label": LABEL, "budget": budget, "size": args.size, "nll_window": args.seq_len,
                "nll_groups": Vocabulary.load(tokens).nll_groups(), "tts_prompts": args.tts_prompts,
@@ -323,15 +333,17 @@ def main() -> int:
                "decode": f"{args.decode_batch} continuations of {args.decode_seconds:g} s after a "
                          f"{args.prompt_seconds:g} s random audio prompt",
                "machine": f"CPU, {os.cpu_count()} cores ({platform.processor() or platform.machine()}), "
-                          f"{torch.get_num_threads()} torch threads, fp32",
+                          f"{torch.get_num_threads()} torch thread{'s' if torch.get_num_threads() > 1 else ''}, fp32",
                "date": time.strftime("%Y-%m-%d"), "total_seconds": time.perf_counter() - started}
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     text = tables(summary)
     print(f"\nPIPELINE DEMONSTRATION ({summary['total_seconds']:.0f} s): tiny models, random codec, not a research "
           f"result\n\n{text}\n\nwrote {args.out / 'summary.json'}")
     if args.write:
-        command = "python benchmarks/family_comparison.py " + shlex.join(a for a in sys.argv[1:] if a != "--write")
-        write_results(text, command.strip() + " --write", summary)
+        threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if os.environ.get("OMP_NUM_THREADS") else ""
+        flags = shlex.join(a for a in sys.argv[1:] if a != "--write")
+        write_results(text, f"{threads}python benchmarks/family_comparison.py {flags} --write".replace("  ", " "),
+                      summary)
     return 0
 
 
