@@ -63,20 +63,56 @@ def build(family: str, size: str, vocab, device, seq_len: int):
     shape = ModelShape(*SIZES[size], vocab=vocab.size, seq_len=seq_len)
     if family == "flat":
         model = build_model(shape, vocab, seed=0).to(device, default_dtype(device)).eval()
-        loaded = LoadedModel(model, vocab, None, "none", f"random {size}", device)
-        return model, lambda requests, settings: generate(loaded, requests, settings)
-    torch.manual_seed(0)
-    model = HierarchicalModel(HierarchicalConfig.from_vocab(shape, vocab)).to(device, default_dtype(device)).eval()
-    return model, lambda requests, settings: generate_hierarchical(model, vocab, requests, settings)
+    else:
+        torch.manual_seed(0)
+        model = HierarchicalModel(HierarchicalConfig.from_vocab(shape, vocab)).to(device, default_dtype(device)).eval()
+    return model, decoder_for(family, model, vocab, device, f"random {size}")
+
+
+def decoder_for(family: str, model, vocab, device, label: str = "model"):
+    """`run(requests, settings) -> results`: the decoder of `family` (soda.generate's for flat, soda.generate.
+    hierarchical's) on `model`, an eval-mode model on `device` (random here; a trained one in family_comparison)."""
+    if family == "flat":
+        loaded = LoadedModel(model, vocab, None, "none", label, device)
+        return lambda requests, settings: generate(loaded, requests, settings)
+    return lambda requests, settings: generate_hierarchical(model, vocab, requests, settings)
+
+
+def time_decoding(run, requests, settings, repeat: int, device) -> tuple[float, list]:
+    """(best wall seconds of `repeat` timed runs, the last run's results), after one short warm-up call."""
+    run(requests[:1], GenerationSettings(**{**vars(settings), "max_seconds": 0.16}))
+    best, outputs = float("inf"), None
+    for _ in range(repeat):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        outputs = run(requests, settings)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best, outputs
+
+
+def continuation_requests(n: int, frames: int, codebooks: int = 8, codebook_size: int = 2048) -> list[Request]:
+    """`n` continuation requests, each a seeded random audio prompt of `frames` frames (codes, no codec needed)."""
+    rng = np.random.default_rng(0)
+    return [Request("continue", audio=rng.integers(0, codebook_size, (codebooks, frames))) for _ in range(n)]
+
+
+def model_steps(family: str, outputs) -> int:
+    """Model steps taken: a flat token each; hierarchical: a backbone step per frame or text/special id."""
+    steps = sum(len(r.ids) for r in outputs)
+    if family == "hierarchical":
+        steps -= sum(7 * r.codes.shape[1] for r in outputs if r.codes is not None)
+    return steps
 
 
 def main() -> None:
     args = parse()
     device = resolve_device(args.device)
     vocab = Vocabulary.build(byte_tokenizer(), 8, 2048)
-    rng = np.random.default_rng(0)
     frames = int(args.prompt_seconds * 12.5)
-    requests = [Request("continue", audio=rng.integers(0, 2048, (8, frames))) for _ in range(args.batch)]
+    requests = continuation_requests(args.batch, frames)
     families = ["flat", "hierarchical"] if args.family == "both" else [args.family]
     seq_len = 8 * (frames + int(args.seconds * 12.5) + 2)
     print(f"# {args.size} backbone, vocabulary {vocab.size:,}, {device} ({platform.processor() or platform.machine()}, "
@@ -96,21 +132,9 @@ def main() -> None:
         for cache in ([True] if args.skip_no_cache else [True, False]):
             settings = GenerationSettings(temperature=0, max_seconds=args.seconds, silence_seconds=0, use_cache=cache,
                                           batch_size=args.batch)
-            run(requests[:1], GenerationSettings(**{**vars(settings), "max_seconds": 0.16}))  # warm-up
-            best, outputs = float("inf"), None
-            for _ in range(args.repeat):
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                outputs = run(requests, settings)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                best = min(best, time.perf_counter() - start)
+            best, outputs = time_decoding(run, requests, settings, args.repeat, device)
             audio = sum(r.seconds for r in outputs)
-            # model steps: a flat token each; hierarchical: a backbone step per frame or text/special id
-            steps = sum(len(r.ids) for r in outputs)
-            if family == "hierarchical":
-                steps = sum(len(r.ids) - 7 * r.codes.shape[1] for r in outputs)
+            steps = model_steps(family, outputs)
             if cache:
                 cached[family] = audio / best
             print(f"| {family} | {n_params / 1e6:.1f}M | {'yes' if cache else 'no'} | {audio:.1f} | {best:.2f} "
