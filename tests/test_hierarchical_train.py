@@ -287,7 +287,7 @@ def test_a_run_from_an_export_starts_at_the_exported_models_loss(hier_run, train
     batch = next(iter(data.train_dataloader()))
     model = load_export(hier_run / "hf").train()
     with torch.no_grad():
-        want = float(model(batch["steps"], cfg.z_loss)[0])
+        want = float(model(batch, cfg.z_loss)[0])
     got = losses(out)
     assert sorted(got) == [0, 1]
     assert got[0] == pytest.approx(want, rel=1e-5)
