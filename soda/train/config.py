@@ -390,8 +390,7 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.architecture == "flat" and cfg.depth_width is not None:
         raise SodaError("--depth-width applies to --architecture hierarchical only")
     if cfg.architecture == "hierarchical":
-        not_yet = {"--init-from": cfg.init_from, "--strategy fsdp": cfg.strategy == "fsdp", "--compile": cfg.compile}
+        not_yet = {"--init-from": cfg.init_from}
         for flag, given in not_yet.items():
             if given:
-                raise SodaError(f"{flag} is not supported yet for --architecture hierarchical (it trains new models "
-                                f"under one device or DDP, without torch.compile)")
+                raise SodaError(f"{flag} is not supported yet for --architecture hierarchical (it trains new models)")
