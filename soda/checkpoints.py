@@ -331,12 +331,13 @@ def architecture_of(ckpt: dict) -> str:
 
 def _export_hierarchical(checkpoint: Path, ckpt: dict, out_dir: Path, vocab_dir, vocab) -> Path:
     """A hierarchical checkpoint as `soda.hierarchical.save_export`'s directory (config.json naming model_type
-    soda_hierarchical, model.safetensors) plus the same vocabulary, soda.json and README as a flat export."""
+    soda_hierarchical, model.safetensors) plus the same vocabulary, soda.json and README as a flat export. A sharded
+    (FSDP) checkpoint's weights are gathered whole in this process (one model.safetensors: the family's export is
+    one file), its optimizer state never read."""
     from soda.hierarchical import config_from_dict, save_export
 
-    if is_sharded(checkpoint):  # soda-train refuses FSDP for this family: no such checkpoint is written
-        raise SodaError(f"{checkpoint}: a sharded hierarchical checkpoint cannot be exported")
-    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
+    weights = load_checkpoint(checkpoint)["state_dict"] if is_sharded(checkpoint) else ckpt["state_dict"]
+    state = {k.removeprefix("model."): v for k, v in weights.items()}
     if (bad := first_nonfinite(state)) is not None:
         raise SodaError(f"{checkpoint}: not exported: {bad} holds a NaN or Inf")
     with atomic_directory(out_dir) as tmp:
@@ -712,8 +713,6 @@ def _hierarchical_from_checkpoint(path: Path, ckpt: dict, dtype, attention, weig
 
     from soda.hierarchical import HierarchicalModel, config_from_dict
 
-    if is_sharded(path):  # soda-train refuses FSDP for this family: no such checkpoint is written
-        raise SodaError(f"{path}: a sharded hierarchical checkpoint cannot be loaded")
     config = config_from_dict(ckpt["soda"]["hierarchical_config"])
     if attention in ("sdpa", "eager"):
         config = replace(config, attention=attention)

@@ -232,6 +232,34 @@ def _chunked(fn, rows: int, sliced: list, shared: list, chunk: int):
     return [torch.cat(parts) for parts in zip(*out)]
 
 
+_compiled: dict = {}
+
+
+def _terms(fn, compiled: bool):
+    """`fn` (`_unified_terms` or `_depth_terms`), or with --compile its torch.compile (fused kernels; dynamic: the
+    number of rows changes every micro-batch), made once per process."""
+    if not compiled:
+        return fn
+    if fn not in _compiled:
+        _compiled[fn] = torch.compile(fn, dynamic=True)
+    return _compiled[fn]
+
+
+class UnifiedHead(nn.Linear):
+    """The unified head: a bias-free Linear whose forward, given targets, returns their (NLL, log-sum-exp) through
+    `_chunked`, so the loss runs through the head module's own call and FSDP2 (a unit of its own) gathers the
+    weight there and reduces its gradient after. Without targets it is the plain Linear (logits)."""
+
+    def __init__(self, width: int, vocab: int):
+        super().__init__(width, vocab, bias=False)
+
+    def forward(self, hidden, targets=None, compiled: bool = False):
+        if targets is None:
+            return super().forward(hidden)
+        chunk = max(1, CHUNK_ELEMENTS // self.out_features)
+        return _chunked(_terms(_unified_terms, compiled), len(targets), [hidden, targets], [self.weight], chunk)
+
+
 class HierarchicalModel(nn.Module):
     """Backbone (`transformers.Qwen3Model` fed `inputs_embeds`; its `embed_tokens` is the flat-vocabulary table),
     the unified head, the projection into the depth width, the depth decoder (a `Qwen3Model` whose `embed_tokens`
@@ -244,7 +272,7 @@ class HierarchicalModel(nn.Module):
         self.config = config
         shape = config.shape
         self.backbone = Qwen3Model(_qwen3(shape.backbone, config, shape.backbone.seq_len, True))
-        self.unified_head = nn.Linear(shape.backbone.width, shape.unified_vocab, bias=False)
+        self.unified_head = UnifiedHead(shape.backbone.width, shape.unified_vocab)
         self.depth_in = nn.Linear(shape.backbone.width, shape.depth_width, bias=False)
         self.depth = Qwen3Model(_qwen3(shape.depth, config, shape.n_codebooks, False))
         self.depth_heads = nn.Parameter(torch.empty(shape.n_codebooks - 1, shape.codebook_size, shape.depth_width))
@@ -295,8 +323,8 @@ class HierarchicalModel(nn.Module):
             valid = valid & batch["loss_mask"][:, 1:].bool()
         prev, nxt = h[:, :-1], codes[:, 1:]
         target = nxt[..., 0][valid]
-        chunk = max(1, CHUNK_ELEMENTS // shape.unified_vocab)
-        nll, lse = _chunked(_unified_terms, len(target), [prev[valid], target], [self.unified_head.weight], chunk)
+        compiled = getattr(self, "soda_compiled_loss", False)
+        nll, lse = self.unified_head(prev[valid], target, compiled)
         groups = self._group_of(target)
         w = self.weights[groups]
         num = (w * (nll + z_loss * lse.square())).sum()
@@ -306,20 +334,24 @@ class HierarchicalModel(nn.Module):
         sums[1].index_add_(0, groups, torch.ones_like(nll, dtype=torch.float64))
         if k > 1:
             is_frame = valid & (nxt[..., 1] != PAD)
-            frames = nxt[is_frame]
-            if len(frames):
-                hd = self.depth_hidden(prev[is_frame], frames)
-                code = frames[:, 1:] - shape.audio_base - torch.arange(1, k, device=h.device) * c
-                chunk = max(1, CHUNK_ELEMENTS // ((k - 1) * c))
-                dnll, dlse = _chunked(_depth_terms, len(frames), [hd, code], [self.depth_heads], chunk)
-                dw = self.weights[2 + torch.arange(1, k, device=h.device)].expand_as(dnll)
-                num = num + (dw * (dnll + z_loss * dlse.square())).sum()
-                den = den + dw.sum()
+            frames, before = nxt[is_frame], prev[is_frame]
+            scored = len(frames) > 0
+            if not scored:
+                # The depth decoder still runs, on a stand-in frame weighted 0: every rank then takes part in the
+                # same collectives (FSDP gathers the depth layers in their forward; DDP reduces every gradient), and
+                # the depth parameters get zero gradients.
+                frames = shape.audio_base + torch.arange(k, device=h.device)[None] * c
+                before = h[0, :1]
+            hd = self.depth_hidden(before, frames)
+            code = frames[:, 1:] - shape.audio_base - torch.arange(1, k, device=h.device) * c
+            chunk = max(1, CHUNK_ELEMENTS // ((k - 1) * c))
+            dnll, dlse = _chunked(_terms(_depth_terms, compiled), len(frames), [hd, code], [self.depth_heads], chunk)
+            dw = self.weights[2 + torch.arange(1, k, device=h.device)].expand_as(dnll) * scored
+            num = num + (dw * (dnll + z_loss * dlse.square())).sum()
+            den = den + dw.sum()
+            if scored:
                 sums[0, 3:] += dnll.detach().double().sum(0)
                 sums[1, 3:] += len(frames)
-            else:  # no frame to score: the depth parameters still take part (zero gradients), as DDP expects
-                num = num + 0.0 * sum(p.sum() for p in (*self.depth.parameters(), self.depth_in.weight,
-                                                        self.depth_heads))
         return num / den.clamp(min=1e-12), sums
 
     def _group_of(self, targets: torch.Tensor) -> torch.Tensor:
@@ -328,6 +360,24 @@ class HierarchicalModel(nn.Module):
         special = ((targets >= cfg.text_size) & (targets < cfg.shape.audio_base)) | (targets == cfg.bos_id) | (
             targets == cfg.eos_id)
         return torch.where(targets >= cfg.shape.audio_base, 2, special.long())
+
+
+def prepare_for_training(model: HierarchicalModel, activation_checkpointing: bool = False,
+                         compile: bool = False) -> None:
+    """soda-train's --activation-checkpointing and --compile for this family, as `soda.model.prepare_for_training`
+    does them for the flat one: transformers' non-reentrant per-layer checkpointing in the backbone and the depth
+    decoder, then torch.compile of every layer of both, in place (state-dict keys, checkpoints and exports are
+    unchanged), and of the loss's per-chunk arithmetic. Dynamic shapes: a micro-batch's step count (padded to a
+    multiple of 16) and its frame count change from one micro-batch to the next."""
+    stacks = (model.backbone, model.depth)
+    if activation_checkpointing:
+        for stack in stacks:
+            stack.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if compile:
+        for stack in stacks:
+            for layer in stack.layers:
+                layer.compile(dynamic=True)
+        model.soda_compiled_loss = True
 
 
 def nll_vector(sums: torch.Tensor, groups: list[str]) -> dict[str, float]:

@@ -1,7 +1,8 @@
 """soda-train --architecture hierarchical: trains on the same shards (loss falls, the NLL vector is logged), resumes
 exactly, records its architecture, weighs its loss by --loss-weights without touching the NLL vector (either family),
 starts from a hierarchical export, run directory or checkpoint (--init-from; a model of the other family or
-vocabulary refused in one line), and refuses what it cannot do yet in one line (FSDP, --compile). Its export and
+vocabulary refused in one line), trains under DDP and FSDP (sharded checkpoints, resume, export) and with --compile,
+and refuses what it cannot do yet in one line (flex attention). Its windows are steps, read exactly. Its export and
 generation: tests/test_hierarchical_export.py; its training-time samples: tests/test_samples.py."""
 
 from __future__ import annotations
@@ -227,6 +228,38 @@ def test_activation_checkpointing_gives_the_hierarchical_model_the_same_gradient
         assert torch.allclose(g, grads[1][name], atol=1e-6), name
 
 
+def test_compile_gives_the_hierarchical_model_the_same_loss_and_gradients(train_tokens, capsys):
+    """--compile with --activation-checkpointing (`soda.hierarchical.prepare_for_training`: every backbone and depth
+    decoder layer and the loss's chunk arithmetic through torch.compile, the layers recomputed in the backward):
+    micro-batches of different step and frame counts give the eager model's losses and gradients, and the state
+    dict keeps its plain keys. Tested on the model (about 15 s of compiling on the CPU), not a soda-train run (about
+    a minute); the flag itself is accepted for the family."""
+    from soda.hierarchical import StepCollate
+    from soda.train.config import TrainConfig, make_config
+    from soda.train.run import model_for_run
+    from tokenize_audio.vocab import Vocabulary
+
+    vocab = Vocabulary.load(train_tokens)
+    batches = [StepCollate(vocab)(_mixed_windows(vocab, n=n, length=length, seed=n))["steps"]
+               for n, length in ((4, 88), (3, 120))]
+    results = []
+    for compiled in (False, True):
+        cfg = TrainConfig(size="tiny", seq_len=128, architecture="hierarchical", activation_checkpointing=compiled,
+                          compile=compiled)
+        model, _ = model_for_run(cfg, vocab)
+        model.train()
+        losses_ = [model(steps, 1e-4)[0] for steps in batches]
+        sum(losses_).backward()
+        results.append(([float(x) for x in losses_], {n: p.grad for n, p in model.named_parameters()}))
+    assert all(layer._compiled_call_impl is not None for layer in (*model.backbone.layers, *model.depth.layers))
+    assert not any("_orig_mod" in k for k in model.state_dict())
+    (eager, eager_grads), (got, got_grads) = results
+    assert got == pytest.approx(eager, rel=1e-5)
+    for name, g in eager_grads.items():
+        assert torch.allclose(got_grads[name], g, atol=1e-5), name
+    assert make_config({"architecture": "hierarchical", "compile": True, "strategy": "fsdp"}).compile
+
+
 def _error(capsys, args, prog_main=main, prog: str = "soda-train") -> str:
     with pytest.raises(SystemExit) as exc:
         prog_main(args)
@@ -238,9 +271,7 @@ def _error(capsys, args, prog_main=main, prog: str = "soda-train") -> str:
     return last
 
 
-@pytest.mark.parametrize("extra,said", [(["--strategy", "fsdp"], "--strategy fsdp is not supported yet"),
-                                        (["--compile"], "--compile is not supported yet"),
-                                        (["--attention", "flex_attention"], "sdpa or eager attention only")])
+@pytest.mark.parametrize("extra,said", [(["--attention", "flex_attention"], "sdpa or eager attention only")])
 def test_what_the_hierarchical_family_cannot_do_yet_is_refused_in_one_line(train_tokens, tmp_path, capsys, extra,
                                                                            said):
     assert said in _error(capsys, hier_args(train_tokens, tmp_path / "r") + extra)
@@ -354,20 +385,161 @@ def test_dry_run_plans_a_hierarchical_model(capsys):
     assert "FLOPs per step (training" in out and "steps of 2048 x 1024 = 2,097,152 steps" in out
 
 
-@pytest.mark.slow
-def test_two_process_ddp_on_cpu_trains_the_hierarchical_model(train_tokens, tmp_path):
-    """Lightning's own two-process launch (gloo): every parameter takes part in every step (DDP would hang or fail
-    otherwise), and the run logs every step's loss and NLL vector."""
+def run_cli(args: list[str]):
+    """soda-train in a subprocess (Lightning launches the other ranks from it)."""
     import os
     import subprocess
     import sys
 
-    out = tmp_path / "ddp"
-    args = tiny_args(train_tokens, out, steps=6, **{"--ckpt-every": "3", "--val-every": "3"}) + HIER + [
-        "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-    done = subprocess.run([sys.executable, "-m", "soda.train", *args], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, "-m", "soda.train", *args], capture_output=True, text=True, env=env,
                           timeout=600)
+
+
+def two_rank_args(data: Path, out: Path, strategy: str) -> list[str]:
+    """Six steps of 8 sequences on two CPU ranks (gloo), checkpoints at steps 3 and 6."""
+    return tiny_args(data, out, steps=6, **{"--ckpt-every": "3", "--val-every": "3"}) + HIER + [
+        "--accelerator", "cpu", "--devices", "2", "--strategy", strategy]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(train_tokens, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("hier-ddp") / "run"
+    done = run_cli(two_rank_args(train_tokens, out, "ddp"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 devices x 4 sequences" in done.stderr
-    assert sorted(losses(out)) == list(range(6)) and len(losses(out, "train/nll_acoustic_cb7")) == 6
+    return out
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(train_tokens, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("hier-fsdp") / "run"
+    done = run_cli(two_rank_args(train_tokens, out, "fsdp"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_cpu_trains_the_hierarchical_model(ddp_run):
+    """Lightning's own two-process launch (gloo): every parameter takes part in every step (DDP would hang or fail
+    otherwise), and the run logs every step's loss and NLL vector."""
+    assert sorted(losses(ddp_run)) == list(range(6)) and len(losses(ddp_run, "train/nll_acoustic_cb7")) == 6
+
+
+@pytest.mark.slow
+def test_fsdp_trains_the_hierarchical_model_as_ddp_does_and_exports_it_from_its_shards(fsdp_run, ddp_run):
+    """--strategy fsdp on two ranks: the same losses as DDP at every step; every rank writes its shards of each
+    checkpoint; RUN/hf, gathered from the last sharded step, holds exactly its weights and loads as the family."""
+    from soda.checkpoints import DCP_INDEX, LIGHTNING_META, load_checkpoint, load_model
+
+    want, got = losses(ddp_run), losses(fsdp_run)
+    assert sorted(got) == list(range(6))
+    for step in got:
+        assert got[step] == pytest.approx(want[step], rel=1e-5), step
+    step6 = fsdp_run / "checkpoints" / "step0000006.ckpt"
+    assert {p.name for p in step6.iterdir()} == {"__0_0.distcp", "__1_0.distcp", DCP_INDEX, LIGHTNING_META}
+    saved = load_checkpoint(step6)["state_dict"]  # the shards read whole
+    assert load_checkpoint(step6, mmap=True)["soda"]["architecture"] == "hierarchical"
+    exported = load_model(str(fsdp_run / "hf"), device="cpu", hierarchical=True).model
+    direct = load_model(str(step6), device="cpu", hierarchical=True).model
+    for name, tensor in exported.state_dict().items():
+        assert torch.equal(tensor, saved[f"model.{name}"]) and torch.equal(tensor, direct.state_dict()[name]), name
+    ddp = load_model(str(ddp_run / "hf"), device="cpu", hierarchical=True).model
+    for name, tensor in exported.state_dict().items():
+        assert torch.allclose(tensor, ddp.state_dict()[name], atol=1e-5), name
+
+
+@pytest.mark.slow
+def test_fsdp_hierarchical_run_resumes_from_its_sharded_checkpoint_exactly(fsdp_run, train_tokens, tmp_path):
+    """Resumed from step 3's shards (the later step moved away): the same losses at steps 3-5 and the same step-6
+    weights as the uninterrupted run."""
+    import shutil
+
+    from soda.checkpoints import load_checkpoint
+
+    out = tmp_path / "resumed"
+    shutil.copytree(fsdp_run, out, symlinks=True)
+    shutil.rmtree(out / "hf")
+    (out / "checkpoints" / "step0000006.ckpt").rename(out / "checkpoints" / "later")
+    done = run_cli(two_rank_args(train_tokens, out, "fsdp") + ["--resume", "--no-export"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Restored all states from the checkpoint" in done.stderr
+    want, got = losses(fsdp_run), losses(out)
+    for step in range(3, 6):
+        assert got[step] == pytest.approx(want[step], rel=1e-6), step
+    a = load_checkpoint(fsdp_run / "checkpoints" / "step0000006.ckpt")["state_dict"]
+    b = load_checkpoint(out / "checkpoints" / "step0000006.ckpt")["state_dict"]
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name], b[name], rtol=0, atol=1e-6), name
+
+
+def _fsdp_rank(rank: int, world: int, port: int, data: str, result: str) -> None:
+    """One rank of `test_fsdp_ranks_without_frames_still_run_the_depth_decoder`: the model sharded by
+    SodaModule.configure_model; rank 1's micro-batch is all text (no frame to score)."""
+    import datetime
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from soda.train.config import TrainConfig
+    from soda.train.module import SodaModule
+    from soda.train.run import model_for_run
+    from tokenize_audio.vocab import Vocabulary
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    vocab = Vocabulary.load(data)
+    cfg = TrainConfig(size="tiny", seq_len=128, architecture="hierarchical")
+    model, _ = model_for_run(cfg, vocab)
+    module = SodaModule(model, cfg, vocab, steps=1, micro_per_step=1, flops_per_token=1.0)
+    module._device_mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("data_parallel",))
+    module.configure_model()
+    model.train()
+    loss = model(_rank_batch(vocab, rank), 1e-4)[0]
+    loss.backward()
+    grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}  # the mean over ranks
+    if rank == 0:
+        torch.save({"grads": grads, "loss": loss.detach()}, result)
+    dist.destroy_process_group()
+
+
+def _rank_batch(vocab, rank: int) -> dict:
+    from soda.hierarchical import StepCollate
+
+    windows = _mixed_windows(vocab, n=2, seed=rank)
+    if rank == 1:  # text and markers only
+        for w in windows:
+            w["input_ids"] = torch.where(w["input_ids"] >= vocab.audio_base, vocab.text_start, w["input_ids"])
+    return StepCollate(vocab)(windows)["steps"]
+
+
+@pytest.mark.slow
+def test_fsdp_ranks_without_frames_still_run_the_depth_decoder(train_tokens, tmp_path):
+    """FSDP gathers the depth decoder's layers in their forward, so every rank must run it every step: a rank whose
+    micro-batch holds no frame runs it on a stand-in frame weighted 0 (it would otherwise wait for the others
+    forever). The sharded gradients equal the unsharded model's, averaged over the two ranks' batches."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from soda.train.config import TrainConfig
+    from soda.train.run import model_for_run
+    from tokenize_audio.vocab import Vocabulary
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_fsdp_rank, args=(2, port, str(train_tokens), str(tmp_path / "grads.pt")), nprocs=2)
+    sharded = torch.load(tmp_path / "grads.pt", weights_only=True)
+    vocab = Vocabulary.load(train_tokens)
+    model, _ = model_for_run(TrainConfig(size="tiny", seq_len=128, architecture="hierarchical"), vocab)
+    model.train()
+    assert (_rank_batch(vocab, 1)["codes"][..., 1] == -1).all()  # rank 1 has no frame
+    losses_ = [model(_rank_batch(vocab, rank), 1e-4)[0] for rank in (0, 1)]
+    (sum(losses_) / 2).backward()
+    assert torch.allclose(sharded["loss"], losses_[0].detach(), atol=1e-6)
+    for name, p in model.named_parameters():
+        assert torch.allclose(sharded["grads"][name], p.grad, atol=1e-6), name

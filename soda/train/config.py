@@ -392,9 +392,3 @@ def validate(cfg: TrainConfig) -> None:
         raise SodaError(f"loss_weights {cfg.loss_weights!r}: choose one of {', '.join(LOSS_WEIGHTS)}")
     if cfg.architecture == "flat" and cfg.depth_width is not None:
         raise SodaError("--depth-width applies to --architecture hierarchical only")
-    if cfg.architecture == "hierarchical":
-        not_yet = {"--strategy fsdp": cfg.strategy == "fsdp", "--compile": cfg.compile}
-        for flag, given in not_yet.items():
-            if given:
-                raise SodaError(f"{flag} is not supported yet for --architecture hierarchical (it trains "
-                                f"under one device or DDP, without torch.compile)")

@@ -171,16 +171,24 @@ class SodaModule(L.LightningModule):
 
     def configure_model(self) -> None:
         """--strategy fsdp (Lightning's ModelParallelStrategy): shard with FSDP2, one unit per decoder layer, one for
-        the LM head and one for the rest (embedding, final norm). Other strategies need nothing here."""
+        the LM head and one for the rest. Flat: the rest is the embedding and final norm. Hierarchical: a unit per
+        backbone and depth decoder layer, one for the unified head (its loss runs through the head's own call), and
+        the whole model for the rest (the embeddings, norms, depth projection and the acoustic heads, which the
+        model's forward uses directly). Other strategies need nothing here."""
         if getattr(self, "_device_mesh", None) is None or getattr(self, "_sharded", False):
             return
         from torch.distributed.fsdp import fully_shard
 
         mesh = self.device_mesh["data_parallel"]
-        for layer in self.model.model.layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(self.model.get_output_embeddings(), mesh=mesh)
-        fully_shard(self.model.model, mesh=mesh)
+        if self.hierarchical:
+            units = [*self.model.backbone.layers, *self.model.depth.layers, self.model.unified_head]
+            rest = self.model
+        else:
+            units = [*self.model.model.layers, self.model.get_output_embeddings()]
+            rest = self.model.model
+        for unit in units:
+            fully_shard(unit, mesh=mesh)
+        fully_shard(rest, mesh=mesh)
         self._sharded = True
 
     # --- validation ----------------------------------------------------------------------------

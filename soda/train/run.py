@@ -51,8 +51,9 @@ def model_for_run(cfg: TrainConfig, vocab) -> tuple[torch.nn.Module, ModelShape 
 def hierarchical_for_run(cfg: TrainConfig, vocab) -> tuple[torch.nn.Module, HierarchicalShape]:
     """A new hierarchical model (seeded) of the backbone --size/shape flags give, with --depth-width/--depth-layers
     and --loss-weights, or --init-from's (its shape; this run's --loss-weights); sdpa attention unless --attention
-    eager (its masks are dense [S, S] step masks)."""
-    from soda.hierarchical import HierarchicalConfig, HierarchicalModel
+    eager (its masks are dense [S, S] step masks); with --activation-checkpointing and --compile
+    (`soda.hierarchical.prepare_for_training`)."""
+    from soda.hierarchical import HierarchicalConfig, HierarchicalModel, prepare_for_training as prepare_hierarchical
 
     attention = "sdpa" if cfg.attention == "auto" else cfg.attention
     if attention not in ("sdpa", "eager"):
@@ -69,9 +70,7 @@ def hierarchical_for_run(cfg: TrainConfig, vocab) -> tuple[torch.nn.Module, Hier
             raise SodaError(f"--architecture hierarchical: {first_line(e)}") from None
         torch.manual_seed(cfg.seed)
         model = HierarchicalModel(config)
-    if cfg.activation_checkpointing:
-        for stack in (model.backbone, model.depth):
-            stack.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    prepare_hierarchical(model, cfg.activation_checkpointing, cfg.compile)
     return model, model.config.shape
 
 
