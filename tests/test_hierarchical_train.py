@@ -234,13 +234,15 @@ def test_compile_gives_the_hierarchical_model_the_same_loss_and_gradients(train_
     micro-batches of different step and frame counts give the eager model's losses and gradients, and the state
     dict keeps its plain keys. Tested on the model (about 15 s of compiling on the CPU), not a soda-train run (about
     a minute); the flag itself is accepted for the family."""
-    from soda.hierarchical import StepCollate
+    from torch.utils.data import default_collate
+
+    from soda.hierarchical import regroup_batch
     from soda.train.config import TrainConfig, make_config
     from soda.train.run import model_for_run
     from tokenize_audio.vocab import Vocabulary
 
     vocab = Vocabulary.load(train_tokens)
-    batches = [StepCollate(vocab)(_mixed_windows(vocab, n=n, length=length, seed=n))["steps"]
+    batches = [regroup_batch(default_collate(_mixed_windows(vocab, n=n, length=length, seed=n)), vocab, multiple=16)
                for n, length in ((4, 88), (3, 120))]
     results = []
     for compiled in (False, True):
@@ -507,13 +509,15 @@ def _fsdp_rank(rank: int, world: int, port: int, data: str, result: str) -> None
 
 
 def _rank_batch(vocab, rank: int) -> dict:
-    from soda.hierarchical import StepCollate
+    from torch.utils.data import default_collate
+
+    from soda.hierarchical import regroup_batch
 
     windows = _mixed_windows(vocab, n=2, seed=rank)
     if rank == 1:  # text and markers only
         for w in windows:
             w["input_ids"] = torch.where(w["input_ids"] >= vocab.audio_base, vocab.text_start, w["input_ids"])
-    return StepCollate(vocab)(windows)["steps"]
+    return regroup_batch(default_collate(windows), vocab, multiple=16)
 
 
 @pytest.mark.slow
