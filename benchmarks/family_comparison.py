@@ -14,8 +14,8 @@ Matched FLOPs. A run's training FLOPs are what soda-train counts (MFU, `--dry-ru
 resolved from the very flags the run is given. The budget is the flat run's at `--flat-steps` (or `--budget`), and
 each family gets the step count whose total comes nearest it. The hierarchical run's window and batch are their own
 flags (`--hier-seq-len`, default the flat `--seq-len` // 8; `--hier-batch-tokens`, default `--batch-tokens` // 8),
-passed to soda-train as `--seq-len` / `--batch-tokens`: whether soda-train counts them in flat tokens or in steps
-(a text token or a whole audio frame), the FLOPs come from its own formula, so the budget holds either way.
+passed to soda-train as `--seq-len` / `--batch-tokens`, which for this family count steps (a text token or a whole
+audio frame): by default a hierarchical window holds the audio of a flat one, and a batch as many windows.
 
 Figures, each family through the product's own paths:
 - NLL vector: `soda-eval RUN/hf --tasks nll` on the demo's held-out shards, every held-out document scored in windows
