@@ -118,6 +118,22 @@ def test_rows_of_every_layout_become_items_and_bad_rows_are_skipped_with_reasons
         read_items([str(tmp_path / "missing.json")])
 
 
+def test_a_dataset_moved_elsewhere_holds_out_the_same_clips_and_keeps_its_order(qa, tmp_path):
+    """The held-out clips and the shards' order come from each clip's path relative to its --data file: a copy of the
+    set elsewhere (another machine, another run directory) splits and trains alike; they hashed absolute paths."""
+    from soda.finetune.instruct_data import held_out_clips, shard_order
+
+    moved = shutil.copytree(qa, tmp_path / "elsewhere" / "qa")
+    runs = []
+    for root in (qa, moved):
+        items, _, _ = read_items([f"qa={root / 'train.json'}"])
+        held = held_out_clips(items, 0.25)
+        assert 0 < len(held) < len({i.clip for i in items})
+        runs.append(([i.id for i in items if i.clip in held], [i.id for i in shard_order(items, seed=3)]))
+    assert runs[0] == runs[1]
+    assert runs[0][1] != [i.id for i in shard_order(read_items([str(qa / "train.json")])[0], seed=4)]
+
+
 def test_caps_and_temperature_sampling(qa):
     items, _, _ = read_items([str(qa / "train.json")])
     kept, dropped = cap_items(items, parse_caps("5"), seed=1)

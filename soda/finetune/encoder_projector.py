@@ -246,11 +246,11 @@ def prepare_items(s: EncoderProjectorSettings, out: Path, progress: bool) -> dic
         EvalIndex,
         cap_items,
         contamination_message,
+        held_out_clips,
         parse_caps,
         read_items,
         temperature_weights,
     )
-    from tokenize_audio.documents import validation_recordings
 
     if any(spec.split("=", 1)[-1].startswith("hf:") for spec in s.data):
         raise SodaError(f"--data hf:...: the {ARCHITECTURE} family reads audio files; write the dataset's rows as "
@@ -274,7 +274,7 @@ def prepare_items(s: EncoderProjectorSettings, out: Path, progress: bool) -> dic
         kept.append(item)
     # the native path's rule (a clip's items stay together, at least one clip held out): on the same data, both
     # families validate on the same clips
-    held = validation_recordings([i.clip for i in kept], s.validation_fraction)
+    held = held_out_clips(kept, s.validation_fraction)
     splits = {"train": [i for i in kept if i.clip not in held], "validation": [i for i in kept if i.clip in held]}
     if not splits["train"]:
         reasons = "; ".join(sorted({x["reason"].split(":")[0] for x in skipped})) or "all held out for validation"

@@ -47,6 +47,7 @@ class InstructItem:
     response: str
     task: str | None
     source: str
+    key: str = ""  # the clip's name wherever the data lies: its path relative to its --data file (`clip_keys`)
 
     @property
     def clip(self) -> str:
@@ -57,6 +58,27 @@ class InstructItem:
     def file_id(self) -> str:
         """The audio file's name without its suffix (an AudioSet/YouTube id, a Clotho file name ...)."""
         return Path(str(self.audio)).stem if isinstance(self.audio, str) else str(self.audio)
+
+
+def clip_keys(items: list[InstructItem]) -> dict[str, str]:
+    """A name for each clip that does not depend on where the data lies: an audio file's path relative to the
+    `--data` file that names it (a dataset clip as it is). The held-out clips and the shards' order hash these, so
+    the same dataset copied or moved elsewhere splits and trains alike."""
+    return {i.clip: i.key or i.clip for i in items}
+
+
+def held_out_clips(items: list[InstructItem], fraction: float) -> set[str]:
+    """The clips held out for validation (all of a clip's items go together; at least one clip when `fraction` > 0),
+    chosen by `validation_recordings` on their `clip_keys`: both model families hold out the same clips."""
+    keys = clip_keys(items)
+    held = validation_recordings(sorted(set(keys.values())), fraction)
+    return {clip for clip, key in keys.items() if key in held}
+
+
+def shard_order(items: list[InstructItem], seed: int) -> list[InstructItem]:
+    """The order items are written to shards in: seeded by clip (`clip_keys`), a clip's items together."""
+    keys = clip_keys(items)
+    return sorted(items, key=lambda i: (holdout_score(f"{seed}/{keys[i.clip]}"), keys[i.clip], i.id))
 
 
 def _text(value) -> str | None:
@@ -75,7 +97,8 @@ def to_item(row, base: Path | None, pid: str, source: str) -> InstructItem:
     if any(k in row for k in ("choices", "options", "choice_a", "option_a")):
         item = normalise(row, base, pid)  # MCQ layouts: their reader's rules and errors
         return InstructItem(item.id, item.audio, mcq_instruction(item.question, item.choices),
-                            mcq_response(item.choices[item.answer]), task or item.domain, name)
+                            mcq_response(item.choices[item.answer]), task or item.domain, name,
+                            _key(item.audio, base))
     instruction = next((_text(row.get(k)) for k in INSTRUCTION_FIELDS if _text(row.get(k))), None)
     instruction = instruction or _text(row.get("question"))
     response = next((_text(row.get(k)) for k in RESPONSE_FIELDS if _text(row.get(k))), None)
@@ -93,7 +116,13 @@ def to_item(row, base: Path | None, pid: str, source: str) -> InstructItem:
         raise ValueError("no audio path")
     if isinstance(audio, str) and base is not None and not Path(audio).is_absolute():
         audio = str((base / audio).resolve())
-    return InstructItem(rid, audio, instruction, response, task, name)
+    return InstructItem(rid, audio, instruction, response, task, name, _key(audio, base))
+
+
+def _key(audio, base: Path | None) -> str:
+    import os
+
+    return os.path.relpath(audio, base) if isinstance(audio, str) and base is not None else str(audio)
 
 
 def parse_data(spec: str) -> tuple[str, str]:
@@ -264,7 +293,7 @@ def write_source(out: Path, items: list[InstructItem], vocab, codec, evaluation:
     from tokenize_audio.sources import Corpus
 
     out.mkdir(parents=True, exist_ok=True)
-    held = validation_recordings([i.clip for i in items], validation_fraction)  # a clip's items stay together
+    held = held_out_clips(items, validation_fraction)
     settings = TokenizeSettings(codec.describe(), vocab.text_tokenizer_source, ("instruct",), validation_fraction,
                                 recordings_per_shard=items_per_shard)
     base = settings.to_dict() | {"vocab": vocab.to_dict(), "drop": evaluation.digest if drop else None}
@@ -272,8 +301,7 @@ def write_source(out: Path, items: list[InstructItem], vocab, codec, evaluation:
     with tqdm(total=len(items), unit="item", desc=f"encoding {out.name}", disable=not progress,
               dynamic_ncols=True) as bar:
         for split in ("train", "validation"):
-            chosen = sorted((i for i in items if (i.clip in held) == (split == "validation")),
-                            key=lambda i: (holdout_score(f"{seed}/{i.clip}"), i.clip, i.id))
+            chosen = shard_order([i for i in items if (i.clip in held) == (split == "validation")], seed)
             for first in range(0, len(chosen), items_per_shard):
                 chunk = chosen[first:first + items_per_shard]
                 name = f"{split}-speech-{first // items_per_shard:05d}"
