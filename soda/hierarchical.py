@@ -367,8 +367,8 @@ def prepare_for_training(model: HierarchicalModel, activation_checkpointing: boo
     """soda-train's --activation-checkpointing and --compile for this family, as `soda.model.prepare_for_training`
     does them for the flat one: transformers' non-reentrant per-layer checkpointing in the backbone and the depth
     decoder, then torch.compile of every layer of both, in place (state-dict keys, checkpoints and exports are
-    unchanged), and of the loss's per-chunk arithmetic. Dynamic shapes: a micro-batch's step count (padded to a
-    multiple of 16) and its frame count change from one micro-batch to the next."""
+    unchanged), and of the loss's per-chunk arithmetic. Dynamic shapes: a micro-batch's frame count (and outside
+    training, its step count) changes from one micro-batch to the next."""
     stacks = (model.backbone, model.depth)
     if activation_checkpointing:
         for stack in stacks:
