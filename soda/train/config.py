@@ -95,8 +95,7 @@ class TrainConfig:
         "flat", choices=ARCHITECTURES, sweep="reserved",
         help="flat (default: one Qwen3 over the flattened token stream, 8 tokens per audio frame) or hierarchical "
              "(soda.hierarchical: a Qwen3 backbone over steps, one per text token or audio frame, plus a small depth "
-             "decoder over each frame's codebooks), whose windows are --seq-len steps; it has no --strategy fsdp or "
-             "--compile yet")
+             "decoder over each frame's codebooks), whose windows are --seq-len steps (sdpa or eager attention)")
     depth_width: int | None = setting(None, type=int, at_least=1, sweep="reserved",
                                       help="hierarchical: the depth decoder's width (default: backbone width // 2)")
     depth_layers: int = setting(4, type=int, at_least=1, sweep="reserved",
