@@ -236,7 +236,7 @@ def tuned(tiny_run, qa, tmp_path_factory) -> Path:
     args = ["instruct", "--init-from", str(tiny_run), "--data", f"mcq={qa / 'train.json'}", "--data",
             f"free={qa / 'instruct.jsonl'}", "--eval-sets", str(qa / "test.json"), "--out", str(out), "--config",
             str(fast), "--validation-fraction", "0", "--seq-len", "512", "--batch-tokens", "2048", "--lr", "1e-2",
-            "--warmup", "0.1", "--epochs", "18", "--workers", "0", "--log-every", "1", "--ckpt-every", "60",
+            "--warmup", "0.1", "--epochs", "32", "--workers", "0", "--log-every", "1", "--ckpt-every", "60",
             "--quiet"]
     try:
         assert main(args + ["--max-steps", "60"]) == 0  # as if stopped there
