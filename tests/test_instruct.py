@@ -306,8 +306,9 @@ def test_weak_strong_split_labels_text_answerable_items_weak_and_audio_required_
     strong = [kind[i["id"]] for i in json.loads((out / "mcq_strong.json").read_text())]
     text_weak = weak.count("text-answerable") / (weak + strong).count("text-answerable")
     audio_weak = weak.count("audio-required") / (weak + strong).count("audio-required")
-    # with silence the tuned model guesses the audio-required ones by its priors: 0.3-0.55 of them land weak, as the
-    # training order (from the clips' paths) varies; the text-answerable ones stay answerable
+    # with silence the tuned model guesses the audio-required ones by its priors: about half of them land weak (0.47
+    # on one thread here; the bound leaves room for another machine's arithmetic); the text-answerable ones stay
+    # answerable
     assert text_weak >= 0.9 and audio_weak <= 0.6 and text_weak - audio_weak >= 0.4, (text_weak, audio_weak)
     rows = [json.loads(line) for line in (out / "items" / "mcq.jsonl").read_text().splitlines()]
     # how much the answer's share among the options falls without audio: little where the words give it away
