@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from soda.generate.decode import _allowed_table
+from soda.generate.decode import allowed_table
 from soda.generate.hierarchical import decoding_flops_per_audio_second, generate_hierarchical
 from soda.generate.prompts import ENDINGS, GenerationSettings, Request, build_plan
 from soda.hierarchical import HierarchicalConfig, HierarchicalModel, regroup
@@ -86,7 +86,7 @@ def test_greedy_decoding_is_the_teacher_forced_models_argmax(vocab, task):
     codes = torch.from_numpy(steps.codes)[None]
     with torch.no_grad():
         h = model.backbone_hidden(codes, torch.zeros(codes.shape[:2], dtype=torch.long))[0]
-        table = _allowed_table(vocab, model.config.shape.unified_vocab, "cpu")
+        table = allowed_table(vocab, model.config.shape.unified_vocab, "cpu")
         row = K if task == "asr" else 0
         logits = model.unified_head(h[prompt_steps - 1:-1]).masked_fill(~table[row], -math.inf)
         assert logits.argmax(-1).tolist() == codes[0, prompt_steps:, 0].tolist()

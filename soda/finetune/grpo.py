@@ -162,9 +162,9 @@ def grpo_loss(logp: torch.Tensor, ref_logp: torch.Tensor | None, advantages: tor
 
 def text_ids_mask(vocab, n_logits: int, device) -> torch.Tensor:
     """[n_logits] bool: what the decoder may sample inside a text segment (its own table's text row)."""
-    from soda.generate.decode import _allowed_table
+    from soda.generate.decode import allowed_table
 
-    return _allowed_table(vocab, n_logits, device)[vocab.n_codebooks]
+    return allowed_table(vocab, n_logits, device)[vocab.n_codebooks]
 
 
 def completion_logprobs(model, prompts: list[list[int]], completions: list[list[int]], allowed: torch.Tensor,

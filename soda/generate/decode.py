@@ -49,7 +49,7 @@ from soda.generate.prompts import (GenerationSettings, Plan, Request, Result, bu
 from tokenize_audio.errors import SodaError
 
 
-class _Sequence:
+class SequenceState:
     """One request's decoding state: which segment it is in, its position in the frame, caps, endings."""
 
     def __init__(self, plan: Plan, vocab, settings: GenerationSettings, frame_rate: float, silence: frozenset | None):
@@ -118,7 +118,7 @@ class _Sequence:
             self._start(self.phase + 1)
 
 
-def _allowed_table(vocab, n_logits: int, device) -> torch.Tensor:
+def allowed_table(vocab, n_logits: int, device) -> torch.Tensor:
     """[n_codebooks + 1, n_logits] bool: row k = what position k of an audio frame may emit; last row = text."""
     K, size = vocab.n_codebooks, vocab.codebook_size
     table = torch.zeros(K + 1, n_logits, dtype=torch.bool, device=device)
@@ -131,7 +131,17 @@ def _allowed_table(vocab, n_logits: int, device) -> torch.Tensor:
     return table
 
 
-def _sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: int, top_p: float, gen) -> torch.Tensor:
+def sample_next(logits: torch.Tensor, table: torch.Tensor, seqs: list, live: list[int], settings: GenerationSettings,
+                gen) -> torch.Tensor:
+    """Each live row's next id: its logits limited to what its sequence may emit now (its `allowed_table` row),
+    sampled at its phase's temperature (text or audio). Both families' decoders call it."""
+    rows = torch.tensor([seqs[i].row for i in live], device=logits.device)
+    temps = {"text": settings.text_temperature, "audio": settings.temperature}
+    temperature = torch.tensor([temps[seqs[i].mode] for i in live], device=logits.device)
+    return sample_ids(logits.masked_fill(~table[rows], -math.inf), temperature, settings.top_k, settings.top_p, gen)
+
+
+def sample_ids(logits: torch.Tensor, temperature: torch.Tensor, top_k: int, top_p: float, gen) -> torch.Tensor:
     """One id per row: argmax where temperature is 0, else top-k / top-p sampling at that temperature."""
     greedy = logits.argmax(-1)
     if not bool((temperature > 0).any()):
@@ -151,10 +161,10 @@ def _sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: int, top_p: 
 
 @torch.inference_mode()
 def decode_batch(model, vocab, plans: list[Plan], settings: GenerationSettings, frame_rate: float,
-                 silence: frozenset | None, gen: torch.Generator) -> list[_Sequence]:
+                 silence: frozenset | None, gen: torch.Generator) -> list[SequenceState]:
     """Generate for several prompts at once (left-padded); finished rows leave the batch."""
     device = next(model.parameters()).device
-    seqs = [_Sequence(p, vocab, settings, frame_rate, silence) for p in plans]
+    seqs = [SequenceState(p, vocab, settings, frame_rate, silence) for p in plans]
     longest = max(len(p.prompt) for p in plans)
     pad = vocab.eos_id
     ids = torch.full((len(plans), longest), pad, dtype=torch.long, device=device)
@@ -163,7 +173,6 @@ def decode_batch(model, vocab, plans: list[Plan], settings: GenerationSettings, 
         ids[i, longest - len(p.prompt):] = torch.tensor(p.prompt, device=device)
         mask[i, longest - len(p.prompt):] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    temps = {"text": settings.text_temperature, "audio": settings.temperature}
     cache = None
     if settings.use_cache:
         from transformers import DynamicCache
@@ -177,11 +186,8 @@ def decode_batch(model, vocab, plans: list[Plan], settings: GenerationSettings, 
         logits = model(input_ids=inputs, attention_mask=mask, position_ids=input_pos, **{cache_arg: cache},
                        use_cache=settings.use_cache, logits_to_keep=1).logits[:, -1].float()
         if table is None:
-            table = _allowed_table(vocab, logits.shape[-1], device)
-        rows = torch.tensor([seqs[i].row for i in live], device=device)
-        temperature = torch.tensor([temps[seqs[i].mode] for i in live], device=device)
-        logits = logits.masked_fill(~table[rows], -math.inf)
-        chosen = _sample(logits, temperature, settings.top_k, settings.top_p, gen).tolist()
+            table = allowed_table(vocab, logits.shape[-1], device)
+        chosen = sample_next(logits, table, seqs, live, settings, gen).tolist()
         tokens = []
         for b, i in enumerate(live):
             s = seqs[i]
@@ -247,7 +253,7 @@ def generate(loaded, requests: list[Request], settings: GenerationSettings | Non
     `Result.wave`; without one, requests must carry codes and results carry codes only. Requests are
     batched `settings.batch_size` at a time (sorted by prompt length to limit padding). `progress` shows a
     tqdm bar over requests. Raises SodaError for a malformed request before generating anything. `decoder`
-    replaces `decode_batch` (same arguments, returns its `_Sequence`s): the hierarchical family's
+    replaces `decode_batch` (same arguments, returns its `SequenceState`s): the hierarchical family's
     `soda.generate.hierarchical.decode_hierarchical_batch` decodes the same plans.
     """
     results: list[Result | None] = [None] * len(requests)
@@ -295,7 +301,7 @@ def generate_iter(loaded, requests: list[Request], settings: GenerationSettings 
             bar.close()
 
 
-def _result(r: Request, plan: Plan, s: _Sequence, vocab, codec, frame_rate: float) -> Result:
+def _result(r: Request, plan: Plan, s: SequenceState, vocab, codec, frame_rate: float) -> Result:
     out = Result(r.id, r.task, s.endings[-1], ids=s.generated, prompt_tokens=len(plan.prompt),
                  phase_endings=list(s.endings))
     texts = [segment_text(vocab, seg, ph) for seg, ph in zip(s.segments, s.phases) if ph.mode == "text"]

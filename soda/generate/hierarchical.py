@@ -5,7 +5,7 @@ stop rules and Results, with one backbone step per text/special token or audio f
     results = generate_hierarchical(model, vocab, requests, GenerationSettings(temperature=0.8), codec)
 
 What is shared with `soda.generate.decode` (so both families are prompted, stopped and reported alike): the plan of
-each request (`prompts.build_plan`: prompt ids and text/audio phases), the per-request state machine (`_Sequence`:
+each request (`prompts.build_plan`: prompt ids and text/audio phases), the per-request state machine (`SequenceState`:
 forced ids, <|text_end|> / <|audio_end|>, max seconds, the TTS/S2ST text-length cap, the silence stop, max text
 tokens), the allowed-id table, the sampler (temperature / top-k / top-p, greedy at 0) and `Result` building.
 
@@ -33,13 +33,12 @@ This module does not load checkpoints: the caller passes the model and its vocab
 from __future__ import annotations
 
 import inspect
-import math
 from dataclasses import replace
 
 import torch
 
 from soda.checkpoints import LoadedModel
-from soda.generate.decode import _allowed_table, _sample, _Sequence, generate, generate_iter
+from soda.generate.decode import SequenceState, allowed_table, generate, generate_iter, sample_ids, sample_next
 from soda.generate.prompts import GenerationSettings, Plan, Request, Result
 from soda.hierarchical import PAD, HierarchicalModel, regroup
 from soda.shape import HierarchicalShape, forward_flops_per_token, hierarchical_forward_flops_per_audio_second
@@ -87,7 +86,7 @@ def depth_frames(model: HierarchicalModel, hidden: torch.Tensor, cb0: torch.Tens
     for k in range(1, k_total):
         out = model.depth(inputs_embeds=inputs, position_ids=positions.expand(n, -1), use_cache=use_cache,
                           **_cache_kwargs(model.depth, cache)).last_hidden_state[:, -1]
-        code = _sample((out @ model.depth_heads[k - 1].T).float(), temperature, settings.top_k, settings.top_p, gen)
+        code = sample_ids((out @ model.depth_heads[k - 1].T).float(), temperature, settings.top_k, settings.top_p, gen)
         ids.append(base + k * size + code)
         if k + 1 == k_total:
             break
@@ -102,13 +101,13 @@ def depth_frames(model: HierarchicalModel, hidden: torch.Tensor, cb0: torch.Tens
 
 @torch.inference_mode()
 def decode_hierarchical_batch(model: HierarchicalModel, vocab, plans: list[Plan], settings: GenerationSettings,
-                              frame_rate: float, silence: frozenset | None, gen: torch.Generator) -> list[_Sequence]:
-    """`soda.generate.decode.decode_batch` for a HierarchicalModel: the same plans in, the same `_Sequence`s out
+                              frame_rate: float, silence: frozenset | None, gen: torch.Generator) -> list[SequenceState]:
+    """`soda.generate.decode.decode_batch` for a HierarchicalModel: the same plans in, the same `SequenceState`s out
     (their ids in the flat layout), one backbone step per token or frame (module docstring)."""
     check_vocabulary(model, vocab)
     device = next(model.parameters()).device
     k_total = vocab.n_codebooks
-    seqs = [_Sequence(p, vocab, settings, frame_rate, silence) for p in plans]
+    seqs = [SequenceState(p, vocab, settings, frame_rate, silence) for p in plans]
     prompts = []
     for p in plans:
         steps = regroup(p.prompt, vocab)
@@ -122,8 +121,7 @@ def decode_hierarchical_batch(model: HierarchicalModel, vocab, plans: list[Plan]
         codes[i, longest - len(c):] = c.to(device)
         mask[i, longest - len(c):] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    temps = {"text": settings.text_temperature, "audio": settings.temperature}
-    table = _allowed_table(vocab, model.config.shape.unified_vocab, device)  # rows 0 (cb0 + <|audio_end|>), K (text)
+    table = allowed_table(vocab, model.config.shape.unified_vocab, device)  # rows 0 (cb0 + <|audio_end|>), K (text)
     cache = _new_cache(model.backbone, settings.use_cache)
     live = list(range(len(seqs)))  # batch row -> sequence
     inputs, input_pos = codes, positions
@@ -132,10 +130,7 @@ def decode_hierarchical_batch(model: HierarchicalModel, vocab, plans: list[Plan]
                                 use_cache=settings.use_cache,
                                 **_cache_kwargs(model.backbone, cache)).last_hidden_state[:, -1]
         logits = model.unified_head(hidden).float()
-        rows = torch.tensor([seqs[i].row for i in live], device=device)
-        temperature = torch.tensor([temps[seqs[i].mode] for i in live], device=device)
-        chosen = _sample(logits.masked_fill(~table[rows], -math.inf), temperature, settings.top_k, settings.top_p,
-                         gen)
+        chosen = sample_next(logits, table, seqs, live, settings, gen)
         picked = chosen.tolist()
         writes_frame = [b for b, i in enumerate(live) if not seqs[i].forced and seqs[i].mode == "audio"
                         and picked[b] != vocab.audio_end]
