@@ -92,6 +92,42 @@ def test_windows_are_seq_len_steps_and_cover_the_stream_exactly_once(train_token
     assert sorted(mixed) == sorted(codes.tobytes() for codes, _, _ in windows)
 
 
+def test_a_document_with_a_cut_frame_is_read_exactly_and_its_stray_ids_counted(train_tokens, tmp_path, monkeypatch):
+    """A frame cut short inside a document (its stray audio ids belong to no step) makes a piece span more flat ids
+    than K a step: the reader then reads on to the document's end, and the windows are still exactly its steps."""
+    import numpy as np
+
+    import soda.train.data as data
+    import soda.train.index as index
+    from soda.hierarchical import regroup
+    from soda.train.sources import resolve_sources
+    from tokenize_audio.shards import write_shard
+    from tokenize_audio.vocab import Vocabulary
+
+    monkeypatch.setattr(index, "STEP_MARK", 8)
+    monkeypatch.setattr(data, "STEP_MARK", 8)
+    vocab = Vocabulary.load(train_tokens)
+    rng = np.random.default_rng(0)
+    frame = lambda: [vocab.audio_base + k * vocab.codebook_size + int(rng.integers(vocab.codebook_size))  # noqa: E731
+                     for k in range(vocab.n_codebooks)]
+    docs = []
+    for d in range(3):
+        frames = [frame() for _ in range(30)]
+        frames[10] = frames[10][:3]  # cut short: 3 stray ids
+        text = list(rng.integers(0, vocab.text_size, 5 + d))
+        docs.append(np.array([vocab.bos_id, vocab.text_start, *text, vocab.text_end, vocab.audio_start,
+                              *sum(frames, []), vocab.audio_end, vocab.eos_id], np.uint32))
+    write_shard(tmp_path / "train-speech-00000.tar", [(f"d{i}", d, {}) for i, d in enumerate(docs)])
+    sources, _ = resolve_sources([str(tmp_path / "train-speech-*.tar")], [], {}, str(train_tokens))
+    (stream,), _ = index.index_sources(sources, tmp_path / "index")
+    (steps,) = index.index_steps([stream], vocab, tmp_path / "index")
+    expected = np.concatenate([regroup(d.astype(np.int64), vocab).codes for d in docs])
+    assert steps.total == len(expected) and steps.dropped == 3 * 3
+    reader = data.reader_for(steps, 12, 0, False, vocab.size, None)
+    got = np.concatenate([reader.window(k)[0] for k in range(steps.total // 12)])
+    assert np.array_equal(got, expected[:len(got)])
+
+
 def test_without_mix_the_sources_are_weighed_by_their_steps(train_tokens, tmp_path, capsys):
     """The default mixture is by size: in steps for this family (speech has 8 flat tokens a frame, text 1 a step)."""
     from soda.train.datamodule import SodaData
