@@ -524,6 +524,25 @@ def test_another_checkpoint_into_the_same_out_is_refused_unless_overwrite(tiny_r
     assert not (out / "items" / "twuggy.jsonl").exists() and "tWUGGY" not in (out / "results.md").read_text()
 
 
+def test_overwrite_also_clears_the_audio_a_speech_task_saved(tmp_path):
+    """--overwrite replaces another checkpoint's results: its TTS/S2ST wavs go too (they were left behind, mixed
+    with the new checkpoint's), while a file of the user's in such a folder is kept."""
+    from soda.evaluate import report
+
+    header = {"model": {"source": "m"}, "checkpoint": {"path": "m", "digest": "abc"}}
+    (tmp_path / "results.json").write_text(json.dumps({**header, "tasks": {"tts": {}, "s2st": {}}}))
+    for folder in ("tts", "s2st"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "item-1.wav").write_bytes(b"RIFF")
+    (tmp_path / "s2st" / "notes.txt").write_text("mine")
+    (tmp_path / "items").mkdir()
+    (tmp_path / "items" / "tts.jsonl").write_text("{}\n")
+    report.claim(tmp_path, {**header, "checkpoint": {"path": "n", "digest": "def"}}, overwrite=True)
+    assert not (tmp_path / "tts").exists() and not (tmp_path / "items" / "tts.jsonl").exists()
+    assert sorted(p.name for p in (tmp_path / "s2st").iterdir()) == ["notes.txt"]
+    assert json.loads((tmp_path / "results.json").read_text())["tasks"] == {}
+
+
 def test_concurrent_merges_keep_every_task(tmp_path, monkeypatch):
     import threading
 

@@ -83,7 +83,9 @@ def _check_same_checkpoint(out: Path, found: dict | None, checkpoint: dict) -> N
 
 
 def claim(out: Path, header: dict, overwrite: bool = False) -> None:
-    """Before any scoring: refuse an OUT holding another checkpoint's results, or (`overwrite`) clear them."""
+    """Before any scoring: refuse an OUT holding another checkpoint's results, or (`overwrite`) clear them: the
+    results, tables and page, each task's items, and the audio a speech task saved (OUT/TASK/*.wav; a folder left
+    holding anything else is kept)."""
     out = Path(out)
     if not overwrite:
         return check_checkpoint(out, header["checkpoint"])
@@ -94,6 +96,12 @@ def claim(out: Path, header: dict, overwrite: bool = False) -> None:
             found = {}
         for name in found.get("tasks") or {}:
             (out / "items" / f"{name}.jsonl").unlink(missing_ok=True)
+            saved = out / name  # soda.evaluate.tts.judge_speech's OUT/FOLDER/ID.wav (folder = the task's name)
+            if saved.is_dir() and not saved.is_symlink():
+                for wav in saved.glob("*.wav"):
+                    wav.unlink()
+                with contextlib.suppress(OSError):  # not empty: something else lives there
+                    saved.rmdir()
         (out / TABLE).unlink(missing_ok=True)
         (out / "report.html").unlink(missing_ok=True)
         atomic_write_json(out / RESULTS, {**header, "tasks": {}})
