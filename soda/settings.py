@@ -95,3 +95,19 @@ def check_bounds(obj) -> None:
         value = getattr(obj, f.name)
         if f.metadata.get("positive") and not (math.isfinite(value) and value > 0):
             raise SodaError(f"--{f.name.replace('_', '-')} {value}: must be positive")
+
+
+def resumed(cls, saved_values: dict, given: dict, saved_path, keep=frozenset(), how: str = ""):
+    """A `cls` settings dataclass for a --resume: the run's saved values, with the flags `given` now only where the
+    field's metadata says `resumable` (fields in `keep` may be given again unchanged or not: they name what the run
+    was made from). Any other flag that differs is refused in one line naming it and `saved_path`; `max_steps` is
+    not carried over (a stop asked for once is not asked again: the run goes on to its --steps unless told)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in saved_values.items() if k in fields}
+    resumable = {k for k, f in fields.items() if f.metadata.get("resumable")}
+    changed = sorted(k for k, v in given.items() if k not in resumable | set(keep) and values.get(k) != v)
+    if changed:
+        raise SodaError(f"--resume: {', '.join('--' + k.replace('_', '-') for k in changed)} differ from the run's "
+                        f"{saved_path} (only how the run runs may change{how}); start a new run into another --out")
+    values["max_steps"] = None
+    return cls(**(values | {k: v for k, v in given.items() if k in resumable}))

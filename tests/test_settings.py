@@ -179,3 +179,27 @@ def test_soda_train_tokenizes_its_demo_through_a_function(monkeypatch, tmp_path)
     assert len(args.inputs) == 2 and args.workers >= 1  # soda-tokenize's own defaults for the rest
     with pytest.raises(TypeError, match="unknown option"):
         tokenize_audio.cli.tokenize(["x"], tmp_path, codex="mimi")
+
+
+def test_a_resumed_fine_tuning_run_keeps_its_settings_and_takes_only_resumable_flags(tmp_path):
+    """soda-finetune grpo / instruct --architecture encoder-projector: on --resume, the saved settings; a flag may
+    change only where it is resumable; the data it was made from may be named again; --max-steps is not carried."""
+    from dataclasses import dataclass, field
+
+    from soda.settings import resumed
+
+    @dataclass
+    class Run:
+        data: str = ""
+        lr: float = field(default=1e-3, metadata={"resumable": False})
+        devices: str = field(default="1", metadata={"resumable": True})
+        max_steps: int | None = field(default=None, metadata={"resumable": True})
+
+    saved = {"data": "q.json", "lr": 1e-3, "devices": "1", "max_steps": 40, "task": "x"}
+    s = resumed(Run, saved, {"devices": "2", "data": "q.json"}, tmp_path / "config.yaml", {"data"})
+    assert (s.data, s.lr, s.devices, s.max_steps) == ("q.json", 1e-3, "2", None)
+    assert resumed(Run, saved, {"max_steps": 80}, tmp_path / "config.yaml").max_steps == 80
+    assert resumed(Run, saved, {"lr": 1e-3}, tmp_path / "config.yaml").lr == 1e-3  # the same value again is fine
+    with pytest.raises(SodaError, match=r"--resume: --lr differ from the run's .*config.yaml \(only how the run "
+                                        r"runs may change: logging\)"):
+        resumed(Run, saved, {"lr": 3e-3, "devices": "2"}, tmp_path / "config.yaml", how=": logging")

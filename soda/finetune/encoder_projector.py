@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import yaml
 
+from soda.settings import resumed
 from tokenize_audio.errors import SkipItem, SodaError, first_line
 from tokenize_audio.shards import atomic_write_json, atomic_write_text
 
@@ -188,15 +189,7 @@ def settings_from(args, out: Path, resume: bool) -> EncoderProjectorSettings:
         base = yaml.safe_load(saved.read_text()) if saved.is_file() else None
         if not base or base.get("architecture") != ARCHITECTURE:
             raise SodaError(f"--resume: {out} is not a soda-finetune instruct --architecture {ARCHITECTURE} run")
-        fields = {f.name: f for f in dataclasses.fields(EncoderProjectorSettings)}
-        values = {k: v for k, v in base.items() if k in fields}
-        resumable = {k for k, f in fields.items() if f.metadata["resumable"]}
-        changed = sorted(k for k, v in given.items() if k not in resumable | {"out", "data"} and values.get(k) != v)
-        if changed:
-            raise SodaError(f"--resume: {', '.join('--' + k.replace('_', '-') for k in changed)} differ from the "
-                            f"run's {saved} (only how the run runs may change); start a new run into another --out")
-        values["max_steps"] = None  # a stop asked for once is not asked again
-        s = EncoderProjectorSettings(**(values | {k: v for k, v in given.items() if k in resumable}))
+        s = resumed(EncoderProjectorSettings, base, given, saved, {"out", "data"})
     s.out = str(out)
     s.data, s.eval_sets, s.mix = list(s.data or []), list(s.eval_sets or []), dict(s.mix or {})
     s.check()

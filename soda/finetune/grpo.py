@@ -48,6 +48,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from soda.settings import resumed
 from tokenize_audio.errors import SodaError, first_line
 from tokenize_audio.shards import atomic_write_json, atomic_write_text
 
@@ -416,22 +417,13 @@ def resolve_settings(args, out: Path, resume: bool) -> GRPOSettings:
         base = yaml.safe_load(saved.read_text()) or {}
         if base.get("task") != "grpo":
             raise SodaError(f"--resume: {out} is not a soda-finetune grpo run")
-        known = {f.name: f for f in dataclasses.fields(GRPOSettings)}
-        values = {k: v for k, v in base.items() if k in known}
-        resumable = {k for k, f in known.items() if f.metadata["resumable"]}
         # the same command line again (a requeued job) is fine: --init-from/--data name what the run was made from
-        changed = sorted(k for k, v in given.items() if k not in resumable | {"out", "init_from", "data"}
-                         and values.get(k) != v)
-        if changed:
-            raise SodaError(f"--resume: {', '.join('--' + k.replace('_', '-') for k in changed)} differ from the run's "
-                            f"{saved} (only how the run runs may change: --max-steps, devices, logging); start a "
-                            f"new run into another --out")
         data = given.get("data")
-        if data and (data if data.startswith("hf:") else str(Path(data).expanduser().resolve())) != values["data"]:
+        if data and (data if data.startswith("hf:") else str(Path(data).expanduser().resolve())) != base.get("data"):
             raise SodaError(f"--resume: --data {given['data']} is not the questions this run was prepared from "
-                            f"({values['data']})")
-        values["max_steps"] = None  # a stop asked for once is not asked again: a resume runs to --steps unless told
-        s = GRPOSettings(**(values | {k: v for k, v in given.items() if k in resumable}))
+                            f"({base.get('data')})")
+        s = resumed(GRPOSettings, base, given, saved, {"out", "init_from", "data"},
+                    ": --max-steps, devices, logging")
     s.out = str(out)
     s.check()
     return s
