@@ -20,8 +20,8 @@ and reports `unscored_tokens`, pairs and mcq skip the item with the reason. soda
 start with BOS and hold whole frames, so they have none; nll cuts long documents at step boundaries
 (`step_windows`) so that a window never splits a frame.
 
-Generation goes through `soda.generate.hierarchical.decode_hierarchical_batch` (`decoder_for`), so asr, tts, s2st and
-mcq --mcq-mode generate decode the same plans with the same stop rules. lm-eval tasks (`soda.evaluate.lm_eval`) get
+Generation goes through `soda.generate.hierarchical.decode_hierarchical_batch` (its `decoder_for`), so asr, tts,
+s2st and mcq --mcq-mode generate decode the same plans with the same stop rules. lm-eval tasks (`soda.evaluate.lm_eval`) get
 the text side as a stock causal LM, `text_causal_lm`, whose log-probs on text are `hierarchical_log_probs`'.
 results.json's `model` says `family: hierarchical` (`summary`); no SODA release has this family, so no published
 numbers are shown beside it.
@@ -42,15 +42,6 @@ UNSCORED = "audio ids outside whole frames (the hierarchical family scores whole
 
 def is_hierarchical(model) -> bool:
     return isinstance(model, HierarchicalModel)
-
-
-def decoder_for(model):
-    """The batch decoder `soda.generate.decode.generate` takes for `model` (None: its default, the flat family's)."""
-    if not is_hierarchical(model):
-        return None
-    from soda.generate.hierarchical import decode_hierarchical_batch
-
-    return decode_hierarchical_batch
 
 
 def _flat_layout(steps, n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from soda.evaluate.hierarchical import FAMILY, decoder_for, hierarchical_log_probs, is_hierarchical
+from soda.evaluate.hierarchical import FAMILY, hierarchical_log_probs, is_hierarchical
 from soda.evaluate.scoring import token_log_probs
 from soda.settings import setting
 from tokenize_audio.encoding import audio_codes, codec_wave, encode_waves
@@ -147,6 +147,7 @@ class Context:
     def generate(self, requests: list, settings, codec=None, progress: bool = False) -> list:
         """`soda.generate.decode.generate` with the decoder of this model's family."""
         from soda.generate.decode import generate  # looked up now: tests replace it
+        from soda.generate.hierarchical import decoder_for
 
         decoder = decoder_for(self.loaded.model)
         return generate(self.loaded, requests, settings, codec, progress,
