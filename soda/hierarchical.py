@@ -281,6 +281,12 @@ class HierarchicalModel(nn.Module):
         self.register_buffer("weights", torch.tensor(loss_weights(config.loss_weights, shape.n_codebooks)),
                              persistent=False)
 
+    def set_loss_weights(self, scheme: str) -> None:
+        """Weigh the training loss by `scheme` (`soda.loss_weights`) from now on: a model loaded to train on with
+        another run's --loss-weights (the NLL vector never depends on them)."""
+        self.config = replace(self.config, loss_weights=scheme)  # checks the name
+        self.weights = torch.tensor(loss_weights(scheme, self.config.shape.n_codebooks), device=self.weights.device)
+
     # --- pieces (generation will call these one step at a time) ----------------------------------
     def embed_steps(self, codes: torch.Tensor) -> torch.Tensor:
         """[..., K] step codes -> [..., d]: a text/special step's embedding, or the sum of a frame's K codebook

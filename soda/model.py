@@ -109,10 +109,7 @@ def load_pretrained_hierarchical(source: str, vocab: Vocabulary, attention: str 
     e.g. a run's hf/), a hierarchical run directory or its `.ckpt` (`soda.checkpoints.load_model`), in fp32 and train
     mode. Its shape and RoPE come from the model; the attention kernel and loss weights (which the model holds) are
     this run's. Its vocabulary must be the data's."""
-    from dataclasses import replace
-
     from soda.checkpoints import first_nonfinite, load_model
-    from soda.hierarchical import HierarchicalModel
 
     check_family(source, "hierarchical")
 
@@ -130,12 +127,11 @@ def load_pretrained_hierarchical(source: str, vocab: Vocabulary, attention: str 
     if not theirs.matches(vocab):
         raise SodaError(f"--init-from {source}: its vocab.json differs from the data's vocabulary (ids would mean "
                         f"other tokens)")
-    loaded = load(weights=True).model
-    if (bad := first_nonfinite(loaded.state_dict())) is not None:
+    model = load(weights=True).model  # attention: this run's (load_model builds it so)
+    if (bad := first_nonfinite(model.state_dict())) is not None:
         raise SodaError(f"--init-from {source}: {bad} holds a NaN or Inf; a model that diverged cannot be trained "
                         f"from (take an earlier checkpoint's export)")
-    model = HierarchicalModel(replace(loaded.config, attention=attention, loss_weights=loss_weights))
-    model.load_state_dict(loaded.state_dict(), strict=True)
+    model.set_loss_weights(loss_weights)
     return model.train()
 
 
