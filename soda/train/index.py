@@ -101,12 +101,7 @@ def index_sources(sources: list[Source], cache: Path, skip_bad: bool = False, qu
         if bar is not None:
             bar.close()
         _write_summary(cache, summary)
-    if failed and not skip_bad:
-        shard, why = next(iter(failed.items()))
-        raise SodaError(f"{why}; remove it from the data, or pass --skip-bad-shards to train without it"
-                        + (f" ({len(failed) - 1} more unreadable)" if len(failed) > 1 else ""))
-    for why in failed.values() if not quiet else ():  # said once, where the index is built (the first rank)
-        print(f"soda-train: warning: skipping {why}", file=sys.stderr)
+    _stop_or_skip(failed, skip_bad, quiet)
 
     def stream(source: Source, shards: list[str]) -> Stream:
         good = [s for s in shards if s not in failed]
@@ -144,11 +139,7 @@ def index_steps(streams: list[Stream], vocab, cache: Path, skip_bad: bool = Fals
                     summary[keys[t]] = result
                 bar.update()
         _write_summary(cache, summary)
-    if failed and not skip_bad:
-        raise SodaError(f"{next(iter(failed.values()))}; remove it from the data, or pass --skip-bad-shards to "
-                        f"train without it")
-    for why in failed.values() if not quiet else ():
-        print(f"soda-train: warning: skipping {why}", file=sys.stderr)
+    _stop_or_skip(failed, skip_bad, quiet)
 
     def stream(s: Stream) -> StepStream:
         keep = [i for i, t in enumerate(s.tables) if t not in failed]
@@ -181,6 +172,17 @@ def _steps_one(path: str, table_path: str, key: str, vocab, cache: Path) -> list
     with atomic_file(cache / f"{key}.marks.npy") as f:  # written last: its presence says the pair is whole
         np.save(f, np.concatenate(marks) if marks else np.zeros(0, np.int64), allow_pickle=False)
     return [len(table), int(steps.sum()), dropped]
+
+
+def _stop_or_skip(failed: dict[str, str], skip_bad: bool, quiet: bool) -> None:
+    """Shards that could not be read (shard -> why): the run stops with one line naming the first, or with
+    `skip_bad` they are left out, each named in a warning (said once, where the index is built: the first rank)."""
+    if failed and not skip_bad:
+        why = next(iter(failed.values()))
+        raise SodaError(f"{why}; remove it from the data, or pass --skip-bad-shards to train without it"
+                        + (f" ({len(failed) - 1} more unreadable)" if len(failed) > 1 else ""))
+    for why in failed.values() if not quiet else ():
+        print(f"soda-train: warning: skipping {why}", file=sys.stderr)
 
 
 def _index_one(shard: str, key: str, cache: Path) -> list[int] | str:
